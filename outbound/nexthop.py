@@ -1,0 +1,205 @@
+"""Next-hop resolution for SMTP with DANE (RFC 7672 §2.2, RFC 5321 §5.1, RFC 7505).
+
+Given a destination domain, find where to deliver and what DNSSEC says about each step:
+
+1. MX lookup. A bogus or failed MX lookup defers delivery (RFC 7672 §2.1.1); a null MX (``MX 0 .``)
+   means the domain accepts no mail: a permanent failure (RFC 7505 §3); NXDOMAIN means the domain does not
+   exist (permanent); no MX records (NODATA) means the domain itself is the one MX host (RFC 5321 §5.1).
+2. For every MX host: its A and AAAA records, each with its own verdict. CNAMEs are expanded; the
+   *TLSA base domain* is the fully expanded name when every link is secure, otherwise the original name
+   (RFC 7672 §2.2.2).
+3. TLSA records at ``_25._tcp.<base>`` are looked up only when the host's address records are secure
+   (RFC 7672 §2.2); with a secure CNAME expansion the expanded name is tried first, then the original
+   name. A TLSA lookup that fails or is bogus makes the host unusable (RFC 7672 §2.1.1) — never "no TLSA".
+
+An insecure MX RRset does not disable DANE for hosts whose own records are secure (RFC 7672 §2.2.1 allows
+it; Postfix's default ``smtp_tls_dane_insecure_mx_policy = dane`` does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.name
+import dns.rcode
+import dns.rdatatype
+from dns.rdtypes.ANY.TLSA import TLSA
+
+from outbound.dnssec import Security, rtype_text, weakest
+from outbound.resolver import Answer, Resolver, shuffle_equal
+
+Name = dns.name.Name
+
+
+class Failure(enum.Enum):
+    NONE = "none"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class MXHost:
+    """One MX host with its addresses and TLSA records, each with its DNSSEC verdict."""
+
+    name: Name
+    preference: int
+    addresses: tuple[str, ...] = ()
+    address_security: Security = Security.INDETERMINATE
+    address_reason: str = ""
+    cname_chain: tuple[Name, ...] = ()
+    tlsa_base: Name | None = None
+    tlsa: tuple[TLSA, ...] = ()
+    tlsa_security: Security | None = None     # None: not looked up (addresses not secure)
+    tlsa_reason: str = ""
+    unusable: str = ""                        # why delivery must not use this host
+    implicit: bool = False                    # the domain itself, for lack of MX records
+
+    @property
+    def dane(self) -> bool:
+        """TLSA records apply: secure addresses and a secure, non-empty TLSA RRset."""
+        return self.tlsa_security is Security.SECURE and bool(self.tlsa)
+
+    @property
+    def reference_names(self) -> tuple[Name, ...]:
+        """RFC 7672 §3.2.2: names a DANE-TA certificate may carry: the TLSA base domain, then the
+        MX host name as published (before CNAME expansion)."""
+        out: list[Name] = []
+        for n in (self.tlsa_base, self.name):
+            if n is not None and n not in out:
+                out.append(n)
+        return tuple(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.name.to_text(omit_final_dot=True),
+            "preference": self.preference,
+            "implicit": self.implicit,
+            "addresses": list(self.addresses),
+            "address_security": str(self.address_security),
+            "address_reason": self.address_reason,
+            "cname_chain": [n.to_text(omit_final_dot=True) for n in self.cname_chain],
+            "tlsa_base_domain": self.tlsa_base.to_text(omit_final_dot=True) if self.tlsa_base else None,
+            "tlsa": [rd.to_text() for rd in self.tlsa],
+            "tlsa_security": str(self.tlsa_security) if self.tlsa_security else None,
+            "tlsa_reason": self.tlsa_reason,
+            "dane": self.dane,
+            "unusable": self.unusable or None,
+        }
+
+
+@dataclass(frozen=True)
+class NextHop:
+    domain: Name
+    mx_security: Security
+    mx_reason: str = ""
+    hosts: tuple[MXHost, ...] = ()
+    failure: Failure = Failure.NONE
+    status: str = ""          # enhanced status code for a failure
+    reason: str = ""
+    null_mx: bool = False
+    answers: list[Answer] = field(default_factory=list, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain.to_text(omit_final_dot=True),
+            "mx_security": str(self.mx_security),
+            "mx_reason": self.mx_reason,
+            "null_mx": self.null_mx,
+            "failure": None if self.failure is Failure.NONE else self.failure.value,
+            "status": self.status or None,
+            "reason": self.reason or None,
+            "hosts": [h.to_json() for h in self.hosts],
+        }
+
+
+def tlsa_owner(base: Name, port: int = 25) -> Name:
+    """RFC 6698 §3 / RFC 7672 §2.2: ``_<port>._tcp.<base>``."""
+    return dns.name.Name((f"_{port}".encode(), b"_tcp", *base.labels))
+
+
+async def resolve_nexthop(resolver: Resolver, domain: str | Name, port: int = 25,
+                          use_mx: bool = True) -> NextHop:
+    """Resolve ``domain`` as RFC 7672 §2.2 describes; ``use_mx=False`` for ``[host]`` destinations."""
+    d = dns.name.from_text(domain) if isinstance(domain, str) else domain
+    if not use_mx:
+        host = await resolve_host(resolver, d, 0, port, implicit=True)
+        return NextHop(d, Security.SECURE, "", (host,), reason=host.unusable)
+    mx = await resolver.resolve(d, dns.rdatatype.MX)
+    if not mx.ok:  # RFC 7672 §2.1.1: MX lookup failure or bogus: defer
+        return NextHop(d, mx.security, mx.reason, failure=Failure.TEMPORARY, status="4.4.3",
+                       reason=f"MX lookup for {d} is {mx.security}: {mx.reason}", answers=[mx])
+    if mx.nxdomain:
+        return NextHop(d, mx.security, mx.reason, failure=Failure.PERMANENT, status="5.1.2",
+                       reason=f"domain {d} does not exist", answers=[mx])
+    records = [rd for rd in mx.records()]
+    if any(rd.preference == 0 and rd.exchange == dns.name.root for rd in records):
+        # RFC 7505 §3: a null MX means the domain accepts no mail
+        return NextHop(d, mx.security, mx.reason, failure=Failure.PERMANENT, status="5.1.10",
+                       reason=f"domain {d} accepts no mail (null MX)", null_mx=True, answers=[mx])
+    if not records:  # RFC 5321 §5.1: no MX: the domain itself is the implicit MX
+        target = mx.canonical if mx.chain else d
+        host = await resolve_host(resolver, target, 0, port, implicit=True)
+        if not host.addresses and not host.unusable:
+            return NextHop(d, mx.security, mx.reason, (host,), failure=Failure.PERMANENT, status="5.1.2",
+                           reason=f"{d} has no MX and no address records", answers=[mx])
+        return NextHop(d, mx.security, mx.reason, (host,), answers=[mx])
+    ordered = shuffle_equal(records, key=lambda rd: rd.preference)
+    hosts = await asyncio.gather(*(resolve_host(resolver, rd.exchange, rd.preference, port)
+                                   for rd in ordered))
+    usable = [h for h in hosts if not h.unusable and h.addresses]
+    if not usable:
+        temporary = any(h.unusable for h in hosts)
+        return NextHop(d, mx.security, mx.reason, tuple(hosts),
+                       failure=Failure.TEMPORARY if temporary else Failure.PERMANENT,
+                       status="4.4.3" if temporary else "5.4.4",
+                       reason="no usable MX host: " + "; ".join(
+                           f"{h.name}: {h.unusable or 'no address records'}" for h in hosts),
+                       answers=[mx])
+    return NextHop(d, mx.security, mx.reason, tuple(hosts), answers=[mx])
+
+
+async def resolve_host(resolver: Resolver, name: Name, preference: int, port: int = 25,
+                       implicit: bool = False) -> MXHost:
+    a, aaaa = await asyncio.gather(resolver.resolve(name, dns.rdatatype.A),
+                                   resolver.resolve(name, dns.rdatatype.AAAA))
+    answers = [x for x in (a, aaaa)]
+    bad = [x for x in answers if not x.ok]
+    if bad:
+        # RFC 7672 §2.1.1: a bogus or failed address lookup makes this host unusable
+        why = "; ".join(f"{rtype_text(x.rdtype)}: {x.security} ({x.reason})" for x in bad)
+        return MXHost(name, preference, address_security=weakest(*(x.security for x in answers)),
+                      address_reason=why, unusable=f"address lookup failed: {why}", implicit=implicit)
+    addrs = tuple(str(rd.address) for x in (a, aaaa) for rd in x.records())
+    sec = weakest(*(x.security for x in answers))
+    reason = "; ".join(dict.fromkeys(x.reason for x in answers
+                                     if x.reason and x.security is not Security.SECURE))
+    chain_links = a.chain or aaaa.chain
+    chain = tuple(next(iter(link)).target for link in chain_links)
+    host = MXHost(name, preference, addrs, sec, reason, chain, implicit=implicit)
+    if sec is not Security.SECURE or not addrs:
+        # RFC 7672 §2.2: no TLSA lookup unless the address records are secure
+        return _replace(host, tlsa_base=name)
+    # RFC 7672 §2.2.2: a secure CNAME expansion: try the expanded name first, then the original
+    bases = [chain[-1], name] if chain else [name]
+    last: Answer | None = None
+    for base in bases:
+        ans = await resolver.resolve(tlsa_owner(base, port), dns.rdatatype.TLSA)
+        last = ans
+        if not ans.ok:
+            return _replace(host, tlsa_base=base, tlsa_security=ans.security, tlsa_reason=ans.reason,
+                            unusable=f"TLSA lookup for {tlsa_owner(base, port)} is {ans.security}: "
+                                     f"{ans.reason}")
+        tlsa = tuple(rd for rd in ans.records() if isinstance(rd, TLSA))
+        if tlsa:
+            return _replace(host, tlsa_base=base, tlsa=tlsa, tlsa_security=ans.security,
+                            tlsa_reason=ans.reason)
+    assert last is not None
+    return _replace(host, tlsa_base=bases[0], tlsa_security=last.security, tlsa_reason=last.reason)
+
+
+def _replace(h: MXHost, **kw: Any) -> MXHost:
+    from dataclasses import replace
+    return replace(h, **kw)

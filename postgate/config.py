@@ -1,0 +1,155 @@
+"""Postgate's configuration: one TOML file, checked strictly at load.
+
+Every setting is documented in ``docs/configuration.md``. An unknown key, a wrong type or a bad value is
+refused with ``file:line: [section] key: reason``, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from outbound.resolver import ResolverConfigError, parse_server
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as ``file:line: reason``."""
+
+
+@dataclass
+class ResolverSettings:
+    mode: str = "validate"
+    servers: list[str] = field(default_factory=list)
+    trust_anchor_file: str = ""
+    allow_remote_trust_ad: bool = False
+    clock_skew: int = 300
+    timeout: float = 5.0
+    cache_size: int = 20000
+
+
+@dataclass
+class ServerSettings:
+    hostname: str = ""
+
+
+@dataclass
+class Config:
+    path: Path | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+    resolver: ResolverSettings = field(default_factory=ResolverSettings)
+
+
+SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings}
+
+
+def _line_of(text: str, section: str, key: str | None) -> int:
+    """Best-effort line number of ``key`` in ``[section]`` (or of the section header)."""
+    lines = text.splitlines()
+    in_section = False
+    header = re.compile(r"^\s*\[\s*" + re.escape(section) + r"\s*\]\s*(#.*)?$")
+    for i, line in enumerate(lines, 1):
+        if header.match(line):
+            in_section = True
+            if key is None:
+                return i
+            continue
+        if in_section and re.match(r"^\s*\[", line):
+            in_section = False
+        if in_section and key is not None and re.match(r"^\s*" + re.escape(key) + r"\s*=", line):
+            return i
+    return 1
+
+
+def _check_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, type(default))
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list of strings"}
+
+
+def load(path: Path | str | None) -> Config:
+    """Load and check the configuration; ``None`` gives the defaults."""
+    cfg = Config()
+    if path is None:
+        _validate(cfg, "<defaults>", "")
+        return cfg
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read configuration: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(f"{p}:{m.group(1) if m else 1}: TOML syntax error: {e}") from e
+    cfg.path = p
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{p}:{_line_of(text, section, None)}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}:{_line_of(text, section, None)}: [{section}] must be a table")
+        target = getattr(cfg, section)
+        known = {f.name for f in fields(target)}
+        for key, value in values.items():
+            line = _line_of(text, section, key)
+            if key not in known:
+                raise ConfigError(f"{p}:{line}: [{section}] unknown key {key!r}")
+            default = getattr(target, key)
+            if not _check_type(value, default):
+                raise ConfigError(f"{p}:{line}: [{section}] {key} must be "
+                                  f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
+            setattr(target, key, float(value) if isinstance(default, float) else value)
+    _validate(cfg, str(p), text)
+    return cfg
+
+
+def _validate(cfg: Config, source: str, text: str) -> None:
+    r = cfg.resolver
+
+    def err(key: str, msg: str) -> ConfigError:
+        line = _line_of(text, "resolver", key) if text else 0
+        return ConfigError(f"{source}:{line}: [resolver] {key}: {msg}")
+
+    if r.mode not in ("validate", "trust-ad"):
+        raise err("mode", f"{r.mode!r} is not one of validate, trust-ad")
+    for s in r.servers:
+        try:
+            parse_server(s)
+        except ResolverConfigError as e:
+            raise err("servers", str(e)) from e
+    if r.timeout <= 0 or r.timeout > 60:
+        raise err("timeout", "must be between 0 and 60 seconds")
+    if r.clock_skew < 0 or r.clock_skew > 86400:
+        raise err("clock_skew", "must be between 0 and 86400 seconds")
+    if r.cache_size < 100:
+        raise err("cache_size", "must be at least 100")
+    if r.trust_anchor_file and cfg.path is not None:
+        anchor = Path(r.trust_anchor_file)
+        if not anchor.is_absolute():
+            r.trust_anchor_file = str((cfg.path.parent / anchor).resolve())
+
+
+def system_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """Name servers of /etc/resolv.conf, the default when none are configured."""
+    out = []
+    try:
+        for line in resolv_conf.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                out.append(parts[1].split("%")[0])
+    except OSError:
+        pass
+    return out or ["127.0.0.1"]
