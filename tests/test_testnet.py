@@ -36,6 +36,7 @@ VERDICTS = [
     ("_25._tcp.u3s1m1.tlsa.test", "TLSA", "secure"),
     ("mx.unsigned.test", "A", "insecure"),              # delegation without DS
     ("mx.optout.n3", "A", "insecure"),                  # NSEC3 opt-out span
+    ("www.optout2.n3", "A", "insecure"),                # second unsigned delegation in the span
     ("mx.cname.test", "A", "insecure"),                 # CNAME chain signed -> unsigned -> signed
     ("mx.bogus-sig.test", "A", "bogus"),                # corrupted RRSIG on this RRset
     ("good.bogus-sig.test", "A", "secure"),             # ... and only on that one
