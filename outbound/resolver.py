@@ -271,8 +271,11 @@ class Resolver:
             try:
                 r = await dns.asyncquery.udp(q, addr, port=port, timeout=self.timeout,
                                              ignore_unexpected=True, ignore_trailing=False)
-                if r.flags & dns.flags.TC:
+                if r.flags & dns.flags.TC:  # RFC 7766 §5: retry over TCP
                     r = await dns.asyncquery.tcp(q, addr, port=port, timeout=self.timeout)
+                    if r.flags & dns.flags.TC:
+                        errors.append(f"{addr}: truncated answer over TCP")
+                        continue
             except (dns.exception.Timeout, TimeoutError):
                 errors.append(f"{addr}: timeout")
                 continue
@@ -498,8 +501,10 @@ class Resolver:
         ttl = _negative_ttl(msg)
         zone, signed = self._denial_zone(msg)
         if zone is None:
-            zsec, why = await self._name_security(name.parent() if name != dns.name.root else name,
-                                                  depth + 1)
+            if name == dns.name.root:
+                return Security.INDETERMINATE, dnssec.Proof(Denial.NONE, "negative answer without SOA"), \
+                    None, FAILURE_TTL
+            zsec, why = await self._name_security(name.parent(), depth + 1)
             if zsec is Security.SECURE:
                 return Security.BOGUS, dnssec.Proof(Denial.NONE, f"no SOA or denial records for {name}"), \
                     None, 0
@@ -537,6 +542,9 @@ class Resolver:
         """Security of the zone holding ``name``: INSECURE when a signed proof shows the chain ends."""
         if depth > MAX_DEPTH:
             raise RecursionError
+        if name in self.anchors:  # a trust anchor's zone needs no DS from its parent
+            kr = await self._trusted_keys(name, depth + 1)
+            return kr.security, kr.reason
         try:
             msg = await self._fetch(name, dns.rdatatype.DS)
         except LookupFailed as e:
