@@ -140,7 +140,7 @@ def test_cname_links_validated_each_on_its_own(up: FakeUpstream) -> None:
     s, chain = nsec_zone()
     up.signers.append(s)
     link = s.signed(s.rr("alias", "CNAME", "a.hand.test."))
-    up.add("alias.hand.test.", "A", Reply(answer=link + [s.rr("a", "A", "192.0.2.1")]))  # target unsigned
+    up.add("alias.hand.test.", "A", Reply(answer=[*link, s.rr("a", "A", "192.0.2.1")]))  # target unsigned
     up.add("a.hand.test.", "DS", Reply(authority=s.soa() + chain["a"]))
     up.add("alias2.hand.test.", "DS", Reply(NX, authority=s.soa() + chain["a"] + chain["apex"]))
     unsigned_link = s.rr("alias2", "CNAME", "a.hand.test.")
@@ -168,7 +168,7 @@ class N3Zone:
         self.hashes = [e[0] for e in self.entries]
 
     def record(self, idx: int) -> list[dns.rrset.RRset]:
-        h, name, types = self.entries[idx]
+        _h, name, types = self.entries[idx]
         nxt = self.entries[(idx + 1) % len(self.entries)][0]
         return self.s.nsec3(name, "=" + nxt, types, optout=self.optout, iterations=self.it)
 
