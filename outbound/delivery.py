@@ -1,0 +1,371 @@
+"""The outbound delivery agent: one message, its recipients grouped by next hop, an outcome per recipient.
+
+For each destination domain: pick the next hop (a smart host from the transport map or configuration,
+else the domain's MX hosts, RFC 7672 §2.2), the TLS policy (policy map, else the default level), and try
+the MX hosts in order and every address of each. A host that fails DANE or TLS where they are required —
+TLSA mismatch, STARTTLS missing, handshake failure, bogus DNS, failed TLSA lookup — is skipped for the
+next one, as RFC 7672 §2.2 prescribes; if none succeeds the recipients are **deferred**, never bounced,
+and the failure is flagged as a suspected attack in the log line and in ``Counters``. Bounces come only
+from a 5xx reply of the server or a null MX.
+
+A connection is reused for further messages to the same MX host address, but only under the same
+next-hop domain and the same requirement, so one domain's authentication result never serves another's
+policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+
+from outbound.dane import Tlsa
+from outbound.dnssec import Security
+from outbound.nexthop import Failure, MXHost, NextHop, resolve_nexthop
+from outbound.resolver import Resolver
+from outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
+from policy.maps import Relay, TlsPolicyMap, TransportMap
+from policy.tls import Level, Policy, Requirement, TLSMode, requirement
+
+log = logging.getLogger("postgate.delivery")
+
+DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+
+
+@dataclass
+class RecipientResult:
+    recipient: str
+    status: str
+    dsn: str
+    reason: str = ""
+    reply: str = ""
+    security: str | None = None
+    mx: str | None = None
+    address: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    tlsa_matched: str | None = None
+    suspected_attack: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
+                                             "tls_version", "cipher", "tlsa_matched", "reply", "reason",
+                                             "suspected_attack")}
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival: microseconds since the epoch in hex, then randomness (Postfix long ids)."""
+    return f"{int(time.time() * 1_000_000):014X}{secrets.token_hex(3).upper()}"
+
+
+@dataclass
+class Counters:
+    values: Counter[str] = field(default_factory=Counter)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.values[name] += n
+
+
+@dataclass
+class DeliveryConfig:
+    helo: str = "localhost"
+    default_policy: Policy = field(default_factory=Policy)
+    policy_map: TlsPolicyMap | None = None
+    transport_map: TransportMap | None = None
+    relay: Relay | None = None
+    relay_policy: Policy | None = None
+    relay_auth: tuple[str, str] | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    ca_file: str | None = None
+    reuse_idle: float = 5.0
+
+
+def _domain(addr: str) -> str:
+    return addr.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in addr else ""
+
+
+class ConnectionCache:
+    """Idle authenticated sessions keyed by (next-hop, host, address, port, requirement)."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self._idle: dict[tuple[Any, ...], list[tuple[float, Session]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def take(self, key: tuple[Any, ...]) -> Session | None:
+        now = time.monotonic()
+        entries = self._idle.get(key, [])
+        while entries:
+            t, s = entries.pop()
+            if now - t <= self.idle and s.alive:
+                return s
+            task = asyncio.ensure_future(s.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return None
+
+    def put(self, key: tuple[Any, ...], s: Session) -> None:
+        self._idle.setdefault(key, []).append((time.monotonic(), s))
+
+    async def close_all(self) -> None:
+        sessions = [s for entries in self._idle.values() for _, s in entries]
+        self._idle.clear()
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+def _req_key(req: Requirement) -> tuple[Any, ...]:
+    return (req.level, req.tls, req.auth, tuple(t.text() for t in req.tlsa), req.names, req.fingerprints)
+
+
+class Deliverer:
+    def __init__(self, resolver: Resolver, config: DeliveryConfig | None = None,
+                 counters: Counters | None = None) -> None:
+        self.resolver = resolver
+        self.config = config or DeliveryConfig()
+        self.counters = counters or Counters()
+        self.cache = ConnectionCache(self.config.reuse_idle)
+
+    async def close(self) -> None:
+        await self.cache.close_all()
+
+    # --- policy --------------------------------------------------------------------------------------
+    def relay_for(self, domain: str) -> Relay | None:
+        if self.config.transport_map is not None:
+            r = self.config.transport_map.lookup(domain)
+            if r is not None:
+                return r
+        return self.config.relay
+
+    def policy_for(self, domain: str, relay: Relay | None) -> Policy:
+        pm = self.config.policy_map
+        if relay is not None:
+            if pm is not None:
+                p = pm.lookup(relay.host, relay.port, bracketed=not relay.mx)
+                if p is not None:
+                    return p
+            return self.config.relay_policy or self.config.default_policy
+        if pm is not None:
+            p = pm.lookup(domain)
+            if p is not None:
+                return p
+        return self.config.default_policy
+
+    # --- delivery ------------------------------------------------------------------------------------
+    async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *,
+                      queue_id: str | None = None, level: Level | None = None,
+                      mail_options: Sequence[str] = ()) -> list[RecipientResult]:
+        qid = queue_id or new_queue_id()
+        start = time.monotonic()
+        groups: dict[str, list[str]] = {}
+        for r in recipients:
+            groups.setdefault(_domain(r), []).append(r)
+        results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, level,
+                                                              mail_options) for d, rcpts in groups.items()))
+        out = [res for group in results for res in group]
+        delay = time.monotonic() - start
+        for res in out:
+            _log_result(qid, res, delay)
+            self.counters.inc(f"status_{res.status}")
+            if res.suspected_attack:
+                self.counters.inc("suspected_attack")
+        return out
+
+    async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
+                              level: Level | None, mail_options: Sequence[str]) -> list[RecipientResult]:
+        if not domain:
+            return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
+        relay = self.relay_for(domain)
+        policy = self.policy_for(domain, relay)
+        if level is not None:
+            policy = Policy(level, policy.match, policy.protocols, policy.ciphers, "command line")
+        if relay is not None:
+            nh = await resolve_nexthop(self.resolver, relay.host, port=relay.port, use_mx=relay.mx)
+            port, nexthop_name = relay.port, relay.host
+        else:
+            nh = await resolve_nexthop(self.resolver, domain)
+            port, nexthop_name = 25, domain
+        if nh.failure is Failure.PERMANENT:
+            return [RecipientResult(r, BOUNCED, nh.status, nh.reason) for r in rcpts]
+        attack = nh.mx_security is Security.BOGUS
+        if nh.failure is Failure.TEMPORARY and not nh.hosts:
+            why = nh.reason + (" — suspected attack" if attack else "")
+            return [RecipientResult(r, DEFERRED, nh.status, why, suspected_attack=attack) for r in rcpts]
+        return await self._try_hosts(qid, sender, nexthop_name, nh, port, policy, rcpts, data, mail_options,
+                                     relay is not None)
+
+    async def _try_hosts(self, qid: str, sender: str, nexthop: str, nh: NextHop, port: int, policy: Policy,
+                         rcpts: list[str], data: bytes, mail_options: Sequence[str],
+                         via_relay: bool) -> list[RecipientResult]:
+        failures: list[str] = []
+        attack = False
+        pending = list(rcpts)
+        done: list[RecipientResult] = []
+        for host in nh.hosts:
+            if host.unusable:
+                bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
+                attack |= bogus
+                failures.append(f"{_h(host)}: {host.unusable}" + (" — suspected attack" if bogus else ""))
+                continue
+            if policy.level is Level.CAPS_REQUIRED:
+                failures.append(f"{_h(host)}: caps-required: no secure MTA-capability record")
+                continue
+            req = requirement(policy, mx_host=_h(host), nexthop=nexthop,
+                              tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa),
+                              tlsa_security=host.tlsa_security,
+                              reference_names=tuple(n.to_text(omit_final_dot=True)
+                                                    for n in host.reference_names))
+            if req.refuse:
+                failures.append(f"{_h(host)}: {req.refuse}")
+                continue
+            sni = host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else _h(host)
+            for address in host.addresses:
+                try:
+                    results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
+                                                   pending, data, mail_options, via_relay)
+                except SessionError as e:
+                    attack |= e.suspected_attack
+                    failures.append(e.reason)
+                    if e.code >= 500 and not e.temporary:
+                        return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
+                                                       mx=_h(host), address=address) for r in pending]
+                    continue
+                # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
+                return done + results
+        reason = "; ".join(failures) or "no MX host could be tried"
+        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else "4.4.1", reason,
+                                       suspected_attack=attack) for r in pending]
+
+    async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
+                        req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
+                        mail_options: Sequence[str], via_relay: bool) -> list[RecipientResult]:
+        key = (nexthop, _h(host), address, port, _req_key(req))
+        session = self.cache.take(key)
+        if session is None:
+            try:
+                session = await open_session(address, port, _h(host), req, helo=self.config.helo, sni=sni,
+                                             timeouts=self.config.timeouts, ca_file=self.config.ca_file,
+                                             auth=self.config.relay_auth if via_relay else None)
+            except SessionError as e:
+                if not e.cleartext_retry:
+                    raise
+                # Postfix 'may': a failed opportunistic handshake is retried in cleartext
+                plain = Requirement(req.level, TLSMode.NONE, req.auth)
+                session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
+                                             timeouts=self.config.timeouts)
+        try:
+            results = await _transaction(session, sender, rcpts, data, mail_options)
+        except SessionError:
+            await session.close()
+            raise
+        for r in results:
+            r.mx, r.address = _h(host), address
+            r.security = session.tls.security
+            r.tls_version, r.cipher = session.tls.version, session.tls.cipher
+            r.tlsa_matched = session.tls.tlsa_matched.text() if session.tls.tlsa_matched else None
+        session.messages += 1
+        if session.alive:
+            self.cache.put(key, session)
+        return results
+
+
+def _h(host: MXHost) -> str:
+    return host.name.to_text(omit_final_dot=True)
+
+
+async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,
+                       mail_options: Sequence[str]) -> list[RecipientResult]:
+    """MAIL, RCPT per recipient, DATA: each recipient's outcome from the server's own replies."""
+    smtp = s.smtp
+    t = s.timeouts
+    try:
+        if s.messages:
+            await smtp.rset(timeout=t.command)
+        opts = [o for o in mail_options if smtp.supports_extension(o.split("=")[0].lower())]
+        try:
+            await smtp.mail(sender, options=opts, timeout=t.command)
+        except aiosmtplib.SMTPSenderRefused as e:
+            raise SessionError(f"MAIL FROM refused by {s.mx}: {e.code} {e.message}", code=e.code,
+                               temporary=e.code < 500, dsn=_dsn(e.code, e.message)) from e
+        results: list[RecipientResult] = []
+        accepted: list[str] = []
+        for r in rcpts:
+            try:
+                resp = await smtp.rcpt(r, timeout=t.command)
+                accepted.append(r)
+                results.append(RecipientResult(r, DELIVERED, "", reply=f"{resp.code} {resp.message}"))
+            except aiosmtplib.SMTPRecipientRefused as e:
+                status = BOUNCED if e.code >= 500 else DEFERRED
+                results.append(RecipientResult(r, status, _dsn(e.code, e.message), f"{e.code} {e.message}",
+                                               reply=f"{e.code} {e.message}"))
+        if not accepted:
+            await smtp.rset(timeout=t.command)
+            return results
+        try:
+            resp = await smtp.data(data, timeout=t.data)
+        except aiosmtplib.SMTPDataError as e:
+            status = BOUNCED if e.code >= 500 else DEFERRED
+            for res in results:
+                if res.recipient in accepted:
+                    res.status, res.dsn = status, _dsn(e.code, e.message)
+                    res.reply = res.reason = f"{e.code} {e.message}"
+            return results
+        for res in results:
+            if res.recipient in accepted:
+                res.dsn = _dsn(resp.code, resp.message)
+                res.reply = f"{resp.code} {resp.message}"
+        return results
+    except aiosmtplib.SMTPResponseException as e:
+        raise SessionError(f"{s.mx}[{s.address}] said {e.code} {e.message}", code=e.code,
+                           temporary=e.code < 500) from e
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        raise SessionError(f"lost connection with {s.mx}[{s.address}] during the transaction: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _dsn(code: int, message: str) -> str:
+    """The enhanced status code of a reply (RFC 3463), or one derived from the basic code."""
+    first = message.split(" ", 1)[0]
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+        return first
+    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+
+
+def _log_result(qid: str, r: RecipientResult, delay: float) -> None:
+    status = {DELIVERED: "sent", DEFERRED: "deferred", BOUNCED: "bounced"}[r.status]
+    relay = f"{r.mx}[{r.address}]" if r.mx else "none"
+    line = (f"{qid}: to=<{r.recipient}>, relay={relay}, delay={delay:.2f}, dsn={r.dsn}, "
+            f"status={status} ({r.reply or r.reason})")
+    if r.security:
+        line += f" tls={r.security}"
+        if r.tls_version:
+            line += f" tls_version={r.tls_version}"
+        if r.tlsa_matched:
+            line += f' tlsa="{r.tlsa_matched}"'
+    if r.suspected_attack:
+        line += " suspected_attack=yes"
+    (log.warning if r.status != DELIVERED else log.info)(line)
+
+
+def summarize(results: Iterable[RecipientResult]) -> str:
+    return ", ".join(f"{r.recipient}: {r.status}" for r in results)
+
+
+__all__ = [
+    "BOUNCED",
+    "CLEARTEXT",
+    "DEFERRED",
+    "DELIVERED",
+    "Counters",
+    "Deliverer",
+    "DeliveryConfig",
+    "RecipientResult",
+    "new_queue_id",
+]

@@ -1,0 +1,241 @@
+"""One SMTP client session to one address of an MX host, with the TLS its requirement demands.
+
+The session connects, reads the greeting, sends EHLO, and then per :class:`policy.tls.Requirement`:
+STARTTLS with SNI set to the TLSA base domain (RFC 7672 §8.1), and authenticates the server *after* the
+handshake and *before* any mail command, from the chain it presented (DANE per RFC 7672 §3, PKIX, or a
+fingerprint). Any failure where TLS or authentication is required raises :class:`SessionError` and the
+connection is dropped: Postgate never continues in cleartext when TLS was required (RFC 7672 §2.2).
+
+Every network step has a timeout (RFC 5321 §4.5.3.2 gives the classic values; ours are configurable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from cryptography import x509
+
+from outbound import dane
+from policy.tls import Auth, Requirement, TLSMode
+
+CLEARTEXT, UNAUTHENTICATED, VERIFIED, DANE_VERIFIED = (
+    "cleartext", "tls-unauthenticated", "verified", "dane-verified")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 30.0
+    greeting: float = 300.0     # RFC 5321 §4.5.3.2.1: 5 minutes
+    command: float = 300.0      # MAIL, RCPT: 5 minutes
+    tls: float = 60.0
+    data: float = 600.0         # end of data: 10 minutes (§4.5.3.2.6)
+
+
+class SessionError(Exception):
+    """A session failed. ``temporary``: 4xx-like; ``suspected_attack``: a DANE/TLS downgrade sign;
+    ``cleartext_retry``: opportunistic TLS failed and Postfix-style plaintext retry is allowed."""
+
+    def __init__(self, reason: str, *, temporary: bool = True, suspected_attack: bool = False,
+                 code: int = 0, dsn: str = "", cleartext_retry: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.temporary = temporary
+        self.suspected_attack = suspected_attack
+        self.code = code
+        self.dsn = dsn or ("4.4.2" if temporary else "5.4.0")
+        self.cleartext_retry = cleartext_retry
+
+
+@dataclass
+class TLSState:
+    security: str = CLEARTEXT
+    version: str | None = None
+    cipher: str | None = None
+    chain: list[x509.Certificate] = field(default_factory=list)
+    tlsa_matched: dane.Tlsa | None = None
+    detail: str = ""
+
+
+def peer_chain(smtp: aiosmtplib.SMTP) -> list[x509.Certificate]:
+    """The certificate chain the server sent, leaf first, unverified."""
+    obj = smtp.get_transport_info("ssl_object")
+    if obj is None:
+        return []
+    inner = getattr(obj, "_sslobj", obj)
+    raw: list[bytes] = []
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        for c in getter() or []:
+            raw.append(c.public_bytes(ssl._ssl.ENCODING_DER) if hasattr(c, "public_bytes")  # type: ignore[attr-defined]
+                       else bytes(c))
+    else:  # pragma: no cover - only the leaf on Pythons without the chain API
+        leaf = obj.getpeercert(binary_form=True)
+        raw = [leaf] if leaf else []
+    out = []
+    for der in raw[: dane.MAX_CHAIN * 2]:
+        try:
+            out.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            continue
+    return out
+
+
+def client_context(req: Requirement, ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # names are checked by Postgate per RFC 7672 §3.2.2 / the policy
+    if req.auth is Auth.PKIX:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.verify_mode = ssl.CERT_NONE  # DANE and fingerprints are verified from the chain afterwards
+    return ctx
+
+
+def pkix_name_ok(chain: Sequence[x509.Certificate], patterns: Sequence[str]) -> bool:
+    """Postfix match semantics: ``.example.com`` matches any subdomain, a name matches itself (with
+    RFC 6125 wildcards in the certificate)."""
+    if not chain:
+        return False
+    names = dane.cert_names(chain[0])
+    for p in patterns:
+        if p.startswith("."):
+            if any(n.lower().rstrip(".").endswith(p) and not n.startswith("*") for n in names):
+                return True
+            continue
+        if any(dane.name_matches(n, p) for n in names):
+            return True
+    return False
+
+
+class Session:
+    """An open SMTP session, possibly TLS-protected and authenticated."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, address: str, port: int, mx: str, tls: TLSState,
+                 timeouts: Timeouts) -> None:
+        self.smtp = smtp
+        self.address = address
+        self.port = port
+        self.mx = mx
+        self.tls = tls
+        self.timeouts = timeouts
+        self.messages = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def supports(self, ext: str) -> bool:
+        return self.smtp.supports_extension(ext)
+
+    async def close(self) -> None:
+        try:
+            if self.smtp.is_connected:
+                await asyncio.wait_for(self.smtp.quit(), 5)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            self.smtp.close()
+
+
+async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
+                       sni: str | None, timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
+                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None) -> Session:
+    """Connect and establish what ``req`` demands, or raise SessionError."""
+    smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=timeouts.command,
+                           use_tls=False, start_tls=False, validate_certs=False)
+    try:
+        await asyncio.wait_for(smtp.connect(timeout=timeouts.connect), timeouts.connect + 1)
+    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as e:
+        smtp.close()
+        raise SessionError(f"connect to {mx}[{address}]:{port}: {e}", dsn="4.4.1") from e
+    except aiosmtplib.SMTPResponseException as e:  # greeting refused
+        smtp.close()
+        raise SessionError(f"{mx}[{address}] greeting: {e.code} {e.message}", code=e.code,
+                           temporary=e.code < 500, dsn="4.4.2" if e.code < 500 else "5.4.0") from e
+    tls = TLSState()
+    try:
+        await smtp.ehlo()
+        dane_required = req.auth is Auth.DANE
+        if req.tls is not TLSMode.NONE:
+            if not smtp.supports_extension("starttls"):
+                if req.tls is TLSMode.REQUIRED:
+                    # RFC 7672 §2.2: with usable TLSA, a missing STARTTLS is a downgrade attack sign
+                    raise SessionError(
+                        f"STARTTLS not offered by {mx}[{address}] where TLS is required"
+                        + (" (TLSA records exist) — suspected attack" if dane_required else ""),
+                        suspected_attack=dane_required, dsn="4.7.4" if not dane_required else "4.7.5")
+            else:
+                ctx = client_context(req, ca_file)
+                try:
+                    await asyncio.wait_for(
+                        smtp.starttls(server_hostname=sni or None, tls_context=ctx, timeout=timeouts.tls),
+                        timeouts.tls + 1)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
+                    msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
+                    if req.tls is TLSMode.OPTIONAL:
+                        raise SessionError(msg, cleartext_retry=True) from e
+                    raise SessionError(msg + (" — suspected attack" if dane_required else ""),
+                                       suspected_attack=dane_required, dsn="4.7.5") from e
+                obj = smtp.get_transport_info("ssl_object")
+                tls.version = obj.version() if obj else None
+                tls.cipher = obj.cipher()[0] if obj and obj.cipher() else None
+                tls.chain = peer_chain(smtp)
+                _authenticate(tls, req, mx, address, now)
+                await smtp.ehlo()  # RFC 3207 §4.2: forget pre-TLS capabilities, ask again
+        if auth is not None:
+            if tls.security == CLEARTEXT:
+                raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
+            try:
+                await smtp.login(auth[0], auth[1])
+            except aiosmtplib.SMTPAuthenticationError as e:
+                raise SessionError(f"SMTP AUTH to {mx} failed: {e.code} {e.message}", code=e.code,
+                                   dsn="4.7.8") from e
+    except SessionError:
+        smtp.close()
+        raise
+    except aiosmtplib.SMTPResponseException as e:
+        smtp.close()
+        raise SessionError(f"{mx}[{address}] said {e.code} {e.message}", code=e.code,
+                           temporary=e.code < 500) from e
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        smtp.close()
+        raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
+    return Session(smtp, address, port, mx, tls, timeouts)
+
+
+def _authenticate(tls: TLSState, req: Requirement, mx: str, address: str, now: dt.datetime | None) -> None:
+    """Decide the session's security from the presented chain, or raise (before any mail command)."""
+    if req.auth is Auth.DANE:
+        res = dane.verify(req.tlsa, tls.chain, req.names, now)
+        if res.status is dane.DaneStatus.VERIFIED:
+            tls.security, tls.tlsa_matched, tls.detail = DANE_VERIFIED, res.matched, res.reason
+            return
+        if res.status is dane.DaneStatus.NO_USABLE:
+            tls.security = UNAUTHENTICATED
+            return
+        raise SessionError(f"TLSA record mismatch for {mx} — suspected attack ({res.reason})",
+                           suspected_attack=True, dsn="4.7.5")
+    if req.auth is Auth.PKIX:
+        if not pkix_name_ok(tls.chain, req.names):
+            names = ", ".join(dane.cert_names(tls.chain[0])) if tls.chain else "none"
+            raise SessionError(f"certificate of {mx} names {names}, none matching {', '.join(req.names)}",
+                               dsn="4.7.5")
+        tls.security = VERIFIED
+        return
+    if req.auth is Auth.FINGERPRINT:
+        fp = dane.fingerprint_matches(tls.chain, req.fingerprints)
+        if fp is None:
+            raise SessionError(f"certificate fingerprint of {mx} matches no configured fingerprint",
+                               dsn="4.7.5")
+        tls.security, tls.detail = VERIFIED, f"fingerprint {fp}"
+        return
+    tls.security = UNAUTHENTICATED
