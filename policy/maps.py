@@ -207,3 +207,31 @@ class TransportMap(Table[Relay]):
             if k in self.entries:
                 return self.entries[k]
         return None
+
+
+class SaslPasswordMap(Table[tuple[str, str]]):
+    """Postfix ``smtp_sasl_password_maps``: ``[relay.example.net]:587  username:password``.
+
+    The file must not be readable by group or others: it holds passwords."""
+
+    def load(self) -> None:
+        try:
+            mode = self.path.stat().st_mode
+        except OSError as e:
+            raise MapError(f"{self.path}: cannot read table: {e.strerror}") from e
+        if mode & 0o077:
+            raise MapError(f"{self.path}: holds passwords but is readable by group or others "
+                           f"(mode {mode & 0o777:o}); chmod 600 it")
+        super().load()
+
+    def parse_value(self, key: str, value: str, where: str) -> tuple[str, str]:
+        user, sep, password = value.partition(":")
+        if not sep or not user:
+            raise MapError(f"{where}: expected username:password")
+        return user, password
+
+    def lookup(self, relay: Relay) -> tuple[str, str] | None:
+        for k in (relay.text(), f"[{relay.host}]", relay.host):
+            if k in self.entries:
+                return self.entries[k]
+        return None

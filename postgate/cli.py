@@ -10,13 +10,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
 from outbound.nexthop import Failure, NextHop, resolve_nexthop
 from outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
+from outbound.smtp_client import Timeouts
+from outbound.tlscheck import tls_check
+from policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
+from policy.tls import Level, Policy
 from postgate import config as configmod
+from postgate.config import LEVELS
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 69, 75, 78
 
@@ -46,6 +54,90 @@ def build_resolver(args: argparse.Namespace) -> tuple[configmod.Config, Resolver
         allow_remote_trust_ad=r.allow_remote_trust_ad,
     )
     return cfg, resolver
+
+
+def build_deliverer(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver) -> Deliverer:
+    d = cfg.delivery
+    try:
+        policy_map = TlsPolicyMap(d.policy_map) if d.policy_map else None
+        transport_map = TransportMap(d.transport_map) if d.transport_map else None
+        relay = parse_relay(d.relay, "[delivery] relay") if d.relay else None
+        auth = None
+        if relay is not None and d.relay_auth_file:
+            auth = SaslPasswordMap(d.relay_auth_file).lookup(relay)
+    except MapError as e:
+        raise configmod.ConfigError(str(e)) from e
+    relay_policy = None
+    if d.relay_level:
+        relay_policy = Policy(Level(d.relay_level), tuple(d.relay_match), source="[delivery] relay_level")
+    helo = d.helo or cfg.server.hostname or socket.getfqdn()
+    dc = DeliveryConfig(
+        helo=helo, default_policy=Policy(Level(d.level), source="[delivery] level"),
+        policy_map=policy_map, transport_map=transport_map, relay=relay, relay_policy=relay_policy,
+        relay_auth=auth, ca_file=d.ca_file or None, reuse_idle=d.connection_reuse_time,
+        timeouts=Timeouts(connect=d.connect_timeout, greeting=d.command_timeout, command=d.command_timeout,
+                          tls=d.tls_timeout, data=d.data_timeout))
+    return Deliverer(resolver, dc)
+
+
+def _exit_for(results: list[RecipientResult]) -> int:
+    if any(r.status == DEFERRED for r in results):
+        return EX_TEMPFAIL
+    if any(r.status == BOUNCED for r in results):
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    cfg, resolver = build_resolver(args)
+    deliverer = build_deliverer(args, cfg, resolver)
+    data = sys.stdin.buffer.read()
+    if not data:
+        print("postgate deliver: empty message on standard input", file=sys.stderr)
+        return EX_USAGE
+    level = Level(args.level) if args.level else None
+
+    async def run() -> list[RecipientResult]:
+        try:
+            return await deliverer.deliver(args.sender, args.to, data, level=level)
+        finally:
+            await deliverer.close()
+
+    results = asyncio.run(run())
+    if args.json:
+        json.dump([r.to_json() for r in results], sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            where = f" via {r.mx}[{r.address}]" if r.mx else ""
+            sec = f" {r.security}" if r.security else ""
+            tlsa = f" tlsa=\"{r.tlsa_matched}\"" if r.tlsa_matched else ""
+            attack = " SUSPECTED ATTACK" if r.suspected_attack else ""
+            print(f"{r.recipient}: {r.status} {r.dsn}{where}{sec}{tlsa}{attack}: {r.reply or r.reason}")
+    return _exit_for(results)
+
+
+def cmd_tls_check(args: argparse.Namespace) -> int:
+    cfg, resolver = build_resolver(args)
+    deliverer = build_deliverer(args, cfg, resolver)
+    level = Level(args.level) if args.level else None
+    reports = asyncio.run(tls_check(deliverer, args.domain, level))
+    if args.json:
+        json.dump(reports, sys.stdout, indent=2)
+        print()
+    else:
+        for rep in reports:
+            print(f"{rep['mx']}[{rep['address']}]: {rep['status']} security={rep['security']} "
+                  f"tls={rep['tls_version']} cipher={rep['cipher']}"
+                  + (f" tlsa=\"{rep['tlsa_matched']}\"" if rep["tlsa_matched"] else "")
+                  + (" SUSPECTED ATTACK" if rep["suspected_attack"] else ""))
+            for i, subj in enumerate(rep["chain"]):
+                print(f"  cert {i}: {subj}")
+            if rep["reason"]:
+                print(f"  {rep['reason']}")
+    if not reports or any(r["status"] != "ok" for r in reports):
+        return EX_TEMPFAIL
+    return EX_OK
 
 
 def _print_nexthop(nh: NextHop) -> None:
@@ -104,12 +196,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     add_resolver_options(p)
     p.set_defaults(func=cmd_resolve)
+    p = sub.add_parser("deliver", help="deliver one message from standard input now",
+                       description="Deliver the message on standard input to each --to recipient as the "
+                       "delivery agent would, and print the outcome per recipient. Exit 0: all delivered; "
+                       "75: some deferred; 69: some bounced (none deferred).")
+    p.add_argument("--from", dest="sender", required=True, metavar="ADDRESS", help="envelope sender")
+    p.add_argument("--to", action="append", required=True, metavar="ADDRESS", help="recipient (repeatable)")
+    p.add_argument("--level", choices=LEVELS, help="TLS security level for this delivery")
+    add_resolver_options(p)
+    p.set_defaults(func=cmd_deliver)
+    p = sub.add_parser("tls-check", help="connect to each MX as delivery would, without sending mail",
+                       description="Like Postfix's posttls-finger: resolve DOMAIN, connect to every address "
+                       "of every MX host with the policy's TLS requirement, and report what was seen.")
+    p.add_argument("domain")
+    p.add_argument("--level", choices=LEVELS, help="TLS security level to check against")
+    add_resolver_options(p)
+    p.set_defaults(func=cmd_tls_check)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="postgate: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         ap.print_help(sys.stderr)

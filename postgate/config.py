@@ -31,6 +31,24 @@ class ResolverSettings:
 
 
 @dataclass
+class DeliverySettings:
+    helo: str = ""
+    level: str = "dane"
+    policy_map: str = ""
+    transport_map: str = ""
+    relay: str = ""
+    relay_level: str = ""
+    relay_match: list[str] = field(default_factory=list)
+    relay_auth_file: str = ""
+    ca_file: str = ""
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    tls_timeout: float = 60.0
+    connection_reuse_time: float = 5.0
+
+
+@dataclass
 class ServerSettings:
     hostname: str = ""
 
@@ -40,9 +58,12 @@ class Config:
     path: Path | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
 
-SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings}
+SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
+                             "delivery": DeliverySettings}
+LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
 def _line_of(text: str, section: str, key: str | None) -> int:
@@ -137,9 +158,49 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     if r.cache_size < 100:
         raise err("cache_size", "must be at least 100")
     if r.trust_anchor_file and cfg.path is not None:
-        anchor = Path(r.trust_anchor_file)
-        if not anchor.is_absolute():
-            r.trust_anchor_file = str((cfg.path.parent / anchor).resolve())
+        r.trust_anchor_file = _relative(cfg.path, r.trust_anchor_file)
+    _validate_delivery(cfg, source, text)
+
+
+def _relative(cfg_path: Path, value: str) -> str:
+    p = Path(value)
+    return str(p if p.is_absolute() else (cfg_path.parent / p).resolve())
+
+
+def _validate_delivery(cfg: Config, source: str, text: str) -> None:
+    d = cfg.delivery
+
+    def err(key: str, msg: str) -> ConfigError:
+        line = _line_of(text, "delivery", key) if text else 0
+        return ConfigError(f"{source}:{line}: [delivery] {key}: {msg}")
+
+    if d.level not in LEVELS:
+        raise err("level", f"{d.level!r} is not one of {', '.join(LEVELS)}")
+    if d.relay_level and d.relay_level not in LEVELS:
+        raise err("relay_level", f"{d.relay_level!r} is not one of {', '.join(LEVELS)}")
+    if d.relay_level and not d.relay:
+        raise err("relay_level", "set without relay")
+    if d.relay:
+        from policy.maps import MapError, parse_relay
+        try:
+            parse_relay(d.relay)
+        except MapError as e:
+            raise err("relay", str(e)) from e
+    for key in ("connect_timeout", "command_timeout", "data_timeout", "tls_timeout"):
+        v = getattr(d, key)
+        if not 0 < v <= 3600:
+            raise err(key, "must be between 0 and 3600 seconds")
+    if not 0 <= d.connection_reuse_time <= 300:
+        raise err("connection_reuse_time", "must be between 0 and 300 seconds")
+    if cfg.path is not None:
+        for key in ("policy_map", "transport_map", "relay_auth_file", "ca_file"):
+            v = getattr(d, key)
+            if v:
+                setattr(d, key, _relative(cfg.path, v))
+    for key in ("policy_map", "transport_map", "relay_auth_file", "ca_file"):
+        v = getattr(d, key)
+        if v and not Path(v).is_file():
+            raise err(key, f"{v}: no such file")
 
 
 def system_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
