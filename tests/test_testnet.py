@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from fixtures import netns
+from fixtures.receivers import RAW_BEHAVIOURS
 from fixtures.testnet import TestNet
 
 # (owner, type, what a validating resolver must say). secure = AD set; bogus = SERVFAIL; insecure = no AD.
@@ -97,6 +98,8 @@ def _presented_chain(address: str) -> list[x509.Certificate]:
 def test_each_receiver_presents_its_chain(testnet: TestNet) -> None:
     assert testnet.pki is not None
     for r in testnet.scenarios.receivers:
+        if r.behaviour in RAW_BEHAVIOURS:
+            continue  # misbehaving on purpose; see test_misbehaving_receivers
         chain = _presented_chain(r.address)
         if r.profile == "no-starttls":
             assert chain == [], r.host
@@ -114,6 +117,20 @@ def test_each_receiver_presents_its_chain(testnet: TestNet) -> None:
         assert (r.host in dns_names) == (r.profile != "wrong-name"), r.host
         if r.profile == "expired":
             assert leaf.not_valid_after_utc.timestamp() < time.time()
+
+
+def test_misbehaving_receivers(testnet: TestNet) -> None:
+    s = smtplib.SMTP("127.0.1.30", 25, timeout=10)
+    s.ehlo("client.test")
+    assert s.has_extn("starttls")
+    code, _ = s.docmd("STARTTLS")
+    assert code == 220
+    assert s.file is not None and b"not a TLS server hello" in s.file.readline()
+    s.close()
+    import socket
+    with socket.create_connection(("127.0.1.35", 25), timeout=5) as sock:
+        assert sock.recv(100).startswith(b"\x00\xffNOT SMTP")
+    assert len(_presented_chain("127.0.1.34")) == 200
 
 
 def test_no_starttls_receiver_does_not_advertise_it(testnet: TestNet) -> None:
