@@ -1,0 +1,267 @@
+"""Outbound delivery on the test network: one row per scenario and level, the outcome RFC 7672 requires.
+
+Each row delivers a message with a unique token and checks the outcome per recipient — status,
+security, the MX host used, the suspected-attack flag — and that the receiver stored it exactly when
+Postgate says it was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.testnet import TestNet
+from outbound.delivery import BOUNCED, DEFERRED, DELIVERED, Deliverer, DeliveryConfig, RecipientResult
+from outbound.resolver import Resolver, load_anchors
+from outbound.smtp_client import Timeouts
+from policy.maps import TlsPolicyMap
+from policy.tls import Level, Policy
+
+FAST = Timeouts(connect=3, greeting=3, command=3, tls=3, data=5)
+A, NA = True, False  # suspected attack or not
+
+# (domain, level, match, status, security, mx that got it, suspected attack, rule)
+ROWS = [
+    ("dane-ok.test", "dane", "", DELIVERED, "dane-verified", "mx.dane-ok.test", NA, "7672 §3.1.1 DANE-EE"),
+    ("mismatch.test", "dane", "", DELIVERED, "dane-verified", "mx2.mismatch.test", NA,
+     "7672 §2.2: first MX mismatched, second valid"),
+    ("dane-ta.test", "dane", "", DELIVERED, "dane-verified", "mx.dane-ta.test", NA, "7672 §3.1.2 DANE-TA"),
+    ("dane-ta-wrongname.test", "dane", "", DEFERRED, None, None, A, "7672 §3.2.2 DANE-TA name check"),
+    ("dane-ee-expired.test", "dane", "", DELIVERED, "dane-verified", "mx.dane-ee-expired.test", NA,
+     "7672 §3.1.1 DANE-EE ignores dates"),
+    ("unusable.test", "dane", "", DELIVERED, "tls-unauthenticated", "mx.unusable.test", NA,
+     "7672 §2.2 only unusable TLSA: TLS, never cleartext"),
+    ("nostarttls.test", "dane", "", DEFERRED, None, None, A, "7672 §2.2 STARTTLS missing where TLSA exists"),
+    ("agility.test", "dane", "", DEFERRED, None, None, A, "7671 §9 SHA-512 record rules, it does not match"),
+    ("ta-root.test", "dane", "", DEFERRED, None, None, A, "7671 §5.2.2 TA digest, root not sent"),
+    ("full.ta-root.test", "dane", "", DELIVERED, "dane-verified", "mx2.ta-root.test", NA,
+     "7671 §5.2.2 TA key in the record itself"),
+    ("selfsigned.test", "dane", "", DELIVERED, "dane-verified", "mx.selfsigned.test", NA, "DANE-EE 3 0 1"),
+    ("bogus-tlsa.test", "dane", "", DEFERRED, None, None, A, "7672 §2.1.1 bogus TLSA"),
+    ("bogus-sig.test", "dane", "", DEFERRED, None, None, A, "7672 §2.1.1 bogus address records"),
+    ("expired.test", "dane", "", DEFERRED, None, None, A, "7672 §2.1.1 bogus MX"),
+    ("dead.test", "dane", "", DEFERRED, None, None, NA, "7672 §2.1.1 MX lookup fails"),
+    ("unsigned.test", "dane", "", DELIVERED, "tls-unauthenticated", "mx.unsigned.test", NA,
+     "7672 §2.2 insecure: opportunistic TLS"),
+    ("nodane.test", "dane", "", DELIVERED, "tls-unauthenticated", "mx.nodane.test", NA, "secure, no TLSA"),
+    ("mxsecure.unsigned.test", "dane", "", DELIVERED, "dane-verified", "mx.dane-ok.test", NA,
+     "7672 §2.2.1 insecure MX, secure host"),
+    ("nomx.test", "dane", "", DELIVERED, "dane-verified", "nomx.test", NA, "5321 §5.1 implicit MX"),
+    ("nullmx.test", "dane", "", BOUNCED, None, None, NA, "7505 §3 null MX"),
+    ("optout.n3", "dane", "", DELIVERED, "tls-unauthenticated", "mx.optout.n3", NA, "opt-out: insecure"),
+    ("cname.test", "dane", "", DELIVERED, "tls-unauthenticated", "mx.cname.test", NA,
+     "7672 §2.2.2 CNAME through an unsigned zone"),
+    # dane-only
+    ("dane-ok.test", "dane-only", "", DELIVERED, "dane-verified", "mx.dane-ok.test", NA, "dane-only"),
+    ("unsigned.test", "dane-only", "", DEFERRED, None, None, NA, "dane-only without DANE"),
+    ("unusable.test", "dane-only", "", DEFERRED, None, None, NA, "dane-only, unusable TLSA"),
+    # may, none, encrypt
+    ("nostarttls.test", "may", "", DELIVERED, "cleartext", "mx.nostarttls.test", NA, "may: cleartext"),
+    ("mismatch.test", "may", "", DELIVERED, "tls-unauthenticated", "mx1.mismatch.test", NA, "may: no auth"),
+    ("dane-ok.test", "none", "", DELIVERED, "cleartext", "mx.dane-ok.test", NA, "none: no TLS"),
+    ("nostarttls.test", "encrypt", "", DEFERRED, None, None, NA, "encrypt: TLS mandatory"),
+    ("unsigned.test", "encrypt", "", DELIVERED, "tls-unauthenticated", "mx.unsigned.test", NA, "encrypt"),
+    # verify / secure against the private CA
+    ("dane-ok.test", "verify", "", DELIVERED, "verified", "mx.dane-ok.test", NA, "verify: hostname"),
+    ("dane-ta-wrongname.test", "verify", "", DEFERRED, None, None, NA, "verify: wrong name"),
+    ("selfsigned.test", "verify", "", DEFERRED, None, None, NA, "verify: untrusted issuer"),
+    ("dane-ee-expired.test", "verify", "", DEFERRED, None, None, NA, "verify: expired"),
+    ("dane-ok.test", "secure", "", DELIVERED, "verified", "mx.dane-ok.test", NA, "secure: dot-nexthop"),
+    ("mismatch.test", "secure", "", DELIVERED, "verified", "mx1.mismatch.test", NA, "secure ignores TLSA"),
+    ("mxsecure.unsigned.test", "secure", "", DEFERRED, None, None, NA, "secure: MX outside nexthop"),
+    ("mxsecure.unsigned.test", "secure", "mx.dane-ok.test", DELIVERED, "verified", "mx.dane-ok.test", NA,
+     "secure: match= name"),
+    # fingerprint
+    ("selfsigned.test", "fingerprint", "{fp:mx.selfsigned.test}", DELIVERED, "verified", "mx.selfsigned.test",
+     NA, "fingerprint of the certificate"),
+    ("selfsigned.test", "fingerprint", "{spki:mx.selfsigned.test}", DELIVERED, "verified",
+     "mx.selfsigned.test", NA, "fingerprint of the public key"),
+    ("selfsigned.test", "fingerprint", "00" * 32, DEFERRED, None, None, NA, "fingerprint mismatch"),
+    # misbehaving servers
+    ("garbage.bad.test", "dane", "", DEFERRED, None, None, A, "garbage after STARTTLS"),
+    ("hang.bad.test", "dane", "", DEFERRED, None, None, A, "hang after STARTTLS"),
+    ("closehs.bad.test", "dane", "", DEFERRED, None, None, A, "close mid-handshake"),
+    ("closedata.bad.test", "dane", "", DEFERRED, None, None, NA, "close mid-DATA"),
+    ("greeting.bad.test", "dane", "", DEFERRED, None, None, NA, "garbage greeting"),
+]
+
+
+def _match(net: TestNet, spec: str) -> tuple[str, ...]:
+    if not spec:
+        return ()
+    assert net.pki is not None
+    if spec.startswith("{fp:"):
+        leaf = net.pki.leaves[spec[4:-1]].cert
+        return (hashlib.sha256(leaf.public_bytes(_der())).hexdigest(),)
+    if spec.startswith("{spki:"):
+        leaf = net.pki.leaves[spec[6:-1]].cert
+        from cryptography.hazmat.primitives import serialization
+        spki = leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        return (":".join(f"{b:02X}" for b in hashlib.sha256(spki).digest()),)
+    return (spec,)
+
+
+def _der():  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+    return serialization.Encoding.DER
+
+
+def deliverer(net: TestNet, policy: Policy, **kw: object) -> Deliverer:
+    r = Resolver([(net.resolver, 53)], load_anchors(net.anchor_file), timeout=3)
+    cfg = DeliveryConfig(helo="client.test", default_policy=policy, timeouts=FAST,
+                         ca_file=str(net.state / "pki" / "root.crt"), **kw)  # type: ignore[arg-type]
+    return Deliverer(r, cfg)
+
+
+def message(token: str) -> bytes:
+    return (f"From: alice@client.test\r\nTo: bob@example\r\nSubject: {token}\r\n"
+            f"Message-ID: <{token}@client.test>\r\n\r\nHello {token}\r\n").encode()
+
+
+def run(d: Deliverer, rcpts: list[str], data: bytes) -> list[RecipientResult]:
+    async def go() -> list[RecipientResult]:
+        try:
+            return await d.deliver("alice@client.test", rcpts, data)
+        finally:
+            await d.close()
+    return asyncio.run(go())
+
+
+def stored(net: TestNet, token: str) -> list[str]:
+    return [h.host for h in net.scenarios.receivers for m in net.received(h.host) if token in m["data"]]
+
+
+@pytest.mark.parametrize(("domain", "level", "match", "status", "security", "mx", "attack", "rule"), ROWS,
+                         ids=[f"{r[0]}-{r[1]}" + (f"-{r[2][:6]}" if r[2] else "") for r in ROWS])
+def test_delivery_table(testnet: TestNet, domain: str, level: str, match: str, status: str,
+                        security: str | None, mx: str | None, attack: bool, rule: str) -> None:
+    token = secrets.token_hex(8)
+    policy = Policy(Level(level), _match(testnet, match))
+    [res] = run(deliverer(testnet, policy), [f"bob@{domain}"], message(token))
+    assert (res.status, res.security, res.mx, res.suspected_attack) == (status, security, mx, attack), \
+        res.reason
+    receiver = [h.host for h in testnet.scenarios.receivers if h.address == res.address]
+    assert stored(testnet, token) == (receiver if status == DELIVERED else [])
+    if status == DEFERRED:
+        assert res.dsn.startswith("4.") and res.reason
+    if status == DELIVERED and security == "dane-verified":
+        assert res.tlsa_matched and res.tls_version in ("TLSv1.2", "TLSv1.3")
+
+
+def test_long_chain_does_not_crash(testnet: TestNet) -> None:
+    """A 200-certificate chain: delivered via DANE-EE, or deferred with a reason; never a crash."""
+    token = secrets.token_hex(8)
+    [res] = run(deliverer(testnet, Policy()), ["bob@longchain.bad.test"], message(token))
+    assert res.status in (DELIVERED, DEFERRED)
+    assert (res.status == DELIVERED) == (stored(testnet, token) == ["mx.longchain.bad.test"])
+    if res.status == DEFERRED:
+        assert res.reason
+
+
+def test_per_recipient_outcomes_and_connection_reuse(testnet: TestNet) -> None:
+    d = deliverer(testnet, Policy())
+    token = secrets.token_hex(8)
+    rcpts = ["ok1@dane-ok.test", "reject-x@dane-ok.test", "tempfail-y@dane-ok.test", "ok2@dane-ok.test",
+             "z@unsigned.test"]
+
+    async def go() -> tuple[list[RecipientResult], list[RecipientResult]]:
+        try:
+            first = await d.deliver("alice@client.test", rcpts, message(token))
+            second = await d.deliver("alice@client.test", ["again@dane-ok.test"], message(token + "b"))
+            return first, second
+        finally:
+            await d.close()
+
+    first, second = asyncio.run(go())
+    by = {r.recipient: r for r in first}
+    assert by["ok1@dane-ok.test"].status == DELIVERED and by["ok2@dane-ok.test"].status == DELIVERED
+    assert by["reject-x@dane-ok.test"].status == BOUNCED and by["reject-x@dane-ok.test"].dsn == "5.1.1"
+    assert by["tempfail-y@dane-ok.test"].status == DEFERRED and by["tempfail-y@dane-ok.test"].dsn == "4.3.0"
+    assert by["z@unsigned.test"].status == DELIVERED
+    msgs = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+    assert len(msgs) == 2  # one transaction with two accepted recipients, then the reused one
+    assert sorted(msgs[0]["rcpt_tos"]) == ["ok1@dane-ok.test", "ok2@dane-ok.test"]
+    # the second message went over the same TLS connection (same client port)
+    assert msgs[0]["peer"] == msgs[1]["peer"]
+    assert second[0].status == DELIVERED and second[0].security == "dane-verified"
+
+
+def test_reuse_never_crosses_next_hop_domains(testnet: TestNet) -> None:
+    """mxsecure.unsigned.test and dane-ok.test share an MX host; each domain gets its own connection."""
+    d = deliverer(testnet, Policy())
+    token = secrets.token_hex(8)
+
+    async def go() -> None:
+        try:
+            await d.deliver("alice@client.test", ["a@dane-ok.test"], message(token))
+            await d.deliver("alice@client.test", ["b@mxsecure.unsigned.test"], message(token + "x"))
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    msgs = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+    assert len(msgs) == 2 and msgs[0]["peer"] != msgs[1]["peer"]
+
+
+def test_policy_map_file_drives_delivery(testnet: TestNet, tmp_path: Path) -> None:
+    pm = tmp_path / "tls_policy"
+    pm.write_text("# Postfix smtp_tls_policy_maps syntax\n"
+                  "nostarttls.test   may\n"
+                  ".unsigned.test    dane-only\n"
+                  "unsigned.test     encrypt\n")
+    d = deliverer(testnet, Policy(), policy_map=TlsPolicyMap(pm))
+    res = {r.recipient: r for r in run(d, ["a@nostarttls.test", "b@mxsecure.unsigned.test",
+                                           "c@unsigned.test"], message(secrets.token_hex(8)))}
+    assert res["a@nostarttls.test"].status == DELIVERED and res["a@nostarttls.test"].security == "cleartext"
+    assert res["b@mxsecure.unsigned.test"].security == "dane-verified"       # .unsigned.test: dane-only
+    assert res["c@unsigned.test"].security == "tls-unauthenticated"          # exact key: encrypt
+
+
+def postgate(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "postgate.cli", *args], input=stdin, capture_output=True,
+                          timeout=120)
+
+
+def test_cli_deliver_json_and_exit_codes(testnet: TestNet) -> None:
+    common = ["--resolver", testnet.resolver, "--trust-anchor", str(testnet.anchor_file), "--json"]
+    token = secrets.token_hex(8)
+    res = postgate("deliver", "--from", "a@client.test", "--to", "b@dane-ok.test", *common, stdin=message(token))
+    assert res.returncode == 0, res.stderr
+    [r] = json.loads(res.stdout)
+    assert r["status"] == "delivered" and r["security"] == "dane-verified" and r["mx"] == "mx.dane-ok.test"
+    assert r["address"] == "127.0.1.1" and r["tlsa_matched"].startswith("3 1 1 ")
+    assert b"status=sent" in res.stderr and b"tls=dane-verified" in res.stderr
+    res = postgate("deliver", "--from", "a@client.test", "--to", "b@mismatch.test", "--to",
+                   "c@nostarttls.test", "--to", "d@nullmx.test", *common, stdin=message(token))
+    assert res.returncode == 75
+    out = {r["recipient"]: r for r in json.loads(res.stdout)}
+    assert out["c@nostarttls.test"]["status"] == "deferred" and out["c@nostarttls.test"]["suspected_attack"]
+    assert out["d@nullmx.test"]["status"] == "bounced"
+    assert b"suspected_attack=yes" in res.stderr and b"status=deferred" in res.stderr
+    res = postgate("deliver", "--from", "a@client.test", "--to", "d@nullmx.test", *common, stdin=message(token))
+    assert res.returncode == 69
+    res = postgate("deliver", "--from", "a@client.test", "--to", "c@nostarttls.test", "--level", "may",
+                   *common, stdin=message(token))
+    assert res.returncode == 0 and json.loads(res.stdout)[0]["security"] == "cleartext"
+
+
+def test_cli_tls_check(testnet: TestNet) -> None:
+    common = ["--resolver", testnet.resolver, "--trust-anchor", str(testnet.anchor_file), "--json"]
+    res = postgate("tls-check", "mismatch.test", *common)
+    assert res.returncode == 75
+    reports = json.loads(res.stdout)
+    assert [(r["mx"], r["status"], r["suspected_attack"]) for r in reports] == [
+        ("mx1.mismatch.test", "failed", True), ("mx2.mismatch.test", "ok", False)]
+    assert reports[1]["security"] == "dane-verified" and len(reports[1]["chain"]) == 2
+    before = len(testnet.received("mx2.mismatch.test"))
+    res = postgate("tls-check", "dane-ok.test", *common)
+    assert res.returncode == 0
+    assert len(testnet.received("mx2.mismatch.test")) == before  # no mail sent
