@@ -13,8 +13,9 @@ For DANE-EE, only the key or certificate matters: names and validity dates are i
 its validity dates, and the leaf must carry one of the reference identifiers (RFC 7672 §3.2.2, wildcards
 per RFC 6125 §6.4.3). A TLSA RRset none of whose records is usable means TLS is mandatory but
 unauthenticated (RFC 7672 §2.2, §3.1). Digest agility (RFC 7671 §9): for each usage and selector only the
-records of the most preferred matching type present are used (SHA-512 over SHA-256 over Full), as
-OpenSSL's DANE implementation does.
+records of the most preferred digest present are used (SHA-512 over SHA-256); Full(0) records are not
+digests and always count, as in OpenSSL's DANE implementation. A DANE-TA record never matches the
+server's own (leaf) certificate: the trust anchor is an issuer (RFC 7671 §5.2.2).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
 CERT, SPKI = 0, 1
 FULL, SHA256, SHA512 = 0, 1, 2
-MTYPE_PREFERENCE = {SHA512: 2, SHA256: 1, FULL: 0}  # RFC 7671 §9, OpenSSL's default ordering
+MTYPE_PREFERENCE = {SHA512: 2, SHA256: 1, FULL: 0}  # RFC 7671 §9: digests ranked; Full is no digest
 MAX_CHAIN = 16  # certificates considered from a presented chain
 
 
@@ -93,12 +94,14 @@ def tlsa_for(cert: x509.Certificate, usage: int, selector: int, mtype: int) -> T
 
 
 def agile(records: Sequence[Tlsa]) -> list[Tlsa]:
-    """RFC 7671 §9: per (usage, selector), keep the records of the most preferred matching type."""
+    """RFC 7671 §9: per (usage, selector), keep the records of the most preferred digest type present;
+    Full(0) records are kept whatever digests exist beside them."""
     best: dict[tuple[int, int], int] = {}
     for r in records:
-        k = (r.usage, r.selector)
-        best[k] = max(best.get(k, -1), MTYPE_PREFERENCE[r.mtype])
-    return [r for r in records if MTYPE_PREFERENCE[r.mtype] == best[(r.usage, r.selector)]]
+        if r.mtype != FULL:
+            k = (r.usage, r.selector)
+            best[k] = max(best.get(k, -1), MTYPE_PREFERENCE[r.mtype])
+    return [r for r in records if r.mtype == FULL or MTYPE_PREFERENCE[r.mtype] == best[(r.usage, r.selector)]]
 
 
 def _matches(r: Tlsa, cert: x509.Certificate) -> bool:
@@ -202,7 +205,7 @@ def verify(records: Sequence[Tlsa], chain: Sequence[x509.Certificate], reference
         # DANE-TA: find the anchor in the chain (not the leaf, RFC 7671 §5.2.2) or in the record itself
         anchors: list[x509.Certificate | PublicKeyTypes] = [c for c in pool[1:] if _matches(r, c)]
         inline = _ta_from_record(r)
-        if inline is not None:
+        if inline is not None and inline != leaf:
             anchors.append(inline)
         for ta in anchors:
             why = _chain_to(leaf, pool[1:], ta, now)
@@ -232,8 +235,6 @@ def _chain_to(leaf: x509.Certificate, intermediates: list[x509.Certificate],
             if current.issuer == ta.subject and _verify_sig(current, ta.public_key()):
                 if not _valid_at(ta, now):
                     return "trust anchor certificate outside its validity period"
-                return ""
-            if current == ta:
                 return ""
         elif _verify_sig(current, ta):
             return ""

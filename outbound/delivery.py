@@ -205,6 +205,7 @@ class Deliverer:
                          via_relay: bool) -> list[RecipientResult]:
         failures: list[str] = []
         attack = False
+        dsn = "4.4.1"
         pending = list(rcpts)
         done: list[RecipientResult] = []
         for host in nh.hosts:
@@ -232,6 +233,7 @@ class Deliverer:
                 except SessionError as e:
                     attack |= e.suspected_attack
                     failures.append(e.reason)
+                    dsn = e.dsn
                     if e.code >= 500 and not e.temporary:
                         return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
                                                        mx=_h(host), address=address) for r in pending]
@@ -239,7 +241,7 @@ class Deliverer:
                 # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
                 return done + results
         reason = "; ".join(failures) or "no MX host could be tried"
-        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else "4.4.1", reason,
+        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else dsn, reason,
                                        suspected_attack=attack) for r in pending]
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,

@@ -195,7 +195,11 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
             if tls.security == CLEARTEXT:
                 raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
             try:
-                await smtp.login(auth[0], auth[1])
+                # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
+                if "plain" in smtp.server_auth_methods:
+                    await smtp.auth_plain(auth[0], auth[1])
+                else:
+                    await smtp.login(auth[0], auth[1])
             except aiosmtplib.SMTPAuthenticationError as e:
                 raise SessionError(f"SMTP AUTH to {mx} failed: {e.code} {e.message}", code=e.code,
                                    dsn="4.7.8") from e

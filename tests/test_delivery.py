@@ -265,3 +265,30 @@ def test_cli_tls_check(testnet: TestNet) -> None:
     res = postgate("tls-check", "dane-ok.test", *common)
     assert res.returncode == 0
     assert len(testnet.received("mx2.mismatch.test")) == before  # no mail sent
+
+
+def test_smart_host_with_auth_over_dane(testnet: TestNet) -> None:
+    from policy.maps import parse_relay
+    token = secrets.token_hex(8)
+    relay = parse_relay("[smtp.relay.test]:587")
+    d = deliverer(testnet, Policy(), relay=relay, relay_auth=("postgate", "secret"))
+    [res] = run(d, ["someone@anywhere.example"], message(token))
+    assert (res.status, res.security, res.mx) == (DELIVERED, "dane-verified", "smtp.relay.test"), res.reason
+    assert stored(testnet, token) == ["smtp.relay.test"]
+    # wrong password: deferred, not bounced
+    d = deliverer(testnet, Policy(), relay=relay, relay_auth=("postgate", "wrong"))
+    [res] = run(d, ["someone@anywhere.example"], message(token))
+    assert res.status == DEFERRED and res.dsn == "4.7.8"
+    # a relay level can demand more than the default; here a fingerprint that does not match
+    d = deliverer(testnet, Policy(), relay=relay, relay_auth=("postgate", "secret"),
+                  relay_policy=Policy(Level.FINGERPRINT, ("00" * 32,)))
+    [res] = run(d, ["someone@anywhere.example"], message(token))
+    assert res.status == DEFERRED
+
+
+def test_auth_is_never_sent_in_cleartext(testnet: TestNet) -> None:
+    from policy.maps import parse_relay
+    d = deliverer(testnet, Policy(), relay=parse_relay("[plain.relay.test]:25"), relay_auth=("postgate", "secret"),
+                  relay_policy=Policy(Level.MAY))
+    [res] = run(d, ["someone@anywhere.example"], message(secrets.token_hex(8)))
+    assert res.status == DEFERRED and "without TLS" in res.reason

@@ -15,6 +15,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -327,3 +328,38 @@ def test_concurrent_identical_questions_share_one_query(up: FakeUpstream) -> Non
     assert set(asyncio.run(many())) == {Security.SECURE}
     assert up.queries.count(("a.hand.test.", "A")) == 1
     assert up.queries.count(("hand.test.", "DNSKEY")) == 1
+
+
+def test_malformed_tlsa_rdata_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
+    """A TLSA answer that cannot be parsed is a failed lookup (RFC 7672 §2.1.1), never 'no TLSA'."""
+    from outbound.nexthop import Failure, resolve_nexthop
+
+    s, chain = nsec_zone()
+    up.signers.append(s)
+    up.add("hand.test.", "MX", Reply(answer=s.signed(s.rr("@", "MX", "10 a.hand.test."))))
+    up.add("a.hand.test.", "A", Reply(answer=s.signed(s.rr("a", "A", "192.0.2.1"))))
+    up.add("a.hand.test.", "AAAA", Reply(authority=s.soa() + chain["a"]))
+    good = s.rr("_25._tcp.a", "TLSA", "3 1 1 " + "ab" * 32)
+
+    def handler(q: dns.message.Message) -> bytes | dns.message.Message | None:
+        qq = q.question[0]
+        if qq.rdtype != dns.rdatatype.TLSA:
+            up.handler = None
+            try:
+                return up.respond(q)
+            finally:
+                up.handler = handler
+        r = dns.message.make_response(q)
+        r.answer = s.signed(good)
+        wire = bytearray(r.to_wire())
+        # cut the TLSA rdata to 2 octets: usage and selector, no matching type, no data
+        i = wire.find(bytes([0x03, 0x01, 0x01, 0xAB]))
+        rdlen_at = i - 2
+        wire[rdlen_at:rdlen_at + 2] = (2).to_bytes(2, "big")
+        del wire[i + 2:i + 3 + 32]
+        return bytes(wire)
+
+    up.handler = handler
+    nh = asyncio.run(resolve_nexthop(resolver(s, timeout=1), "hand.test"))
+    assert nh.failure is Failure.TEMPORARY
+    assert nh.hosts[0].unusable and "TLSA" in nh.hosts[0].unusable

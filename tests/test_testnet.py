@@ -79,10 +79,10 @@ def test_tlsa_matrix_is_complete_and_secure(testnet: TestNet) -> None:
     assert len(seen) == 24
 
 
-def _presented_chain(address: str) -> list[x509.Certificate]:
+def _presented_chain(address: str, port: int = 25) -> list[x509.Certificate]:
     """The chain a receiver sends after STARTTLS, as OpenSSL's s_client sees it."""
     out = subprocess.run(
-        ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{address}:25", "-showcerts",
+        ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{address}:{port}", "-showcerts",
          "-servername", "ignored.invalid"],
         input=b"", capture_output=True, timeout=20).stdout
     pems = []
@@ -100,7 +100,7 @@ def test_each_receiver_presents_its_chain(testnet: TestNet) -> None:
     for r in testnet.scenarios.receivers:
         if r.behaviour in RAW_BEHAVIOURS:
             continue  # misbehaving on purpose; see test_misbehaving_receivers
-        chain = _presented_chain(r.address)
+        chain = _presented_chain(r.address, r.port)
         if r.profile == "no-starttls":
             assert chain == [], r.host
             continue
