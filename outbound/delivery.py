@@ -28,9 +28,10 @@ import aiosmtplib
 
 from outbound.dane import Tlsa
 from outbound.dnssec import Security
-from outbound.nexthop import Failure, MXHost, NextHop, resolve_nexthop
+from outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from outbound.resolver import Resolver
 from outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
+from policy.caps import Caps
 from policy.maps import Relay, TlsPolicyMap, TransportMap
 from policy.tls import Level, Policy, Requirement, TLSMode, requirement
 
@@ -214,8 +215,19 @@ class Deliverer:
                 attack |= bogus
                 failures.append(f"{_h(host)}: {host.unusable}" + (" — suspected attack" if bogus else ""))
                 continue
-            if policy.level is Level.CAPS_REQUIRED:
-                failures.append(f"{_h(host)}: caps-required: no secure MTA-capability record")
+            caps = host.enforced_caps
+            caps_name = caps_owner(host.name).to_text(omit_final_dot=True)
+            if host.caps is not None and caps is None:
+                log.info("%s: %s has an insecure MTA-capability record (%s): not enforced", qid, _h(host),
+                         host.caps.text())
+            if policy.level is Level.CAPS_REQUIRED and caps is None:
+                # no connection at all to a host that publishes no secure promise
+                failures.append(f"{_h(host)}: caps-required: no secure MTA-capability record at {caps_name}")
+                continue
+            if caps is not None and caps.dane and not host.dane:
+                attack = True
+                failures.append(f"{_h(host)}: MTA-capability dane promised by {caps_name} but no secure "
+                                "usable TLSA record — suspected attack")
                 continue
             req = requirement(policy, mx_host=_h(host), nexthop=nexthop,
                               tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa),
@@ -229,7 +241,7 @@ class Deliverer:
             for address in host.addresses:
                 try:
                     results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
-                                                   pending, data, mail_options, via_relay)
+                                                   pending, data, mail_options, via_relay, caps, caps_name)
                 except SessionError as e:
                     attack |= e.suspected_attack
                     failures.append(e.reason)
@@ -246,14 +258,16 @@ class Deliverer:
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
-                        mail_options: Sequence[str], via_relay: bool) -> list[RecipientResult]:
-        key = (nexthop, _h(host), address, port, _req_key(req))
+                        mail_options: Sequence[str], via_relay: bool, caps: Caps | None = None,
+                        caps_name: str = "") -> list[RecipientResult]:
+        key = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
         session = self.cache.take(key)
         if session is None:
             try:
                 session = await open_session(address, port, _h(host), req, helo=self.config.helo, sni=sni,
                                              timeouts=self.config.timeouts, ca_file=self.config.ca_file,
-                                             auth=self.config.relay_auth if via_relay else None)
+                                             auth=self.config.relay_auth if via_relay else None,
+                                             caps=caps, caps_name=caps_name)
             except SessionError as e:
                 if not e.cleartext_retry:
                     raise

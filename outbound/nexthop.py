@@ -30,6 +30,7 @@ from dns.rdtypes.ANY.TLSA import TLSA
 
 from outbound.dnssec import Security, rtype_text, weakest
 from outbound.resolver import Answer, Resolver, shuffle_equal
+from policy import caps as capsmod
 
 Name = dns.name.Name
 
@@ -56,6 +57,14 @@ class MXHost:
     tlsa_reason: str = ""
     unusable: str = ""                        # why delivery must not use this host
     implicit: bool = False                    # the domain itself, for lack of MX records
+    caps: capsmod.Caps | None = None          # the MTA-capability record (docs/mta-caps.md)
+    caps_security: Security | None = None     # None: no record
+    caps_problem: str = ""                    # why a record present was ignored
+
+    @property
+    def enforced_caps(self) -> capsmod.Caps | None:
+        """Only a DNSSEC-secure record may cause a deferral (docs/mta-caps.md §6)."""
+        return self.caps if self.caps_security is Security.SECURE else None
 
     @property
     def dane(self) -> bool:
@@ -86,6 +95,9 @@ class MXHost:
             "tlsa_security": str(self.tlsa_security) if self.tlsa_security else None,
             "tlsa_reason": self.tlsa_reason,
             "dane": self.dane,
+            "caps": self.caps.text() if self.caps else None,
+            "caps_security": str(self.caps_security) if self.caps_security else None,
+            "caps_problem": self.caps_problem or None,
             "unusable": self.unusable or None,
         }
 
@@ -113,6 +125,24 @@ class NextHop:
             "reason": self.reason or None,
             "hosts": [h.to_json() for h in self.hosts],
         }
+
+
+def caps_owner(host: Name) -> Name:
+    """docs/mta-caps.md §2: ``_mta-caps.<MX host name>``."""
+    return dns.name.Name((b"_mta-caps", *host.labels))
+
+
+async def lookup_caps(resolver: Resolver, host: Name) -> tuple[capsmod.Caps | None, Security | None, str, str]:
+    """(record, its security, problem, unusable-reason) for one MX host."""
+    ans = await resolver.resolve(caps_owner(host), dns.rdatatype.TXT)
+    if not ans.ok:
+        # a failed or bogus look-up may hide a promise: the host is not used (docs/mta-caps.md §5)
+        return None, ans.security, ans.reason, f"MTA-capability lookup for {caps_owner(host)} is {ans.security}"
+    txts = [b"".join(rd.strings).decode("ascii", "replace") for rd in ans.records()]
+    sel = capsmod.select(txts)
+    if sel.caps is None:
+        return None, (ans.security if sel.problem else None), sel.problem, ""
+    return sel.caps, ans.security, "", ""
 
 
 def tlsa_owner(base: Name, port: int = 25) -> Name:
@@ -163,6 +193,16 @@ async def resolve_nexthop(resolver: Resolver, domain: str | Name, port: int = 25
 
 async def resolve_host(resolver: Resolver, name: Name, preference: int, port: int = 25,
                        implicit: bool = False) -> MXHost:
+    host, (caps, caps_sec, problem, unusable) = await asyncio.gather(
+        _resolve_host(resolver, name, preference, port, implicit), lookup_caps(resolver, name))
+    host = _replace(host, caps=caps, caps_security=caps_sec, caps_problem=problem)
+    if unusable and not host.unusable:
+        host = _replace(host, unusable=unusable)
+    return host
+
+
+async def _resolve_host(resolver: Resolver, name: Name, preference: int, port: int = 25,
+                        implicit: bool = False) -> MXHost:
     a, aaaa = await asyncio.gather(resolver.resolve(name, dns.rdatatype.A),
                                    resolver.resolve(name, dns.rdatatype.AAAA))
     answers = [x for x in (a, aaaa)]

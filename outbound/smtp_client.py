@@ -21,6 +21,7 @@ import aiosmtplib
 from cryptography import x509
 
 from outbound import dane
+from policy import caps as capsmod
 from policy.tls import Auth, Requirement, TLSMode
 
 CLEARTEXT, UNAUTHENTICATED, VERIFIED, DANE_VERIFIED = (
@@ -148,8 +149,12 @@ class Session:
 
 async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
                        sni: str | None, timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
-                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None) -> Session:
-    """Connect and establish what ``req`` demands, or raise SessionError."""
+                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None,
+                       caps: capsmod.Caps | None = None, caps_name: str = "") -> Session:
+    """Connect and establish what ``req`` demands, or raise SessionError.
+
+    ``caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
+    one raises SessionError as a suspected attack (docs/mta-caps.md §5)."""
     smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=timeouts.command,
                            use_tls=False, start_tls=False, validate_certs=False)
     try:
@@ -165,6 +170,12 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
     try:
         await smtp.ehlo()
         dane_required = req.auth is Auth.DANE
+        if caps is not None and req.tls is not TLSMode.NONE:
+            missing = capsmod.broken_before_tls(caps, smtp.supports_extension("starttls"))
+            if missing:
+                raise _caps_error(missing, mx, address, caps_name)
+            if caps.needs_tls and req.tls is TLSMode.OPTIONAL:
+                req = Requirement(req.level, TLSMode.REQUIRED, req.auth, req.tlsa, req.names, req.fingerprints)
         if req.tls is not TLSMode.NONE:
             if not smtp.supports_extension("starttls"):
                 if req.tls is TLSMode.REQUIRED:
@@ -191,6 +202,15 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                 tls.chain = peer_chain(smtp)
                 _authenticate(tls, req, mx, address, now)
                 await smtp.ehlo()  # RFC 3207 §4.2: forget pre-TLS capabilities, ask again
+                if caps is not None:
+                    ext = smtp.esmtp_extensions
+                    size = ext.get("size", "")
+                    seen = capsmod.Observed(True, tls.version, tls.security == DANE_VERIFIED,
+                                            frozenset(k.upper() for k in ext),
+                                            int(size) if size.isdigit() else None)
+                    missing = capsmod.broken(caps, seen)
+                    if missing:
+                        raise _caps_error(missing, mx, address, caps_name)
         if auth is not None:
             if tls.security == CLEARTEXT:
                 raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
@@ -214,6 +234,12 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
         smtp.close()
         raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
     return Session(smtp, address, port, mx, tls, timeouts)
+
+
+def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> SessionError:
+    names = ", ".join(missing)
+    return SessionError(f"MTA-capability {names} promised by {owner or 'a secure record'} but not shown by "
+                        f"{mx}[{address}] — suspected attack", suspected_attack=True, dsn="4.7.5")
 
 
 def _authenticate(tls: TLSState, req: Requirement, mx: str, address: str, now: dt.datetime | None) -> None:

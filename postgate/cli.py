@@ -21,6 +21,7 @@ from outbound.nexthop import Failure, NextHop, resolve_nexthop
 from outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
 from outbound.smtp_client import Timeouts
 from outbound.tlscheck import tls_check
+from policy import caps as caps_policy
 from policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
 from policy.tls import Level, Policy
 from postgate import config as configmod
@@ -140,6 +141,27 @@ def cmd_tls_check(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def own_caps(cfg: configmod.Config) -> caps_policy.Caps:
+    """The capabilities Postgate's inbound smtpd really offers with this configuration (inbound/)."""
+    s = cfg.server
+    return caps_policy.record_for(starttls=bool(s.tls_cert_file), dane=s.publish_dane, tls_min=s.tls_min_version,
+                                  requiretls=s.requiretls, smtputf8=s.smtputf8, eightbitmime=True,
+                                  pipelining=True, chunking=False, size=s.max_message_size)
+
+
+def cmd_caps_record(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    host = (args.hostname or cfg.server.hostname or socket.getfqdn()).rstrip(".")
+    c = own_caps(cfg)
+    owner = f"_mta-caps.{host}."
+    if args.json:
+        json.dump({"owner": owner, "type": "TXT", "value": c.text()}, sys.stdout, indent=2)
+        print()
+    else:
+        print(f'{owner} IN TXT "{c.text()}"')
+    return EX_OK
+
+
 def _print_nexthop(nh: NextHop) -> None:
     d = nh.domain.to_text(omit_final_dot=True)
     line = f"{d}: MX {nh.mx_security}"
@@ -212,6 +234,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=LEVELS, help="TLS security level to check against")
     add_resolver_options(p)
     p.set_defaults(func=cmd_tls_check)
+    p = sub.add_parser("caps-record", help="print the MTA-capability record this configuration honours",
+                       description="Print the _mta-caps TXT record (docs/mta-caps.md) for this server, "
+                       "promising exactly what its configuration offers, ready for a zone file.")
+    p.add_argument("--config", type=Path, help="configuration file (TOML)")
+    p.add_argument("--hostname", help="host name (default: [server] hostname)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_caps_record)
     return ap
 
 

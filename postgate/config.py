@@ -51,6 +51,13 @@ class DeliverySettings:
 @dataclass
 class ServerSettings:
     hostname: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_min_version: str = "1.2"
+    max_message_size: int = 52428800
+    requiretls: bool = True
+    smtputf8: bool = True
+    publish_dane: bool = False
 
 
 @dataclass
@@ -160,6 +167,32 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     if r.trust_anchor_file and cfg.path is not None:
         r.trust_anchor_file = _relative(cfg.path, r.trust_anchor_file)
     _validate_delivery(cfg, source, text)
+    _validate_server(cfg, source, text)
+
+
+def _validate_server(cfg: Config, source: str, text: str) -> None:
+    s = cfg.server
+
+    def err(key: str, msg: str) -> ConfigError:
+        line = _line_of(text, "server", key) if text else 0
+        return ConfigError(f"{source}:{line}: [server] {key}: {msg}")
+
+    if s.tls_min_version not in ("1.2", "1.3"):
+        raise err("tls_min_version", f"{s.tls_min_version!r} must be 1.2 or 1.3")
+    if s.max_message_size < 1024:
+        raise err("max_message_size", "must be at least 1024 octets")
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        raise err("tls_cert_file" if not s.tls_cert_file else "tls_key_file",
+                  "tls_cert_file and tls_key_file go together")
+    if s.publish_dane and not s.tls_cert_file:
+        raise err("publish_dane", "needs tls_cert_file: DANE authenticates a certificate")
+    if s.hostname and not all(lbl and len(lbl) < 64 for lbl in s.hostname.rstrip(".").split(".")):
+        raise err("hostname", f"{s.hostname!r} is not a host name")
+    if cfg.path is not None:
+        for key in ("tls_cert_file", "tls_key_file"):
+            v = getattr(s, key)
+            if v:
+                setattr(s, key, _relative(cfg.path, v))
 
 
 def _relative(cfg_path: Path, value: str) -> str:
