@@ -26,6 +26,7 @@ from typing import Any
 
 import aiosmtplib
 
+from outbound.crash import crashpoint
 from outbound.dane import Tlsa
 from outbound.dnssec import Security
 from outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
@@ -33,7 +34,7 @@ from outbound.resolver import Resolver
 from outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
 from policy.caps import Caps
 from policy.maps import Relay, TlsPolicyMap, TransportMap
-from policy.tls import Level, Policy, Requirement, TLSMode, requirement
+from policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
 
 log = logging.getLogger("postgate.delivery")
 
@@ -161,14 +162,19 @@ class Deliverer:
     # --- delivery ------------------------------------------------------------------------------------
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *,
                       queue_id: str | None = None, level: Level | None = None,
-                      mail_options: Sequence[str] = ()) -> list[RecipientResult]:
+                      mail_options: Sequence[str] = (), requiretls: bool = False) -> list[RecipientResult]:
+        """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
+        PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
         qid = queue_id or new_queue_id()
         start = time.monotonic()
         groups: dict[str, list[str]] = {}
         for r in recipients:
             groups.setdefault(_domain(r), []).append(r)
+        if requiretls:
+            mail_options = [*mail_options, "REQUIRETLS"]
         results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, level,
-                                                              mail_options) for d, rcpts in groups.items()))
+                                                              mail_options, requiretls)
+                                         for d, rcpts in groups.items()))
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
         for res in out:
@@ -179,7 +185,8 @@ class Deliverer:
         return out
 
     async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
-                              level: Level | None, mail_options: Sequence[str]) -> list[RecipientResult]:
+                              level: Level | None, mail_options: Sequence[str],
+                              requiretls: bool = False) -> list[RecipientResult]:
         if not domain:
             return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
         relay = self.relay_for(domain)
@@ -199,11 +206,11 @@ class Deliverer:
             why = nh.reason + (" — suspected attack" if attack else "")
             return [RecipientResult(r, DEFERRED, nh.status, why, suspected_attack=attack) for r in rcpts]
         return await self._try_hosts(qid, sender, nexthop_name, nh, port, policy, rcpts, data, mail_options,
-                                     relay is not None)
+                                     relay is not None, requiretls)
 
     async def _try_hosts(self, qid: str, sender: str, nexthop: str, nh: NextHop, port: int, policy: Policy,
                          rcpts: list[str], data: bytes, mail_options: Sequence[str],
-                         via_relay: bool) -> list[RecipientResult]:
+                         via_relay: bool, requiretls: bool = False) -> list[RecipientResult]:
         failures: list[str] = []
         attack = False
         dsn = "4.4.1"
@@ -237,6 +244,9 @@ class Deliverer:
             if req.refuse:
                 failures.append(f"{_h(host)}: {req.refuse}")
                 continue
+            if requiretls and req.auth not in (Auth.DANE, Auth.PKIX):
+                # RFC 8689 §4.2.1: a verified certificate: DANE, else PKIX for the MX host name
+                req = Requirement(req.level, TLSMode.REQUIRED, Auth.PKIX, names=(_h(host),))
             sni = host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else _h(host)
             for address in host.addresses:
                 try:
@@ -275,6 +285,9 @@ class Deliverer:
                 plain = Requirement(req.level, TLSMode.NONE, req.auth)
                 session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
                                              timeouts=self.config.timeouts)
+        if "REQUIRETLS" in mail_options and not session.supports("requiretls"):
+            await session.close()  # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
+            raise SessionError(f"{_h(host)} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
         try:
             results = await _transaction(session, sender, rcpts, data, mail_options)
         except SessionError:
@@ -323,6 +336,7 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
         if not accepted:
             await smtp.rset(timeout=t.command)
             return results
+        crashpoint("delivery-before-data")
         try:
             resp = await smtp.data(data, timeout=t.data)
         except aiosmtplib.SMTPDataError as e:

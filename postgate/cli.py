@@ -25,6 +25,7 @@ from policy import caps as caps_policy
 from policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
 from policy.tls import Level, Policy
 from postgate import config as configmod
+from postgate import queuecli
 from postgate.config import LEVELS
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 69, 75, 78
@@ -241,6 +242,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="host name (default: [server] hostname)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_caps_record)
+    queuecli.add_parser(sub)
     return ap
 
 

@@ -49,6 +49,17 @@ class DeliverySettings:
 
 
 @dataclass
+class QueueSettings:
+    directory: str = "/var/spool/postgate"
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_lifetime: float = 432000.0
+    delay_warning: float = 14400.0
+    destination_concurrency: int = 20
+    destination_backoff: float = 300.0
+
+
+@dataclass
 class ServerSettings:
     hostname: str = ""
     tls_cert_file: str = ""
@@ -66,10 +77,11 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
-                             "delivery": DeliverySettings}
+                             "delivery": DeliverySettings, "queue": QueueSettings}
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
@@ -168,6 +180,26 @@ def _validate(cfg: Config, source: str, text: str) -> None:
         r.trust_anchor_file = _relative(cfg.path, r.trust_anchor_file)
     _validate_delivery(cfg, source, text)
     _validate_server(cfg, source, text)
+    _validate_queue(cfg, source, text)
+
+
+def _validate_queue(cfg: Config, source: str, text: str) -> None:
+    q = cfg.queue
+
+    def err(key: str, msg: str) -> ConfigError:
+        line = _line_of(text, "queue", key) if text else 0
+        return ConfigError(f"{source}:{line}: [queue] {key}: {msg}")
+
+    if not 0 < q.min_backoff <= q.max_backoff:
+        raise err("min_backoff", "must be positive and at most max_backoff")
+    if q.max_lifetime < q.min_backoff:
+        raise err("max_lifetime", "must be at least min_backoff")
+    if q.delay_warning < 0:
+        raise err("delay_warning", "must be 0 (off) or positive")
+    if not 1 <= q.destination_concurrency <= 1000:
+        raise err("destination_concurrency", "must be between 1 and 1000")
+    if cfg.path is not None:
+        q.directory = _relative(cfg.path, q.directory)
 
 
 def _validate_server(cfg: Config, source: str, text: str) -> None:

@@ -1,0 +1,102 @@
+"""Delivery status notifications (RFC 3464) for failed, expired and delayed messages.
+
+A DSN is a ``multipart/report; report-type=delivery-status`` message (RFC 6522) with three parts: a
+human-readable explanation, a ``message/delivery-status`` part with one block per recipient, and the
+original message (``message/rfc822``, RET=FULL) or only its headers (``text/rfc822-headers``, RET=HDRS or
+when the message is large). It is sent from the null reverse-path, so it can never cause another bounce,
+and none is ever sent to a null sender (RFC 5321 §6.1, RFC 3461 §6.2).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Sequence
+
+from outbound.queue.envelope import Envelope, Recipient
+
+FULL_LIMIT = 50_000  # octets of original message returned in full (Postfix's bounce_size_limit)
+
+
+def _headers(content: bytes) -> bytes:
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        end = content.find(b"\n\n")
+    return content if end < 0 else content[: end + 2]
+
+
+def _date(t: float) -> str:
+    return email.utils.formatdate(t, localtime=False)
+
+
+def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, action: str, reporting_mta: str,
+          now: float | None = None, retry_until: float | None = None) -> bytes | None:
+    """The DSN for ``recipients`` of ``env`` (``action`` "failed" or "delayed"), or None when none is due:
+    null sender, or no recipient asked for it (RFC 3461 §4.1 NOTIFY)."""
+    if not env.sender or env.is_bounce:
+        return None
+    kind = "FAILURE" if action == "failed" else "DELAY"
+    wanted = [r for r in recipients if r.wants(kind)]
+    if not wanted:
+        return None
+    t = time.time() if now is None else now
+    boundary = f"{env.id}.{int(t)}/{reporting_mta}"
+    if action == "failed":
+        subject = "Undelivered Mail Returned to Sender"
+        intro = ("This is the mail system at host {h}.\r\n\r\nI'm sorry to have to inform you that your message "
+                 "could not be delivered to one or more recipients. It's attached below.\r\n")
+    else:
+        subject = "Delayed Mail (still being retried)"
+        intro = ("This is the mail system at host {h}.\r\n\r\n####### THIS IS A WARNING ONLY.  YOU DO NOT NEED "
+                 "TO RESEND YOUR MESSAGE. #######\r\n\r\nYour message could not be delivered yet; it will be "
+                 "retried until " + (_date(retry_until) if retry_until else "it expires") + ".\r\n")
+    human = intro.format(h=reporting_mta) + "".join(f"\r\n<{r.address}>: {r.reason or r.dsn}\r\n" for r in wanted)
+    # RFC 3464 §2.2: per-message fields
+    status = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Postgate-Queue-ID: {env.id}"]
+    if env.envid:
+        status.append(f"Original-Envelope-Id: {env.envid}")
+    status.append(f"Arrival-Date: {_date(env.arrival)}")
+    blocks = ["\r\n".join(status)]
+    for r in wanted:  # RFC 3464 §2.3: per-recipient fields
+        f = []
+        if r.orcpt:
+            f.append(f"Original-Recipient: {r.orcpt}")
+        f.append(f"Final-Recipient: rfc822; {r.address}")
+        f.append(f"Action: {action}")
+        f.append(f"Status: {r.dsn or ('5.0.0' if action == 'failed' else '4.0.0')}")
+        if r.remote:
+            f.append(f"Remote-MTA: dns; {r.remote}")
+        if r.reason:
+            diag = r.reason.replace("\r", " ").replace("\n", " ")
+            kind_ = "smtp" if diag[:3].isdigit() else "X-Postgate"
+            f.append(f"Diagnostic-Code: {kind_}; {diag}")
+        if r.time:
+            f.append(f"Last-Attempt-Date: {_date(r.time)}")
+        if action == "delayed" and retry_until:
+            f.append(f"Will-Retry-Until: {_date(retry_until)}")
+        blocks.append("\r\n".join(f))
+    delivery_status = "\r\n\r\n".join(blocks) + "\r\n"
+    full = env.ret != "HDRS" and len(content) <= FULL_LIMIT
+    original_type = "message/rfc822" if full else "text/rfc822-headers"
+    original = content if full else _headers(content)
+    if not original.endswith(b"\n"):
+        original += b"\r\n"
+    head = (f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)\r\n"
+            f"To: <{env.sender}>\r\n"
+            f"Subject: {subject}\r\n"
+            f"Date: {_date(t)}\r\n"
+            f"Message-ID: <{env.id}.{int(t)}.dsn@{reporting_mta}>\r\n"
+            "Auto-Submitted: auto-replied\r\n"
+            "MIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+            "\r\nThis is a MIME-encapsulated message.\r\n\r\n")
+    parts = [
+        f"--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        + human,
+        f"--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
+        + delivery_status,
+    ]
+    body = head.encode() + "\r\n".join(parts).encode() + (
+        f"\r\n--{boundary}\r\nContent-Description: Undelivered Message\r\nContent-Type: {original_type}\r\n\r\n"
+    ).encode() + original + f"\r\n--{boundary}--\r\n".encode()
+    return body

@@ -1,0 +1,110 @@
+"""A queued message's envelope: sender, recipients with their individual state, DSN parameters
+(RFC 3461: NOTIFY, ORCPT, RET, ENVID), REQUIRETLS (RFC 8689), arrival time and attempt history.
+
+It is stored as JSON beside the immutable message content; every change is written to a new file and
+renamed into place, so a reader sees the old or the new version, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = 1
+PENDING, DELIVERED, BOUNCED, DEFERRED = "pending", "delivered", "bounced", "deferred"
+
+
+class EnvelopeError(ValueError):
+    """The stored envelope cannot be trusted: unparseable, incomplete or inconsistent."""
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits."""
+    t = time.time() if now is None else now
+    return f"{int(t * 1_000_000):014X}{secrets.token_hex(3).upper()}"
+
+
+def valid_queue_id(qid: str) -> bool:
+    return len(qid) == 20 and all(c in "0123456789ABCDEF" for c in qid)
+
+
+@dataclass
+class Recipient:
+    address: str
+    orcpt: str | None = None              # RFC 3461 §4.2 ORCPT, "type;address"
+    notify: list[str] | None = None       # RFC 3461 §4.1: NEVER, or SUCCESS/FAILURE/DELAY
+    status: str = PENDING
+    dsn: str = ""
+    reason: str = ""
+    remote: str = ""                      # the MX that gave the reply
+    time: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.status in (DELIVERED, BOUNCED)
+
+    def wants(self, kind: str) -> bool:
+        """RFC 3461 §4.1: NOTIFY absent means FAILURE (and DELAY at the MTA's discretion)."""
+        if self.notify is None:
+            return kind in ("FAILURE", "DELAY")
+        return kind in self.notify
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    size: int
+    sha256: str
+    envid: str | None = None
+    ret: str | None = None                # FULL or HDRS
+    requiretls: bool = False
+    smtputf8: bool = False
+    body: str = ""                        # 7BIT / 8BITMIME
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    next_attempt: float = 0.0
+    delay_warned: bool = False
+    is_bounce: bool = False
+
+    @classmethod
+    def new(cls, sender: str, recipients: list[Recipient], content: bytes, now: float | None = None,
+            **kw: Any) -> Envelope:
+        t = time.time() if now is None else now
+        return cls(new_queue_id(t), sender, recipients, t, len(content), hashlib.sha256(content).hexdigest(),
+                   next_attempt=t, **kw)
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.final]
+
+    def to_bytes(self) -> bytes:
+        d = asdict(self)
+        d["format"] = FORMAT
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EnvelopeError(f"unparseable envelope: {e}") from e
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
+            raise EnvelopeError("not a Postgate envelope (format)")
+        try:
+            rcpts = [Recipient(**r) for r in d.pop("recipients")]
+            env = cls(recipients=rcpts, **d)
+        except (TypeError, KeyError) as e:
+            raise EnvelopeError(f"incomplete envelope: {e}") from e
+        if not valid_queue_id(env.id) or not rcpts or not isinstance(env.sender, str):
+            raise EnvelopeError("inconsistent envelope")
+        return env
+
+    def check_content(self, content: bytes) -> None:
+        if len(content) != self.size or hashlib.sha256(content).hexdigest() != self.sha256:
+            raise EnvelopeError(f"content of {self.id} does not match its envelope (truncated or altered)")

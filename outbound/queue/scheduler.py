@@ -1,0 +1,240 @@
+"""The retry scheduler: takes due messages from the spool, delivers them, records every recipient's
+result durably, and decides what happens next.
+
+- Backoff per message, Postfix-like: 5 minutes after the first failure, doubling, at most 4000 s
+  (``minimal_backoff_time`` / ``maximal_backoff_time``).
+- A message older than its maximal lifetime (5 days, ``maximal_queue_lifetime``) bounces its remaining
+  recipients, with the last reason from delivery.
+- An optional delay warning (RFC 3464 action ``delayed``) once a message has waited ``delay_warning``.
+- Per destination: at most ``destination_concurrency`` deliveries at once, and after a destination-wide
+  failure (no MX host reachable, suspected attack) the destination is left alone for
+  ``destination_backoff`` seconds, so a dead or hostile site is not hammered.
+- Messages to the same destination are delivered one after the other, so they share one connection
+  (the delivery agent's connection cache).
+
+The clock is injectable, so tests can move time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from outbound.crash import crashpoint
+from outbound.delivery import BOUNCED, DELIVERED, RecipientResult
+from outbound.queue import dsn
+from outbound.queue.envelope import (
+    BOUNCED as R_BOUNCED,
+)
+from outbound.queue.envelope import (
+    DEFERRED as R_DEFERRED,
+)
+from outbound.queue.envelope import (
+    DELIVERED as R_DELIVERED,
+)
+from outbound.queue.envelope import (
+    Envelope,
+    EnvelopeError,
+    Recipient,
+)
+from outbound.queue.spool import DirectorySpool, Lease
+
+log = logging.getLogger("postgate.queue")
+
+
+class DeliversMail(Protocol):
+    async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
+                      requiretls: bool = False) -> list[RecipientResult]: ...
+
+
+@dataclass
+class SchedulerConfig:
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0          # 0: no delay warnings
+    destination_concurrency: int = 20
+    destination_backoff: float = 300.0
+    batch: int = 200
+    lease_time: float = 3600.0
+    reporting_mta: str = "localhost"
+
+
+def _domain(addr: str) -> str:
+    return addr.rsplit("@", 1)[-1].lower()
+
+
+@dataclass
+class Scheduler:
+    spool: DirectorySpool
+    deliverer: DeliversMail
+    config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    clock: Callable[[], float] = time.time
+    owner: str = "local"
+
+    def __post_init__(self) -> None:
+        self._dead_until: dict[str, float] = {}
+        self._sems: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(self.config.destination_concurrency))
+        self.wake = asyncio.Event()
+
+    def backoff(self, attempts: int) -> float:
+        return float(min(self.config.max_backoff, self.config.min_backoff * 2 ** max(0, attempts - 1)))
+
+    # --- one pass ----------------------------------------------------------------------------------------
+    async def run_once(self) -> int:
+        """Apply operator requests, then deliver every due message once. Returns messages attempted."""
+        self.apply_requests()
+        now = self.clock()
+        leased = self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch)
+        by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
+        for lease, env in leased:
+            dest = _domain(env.pending[0].address) if env.pending else ""
+            by_dest[dest].append((lease, env))
+        await asyncio.gather(*(self._run_destination(items) for items in by_dest.values()))
+        return len(leased)
+
+    async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("queue run failed")
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(self._either(stop))), tick)
+            except TimeoutError:
+                pass
+
+    async def _either(self, stop: asyncio.Event) -> None:
+        w = asyncio.ensure_future(self.wake.wait())
+        s = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({w, s}, return_when=asyncio.FIRST_COMPLETED)
+        w.cancel()
+        s.cancel()
+
+    async def _run_destination(self, items: list[tuple[Lease, Envelope]]) -> None:
+        for lease, env in items:  # sequential: one connection serves the destination's batch
+            await self._attempt(lease, env)
+
+    async def _attempt(self, lease: Lease, env: Envelope) -> None:
+        now = self.clock()
+        try:
+            content = self.spool.content(env.id)
+            env.check_content(content)
+        except (OSError, EnvelopeError) as e:
+            self.spool.quarantine(env.id, "active", str(e))
+            return
+        pending = env.pending
+        ready = [r for r in pending if self._dead_until.get(_domain(r.address), 0) <= now]
+        results: list[RecipientResult] = []
+        if ready:
+            dest = _domain(ready[0].address)
+            async with self._sems[dest]:
+                results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
+                                                       queue_id=env.id, requiretls=env.requiretls)
+            crashpoint("queue-after-remote-reply")
+        now = self.clock()
+        by_addr = {r.recipient: r for r in results}
+        for rcpt in ready:
+            res = by_addr.get(rcpt.address)
+            if res is None:
+                continue
+            rcpt.status = {DELIVERED: R_DELIVERED, BOUNCED: R_BOUNCED}.get(res.status, R_DEFERRED)
+            rcpt.dsn, rcpt.reason, rcpt.remote, rcpt.time = res.dsn, res.reply or res.reason, res.mx or "", now
+        self._note_destinations(results, now)
+        for rcpt in pending:
+            if rcpt not in ready:
+                rcpt.reason = rcpt.reason or "destination is backing off after failures"
+        env.attempts.append({"time": now, "delivered": sum(r.status == DELIVERED for r in results),
+                             "deferred": sum(r.status not in (DELIVERED, BOUNCED) for r in results)})
+        self.spool.record(lease, env)  # per-recipient results are durable from here on
+        crashpoint("queue-after-record")
+        bounced_now = [r for r in ready if r.status == R_BOUNCED]
+        if bounced_now:
+            self._notify(env, content, bounced_now, "failed")
+        if not env.pending:
+            self.spool.finish(lease)
+            log.info("%s: removed", env.id)
+            return
+        if now - env.arrival >= self.config.max_lifetime:
+            expired = env.pending
+            for r in expired:
+                r.status = R_BOUNCED
+                r.dsn = "4.4.7" if r.dsn.startswith("4") or not r.dsn else r.dsn
+                r.reason = f"message expired after {self.config.max_lifetime / 86400:g} days in queue: " + (
+                    r.reason or "no attempt succeeded")
+                log.warning("%s: to=<%s>, dsn=%s, status=expired, returned to sender (%s)", env.id, r.address,
+                            r.dsn, r.reason)
+            self.spool.record(lease, env)
+            self._notify(env, content, expired, "failed")
+            self.spool.finish(lease)
+            return
+        if self.config.delay_warning and not env.delay_warned and now - env.arrival >= self.config.delay_warning:
+            env.delay_warned = True
+            self._notify(env, content, env.pending, "delayed")
+        env.next_attempt = now + self.backoff(len(env.attempts))
+        self.spool.release(lease, env)
+
+    def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
+        by: dict[str, list[RecipientResult]] = defaultdict(list)
+        for r in results:
+            by[_domain(r.recipient)].append(r)
+        for dest, rs in by.items():
+            # destination-wide failure: nobody answered for it (no reply from any server)
+            if rs and all(r.status not in (DELIVERED, BOUNCED) and not r.reply for r in rs):
+                self._dead_until[dest] = now + self.config.destination_backoff
+                log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
+                         rs[0].reason)
+            else:
+                self._dead_until.pop(dest, None)
+
+    def _notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str) -> None:
+        retry_until = env.arrival + self.config.max_lifetime
+        body = dsn.build(env, content, rcpts, action=action, reporting_mta=self.config.reporting_mta,
+                         now=self.clock(), retry_until=retry_until)
+        if body is None:
+            return
+        bounce = Envelope.new("", [Recipient(env.sender, notify=["NEVER"])], body, now=self.clock(),
+                              is_bounce=True)
+        self.spool.enqueue(bounce, body)
+        log.info("%s: sender %s notification: %s", env.id, "non-delivery" if action == "failed" else "delay",
+                 bounce.id)
+
+    # --- operator requests --------------------------------------------------------------------------------
+    def apply_requests(self) -> list[str]:
+        done = []
+        now = self.clock()
+        for action, arg in self.spool.take_requests():
+            ok = False
+            if action == "hold":
+                ok = self.spool.hold(arg)
+            elif action == "release":
+                ok = self.spool.release_hold(arg, now)
+            elif action == "delete":
+                ok = self.spool.delete(arg)
+            elif action == "flush":
+                ok = self.spool.reschedule(arg, now)
+            elif action in ("flush-all", "flush-domain", "requeue"):
+                for state, qid, env in list(self.spool.entries()):
+                    if env is None:
+                        continue
+                    if action == "flush-domain" and not any(_domain(r.address) == arg.lower() for r in env.pending):
+                        continue
+                    if action == "requeue" and state == "hold":
+                        self.spool.release_hold(qid, now)
+                    elif state in ("incoming", "deferred"):
+                        self.spool.reschedule(qid, now)
+                if action == "flush-domain":
+                    self._dead_until.pop(arg.lower(), None)
+                else:
+                    self._dead_until.clear()
+                ok = True
+            done.append(f"{action} {arg}: {'done' if ok else 'nothing to do'}")
+            log.info("queue request %s %s: %s", action, arg, "done" if ok else "nothing to do")
+        return done

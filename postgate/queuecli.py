@@ -1,0 +1,132 @@
+"""``postgate queue``: Postfix's mailq, postqueue and postsuper in one.
+
+Reading (list, show) is safe at any time. Changes are written as requests into the spool's
+``requests/`` directory and applied by the process that owns the spool — the running daemon, between
+delivery passes, so a message being delivered is never touched. When no daemon runs, the command takes
+the spool lock and applies its request itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from outbound.queue.envelope import valid_queue_id
+from outbound.queue.scheduler import Scheduler
+from outbound.queue.spool import DirectorySpool
+from postgate import config as configmod
+
+EX_OK, EX_USAGE, EX_NOINPUT = 0, 64, 66
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("queue", help="list and manage the queue (mailq/postqueue/postsuper)",
+                       description="List and manage queued messages. Changes are applied by the running "
+                       "daemon between deliveries, or directly when no daemon runs.")
+    p.add_argument("--config", type=Path, help="configuration file (TOML)")
+    p.add_argument("--spool", type=Path, help="spool directory (overrides [queue] directory)")
+    qs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = qs.add_parser("list", help="list queued messages")
+    ls.add_argument("--json", action="store_true")
+    sh = qs.add_parser("show", help="show one message's envelope and recipients")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true")
+    fl = qs.add_parser("flush", help="retry deferred messages now (all, one, or one destination)")
+    fl.add_argument("id", nargs="?")
+    fl.add_argument("--domain")
+    for name, text in (("hold", "put a message on hold"), ("release", "release a held message"),
+                       ("delete", "delete a message")):
+        x = qs.add_parser(name, help=text)
+        x.add_argument("id")
+    qs.add_parser("requeue", help="retry every message now, held ones included")
+    p.set_defaults(func=cmd_queue)
+
+
+def _spool(args: argparse.Namespace) -> DirectorySpool:
+    cfg = configmod.load(args.config)
+    return DirectorySpool(args.spool or cfg.queue.directory)
+
+
+def _fmt(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    if args.action == "list":
+        rows: list[dict[str, Any]] = []
+        for state, qid, env in spool.entries():
+            if env is None:
+                rows.append({"id": qid, "state": state, "error": "unreadable envelope"})
+                continue
+            rows.append({"id": qid, "state": state, "arrival": env.arrival, "size": env.size,
+                         "sender": env.sender, "next_attempt": env.next_attempt,
+                         "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn,
+                                         "reason": r.reason} for r in env.recipients]})
+        if args.json:
+            json.dump(rows, sys.stdout, indent=2)
+            print()
+        else:
+            for r in rows:
+                if "error" in r:
+                    print(f"{r['id']} {r['state']:8} ({r['error']})")
+                    continue
+                print(f"{r['id']} {r['state']:8} {r['size']:>8} {_fmt(r['arrival'])}  <{r['sender']}>")
+                for rc in r["recipients"]:
+                    why = f" ({rc['reason']})" if rc["reason"] else ""
+                    print(f"{'':30}<{rc['address']}> {rc['status']}{why}")
+            print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''}")
+        return EX_OK
+    if args.action == "show":
+        if not valid_queue_id(args.id):
+            print(f"postgate queue: {args.id!r} is not a queue id", file=sys.stderr)
+            return EX_USAGE
+        found = spool.state_of(args.id)
+        if found is None:
+            print(f"postgate queue: {args.id}: no such message", file=sys.stderr)
+            return EX_NOINPUT
+        env = spool.read_envelope(found, args.id)
+        if args.json:
+            d = json.loads(env.to_bytes())
+            d["state"] = found
+            json.dump(d, sys.stdout, indent=2)
+            print()
+        else:
+            print(f"id: {env.id}\nstate: {found}\nsender: <{env.sender}>\narrival: {_fmt(env.arrival)}\n"
+                  f"size: {env.size}\nnext attempt: {_fmt(env.next_attempt)}\nrequiretls: {env.requiretls}")
+            for rcpt in env.recipients:
+                print(f"recipient: <{rcpt.address}> {rcpt.status} {rcpt.dsn} {rcpt.reason}")
+            for a in env.attempts:
+                print(f"attempt: {_fmt(a['time'])} delivered={a.get('delivered')} deferred={a.get('deferred')}")
+        return EX_OK
+    if args.action in ("hold", "release", "delete", "flush") and getattr(args, "id", None):
+        if not valid_queue_id(args.id):
+            print(f"postgate queue: {args.id!r} is not a queue id", file=sys.stderr)
+            return EX_USAGE
+        if spool.state_of(args.id) is None:
+            print(f"postgate queue: {args.id}: no such message", file=sys.stderr)
+            return EX_NOINPUT
+        spool.request(args.action, args.id)
+    elif args.action == "flush":
+        spool.request("flush-domain", args.domain) if args.domain else spool.request("flush-all")
+    elif args.action == "requeue":
+        spool.request("requeue")
+    if spool.try_lock():  # no daemon: apply it ourselves
+        try:
+            for line in Scheduler(spool, _NoDelivery(), clock=time.time).apply_requests():
+                print(line)
+        finally:
+            spool.unlock()
+    else:
+        print("request queued for the running daemon")
+    return EX_OK
+
+
+class _NoDelivery:
+    async def deliver(self, *a: object, **kw: object) -> list:  # type: ignore[type-arg]
+        raise RuntimeError("the queue command never delivers")

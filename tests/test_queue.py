@@ -1,0 +1,302 @@
+"""The local queue: crash safety under SIGKILL, corrupt files, retry timing, expiry, DSNs, queue CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.testnet import TestNet
+from outbound.delivery import Deliverer, DeliveryConfig
+from outbound.queue.envelope import DELIVERED, Envelope, Recipient
+from outbound.queue.scheduler import Scheduler, SchedulerConfig
+from outbound.queue.spool import DirectorySpool
+from outbound.resolver import Resolver, load_anchors
+from outbound.smtp_client import Timeouts
+from tests.queue_child import body
+
+# --- crash safety --------------------------------------------------------------------------------------
+
+CRASH_POINTS = [
+    # (crash point, n-th pass, duplicates allowed)
+    ("spool-before-fsync", 1, False),    # first content file written, not yet fsync'd
+    ("spool-before-fsync", 4, False),    # second message's envelope
+    ("spool-after-rename", 3, False),    # second message's content renamed, envelope not yet written
+    ("spool-enqueued", 2, False),        # right after the second acknowledgement point
+    ("delivery-before-data", 1, False),  # connected, recipients accepted, DATA not sent
+    ("queue-after-remote-reply", 1, True),  # the remote said 250, the result is not yet recorded
+    ("queue-after-record", 2, False),    # results recorded, message not yet removed
+]
+
+
+def _child(net: TestNet, spool: Path, *args: str, crash: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("POSTGATE_CRASH_AT", None)
+    if crash:
+        env["POSTGATE_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "tests.queue_child", str(net.state / "manifest.json"), str(spool),
+                           *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(("point", "nth", "dupes"), CRASH_POINTS, ids=[f"{p}:{n}" for p, n, _ in CRASH_POINTS])
+def test_sigkill_loses_nothing_acknowledged(testnet: TestNet, tmp_path: Path, point: str, nth: int,
+                                            dupes: bool) -> None:
+    spool = tmp_path / "spool"
+    first = _child(testnet, spool, "enqueue-and-run", "3", "dane-ok.test", crash=f"{point}:{nth}")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    acked = [line.split()[2] for line in first.stdout.splitlines() if line.startswith("ACK ")]
+    second = _child(testnet, spool, "run")
+    assert second.returncode == 0 and "DONE" in second.stdout, second.stderr
+    received = [m for m in testnet.received("mx.dane-ok.test") if "@crash.test" in m["data"]]
+    for token in acked:
+        copies = [m for m in received if f"Subject: {token}" in m["data"]]
+        assert copies, f"acknowledged message {token} was lost (crash at {point}:{nth})"
+        assert len(copies) == 1 or dupes, f"{token} delivered {len(copies)} times"
+        for m in copies:  # nothing partial is ever delivered
+            assert m["data"].encode().replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") == body(token)
+    # whatever was not acknowledged was either never delivered or delivered whole, and the queue is empty
+    left = {d: os.listdir(spool / d) for d in ("incoming", "deferred", "active", "hold", "messages", "tmp")}
+    assert all(not v for v in left.values()), left
+
+
+# --- spool files ---------------------------------------------------------------------------------------
+
+def test_corrupt_and_partial_files_go_to_corrupt_with_a_log_line(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    s = DirectorySpool(tmp_path)
+    good = Envelope.new("a@x.test", [Recipient("b@y.test")], b"Subject: ok\r\n\r\nok\r\n")
+    s.enqueue(good, b"Subject: ok\r\n\r\nok\r\n")
+    trunc = Envelope.new("a@x.test", [Recipient("b@y.test")], b"Subject: t\r\n\r\nlong body\r\n")
+    s.enqueue(trunc, b"Subject: t\r\n\r\nlong body\r\n")
+    (tmp_path / "messages" / trunc.id).write_bytes(b"Subject: t\r\n")      # truncated content
+    garbage = Envelope.new("a@x.test", [Recipient("b@y.test")], b"x")
+    s.enqueue(garbage, b"x")
+    (tmp_path / "deferred" / garbage.id).write_bytes(b'{"format": 1, "id": ')  # half-written envelope
+    os.unlink(tmp_path / "incoming" / garbage.id)
+    (tmp_path / "tmp" / "0660FB0000000000AAAA.1234").write_bytes(b"partial")
+    orphan = Envelope.new("a@x.test", [Recipient("b@y.test")], b"o")
+    (tmp_path / "messages" / orphan.id).write_bytes(b"o")
+    caplog.set_level(logging.ERROR, logger="postgate.queue")
+    s2 = DirectorySpool(tmp_path)
+    assert s2.try_lock()
+    s2.recover()
+    corrupt = sorted(os.listdir(tmp_path / "corrupt"))
+    assert trunc.id in corrupt and garbage.id in corrupt and f"{trunc.id}.content" in corrupt
+    assert f"{orphan.id}.orphan" in corrupt and "partial-0660FB0000000000AAAA.1234" in corrupt
+    assert os.listdir(tmp_path / "incoming") == [good.id]
+    assert caplog.text.count("status=corrupt") >= 4
+    leased = s2.lease_due(good.next_attempt + 1, "t", 60, 10)
+    assert [env.id for _, env in leased] == [good.id]  # only the good one is ever offered for delivery
+
+
+def test_second_owner_is_refused(tmp_path: Path) -> None:
+    a, b = DirectorySpool(tmp_path), DirectorySpool(tmp_path)
+    assert a.try_lock() and not b.try_lock()
+    a.unlock()
+    assert b.try_lock()
+
+
+# --- scheduling with a controllable clock, real delivery ------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _scheduler(net: TestNet, spool: DirectorySpool, clock: Clock, **kw: float) -> tuple[Scheduler, Deliverer]:
+    r = Resolver([(net.resolver, 53)], load_anchors(net.anchor_file), timeout=3)
+    d = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
+    return Scheduler(spool, d, SchedulerConfig(reporting_mta="queue.test", **kw), clock=clock), d
+
+
+def _run(s: Scheduler, d: Deliverer) -> int:
+    async def go() -> int:
+        try:
+            return await s.run_once()
+        finally:
+            await d.close()
+    return asyncio.run(go())
+
+
+def _enqueue(spool: DirectorySpool, clock: Clock, sender: str, rcpts: list[Recipient], content: bytes,
+             **kw: object) -> Envelope:
+    env = Envelope.new(sender, rcpts, content, now=clock.t, **kw)  # type: ignore[arg-type]
+    spool.enqueue(env, content)
+    return env
+
+
+def _bounces(spool: DirectorySpool) -> list[tuple[Envelope, email.message.Message]]:
+    out = []
+    for state, qid, env in spool.entries():
+        if env is not None and env.is_bounce:
+            out.append((env, email.message_from_bytes(spool.content(qid), policy=email.policy.default)))
+    return out
+
+
+def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Path) -> None:
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    content = b"From: a@client.test\r\nSubject: will expire\r\nMessage-ID: <exp@client.test>\r\n\r\nbody\r\n"
+    env = _enqueue(spool, clock, "alice@client.test",
+                   [Recipient("tempfail-1@dane-ok.test", orcpt="rfc822;tempfail-1@dane-ok.test"),
+                    Recipient("ok@dane-ok.test")], content, envid="ENV-42")
+    s, d = _scheduler(testnet, spool, clock, delay_warning=0)
+    start = clock.t
+    waits = []
+    for _ in range(12):
+        assert _run(*_scheduler_pair(s, testnet, spool, clock)) == 1
+        e = spool.read_envelope("deferred", env.id)
+        waits.append(e.next_attempt - clock.t)
+        assert _run(*_scheduler_pair(s, testnet, spool, clock)) == 0  # not due yet
+        clock.t = e.next_attempt
+        if clock.t - start > 5 * 86400:
+            break
+    assert waits[:6] == [300, 600, 1200, 2400, 4000, 4000]   # 5 min doubling to 4000 s
+    # the delivered recipient stays delivered and is never retried
+    e = spool.read_envelope("deferred", env.id)
+    assert [r.status for r in e.recipients] == ["deferred", DELIVERED]
+    ok_copies = [m for m in testnet.received("mx.dane-ok.test") if "ok@dane-ok.test" in m["rcpt_tos"]
+                 and "will expire" in m["data"]]
+    assert len(ok_copies) == 1
+    # past the maximal lifetime: bounced with the delivery's reason
+    clock.t = start + 5 * 86400 + 1
+    e.next_attempt = clock.t
+    spool._write(spool._path("deferred", env.id), e.to_bytes())
+    _run(*_scheduler_pair(s, testnet, spool, clock))
+    assert spool.state_of(env.id) is None
+    [(benv, msg)] = _bounces(spool)
+    assert benv.sender == "" and [r.address for r in benv.recipients] == ["alice@client.test"]
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "message/rfc822"]
+    status = parts[1].get_payload()
+    per_msg, per_rcpt = status[0], status[1]
+    assert per_msg["Reporting-MTA"] == "dns; queue.test" and per_msg["Original-Envelope-Id"] == "ENV-42"
+    assert per_rcpt["Final-Recipient"] == "rfc822; tempfail-1@dane-ok.test"
+    assert per_rcpt["Original-Recipient"] == "rfc822;tempfail-1@dane-ok.test"
+    assert per_rcpt["Action"] == "failed" and per_rcpt["Status"].startswith("4.")
+    assert "try again later" in per_rcpt["Diagnostic-Code"] and "expired" in per_rcpt["Diagnostic-Code"]
+    assert len(status) == 2  # the delivered recipient is not in the bounce
+    assert parts[2].get_payload()[0]["Message-ID"] == "<exp@client.test>"
+
+
+def _scheduler_pair(s: Scheduler, net: TestNet, spool: DirectorySpool, clock: Clock) -> tuple[Scheduler, Deliverer]:
+    """A fresh delivery agent per pass (asyncio.run closes its loop), keeping the scheduler's state."""
+    r = Resolver([(net.resolver, 53)], load_anchors(net.anchor_file), timeout=3)
+    d = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
+    s.deliverer = d
+    return s, d
+
+
+def test_permanent_failure_bounces_now_never_to_null_sender(testnet: TestNet, tmp_path: Path) -> None:
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    content = b"Subject: hello\r\n\r\nbody\r\n"
+    _enqueue(spool, clock, "alice@client.test", [Recipient("reject-1@dane-ok.test")], content, ret="HDRS")
+    _enqueue(spool, clock, "", [Recipient("reject-2@dane-ok.test")], content)
+    _enqueue(spool, clock, "bob@client.test", [Recipient("reject-3@dane-ok.test", notify=["NEVER"])], content)
+    s, d = _scheduler(testnet, spool, clock)
+    assert _run(s, d) == 3
+    bounces = _bounces(spool)
+    assert len(bounces) == 1  # none for <>, none for NOTIFY=NEVER
+    benv, msg = bounces[0]
+    assert benv.recipients[0].address == "alice@client.test"
+    parts = list(msg.iter_parts())
+    assert parts[2].get_content_type() == "text/rfc822-headers"  # RET=HDRS
+    assert parts[1].get_payload()[1]["Status"] == "5.1.1"
+    # the bounce itself goes out from the null sender and, if it fails, produces no second bounce
+    assert benv.sender == "" and benv.is_bounce
+
+
+def test_delay_warning_once(testnet: TestNet, tmp_path: Path) -> None:
+    import secrets
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    sender = f"warn-{secrets.token_hex(6)}@dane-ok.test"
+    env = _enqueue(spool, clock, sender, [Recipient("tempfail-9@dane-ok.test")], b"Subject: d\r\n\r\nx\r\n")
+    s, d = _scheduler(testnet, spool, clock, delay_warning=3600)
+    _run(s, d)
+    assert _bounces(spool) == []
+    for _ in range(4):
+        clock.t += 4000
+        _run(*_scheduler_pair(s, testnet, spool, clock))
+    # the warning was queued once, delivered for real to the sender's MX, from the null sender
+    notices = [m for m in testnet.received("mx.dane-ok.test") if m["rcpt_tos"] == [sender]]
+    assert len(notices) == 1 and notices[0]["mail_from"] in ("<>", "")
+    msg = email.message_from_string(notices[0]["data"], policy=email.policy.default)
+    per_rcpt = list(msg.iter_parts())[1].get_payload()[1]
+    assert per_rcpt["Action"] == "delayed" and "Will-Retry-Until" in per_rcpt
+    assert spool.read_envelope("deferred", env.id).delay_warned
+
+
+def test_dead_destination_is_not_hammered(testnet: TestNet, tmp_path: Path) -> None:
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    for i in range(3):
+        _enqueue(spool, clock, "alice@client.test", [Recipient(f"u{i}@dead.test")], b"Subject: x\r\n\r\nx\r\n")
+    s, d = _scheduler(testnet, spool, clock, destination_backoff=3600, min_backoff=60)
+    r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+    calls: list[int] = []
+    real = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
+
+    class Counting:
+        async def deliver(self, *a: object, **kw: object) -> list:  # type: ignore[type-arg]
+            calls.append(1)
+            return await real.deliver(*a, **kw)  # type: ignore[arg-type]
+
+    s.deliverer = Counting()
+    asyncio.run(s.run_once())
+    assert len(calls) == 1  # the first failure marks the destination; the two others wait
+    clock.t += 120
+    asyncio.run(s.run_once())
+    assert len(calls) == 1  # still backing off
+    clock.t += 3600
+    asyncio.run(s.run_once())
+    assert len(calls) == 2
+
+
+# --- queue CLI -----------------------------------------------------------------------------------------
+
+def _cli(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(spool), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_queue_cli(tmp_path: Path) -> None:
+    spool = DirectorySpool(tmp_path)
+    a = Envelope.new("a@x.test", [Recipient("b@y.test")], b"one")
+    spool.enqueue(a, b"one")
+    b = Envelope.new("a@x.test", [Recipient("c@z.test")], b"two")
+    spool.enqueue(b, b"two")
+    rows = json.loads(_cli(tmp_path, "list", "--json").stdout)
+    assert [(r["id"], r["state"]) for r in rows] == [(a.id, "incoming"), (b.id, "incoming")]
+    assert _cli(tmp_path, "hold", a.id).returncode == 0
+    assert spool.state_of(a.id) == "hold"
+    shown = json.loads(_cli(tmp_path, "show", a.id, "--json").stdout)
+    assert shown["state"] == "hold" and shown["recipients"][0]["address"] == "b@y.test"
+    assert _cli(tmp_path, "release", a.id).returncode == 0 and spool.state_of(a.id) == "deferred"
+    assert _cli(tmp_path, "delete", b.id).returncode == 0 and spool.state_of(b.id) is None
+    assert not (tmp_path / "messages" / b.id).exists()
+    assert _cli(tmp_path, "show", "NOTANID").returncode == 64
+    assert _cli(tmp_path, "show", b.id).returncode == 66
+    # while a daemon owns the spool, changes wait for it: nothing is touched behind its back
+    assert spool.try_lock()
+    res = _cli(tmp_path, "hold", a.id)
+    assert "running daemon" in res.stdout and spool.state_of(a.id) == "deferred"
+    Scheduler(spool, Deliverer.__new__(Deliverer)).apply_requests()
+    assert spool.state_of(a.id) == "hold"
+    spool.unlock()
+    assert "1 message" in _cli(tmp_path, "list").stdout
