@@ -139,7 +139,7 @@ def _enqueue(spool: DirectorySpool, clock: Clock, sender: str, rcpts: list[Recip
 
 def _bounces(spool: DirectorySpool) -> list[tuple[Envelope, email.message.Message]]:
     out = []
-    for state, qid, env in spool.entries():
+    for _state, qid, env in spool.entries():
         if env is not None and env.is_bounce:
             out.append((env, email.message_from_bytes(spool.content(qid), policy=email.policy.default)))
     return out
@@ -152,7 +152,7 @@ def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Pa
     env = _enqueue(spool, clock, "alice@client.test",
                    [Recipient("tempfail-1@dane-ok.test", orcpt="rfc822;tempfail-1@dane-ok.test"),
                     Recipient("ok@dane-ok.test")], content, envid="ENV-42")
-    s, d = _scheduler(testnet, spool, clock, delay_warning=0)
+    s, _d = _scheduler(testnet, spool, clock, delay_warning=0)
     start = clock.t
     waits = []
     for _ in range(12):
@@ -247,7 +247,7 @@ def test_dead_destination_is_not_hammered(testnet: TestNet, tmp_path: Path) -> N
     spool = DirectorySpool(tmp_path)
     for i in range(3):
         _enqueue(spool, clock, "alice@client.test", [Recipient(f"u{i}@dead.test")], b"Subject: x\r\n\r\nx\r\n")
-    s, d = _scheduler(testnet, spool, clock, destination_backoff=3600, min_backoff=60)
+    s, _d = _scheduler(testnet, spool, clock, destination_backoff=3600, min_backoff=60)
     r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
     calls: list[int] = []
     real = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
