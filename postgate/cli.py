@@ -163,6 +163,23 @@ def cmd_caps_record(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg, resolver = build_resolver(args)
+    deliverer = build_deliverer(args, cfg, resolver)
+    from postgate.daemon import serve
+    return serve(cfg, resolver, deliverer)
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from inbound.credentials import hash_password
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else __import__("getpass").getpass()
+    if not password:
+        print("postgate passwd: empty password", file=sys.stderr)
+        return EX_USAGE
+    print(f"{args.user}:{hash_password(password)}")
+    return EX_OK
+
+
 def _print_nexthop(nh: NextHop) -> None:
     d = nh.domain.to_text(omit_final_dot=True)
     line = f"{d}: MX {nh.mx_security}"
@@ -243,6 +260,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_caps_record)
     queuecli.add_parser(sub)
+    p = sub.add_parser("serve", help="run the SMTP listeners and the queue runner",
+                       description="Run Postgate: the listeners of the configuration, pre-queue delivery "
+                       "and the queue runner. SIGTERM stops it cleanly, SIGHUP reloads maps and credentials.")
+    add_resolver_options(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("passwd", help="print a credentials line for USER (password on standard input)",
+                       description="Read a password from standard input and print 'USER:<salted scrypt hash>' "
+                       "for the [relay] credentials_file.")
+    p.add_argument("user")
+    p.set_defaults(func=cmd_passwd)
     return ap
 
 

@@ -6,6 +6,7 @@ refused with ``file:line: [section] key: reason``, so a typo never silently beco
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -60,6 +61,47 @@ class QueueSettings:
 
 
 @dataclass
+class ListenerSettings:
+    name: str = "mx"
+    address: str = "0.0.0.0:25"
+    tls: str = "starttls"          # starttls | implicit | none
+    auth: bool = False
+    auth_required: bool = False
+
+
+@dataclass
+class RelaySettings:
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    local_domains: list[str] = field(default_factory=list)
+    credentials_file: str = ""
+
+
+@dataclass
+class LocalSettings:
+    maildir: str = ""
+    lmtp: str = ""
+    recipients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrequeueSettings:
+    mode: str = "prequeue"
+    budget: float = 30.0
+    max_inflight: int = 200
+    grace: float = 900.0
+
+
+@dataclass
+class LimitSettings:
+    max_recipients: int = 100
+    max_sessions: int = 10000
+    max_sessions_per_client: int = 50
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    shutdown_timeout: float = 60.0
+
+
+@dataclass
 class ServerSettings:
     hostname: str = ""
     tls_cert_file: str = ""
@@ -78,20 +120,32 @@ class Config:
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    prequeue: PrequeueSettings = field(default_factory=PrequeueSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    listener: list[ListenerSettings] = field(default_factory=list)
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
-                             "delivery": DeliverySettings, "queue": QueueSettings}
+                             "delivery": DeliverySettings, "queue": QueueSettings, "relay": RelaySettings,
+                             "local": LocalSettings, "prequeue": PrequeueSettings, "limits": LimitSettings}
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
-def _line_of(text: str, section: str, key: str | None) -> int:
-    """Best-effort line number of ``key`` in ``[section]`` (or of the section header)."""
+def _line_of(text: str, section: str, key: str | None, index: int | None = None) -> int:
+    """Best-effort line number of ``key`` in ``[section]`` (or of the section header); ``index`` picks
+    the n-th ``[[section]]`` table."""
     lines = text.splitlines()
     in_section = False
-    header = re.compile(r"^\s*\[\s*" + re.escape(section) + r"\s*\]\s*(#.*)?$")
+    header = re.compile(r"^\s*\[\[?\s*" + re.escape(section) + r"\s*\]\]?\s*(#.*)?$")
+    seen = -1
     for i, line in enumerate(lines, 1):
         if header.match(line):
+            seen += 1
+            if index is not None and seen != index:
+                in_section = False
+                continue
             in_section = True
             if key is None:
                 return i
@@ -137,23 +191,35 @@ def load(path: Path | str | None) -> Config:
         raise ConfigError(f"{p}:{m.group(1) if m else 1}: TOML syntax error: {e}") from e
     cfg.path = p
     for section, values in data.items():
+        if section == "listener":
+            if not isinstance(values, list):
+                raise ConfigError(f"{p}:{_line_of(text, section, None)}: listeners are [[listener]] tables")
+            for i, item in enumerate(values):
+                ls = ListenerSettings()
+                _fill(ls, item, p, text, "listener", i)
+                cfg.listener.append(ls)
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{p}:{_line_of(text, section, None)}: unknown section [{section}]")
         if not isinstance(values, dict):
             raise ConfigError(f"{p}:{_line_of(text, section, None)}: [{section}] must be a table")
-        target = getattr(cfg, section)
-        known = {f.name for f in fields(target)}
-        for key, value in values.items():
-            line = _line_of(text, section, key)
-            if key not in known:
-                raise ConfigError(f"{p}:{line}: [{section}] unknown key {key!r}")
-            default = getattr(target, key)
-            if not _check_type(value, default):
-                raise ConfigError(f"{p}:{line}: [{section}] {key} must be "
-                                  f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
-            setattr(target, key, float(value) if isinstance(default, float) else value)
+        _fill(getattr(cfg, section), values, p, text, section, None)
     _validate(cfg, str(p), text)
     return cfg
+
+
+def _fill(target: Any, values: dict[str, Any], p: Path, text: str, section: str, index: int | None) -> None:
+    known = {f.name for f in fields(target)}
+    name = f"[[{section}]] #{index + 1}" if index is not None else f"[{section}]"
+    for key, value in values.items():
+        line = _line_of(text, section, key, index)
+        if key not in known:
+            raise ConfigError(f"{p}:{line}: {name} unknown key {key!r}")
+        default = getattr(target, key)
+        if not _check_type(value, default):
+            raise ConfigError(f"{p}:{line}: {name} {key} must be "
+                              f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
+        setattr(target, key, float(value) if isinstance(default, float) else value)
 
 
 def _validate(cfg: Config, source: str, text: str) -> None:
@@ -181,6 +247,59 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     _validate_delivery(cfg, source, text)
     _validate_server(cfg, source, text)
     _validate_queue(cfg, source, text)
+    _validate_inbound(cfg, source, text)
+
+
+def _validate_inbound(cfg: Config, source: str, text: str) -> None:
+    def err(section: str, key: str, msg: str, index: int | None = None) -> ConfigError:
+        line = _line_of(text, section, key, index) if text else 0
+        name = f"[[{section}]] #{index + 1}" if index is not None else f"[{section}]"
+        return ConfigError(f"{source}:{line}: {name} {key}: {msg}")
+
+    names = set()
+    for i, ls in enumerate(cfg.listener):
+        if ls.name in names:
+            raise err("listener", "name", f"duplicate listener name {ls.name!r}", i)
+        names.add(ls.name)
+        host, _, port = ls.address.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            if not 0 < int(port) < 65536:
+                raise ValueError
+        except ValueError:
+            raise err("listener", "address", f"{ls.address!r} is not ADDRESS:PORT", i) from None
+        if ls.tls not in ("starttls", "implicit", "none"):
+            raise err("listener", "tls", f"{ls.tls!r} is not one of starttls, implicit, none", i)
+        if ls.tls != "none" and not cfg.server.tls_cert_file:
+            raise err("listener", "tls", "needs [server] tls_cert_file and tls_key_file", i)
+        if (ls.auth or ls.auth_required) and not cfg.relay.credentials_file:
+            raise err("listener", "auth", "needs [relay] credentials_file", i)
+        if ls.auth_required and not ls.auth:
+            raise err("listener", "auth_required", "needs auth = true", i)
+        if ls.auth and ls.tls == "none":
+            raise err("listener", "auth", "AUTH is only offered over TLS; this listener has tls = none", i)
+    for n in cfg.relay.trusted_networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise err("relay", "trusted_networks", f"{n!r} is not an address or network") from None
+    if cfg.prequeue.mode not in ("prequeue", "queue-first"):
+        raise err("prequeue", "mode", f"{cfg.prequeue.mode!r} is not prequeue or queue-first")
+    if not 0 < cfg.prequeue.budget <= 3600:
+        raise err("prequeue", "budget", "must be between 0 and 3600 seconds")
+    if cfg.prequeue.grace <= cfg.prequeue.budget:
+        raise err("prequeue", "grace", "must be longer than budget")
+    if cfg.local.maildir and cfg.local.lmtp:
+        raise err("local", "lmtp", "set maildir or lmtp, not both")
+    if cfg.relay.local_domains and not (cfg.local.maildir or cfg.local.lmtp):
+        raise err("relay", "local_domains", "needs [local] maildir or lmtp")
+    if cfg.path is not None:
+        for obj, key in ((cfg.relay, "credentials_file"), (cfg.local, "maildir")):
+            v = getattr(obj, key)
+            if v:
+                setattr(obj, key, _relative(cfg.path, v))
+    if cfg.relay.credentials_file and not Path(cfg.relay.credentials_file).is_file():
+        raise err("relay", "credentials_file", f"{cfg.relay.credentials_file}: no such file")
 
 
 def _validate_queue(cfg: Config, source: str, text: str) -> None:

@@ -157,7 +157,7 @@ class Scheduler:
         crashpoint("queue-after-record")
         bounced_now = [r for r in ready if r.status == R_BOUNCED]
         if bounced_now:
-            self._notify(env, content, bounced_now, "failed")
+            self.notify(env, content, bounced_now, "failed")
         if not env.pending:
             self.spool.finish(lease)
             log.info("%s: removed", env.id)
@@ -172,12 +172,12 @@ class Scheduler:
                 log.warning("%s: to=<%s>, dsn=%s, status=expired, returned to sender (%s)", env.id, r.address,
                             r.dsn, r.reason)
             self.spool.record(lease, env)
-            self._notify(env, content, expired, "failed")
+            self.notify(env, content, expired, "failed")
             self.spool.finish(lease)
             return
         if self.config.delay_warning and not env.delay_warned and now - env.arrival >= self.config.delay_warning:
             env.delay_warned = True
-            self._notify(env, content, env.pending, "delayed")
+            self.notify(env, content, env.pending, "delayed")
         env.next_attempt = now + self.backoff(len(env.attempts))
         self.spool.release(lease, env)
 
@@ -194,7 +194,8 @@ class Scheduler:
             else:
                 self._dead_until.pop(dest, None)
 
-    def _notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str) -> None:
+    def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
+        """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due."""
         retry_until = env.arrival + self.config.max_lifetime
         body = dsn.build(env, content, rcpts, action=action, reporting_mta=self.config.reporting_mta,
                          now=self.clock(), retry_until=retry_until)

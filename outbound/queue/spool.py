@@ -218,6 +218,10 @@ class DirectorySpool:
         self._write(self._path(state, qid), env.to_bytes())
         return True
 
+    def update(self, qid: str, state: str, env: Envelope) -> None:
+        """Rewrite the envelope of a message that is not leased (the owner only)."""
+        self._write(self._path(state, qid), env.to_bytes())
+
     def quarantine(self, qid: str, state: str, why: str) -> None:
         """Move a bad envelope (and its content) to corrupt/, never deleting it."""
         try:

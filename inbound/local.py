@@ -1,0 +1,153 @@
+"""Local delivery for Postgate's own domains: to an LMTP server (Dovecot's, over a Unix or TCP socket,
+RFC 2033) with one result per recipient, or, without one, into Maildirs.
+
+Maildir (the qmail/Dovecot layout): ``<root>/<domain>/<local part>/{tmp,new,cur}``; a message is written
+to ``tmp/``, fsync'd, then renamed into ``new/`` and the directory fsync'd, so it is never seen half
+written and survives a crash once acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    recipient: str
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Maildir:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def _folder(self, recipient: str) -> Path | None:
+        local, _, domain = recipient.rpartition("@")
+        local = local.split("+", 1)[0].lower()  # address extension: user+tag goes to user
+        domain = domain.lower().rstrip(".")
+        if not _SAFE.match(local) or local.startswith(".") or ".." in local or not _SAFE.match(domain):
+            return None
+        return self.root / domain / local
+
+    def _write(self, recipient: str, data: bytes) -> LocalResult:
+        folder = self._folder(recipient)
+        if folder is None:
+            return LocalResult(recipient, 550, "5.1.3 unsafe mailbox name")
+        for sub in ("tmp", "new", "cur"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{int(time.time())}.P{os.getpid()}R{secrets.token_hex(6)}.{socket.gethostname()}"
+        tmp = folder / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, folder / "new" / name)
+        _fsync_dir(folder / "new")
+        return LocalResult(recipient, 250, f"2.0.0 delivered to maildir as {name}")
+
+    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for r in recipients:
+            try:
+                out.append(await loop.run_in_executor(None, self._write, r, data))
+            except OSError as e:
+                out.append(LocalResult(r, 451, f"4.3.0 maildir write failed: {e.strerror}"))
+        return out
+
+
+class LMTPClient:
+    """``unix:/path`` or ``host:port``."""
+
+    def __init__(self, target: str, timeout: float = 60.0, lhlo: str = "localhost") -> None:
+        self.target, self.timeout, self.lhlo = target, timeout, lhlo
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.target.startswith("unix:"):
+            return await asyncio.open_unix_connection(self.target[5:])
+        host, _, port = self.target.rpartition(":")
+        return await asyncio.open_connection(host.strip("[]"), int(port))
+
+    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
+        try:
+            return await asyncio.wait_for(self._deliver(sender, recipients, data), self.timeout)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+            return [LocalResult(r, 451, f"4.4.1 LMTP {self.target}: {type(e).__name__}: {e}") for r in recipients]
+
+    async def _deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
+        r, w = await self._open()
+
+        async def reply() -> tuple[int, str]:
+            lines = []
+            while True:
+                line = (await r.readline()).decode("utf-8", "replace")
+                if not line:
+                    raise ConnectionError("LMTP server closed the connection")
+                lines.append(line[4:].strip())
+                if line[3:4] != "-":
+                    return int(line[:3]), " ".join(lines)
+
+        async def cmd(text: str) -> tuple[int, str]:
+            w.write(text.encode() + b"\r\n")
+            await w.drain()
+            return await reply()
+
+        try:
+            code, text = await reply()
+            if code != 220:
+                raise ConnectionError(f"greeting {code} {text}")
+            code, text = await cmd(f"LHLO {self.lhlo}")
+            if code != 250:
+                raise ConnectionError(f"LHLO {code} {text}")
+            code, text = await cmd(f"MAIL FROM:<{sender}>")
+            if code != 250:
+                return [LocalResult(rc, code, text) for rc in recipients]
+            results: dict[str, LocalResult] = {}
+            accepted = []
+            for rc in recipients:
+                code, text = await cmd(f"RCPT TO:<{rc}>")
+                if code == 250:
+                    accepted.append(rc)
+                else:
+                    results[rc] = LocalResult(rc, code, text)
+            if accepted:
+                code, text = await cmd("DATA")
+                if code != 354:
+                    for rc in accepted:
+                        results[rc] = LocalResult(rc, code, text)
+                else:
+                    body = data if data.endswith(b"\r\n") else data + b"\r\n"
+                    body = re.sub(rb"(?m)^\.", b"..", body)  # RFC 5321 §4.5.2 dot-stuffing
+                    w.write(body + b".\r\n")
+                    await w.drain()
+                    for rc in accepted:  # RFC 2033 §4.2: one reply per accepted recipient
+                        code, text = await reply()
+                        results[rc] = LocalResult(rc, code, text)
+            await cmd("QUIT")
+            return [results[rc] for rc in recipients]
+        finally:
+            w.close()

@@ -1,0 +1,172 @@
+"""``postgate serve``: the listeners, the pre-queue delivery and the queue runner in one process.
+
+Start: load and check the configuration (a bad one is refused with file, key and reason), take the spool
+lock, recover the spool, start the queue runner, then listen. SIGTERM/SIGINT: stop accepting, let the
+sessions under way finish (a session cut short got no 250, so nothing is lost), stop the queue runner,
+exit 0. SIGHUP: reload the policy and transport maps, the credentials and the DKIM keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inbound.credentials import Credentials, CredentialsError
+from inbound.local import LMTPClient, Maildir
+from inbound.prequeue import PreQueue, PreQueueConfig
+from inbound.relay import RelayPolicy
+from inbound.smtpd import Limits, Listener, SMTPServer
+from outbound.delivery import Deliverer
+from outbound.queue.scheduler import Scheduler, SchedulerConfig
+from outbound.queue.spool import DirectorySpool
+from outbound.resolver import Resolver
+from postgate import config as configmod
+
+log = logging.getLogger("postgate")
+
+
+class StartupError(Exception):
+    pass
+
+
+def server_tls_context(cfg: configmod.Config) -> ssl.SSLContext | None:
+    s = cfg.server
+    if not s.tls_cert_file:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if s.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"[server] tls_cert_file/tls_key_file: cannot load {s.tls_cert_file}: {e}") from e
+    return ctx
+
+
+@dataclass
+class Daemon:
+    cfg: configmod.Config
+    resolver: Resolver
+    deliverer: Deliverer
+    servers: list[SMTPServer] = field(default_factory=list)
+    spool: DirectorySpool | None = None
+    scheduler: Scheduler | None = None
+    credentials: Credentials | None = None
+    prequeue: PreQueue | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def build(self, signer: Any = None) -> None:
+        cfg = self.cfg
+        hostname = cfg.server.hostname or "localhost"
+        self.spool = DirectorySpool(cfg.queue.directory)
+        if not self.spool.try_lock():
+            raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool")
+        for line in self.spool.recover():
+            log.info("recovery: %s", line)
+        q = cfg.queue
+        self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
+            min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
+            delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
+            destination_backoff=q.destination_backoff, reporting_mta=hostname))
+        if cfg.relay.credentials_file:
+            try:
+                self.credentials = Credentials(cfg.relay.credentials_file)
+            except CredentialsError as e:
+                raise StartupError(str(e)) from e
+        local: Maildir | LMTPClient | None = None
+        if cfg.local.lmtp:
+            local = LMTPClient(cfg.local.lmtp, lhlo=hostname)
+        elif cfg.local.maildir:
+            local = Maildir(cfg.local.maildir)
+        relay = RelayPolicy.build(cfg.relay.trusted_networks, cfg.relay.local_domains)
+        pq = cfg.prequeue
+        self.prequeue = PreQueue(
+            PreQueueConfig(hostname=hostname, mode=pq.mode, budget=pq.budget, max_inflight=pq.max_inflight,
+                           grace=pq.grace, local_recipients=frozenset(a.lower() for a in cfg.local.recipients)
+                           if cfg.local.recipients else None),
+            relay, self.deliverer, self.spool, self.scheduler, local=local, signer=signer)
+        tls = server_tls_context(cfg)
+        lim = cfg.limits
+        limits = Limits(max_message_size=cfg.server.max_message_size, max_recipients=lim.max_recipients,
+                        max_sessions=lim.max_sessions, max_sessions_per_client=lim.max_sessions_per_client,
+                        command_timeout=lim.command_timeout, data_timeout=lim.data_timeout)
+        listeners = cfg.listener or [configmod.ListenerSettings(
+            name="mx", address="0.0.0.0:25", tls="starttls" if tls else "none")]
+        auth = self.credentials.check if self.credentials else None
+        for ls in listeners:
+            host, _, port = ls.address.rpartition(":")
+            self.servers.append(SMTPServer(
+                Listener(ls.name, host.strip("[]"), int(port), tls=tls if ls.tls != "none" else None,
+                         implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required),
+                self.prequeue, hostname=hostname, limits=limits, authenticator=auth))
+
+    async def run(self) -> int:
+        assert self.scheduler is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for srv in self.servers:
+            try:
+                await srv.start()
+            except OSError as e:
+                raise StartupError(f"listener {srv.listener.name} on {srv.listener.host}:{srv.listener.port}: "
+                                   f"{e.strerror}") from e
+            log.info("listening: %s on %s:%d (tls=%s, auth=%s)", srv.listener.name, srv.listener.host,
+                     srv.listener.port, "implicit" if srv.listener.implicit_tls else
+                     ("starttls" if srv.listener.tls else "none"), srv.listener.auth)
+        print("postgate: ready", file=sys.stderr, flush=True)
+        queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
+        await self.stopping.wait()
+        log.info("stopping: no new connections; waiting for sessions under way")
+        for srv in self.servers:
+            await srv.stop_accepting()
+        tasks = {t for srv in self.servers for t in srv.tasks}
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.cfg.limits.shutdown_timeout)
+            for t in pending:
+                t.cancel()
+        if self.prequeue is not None and self.prequeue.late:
+            await asyncio.wait(self.prequeue.late, timeout=self.cfg.limits.shutdown_timeout)
+        await queue_task
+        await self.deliverer.close()
+        if self.spool is not None:
+            self.spool.unlock()
+        log.info("stopped")
+        return 0
+
+    def reload(self) -> None:
+        d = self.deliverer.config
+        for table in (d.policy_map, d.transport_map):
+            if table is not None:
+                try:
+                    if table.reload_if_changed():
+                        log.info("reloaded %s", table.path)
+                except ValueError as e:
+                    log.error("reload refused, keeping the old table: %s", e)
+        if self.credentials is not None:
+            try:
+                self.credentials.load()
+                log.info("reloaded %s", self.credentials.path)
+            except CredentialsError as e:
+                log.error("reload refused, keeping the old credentials: %s", e)
+
+
+def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None) -> int:
+    async def main() -> int:
+        d = Daemon(cfg, resolver, deliverer)
+        d.build(signer)
+        return await d.run()
+    try:
+        return asyncio.run(main())
+    except StartupError as e:
+        print(f"postgate: refusing to start: {e}", file=sys.stderr)
+        return 78
+
+
+__all__ = ["Daemon", "Path", "StartupError", "serve"]
