@@ -1,0 +1,319 @@
+"""The inbound smtpd as a real process (``postgate serve``) on the test network."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.testnet import TestNet
+from tests.pgserve import ADDRESS, TRUSTED, UNTRUSTED, PostgateServer
+
+
+@pytest.fixture(scope="module")
+def pg(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    srv = PostgateServer(testnet, tmp_path_factory.mktemp("pg"))
+    with srv:
+        yield srv
+
+
+OWN = "127.0.2.2"  # address of the servers a test starts for itself (the module's server has ADDRESS)
+
+
+def client(port: int = 25, source: str = TRUSTED, implicit: bool = False, address: str = ADDRESS) -> smtplib.SMTP:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if implicit:
+        return smtplib.SMTP_SSL(address, port, timeout=30, source_address=(source, 0), context=ctx)
+    return smtplib.SMTP(address, port, timeout=30, source_address=(source, 0))
+
+
+def tls(s: smtplib.SMTP) -> smtplib.SMTP:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    s.ehlo("client.test")
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    return s
+
+
+def msg(token: str) -> bytes:
+    return f"From: a@client.test\r\nSubject: {token}\r\nMessage-ID: <{token}@client.test>\r\n\r\nhi {token}\r\n".encode()
+
+
+def stored(net: TestNet, host: str, token: str) -> list[dict]:  # type: ignore[type-arg]
+    return [m for m in net.received(host) if token in m["data"]]
+
+
+def data_reply(s: smtplib.SMTP, sender: str, rcpts: list[str], data: bytes) -> tuple[int, str, float]:
+    s.mail(sender)
+    for r in rcpts:
+        s.rcpt(r)
+    code, text = s.data(data)
+    return code, text.decode(), time.time()
+
+
+def test_prequeue_answer_comes_after_the_receiver_stored_it(pg: PostgateServer, testnet: TestNet) -> None:
+    token = secrets.token_hex(8)
+    with tls(client()) as s:
+        code, text, when = data_reply(s, "a@client.test", ["bob@dane-ok.test"], msg(token))
+    assert code == 250 and "delivered as" in text
+    [m] = stored(testnet, "mx.dane-ok.test", token)
+    assert m["time"] <= when
+    assert m["tls"]["version"] == "TLSv1.3"
+    received = m["data"].split("\n", 3)
+    assert received[0].startswith("Received: from client.test ([127.0.5.1])")
+    assert "by postgate.test (Postgate) with ESMTPS (TLSv1.3:" in received[1]
+    qid = text.split()[-1]
+    assert f"{qid}: outcome=delivered (pre-queue)" in pg.log()
+    assert f"{qid}: to=<bob@dane-ok.test>" in pg.log() and "tls=dane-verified" in pg.log()
+
+
+def test_remote_550_reaches_the_client_and_no_bounce(pg: PostgateServer, testnet: TestNet) -> None:
+    with client() as s:
+        s.ehlo("client.test")
+        code, text, _ = data_reply(s, "a@client.test", ["reject-me@dane-ok.test"], msg(secrets.token_hex(8)))
+    assert code == 550 and text.startswith("5.1.1") and "recipient rejected" in text
+    out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list", "--json"],
+                         capture_output=True, text=True).stdout
+    assert not [m for m in json.loads(out) if m.get("sender") == "" or "reject-me" in json.dumps(m)]
+
+
+def test_tlsa_mismatch_is_queued_as_suspected_attack(pg: PostgateServer, testnet: TestNet) -> None:
+    token = secrets.token_hex(8)
+    with client() as s:
+        s.ehlo("client.test")
+        code, text, _ = data_reply(s, "a@client.test", ["bob@agility.test"], msg(token))
+    assert code == 250 and "queued as" in text
+    qid = text.split()[-1]
+    show = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "show", qid,
+                           "--json"], capture_output=True, text=True)
+    env = json.loads(show.stdout)
+    assert env["state"] in ("deferred", "incoming", "active")
+    assert "suspected attack" in env["recipients"][0]["reason"] and env["recipients"][0]["status"] == "deferred"
+    assert f"{qid}: outcome=queued (temporary failure) suspected_attack=yes" in pg.log()
+    assert stored(testnet, "mx.agility.test", token) == []
+
+
+@pytest.mark.parametrize(("port", "implicit"), [(25, False), (587, False), (465, True)])
+def test_no_open_relay_on_any_port(pg: PostgateServer, port: int, implicit: bool) -> None:
+    with client(port, source=UNTRUSTED, implicit=implicit) as s:
+        if not implicit:
+            tls(s)
+        else:
+            s.ehlo("client.test")
+        code, text = s.mail("a@client.test")
+        if port == 25:
+            assert code == 250
+            code, text = s.rcpt("bob@dane-ok.test")
+            assert code == 554 and b"5.7.1" in text and b"Relay access denied" in text
+        else:
+            assert code == 530  # submission: authentication required first
+    assert "reject: RCPT from <a@client.test> to <bob@dane-ok.test>: 554" in pg.log() or port != 25
+
+
+def test_auth_only_after_starttls_and_then_relay(pg: PostgateServer, testnet: TestNet) -> None:
+    with client(587, source=UNTRUSTED) as s:
+        s.ehlo("client.test")
+        assert not s.has_extn("auth")
+        code, text = s.docmd("AUTH", "PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=")
+        assert code == 538
+        tls(s)
+        assert "PLAIN" in s.esmtp_features["auth"]
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice", "wrong")
+        s.login("alice", "wonderland")
+        token = secrets.token_hex(8)
+        code, text, _ = data_reply(s, "alice@client.test", ["bob@dane-ok.test"], msg(token))
+        assert code == 250
+    assert stored(testnet, "mx.dane-ok.test", token)
+    with client(465, source=UNTRUSTED, implicit=True) as s:
+        s.ehlo("client.test")
+        s.login("alice", "wonderland")
+        token = secrets.token_hex(8)
+        code, _, _ = data_reply(s, "alice@client.test", ["bob@dane-ok.test"], msg(token))
+        assert code == 250
+    assert stored(testnet, "mx.dane-ok.test", token)
+
+
+SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r"]
+
+
+@pytest.mark.parametrize("end", SMUGGLING, ids=[repr(e) for e in SMUGGLING])
+def test_smuggling_never_produces_a_second_message(pg: PostgateServer, testnet: TestNet, end: bytes) -> None:
+    token = secrets.token_hex(8)
+    payload = (f"Subject: outer {token}\r\n\r\nfirst\r\n".encode() + end +
+               f"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<bob@dane-ok.test>\r\nDATA\r\n"
+               f"Subject: SMUGGLED {token}\r\n\r\nevil\r\n".encode() + b"\r\n.\r\n")
+    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while (line := f.readline())[3:4] == b"-":
+            pass
+        sock.sendall(b"MAIL FROM:<a@client.test>\r\n")
+        assert f.readline().startswith(b"250")
+        sock.sendall(b"RCPT TO:<bob@dane-ok.test>\r\n")
+        assert f.readline().startswith(b"250")
+        sock.sendall(b"DATA\r\n")
+        assert f.readline().startswith(b"354")
+        sock.sendall(payload)
+        reply = f.readline()
+        assert reply.startswith(b"554 5.5.2"), reply
+        sock.sendall(b"QUIT\r\n")
+    time.sleep(0.2)
+    assert [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]] == []
+
+
+def test_bare_lf_in_a_command_ends_the_session(pg: PostgateServer) -> None:
+    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\nMAIL FROM:<a@b.test>\r\n")
+        assert f.readline().startswith(b"500 5.5.2")
+        assert f.readline() == b""
+
+
+def _serve(testnet: TestNet, d: Path, **kw: dict) -> PostgateServer:  # type: ignore[type-arg]
+    return PostgateServer(testnet, d, address=OWN, **kw).start()
+
+
+def test_sigkill_during_prequeue_delivery_loses_nothing_acknowledged(testnet: TestNet, tmp_path: Path) -> None:
+    # 1. killed while the delivery runs and before any reply: the client got no 250, nothing to keep
+    pg = _serve(testnet, tmp_path, delivery={"tls_timeout": 20.0, "command_timeout": 20.0})
+    s = client(address=OWN)
+    s.ehlo("client.test")
+    s.mail("a@client.test")
+    s.rcpt("bob@hang.bad.test")
+    s.putcmd("data")
+    assert s.getreply()[0] == 354
+    s.send(msg(secrets.token_hex(8)) + b".\r\n")
+    time.sleep(1.0)
+    pg.stop(signal.SIGKILL)
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        s.getreply()
+    # 2. budget spent: 250 "queued", then SIGKILL: the message is in the queue after restart
+    pg2 = _serve(testnet, tmp_path, delivery={"tls_timeout": 20.0, "command_timeout": 20.0},
+                 prequeue={"budget": 1.0, "grace": 60.0})
+    with client(address=OWN) as c:
+        c.ehlo("client.test")
+        code, text, _ = data_reply(c, "a@client.test", ["bob@hang.bad.test"], msg(secrets.token_hex(8)))
+    assert code == 250 and "queued as" in text
+    qid = text.split()[-1]
+    pg2.stop(signal.SIGKILL)
+    pg3 = _serve(testnet, tmp_path)
+    try:
+        out = json.loads(subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool",
+                                         str(pg3.spool), "list", "--json"], capture_output=True, text=True).stdout)
+        assert qid in [m["id"] for m in out]
+    finally:
+        assert pg3.stop() == 0
+
+
+def test_sigterm_is_clean(testnet: TestNet, tmp_path: Path) -> None:
+    pg = _serve(testnet, tmp_path)
+    with client(address=OWN) as s:
+        s.ehlo("client.test")
+        assert data_reply(s, "a@client.test", ["bob@dane-ok.test"], msg(secrets.token_hex(8)))[0] == 250
+    assert pg.stop() == 0
+    assert "stopped" in pg.log()
+
+
+def test_local_delivery_maildir_and_lmtp(testnet: TestNet, tmp_path: Path) -> None:
+    maildir = tmp_path / "mail"
+    pg = _serve(testnet, tmp_path / "a", relay={"local_domains": ["local.test"]},
+                local={"maildir": str(maildir), "recipients": ["alice@local.test"]})
+    try:
+        with client(source=UNTRUSTED, address=OWN) as s:  # mail for us is accepted from anyone
+            s.ehlo("client.test")
+            token = secrets.token_hex(8)
+            assert data_reply(s, "x@client.test", ["alice+tag@local.test"], msg(token))[0] == 250
+            s.mail("x@client.test")
+            assert s.rcpt("nobody@local.test")[0] == 550
+        [f] = list((maildir / "local.test" / "alice" / "new").iterdir())
+        assert token in f.read_text()
+    finally:
+        pg.stop()
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.lmtp import LMTP
+
+    got: list[bytes] = []
+
+    class H:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            got.append(envelope.original_content)
+            return "250 2.0.0 stored"
+
+    class LmtpController(Controller):
+        def factory(self):  # type: ignore[no-untyped-def]
+            return LMTP(self.handler)
+
+    ctl = LmtpController(H(), hostname="127.0.7.1", port=24)
+    ctl.start()
+    try:
+        pg = _serve(testnet, tmp_path / "b", relay={"local_domains": ["local.test"]}, local={"lmtp": "127.0.7.1:24"})
+        with client(source=UNTRUSTED, address=OWN) as s:
+            s.ehlo("client.test")
+            token = secrets.token_hex(8)
+            code, text, _ = data_reply(s, "x@client.test", ["bob@local.test"], msg(token))
+            assert code == 250 and "delivered" in text
+        assert token.encode() in got[0]
+        pg.stop()
+    finally:
+        ctl.stop()
+
+
+def test_requiretls_travels_into_the_queue(testnet: TestNet, tmp_path: Path) -> None:
+    pg = _serve(testnet, tmp_path)
+    try:
+        with tls(client(address=OWN)) as s:
+            s.mail("a@client.test", ["REQUIRETLS"])
+            s.rcpt("bob@dane-ok.test")  # its MX does not offer REQUIRETLS: RFC 8689 says do not deliver
+            code, text = s.data(msg(secrets.token_hex(8)))
+            assert code == 250 and b"queued" in text
+            qid = text.split()[-1].decode()
+            token = secrets.token_hex(8)
+            s.mail("a@client.test", ["REQUIRETLS"])
+            s.rcpt("bob@honest.caps.test")  # offers REQUIRETLS after STARTTLS, DANE-verified
+            code, text = s.data(msg(token))
+            assert code == 250 and b"delivered" in text, text
+        with client(address=OWN) as s:
+            s.ehlo("client.test")
+            assert s.mail("a@client.test", ["REQUIRETLS"])[0] == 530  # only over TLS (RFC 8689 §4.1)
+        env = json.loads(subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool),
+                                         "show", qid, "--json"], capture_output=True, text=True).stdout)
+        assert env["requiretls"] is True and "REQUIRETLS" in env["recipients"][0]["reason"]
+        [m] = stored(testnet, "mx.honest.caps.test", token)
+        assert "REQUIRETLS" in " ".join(m["mail_options"])
+    finally:
+        pg.stop()
+
+
+def test_bad_configuration_is_refused_with_file_key_reason(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\nhostname = "x.test"\n\n[[listener]]\nname = "mx"\naddress = "127.0.2.9:25"\n'
+                   'tls = "starttls"\n')
+    res = subprocess.run([sys.executable, "-m", "postgate.cli", "serve", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 78
+    assert f"{cfg}:7: [[listener]] #1 tls: needs [server] tls_cert_file" in res.stderr
+
+
+def test_swaks_delivers_through_postgate(pg: PostgateServer, testnet: TestNet) -> None:
+    token = secrets.token_hex(8)
+    res = subprocess.run(["swaks", "--server", f"{ADDRESS}:587", "--tls", "--auth", "PLAIN", "--auth-user", "alice",
+                          "--auth-password", "wonderland", "--from", "alice@client.test", "--to", "bob@dane-ok.test",
+                          "--header", f"Subject: swaks {token}", "--body", f"hello {token}", "--local-interface",
+                          UNTRUSTED], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "250 2.0.0 Ok: delivered as" in res.stdout
+    assert stored(testnet, "mx.dane-ok.test", token)
