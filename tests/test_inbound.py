@@ -47,7 +47,8 @@ def tls(s: smtplib.SMTP) -> smtplib.SMTP:
 
 
 def msg(token: str) -> bytes:
-    return f"From: a@client.test\r\nSubject: {token}\r\nMessage-ID: <{token}@client.test>\r\n\r\nhi {token}\r\n".encode()
+    return (f"From: a@client.test\r\nSubject: {token}\r\nMessage-ID: <{token}@client.test>\r\n\r\n"
+            f"hi {token}\r\n").encode()
 
 
 def stored(net: TestNet, host: str, token: str) -> list[dict]:  # type: ignore[type-arg]
@@ -125,7 +126,7 @@ def test_auth_only_after_starttls_and_then_relay(pg: PostgateServer, testnet: Te
     with client(587, source=UNTRUSTED) as s:
         s.ehlo("client.test")
         assert not s.has_extn("auth")
-        code, text = s.docmd("AUTH", "PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=")
+        code, _ = s.docmd("AUTH", "PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=")
         assert code == 538
         tls(s)
         assert "PLAIN" in s.esmtp_features["auth"]
@@ -133,7 +134,7 @@ def test_auth_only_after_starttls_and_then_relay(pg: PostgateServer, testnet: Te
             s.login("alice", "wrong")
         s.login("alice", "wonderland")
         token = secrets.token_hex(8)
-        code, text, _ = data_reply(s, "alice@client.test", ["bob@dane-ok.test"], msg(token))
+        code, _text, _ = data_reply(s, "alice@client.test", ["bob@dane-ok.test"], msg(token))
         assert code == 250
     assert stored(testnet, "mx.dane-ok.test", token)
     with client(465, source=UNTRUSTED, implicit=True) as s:
@@ -158,7 +159,7 @@ def test_smuggling_never_produces_a_second_message(pg: PostgateServer, testnet: 
         f = sock.makefile("rb")
         f.readline()
         sock.sendall(b"EHLO client.test\r\n")
-        while (line := f.readline())[3:4] == b"-":
+        while f.readline()[3:4] == b"-":
             pass
         sock.sendall(b"MAIL FROM:<a@client.test>\r\n")
         assert f.readline().startswith(b"250")
