@@ -1,66 +1,76 @@
-"""The README's demo: bring up the private test network and show Postgate resolving on it.
+"""The README's demo: Postgate delivering mail on the embedded private test network.
 
-For each scenario domain it prints what ``postgate resolve`` decides: the MX hosts, the DNSSEC verdict of
-every answer and whether DANE applies. Later issues grow this into a DANE delivery demo.
+It starts the test network (NSD serving a signed private root, Unbound, TLS MX receivers), starts
+``postgate serve`` on it, submits four messages as a client would, and shows what happened to each:
+delivered with DANE, deferred as a suspected attack (TLSA mismatch, bogus DNSSEC), or delivered over
+opportunistic TLS to an unsigned domain.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import shutil
+import smtplib
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from fixtures.pgserve import TRUSTED, PostgateServer
 from fixtures.testnet import TestNet, TestNetError
-from outbound.nexthop import Failure, resolve_nexthop
-from outbound.resolver import Resolver, load_anchors
 
-DOMAINS = [
-    ("dane-ok.test", "signed zone, TLSA published"),
-    ("unsigned.test", "unsigned zone"),
-    ("bogus-tlsa.test", "TLSA record with a corrupted signature"),
-    ("expired.test", "signatures expired"),
-    ("optout.n3", "unsigned delegation in an NSEC3 opt-out span"),
-    ("nullmx.test", "null MX"),
-    ("dead.test", "authoritative server does not answer"),
+CASES = [
+    ("bob@dane-ok.test", "signed zone, TLSA matches the MX certificate"),
+    ("bob@badtlsa.test", "signed zone, TLSA does NOT match the MX certificate"),
+    ("bob@bogus-sig.test", "the MX address record has a bogus DNSSEC signature"),
+    ("bob@unsigned.test", "unsigned zone: no DNSSEC, no DANE"),
 ]
-
-
-async def _run(net: TestNet) -> None:
-    r = Resolver([(net.resolver, 53)], load_anchors(net.anchor_file), timeout=3)
-    for domain, what in DOMAINS:
-        nh = await resolve_nexthop(r, domain)
-        print(f"\n{domain} — {what}")
-        print(f"  MX RRset: {nh.mx_security}")
-        for h in nh.hosts:
-            dane = "DANE applies" if h.dane else "no DANE"
-            extra = f"; UNUSABLE: {h.unusable}" if h.unusable else ""
-            print(f"  {h.name.to_text(omit_final_dot=True)}: addresses {h.address_security}, "
-                  f"TLSA {h.tlsa_security or 'not looked up'} -> {dane}{extra}")
-        if nh.failure is not Failure.NONE:
-            verdict = "defer (retry later)" if nh.failure is Failure.TEMPORARY else "bounce"
-            print(f"  => {verdict}: {nh.status} {nh.reason}")
-        else:
-            print("  => deliverable")
 
 
 def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="postgate-demo-"))
-    net = TestNet(state)
+    net = TestNet(state / "net")
+    pg: PostgateServer | None = None
     try:
-        print("Starting the private test network (NSD + Unbound + TLS MX receivers)...")
+        print("Starting the private test network (NSD + Unbound + TLS MX receivers) ...")
         net.start()
-        print(f"  authoritative {net.authoritative}, validating resolver {net.resolver}, "
-              f"{len(net.scenarios.receivers)} MX receivers")
-        asyncio.run(_run(net))
-    except TestNetError as e:
+        pg = PostgateServer(net, state / "postgate", prequeue={"budget": 10.0, "grace": 60.0}).start()
+        print(f"Started 'postgate serve --config {pg.config}' on 127.0.2.1:25\n")
+        for rcpt, what in CASES:
+            with smtplib.SMTP("127.0.2.1", 25, timeout=60, source_address=(TRUSTED, 0)) as s:
+                s.ehlo("demo.client")
+                s.mail("alice@demo.client")
+                s.rcpt(rcpt)
+                code, text = s.data(f"Subject: demo to {rcpt}\r\n\r\nHello from the Postgate demo.\r\n".encode())
+            print(f"{rcpt:22} ({what})")
+            print(f"    SMTP reply to the client: {code} {text.decode()}")
+            qid = text.decode().split()[-1]
+            for line in pg.log().splitlines():
+                if line.startswith(f"postgate: {qid}: to="):
+                    print("    log: " + line.removeprefix("postgate: ").split(", relay=", 1)[1][:220])
+            print()
+        time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list", "--json"],
+                             capture_output=True, text=True).stdout
+        queued = json.loads(out)
+        print(f"Queue: {len(queued)} message(s) deferred, to be retried later (never bounced, never sent in clear):")
+        for m in queued:
+            for r in m.get("recipients", []):
+                print(f"    {m['id']} <{r['address']}> {r['status']}: {r['reason'][:150]}")
+        print("\nWhat the MX receivers stored:")
+        for host in ("mx.dane-ok.test", "mx.unsigned.test"):
+            for m in net.received(host):
+                print(f"    {host}: from <{m['mail_from']}> over {m['tls']['version']} ({m['tls']['cipher']})")
+        return 0
+    except (TestNetError, RuntimeError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1
     finally:
+        if pg is not None:
+            pg.stop()
         net.stop()
         shutil.rmtree(state, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.pgserve import ADDRESS, TRUSTED, UNTRUSTED, PostgateServer
 from fixtures.testnet import TestNet
-from tests.pgserve import ADDRESS, TRUSTED, UNTRUSTED, PostgateServer
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +318,23 @@ def test_swaks_delivers_through_postgate(pg: PostgateServer, testnet: TestNet) -
     assert res.returncode == 0, res.stdout + res.stderr
     assert "250 2.0.0 Ok: delivered as" in res.stdout
     assert stored(testnet, "mx.dane-ok.test", token)
+
+
+def test_postfix_relays_through_postgate(pg: PostgateServer, testnet: TestNet) -> None:
+    """Postfix (Debian's) with Postgate as its relayhost: mail submitted to Postfix reaches the MX receiver
+    through Postgate, DANE-verified on Postgate's side."""
+    from fixtures.postfix import Postfix
+
+    token = secrets.token_hex(8)
+    with Postfix("127.0.4.1", relayhost=f"[{ADDRESS}]:25", smtp_bind_address="127.0.5.2",
+                 smtp_tls_security_level="may") as pf:
+        with smtplib.SMTP("127.0.4.1", 25, timeout=30) as s:
+            s.sendmail("alice@client.test", ["bob@dane-ok.test"], msg(token))
+        deadline = time.time() + 30
+        while time.time() < deadline and not stored(testnet, "mx.dane-ok.test", token):
+            time.sleep(0.2)
+        [m] = stored(testnet, "mx.dane-ok.test", token)
+        assert f"relay={ADDRESS}[{ADDRESS}]:25" in pf.log() and "status=sent (250 2.0.0 Ok: delivered as" in pf.log()
+    pf.cleanup()
+    assert m["tls"]["version"] == "TLSv1.3"
+    assert "Received: from postfix.test ([127.0.5.2])" in m["data"]
