@@ -51,8 +51,8 @@ def main() -> int:
                     print("    log: " + line.removeprefix("postgate: ").split(", relay=", 1)[1][:220])
             print()
         time.sleep(0.5)
-        out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list", "--json"],
-                             capture_output=True, text=True).stdout
+        cmd = [sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list", "--json"]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
         queued = json.loads(out)
         print(f"Queue: {len(queued)} message(s) deferred, to be retried later (never bounced, never sent in clear):")
         for m in queued:
