@@ -13,9 +13,11 @@ import json
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from outbound import dkim
 from outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
 from outbound.nexthop import Failure, NextHop, resolve_nexthop
 from outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
@@ -163,11 +165,48 @@ def cmd_caps_record(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def build_signer(cfg: configmod.Config) -> dkim.Signer | None:
+    try:
+        return dkim.Signer(cfg.dkim.key_directory, cfg.dkim.default_domain or cfg.server.hostname)
+    except dkim.DkimError:
+        return None  # reported by the dkim check
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg, resolver = build_resolver(args)
     deliverer = build_deliverer(args, cfg, resolver)
     from postgate.daemon import serve
-    return serve(cfg, resolver, deliverer)
+    return serve(cfg, resolver, deliverer, signer=build_signer(cfg), caps=own_caps(cfg))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from postgate.check import FAIL, apply_downgrades, run_checks, to_json
+    cfg, resolver = build_resolver(args)
+    results = apply_downgrades(asyncio.run(run_checks(cfg, resolver, own_caps(cfg))), cfg.check.downgrade)
+    if args.json:
+        json.dump(to_json(results), sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            print(r.line())
+    return 1 if any(r.status == FAIL for r in results) else EX_OK
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    keydir = Path(args.key_directory or cfg.dkim.key_directory)
+    try:
+        key = dkim.generate(keydir, args.domain, args.selector, args.algorithm)
+    except FileExistsError:
+        print(f"postgate dkim keygen: {keydir}/{args.domain}/{args.selector}.private exists; choose another "
+              "selector (keys are never overwritten)", file=sys.stderr)
+        return 73  # EX_CANTCREAT
+    except dkim.DkimError as e:
+        print(f"postgate dkim keygen: {e}", file=sys.stderr)
+        return EX_USAGE
+    print(f"# wrote {keydir}/{key.domain}/{key.selector}.private; publish:", file=sys.stderr)
+    print(f'{key.owner()} IN TXT "{key.txt()}"')
+    return EX_OK
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -265,6 +304,20 @@ def make_parser() -> argparse.ArgumentParser:
                        "and the queue runner. SIGTERM stops it cleanly, SIGHUP reloads maps and credentials.")
     add_resolver_options(p)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check", help="check this server's own setup (certificate, TLSA, DNSSEC, DKIM, ...)",
+                       description="One line per check: PASS, WARN or FAIL with the fix. Exit 1 on any FAIL. "
+                       "'postgate serve' runs the same checks and refuses to start on a FAIL.")
+    add_resolver_options(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("dkim", help="DKIM key management")
+    dsub = p.add_subparsers(dest="dkim_action", metavar="ACTION", required=True)
+    k = dsub.add_parser("keygen", help="create a DKIM key and print the TXT record to publish")
+    k.add_argument("domain")
+    k.add_argument("--selector", default=time.strftime("pg%Y%m"))
+    k.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    k.add_argument("--key-directory", help="overrides [dkim] key_directory")
+    k.add_argument("--config", type=Path)
+    k.set_defaults(func=cmd_dkim_keygen)
     p = sub.add_parser("passwd", help="print a credentials line for USER (password on standard input)",
                        description="Read a password from standard input and print 'USER:<salted scrypt hash>' "
                        "for the [relay] credentials_file.")

@@ -102,6 +102,18 @@ class LimitSettings:
 
 
 @dataclass
+class DkimSettings:
+    key_directory: str = "/etc/postgate/dkim"
+    default_domain: str = ""       # default: the host name without its first label
+    required: bool = True
+
+
+@dataclass
+class CheckSettings:
+    downgrade: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ServerSettings:
     hostname: str = ""
     tls_cert_file: str = ""
@@ -111,6 +123,7 @@ class ServerSettings:
     requiretls: bool = True
     smtputf8: bool = True
     publish_dane: bool = False
+    tls_next_key_file: str = ""
 
 
 @dataclass
@@ -125,11 +138,14 @@ class Config:
     prequeue: PrequeueSettings = field(default_factory=PrequeueSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     listener: list[ListenerSettings] = field(default_factory=list)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
                              "delivery": DeliverySettings, "queue": QueueSettings, "relay": RelaySettings,
-                             "local": LocalSettings, "prequeue": PrequeueSettings, "limits": LimitSettings}
+                             "local": LocalSettings, "prequeue": PrequeueSettings, "limits": LimitSettings,
+                             "dkim": DkimSettings, "check": CheckSettings}
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
@@ -248,6 +264,18 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     _validate_server(cfg, source, text)
     _validate_queue(cfg, source, text)
     _validate_inbound(cfg, source, text)
+    if cfg.path is not None:
+        cfg.dkim.key_directory = _relative(cfg.path, cfg.dkim.key_directory)
+        if cfg.server.tls_next_key_file:
+            cfg.server.tls_next_key_file = _relative(cfg.path, cfg.server.tls_next_key_file)
+    if not cfg.dkim.default_domain and cfg.server.hostname.count(".") >= 2:
+        cfg.dkim.default_domain = cfg.server.hostname.rstrip(".").split(".", 1)[1]
+    from postgate.check import CHECKS  # late: postgate.check imports this module
+    for name in cfg.check.downgrade:
+        if name != "*" and name not in CHECKS:
+            line = _line_of(text, "check", "downgrade") if text else 0
+            raise ConfigError(f"{source}:{line}: [check] downgrade: unknown check {name!r} "
+                              f"(one of {', '.join(CHECKS)}, or *)")
 
 
 def _validate_inbound(cfg: Config, source: str, text: str) -> None:

@@ -59,6 +59,7 @@ class Daemon:
     credentials: Credentials | None = None
     prequeue: PreQueue | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    signer: Any = None
 
     def build(self, signer: Any = None) -> None:
         cfg = self.cfg
@@ -73,6 +74,8 @@ class Daemon:
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
             destination_backoff=q.destination_backoff, reporting_mta=hostname))
+        if signer is not None:
+            self.scheduler.signer = lambda content: signer(content, "")  # bounces are DKIM-signed too
         if cfg.relay.credentials_file:
             try:
                 self.credentials = Credentials(cfg.relay.credentials_file)
@@ -149,6 +152,12 @@ class Daemon:
                         log.info("reloaded %s", table.path)
                 except ValueError as e:
                     log.error("reload refused, keeping the old table: %s", e)
+        if self.signer is not None:
+            try:
+                self.signer.reload()
+                log.info("reloaded DKIM keys from %s", self.signer.keydir)
+            except ValueError as e:
+                log.error("DKIM key reload refused, keeping the old keys: %s", e)
         if self.credentials is not None:
             try:
                 self.credentials.load()
@@ -157,10 +166,20 @@ class Daemon:
                 log.error("reload refused, keeping the old credentials: %s", e)
 
 
-def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None) -> int:
+def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
+          caps: Any = None) -> int:
     async def main() -> int:
+        from postgate.check import FAIL, apply_downgrades, run_checks
+        results = apply_downgrades(await run_checks(cfg, resolver, caps), cfg.check.downgrade)
+        for r in results:
+            print("postgate: check: " + r.line(), file=sys.stderr)
+        failed = [r.check for r in results if r.status == FAIL]
+        if failed:
+            raise StartupError(f"check(s) failed: {', '.join(dict.fromkeys(failed))} (fix them, or downgrade "
+                               "them by name in [check] downgrade)")
         d = Daemon(cfg, resolver, deliverer)
-        d.build(signer)
+        d.signer = signer
+        d.build(signer.sign if signer is not None else None)
         return await d.run()
     try:
         return asyncio.run(main())

@@ -77,6 +77,8 @@ class Scheduler:
     clock: Callable[[], float] = time.time
     owner: str = "local"
 
+    signer: Callable[[bytes], bytes] | None = None   # DKIM for the DSNs this scheduler writes
+
     def __post_init__(self) -> None:
         self._dead_until: dict[str, float] = {}
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(
@@ -201,6 +203,8 @@ class Scheduler:
                          now=self.clock(), retry_until=retry_until)
         if body is None:
             return
+        if self.signer is not None:
+            body = self.signer(body)
         bounce = Envelope.new("", [Recipient(env.sender, notify=["NEVER"])], body, now=self.clock(),
                               is_bounce=True)
         self.spool.enqueue(bounce, body)

@@ -1,0 +1,180 @@
+"""DKIM signing of every message Postgate sends (RFC 6376, RFC 8463), with dkimpy.
+
+Keys live in a directory by domain and selector: ``<keydir>/<domain>/<selector>.private``, written by
+``postgate dkim keygen`` with mode 0600. An RSA key (PEM, 2048 bits or more) signs with rsa-sha256; an
+Ed25519 key (the base64 32-octet seed, as dkimpy and RFC 8463 use) with ed25519-sha256. When a domain has
+both, the message carries both signatures, so verifiers that know only RSA still verify it.
+
+The signing domain is the From header's domain when Postgate holds a key for it, else the server's own
+domain (``[dkim] default_domain``). Canonicalization is relaxed/relaxed; the signed headers are RFC 6376
+§5.4.1's recommended set, and From, To, Subject, Date and Message-ID are over-signed (listed once more than
+they occur, §8.15), so none can be added after signing.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+log = logging.getLogger("postgate.dkim")
+
+# RFC 6376 §5.4.1
+RECOMMENDED = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from", "resent-to",
+               "resent-cc", "in-reply-to", "references", "list-id", "list-help", "list-unsubscribe",
+               "list-subscribe", "list-post", "list-owner", "list-archive", "mime-version", "content-type",
+               "content-transfer-encoding", "message-id")
+OVERSIGNED = ("from", "to", "subject", "date", "message-id")
+_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class DkimError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Key:
+    domain: str
+    selector: str
+    algorithm: str          # "rsa" or "ed25519"
+    private: bytes          # as dkimpy takes it
+    public_b64: str         # the p= value
+
+    @property
+    def signature_algorithm(self) -> bytes:
+        return b"rsa-sha256" if self.algorithm == "rsa" else b"ed25519-sha256"
+
+    def txt(self) -> str:
+        """The TXT record value to publish at ``<selector>._domainkey.<domain>``."""
+        return f"v=DKIM1; k={self.algorithm}; p={self.public_b64}"
+
+    def owner(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}."
+
+
+def load_key(path: Path, domain: str, selector: str) -> Key:
+    data = path.read_bytes()
+    if b"PRIVATE KEY" in data:
+        try:
+            k = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise DkimError(f"{path}: not a usable PEM private key: {e}") from e
+        if not isinstance(k, rsa.RSAPrivateKey):
+            raise DkimError(f"{path}: PEM keys must be RSA")
+        if k.key_size < 2048:  # RFC 8301 §3.2: at least 1024, Postgate demands 2048
+            raise DkimError(f"{path}: RSA key of {k.key_size} bits; DKIM keys must have 2048 or more")
+        pub = k.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption())
+        return Key(domain, selector, "rsa", pem, base64.b64encode(pub).decode())
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+        if len(seed) != 32:
+            raise ValueError("not 32 octets")
+        ek = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    except ValueError as e:
+        raise DkimError(f"{path}: neither an RSA PEM key nor a base64 Ed25519 seed ({e})") from e
+    raw = ek.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return Key(domain, selector, "ed25519", data.strip(), base64.b64encode(raw).decode())  # RFC 8463 §4
+
+
+def generate(keydir: Path, domain: str, selector: str, algorithm: str = "rsa", bits: int = 2048) -> Key:
+    """Create ``<keydir>/<domain>/<selector>.private`` (0600, never overwritten) and return the key."""
+    domain = domain.lower().rstrip(".")
+    if not _SELECTOR.match(selector):
+        raise DkimError(f"bad selector {selector!r}")
+    if algorithm == "rsa":
+        if bits < 2048:
+            raise DkimError("RSA DKIM keys must have 2048 bits or more")
+        data = rsa.generate_private_key(65537, bits).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    elif algorithm == "ed25519":
+        seed = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        data = base64.b64encode(seed) + b"\n"
+    else:
+        raise DkimError(f"algorithm {algorithm!r}: rsa or ed25519")
+    d = keydir / domain
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = d / f"{selector}.private"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return load_key(path, domain, selector)
+
+
+def load_keys(keydir: Path) -> dict[str, list[Key]]:
+    """All keys under ``keydir``, by domain. Refuses keys readable by group or others."""
+    out: dict[str, list[Key]] = {}
+    if not keydir.is_dir():
+        raise DkimError(f"{keydir}: no such directory")
+    for ddir in sorted(p for p in keydir.iterdir() if p.is_dir()):
+        for f in sorted(ddir.glob("*.private")):
+            if f.stat().st_mode & 0o077:
+                raise DkimError(f"{f}: readable by group or others; chmod 600 it")
+            out.setdefault(ddir.name.lower(), []).append(load_key(f, ddir.name.lower(), f.stem))
+    return out
+
+
+def _from_domain(message: bytes) -> str | None:
+    head = message.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    m = re.search(r"(?im)^from:(.*(?:\r\n[ \t].*)*)", head)
+    if not m:
+        return None
+    _, addr = email.utils.parseaddr(m.group(1).replace("\r\n", ""))
+    return addr.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in addr else None
+
+
+def header_list(message: bytes) -> list[bytes]:
+    """The h= list: recommended headers as often as they occur, over-signed ones once more."""
+    head = message.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    names = [ln.split(":", 1)[0].strip().lower() for ln in head.split("\r\n")
+             if ln and ln[0] not in " \t" and ":" in ln]
+    out = []
+    for h in RECOMMENDED:
+        n = names.count(h) + (1 if h in OVERSIGNED else 0)
+        out += [h.encode()] * n
+    return out
+
+
+class Signer:
+    def __init__(self, keydir: Path | str, default_domain: str) -> None:
+        self.keydir = Path(keydir)
+        self.default_domain = default_domain.lower().rstrip(".")
+        self.keys = load_keys(self.keydir)
+
+    def reload(self) -> None:
+        self.keys = load_keys(self.keydir)
+
+    def keys_for(self, message: bytes) -> list[Key]:
+        d = _from_domain(message)
+        if d and d in self.keys:
+            return self.keys[d]
+        return self.keys.get(self.default_domain, [])
+
+    def sign(self, message: bytes, sender: str = "") -> bytes:
+        """``message`` with DKIM-Signature headers prepended (RSA first, then Ed25519)."""
+        keys = sorted(self.keys_for(message), key=lambda k: k.algorithm != "rsa")
+        if not keys:
+            log.warning("no DKIM key for this message's From domain nor for %s: sent unsigned", self.default_domain)
+            return message
+        hdrs = header_list(message)
+        sigs = []
+        for k in keys:
+            try:
+                sigs.append(dkim.sign(message, k.selector.encode(), k.domain.encode(), k.private,
+                                      canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=k.signature_algorithm,
+                                      include_headers=hdrs))
+            except dkim.DKIMException as e:
+                log.error("DKIM signing with %s failed: %s", k.owner(), e)
+        return b"".join(sigs) + message
