@@ -1,0 +1,198 @@
+"""DKIM signatures checked by dkimpy and by OpenDKIM, and ``postgate check`` on good and broken setups."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dkim as dkimpy
+import dns.message
+import dns.query
+import pytest
+
+from fixtures.pgserve import PostgateServer
+from fixtures.testnet import TestNet
+from outbound import dkim
+from outbound.dane import tlsa_for
+
+# OpenDKIM (rightly) refuses messages without the RFC 5322 §3.6 required Date and From fields
+MESSAGES = {
+    "plain": b"From: Alice <alice@own.test>\r\nTo: bob@example.test\r\nSubject: plain\r\nDate: Tue, 24 Nov 2026 "
+             b"10:00:00 +0000\r\nMessage-ID: <1@own.test>\r\n\r\nHello.\r\n",
+    "8bit": "From: =?utf-8?q?J=C3=B6rg?= <joerg@own.test>\r\nTo: bob@example.test\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+            "Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <2@own.test>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            "\r\nGrüße aus Köln — ½ € ✓\r\n".encode(),
+    "long-folded": b"From: alice@own.test\r\nTo: " + b", ".join(f"user{i}@example.test".encode() for i in range(40))
+                   + b"\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <3@own.test>"
+                   b"\r\nSubject: a subject that is folded\r\n  over several\r\n\tcontinuation lines   with   spaces\r\n"
+                   b"References: <" + b"x" * 900 + b"@own.test>\r\nX-Long: " + b"\r\n ".join([b"y" * 900] * 5)
+                   + b"\r\n\r\nbody  with "
+                   b"trailing spaces   \r\n\r\n\r\n",
+}
+
+
+def _signer(net: TestNet, tmp_path: Path) -> dkim.Signer:
+    keydir = tmp_path / "keys"
+    shutil.copytree(net.dkim_dir / "own.test", keydir / "own.test")
+    return dkim.Signer(keydir, "own.test")
+
+
+def _dnsfunc(net: TestNet):  # type: ignore[no-untyped-def]
+    def f(name: bytes, timeout: int = 5) -> bytes:
+        r = dns.query.udp(dns.message.make_query(name.decode(), "TXT"), net.resolver, timeout=5)
+        return b"".join(s for rr in r.answer for rd in rr for s in rd.strings)
+    return f
+
+
+def _verifies(message: bytes, net: TestNet) -> bool:
+    try:
+        return bool(dkimpy.DKIM(message).verify(dnsfunc=_dnsfunc(net)))
+    except dkimpy.DKIMException:
+        return False
+
+
+@pytest.mark.parametrize("kind", list(MESSAGES))
+def test_signatures_verify_with_dkimpy_and_opendkim(testnet: TestNet, tmp_path: Path, kind: str) -> None:
+    signed = _signer(testnet, tmp_path).sign(MESSAGES[kind])
+    assert signed.count(b"DKIM-Signature:") == 2
+    first = signed.split(b"DKIM-Signature:")[1]
+    assert b"a=rsa-sha256" in first and b"c=relaxed/relaxed" in first and b"d=own.test" in first
+    # over-signing: From, To, Subject, Date, Message-ID listed once more than they occur
+    # dkimpy verifies every signature
+    d = dkimpy.DKIM(signed)
+    for i in range(2):
+        assert d.verify(idx=i, dnsfunc=_dnsfunc(testnet)), f"dkimpy rejects signature {i} of {kind}"
+    # OpenDKIM, an independent implementation, over the system resolver (pointed at the test network)
+    res = subprocess.run(["opendkim-testmsg"], input=signed, capture_output=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # a tampered message fails both
+    tampered = signed.replace(b"\r\n\r\n", b"\r\n\r\nX", 1)
+    assert not _verifies(tampered, testnet)
+    assert subprocess.run(["opendkim-testmsg"], input=tampered, capture_output=True, timeout=30).returncode != 0
+
+
+def test_oversigned_headers(testnet: TestNet, tmp_path: Path) -> None:
+    signed = _signer(testnet, tmp_path).sign(MESSAGES["plain"])
+    sig = signed.split(b"\r\n\r\n")[0].split(b"DKIM-Signature:")[1]
+    h = [x.strip() for x in sig.replace(b"\r\n", b"").split(b"h=")[1].split(b";")[0].split(b":")]
+    for name in (b"from", b"to", b"subject", b"date", b"message-id"):
+        assert h.count(name) == 2, (name, h)
+    # an added From header after signing breaks the signature
+    added = signed.replace(b"From: Alice", b"From: Mallory <m@evil.test>\r\nFrom: Alice", 1)
+    assert not _verifies(added, testnet)
+
+
+def test_key_choice_and_keygen(testnet: TestNet, tmp_path: Path) -> None:
+    signer = _signer(testnet, tmp_path)
+    other = signer.sign(b"From: someone@elsewhere.test\r\nSubject: x\r\n\r\nx\r\n")
+    assert b"d=own.test" in other  # no key for elsewhere.test: the server's own domain signs
+    res = subprocess.run([sys.executable, "-m", "postgate.cli", "dkim", "keygen", "new.test", "--selector", "k1",
+                          "--algorithm", "ed25519", "--key-directory", str(tmp_path / "kd")], capture_output=True,
+                         text=True)
+    assert res.returncode == 0
+    assert res.stdout.startswith('k1._domainkey.new.test. IN TXT "v=DKIM1; k=ed25519; p=')
+    key = tmp_path / "kd" / "new.test" / "k1.private"
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    again = subprocess.run([sys.executable, "-m", "postgate.cli", "dkim", "keygen", "new.test", "--selector", "k1",
+                            "--key-directory", str(tmp_path / "kd")], capture_output=True, text=True)
+    assert again.returncode == 73 and "never overwritten" in again.stderr
+    with pytest.raises(dkim.DkimError, match="2048"):
+        dkim.generate(tmp_path / "kd", "new.test", "small", "rsa", bits=1024)
+
+
+# --- postgate check ------------------------------------------------------------------------------------
+
+def _check(testnet: TestNet, tmp_path: Path, host: str = "mail.own.test", keys: str = "own.test",
+           extra: str = "") -> tuple[int, list[dict[str, str]]]:
+    assert testnet.pki is not None
+    chain, key = testnet.pki.paths(host)
+    keydir = tmp_path / "keys"
+    if keys and not keydir.exists():
+        shutil.copytree(testnet.dkim_dir / keys, keydir / keys)
+    keydir.mkdir(exist_ok=True)
+    cfg = tmp_path / "postgate.toml"
+    cfg.write_text(f'[server]\nhostname = "{host}"\ntls_cert_file = "{chain}"\ntls_key_file = "{key}"\n{extra}\n'
+                   f'[resolver]\nservers = ["{testnet.resolver}"]\ntrust_anchor_file = "{testnet.anchor_file}"\n'
+                   f'[dkim]\nkey_directory = "{keydir}"\ndefault_domain = "own.test"\n'
+                   '[[listener]]\nname = "mx"\naddress = "127.0.2.1:25"\n'
+                   '[[listener]]\nname = "submission"\naddress = "127.0.2.1:587"\nauth = false\n')
+    res = subprocess.run([sys.executable, "-m", "postgate.cli", "check", "--config", str(cfg), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    return res.returncode, json.loads(res.stdout)
+
+
+def _by(results: list[dict[str, str]], check: str) -> list[dict[str, str]]:
+    return [r for r in results if r["check"] == check]
+
+
+def test_check_passes_on_a_correct_setup(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path)
+    assert code == 0, results
+    assert {r["status"] for r in results} == {"PASS"}, [r for r in results if r["status"] != "PASS"]
+    assert {r["check"] for r in results} >= {"resolver", "tls-certificate", "host-dnssec", "tlsa", "dkim", "caps",
+                                             "submission-srv", "reverse-dns"}
+
+
+def test_check_missing_tlsa_gives_the_record(testnet: TestNet, tmp_path: Path) -> None:
+    assert testnet.pki is not None
+    code, results = _check(testnet, tmp_path, host="notlsa.own.test")
+    assert code == 1
+    [r] = _by(results, "tlsa")
+    want = tlsa_for(testnet.pki.leaves["notlsa.own.test"].cert, 3, 1, 1).text()
+    assert r["status"] == "FAIL" and r["fix"] == f"publish: _25._tcp.notlsa.own.test. IN TLSA {want}"
+
+
+def test_check_tlsa_not_matching(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path, host="badtlsa.own.test")
+    [r] = _by(results, "tlsa")
+    assert code == 1 and r["status"] == "FAIL" and "matches the certificate" in r["message"]
+
+
+def test_check_expired_certificate(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path, host="expired.own.test")
+    [r] = _by(results, "tls-certificate")
+    assert code == 1 and r["status"] == "FAIL" and "expired" in r["message"]
+
+
+def test_check_unsigned_zone(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path, host="mail.ownunsigned.test")
+    [r] = _by(results, "host-dnssec")
+    assert code == 1 and r["status"] == "FAIL" and "insecure" in r["message"] and "DNSSEC" in r["fix"]
+    assert _by(results, "tlsa")[0]["status"] == "FAIL"
+
+
+def test_check_dkim_record_with_another_key(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path, keys="wrongdkim.test")
+    [r] = _by(results, "dkim")
+    key = dkim.load_keys(testnet.dkim_dir)["wrongdkim.test"][0]
+    assert code == 1 and r["status"] == "FAIL" and "another key" in r["message"]
+    assert r["fix"] == f'publish: s1._domainkey.wrongdkim.test. IN TXT "{key.txt()}"'
+
+
+def test_check_no_dkim_key_and_caps_overpromise(testnet: TestNet, tmp_path: Path) -> None:
+    code, results = _check(testnet, tmp_path, keys="", extra="requiretls = false")
+    assert code == 1
+    assert _by(results, "dkim")[0]["status"] == "FAIL" and "postgate dkim keygen own.test" in _by(results, "dkim")[0]["fix"]
+    [c] = _by(results, "caps")
+    assert c["status"] == "FAIL" and "requiretls" in c["message"]
+
+
+def test_serve_refuses_to_start_on_fail_unless_downgraded(testnet: TestNet, tmp_path: Path) -> None:
+    srv = PostgateServer(testnet, tmp_path, address="127.0.2.3", server={"hostname": "notlsa.own.test",
+                         "tls_cert_file": str(testnet.pki.paths("notlsa.own.test")[0]),  # type: ignore[union-attr]
+                         "tls_key_file": str(testnet.pki.paths("notlsa.own.test")[1])})  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="exited 78"):
+        srv.start()
+    assert "refusing to start: check(s) failed: tlsa" in srv.log()  # and submission-srv: SRV names mail.own.test
+    assert "fix: publish: _25._tcp.notlsa.own.test. IN TLSA 3 1 1" in srv.log()
+    srv2 = PostgateServer(testnet, tmp_path, address="127.0.2.3", server={"hostname": "notlsa.own.test",
+                          "tls_cert_file": str(testnet.pki.paths("notlsa.own.test")[0]),  # type: ignore[union-attr]
+                          "tls_key_file": str(testnet.pki.paths("notlsa.own.test")[1])},  # type: ignore[union-attr]
+                          check={"downgrade": ["tlsa", "submission-srv"]})
+    srv2.start()
+    assert srv2.stop() == 0
