@@ -100,8 +100,27 @@ class ConnectionCache:
         self.idle = idle
         self._idle: dict[tuple[Any, ...], list[tuple[float, Session]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Future[None] | None = None
+
+    def sweep(self) -> None:
+        """Close connections idle for longer than ``idle`` (so servers do not time them out)."""
+        now = time.monotonic()
+        for key in list(self._idle):
+            keep = []
+            for t, s in self._idle[key]:
+                if now - t <= self.idle and s.alive:
+                    keep.append((t, s))
+                else:
+                    task = asyncio.ensure_future(s.close())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     def take(self, key: tuple[Any, ...]) -> Session | None:
+        self.sweep()
         now = time.monotonic()
         entries = self._idle.get(key, [])
         while entries:
@@ -115,8 +134,17 @@ class ConnectionCache:
 
     def put(self, key: tuple[Any, ...], s: Session) -> None:
         self._idle.setdefault(key, []).append((time.monotonic(), s))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep_later())
+
+    async def _sweep_later(self) -> None:
+        while self._idle:
+            await asyncio.sleep(self.idle)
+            self.sweep()
 
     async def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         sessions = [s for entries in self._idle.values() for _, s in entries]
         self._idle.clear()
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)

@@ -166,8 +166,18 @@ class Daemon:
                 log.error("reload refused, keeping the old credentials: %s", e)
 
 
+def _raise_fd_limit() -> None:
+    """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
           caps: Any = None) -> int:
+    _raise_fd_limit()
+
     async def main() -> int:
         from postgate.check import FAIL, apply_downgrades, run_checks
         results = apply_downgrades(await run_checks(cfg, resolver, caps), cfg.check.downgrade)

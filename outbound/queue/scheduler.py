@@ -121,8 +121,15 @@ class Scheduler:
         s.cancel()
 
     async def _run_destination(self, items: list[tuple[Lease, Envelope]]) -> None:
-        for lease, env in items:  # sequential: one connection serves the destination's batch
-            await self._attempt(lease, env)
+        """Up to ``destination_concurrency`` workers per destination, each delivering its share one message
+        after the other, so each worker's connection serves several messages."""
+        workers = max(1, min(self.config.destination_concurrency, len(items)))
+
+        async def worker(share: list[tuple[Lease, Envelope]]) -> None:
+            for lease, env in share:
+                await self._attempt(lease, env)
+
+        await asyncio.gather(*(worker(items[i::workers]) for i in range(workers)))
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
         now = self.clock()
