@@ -34,7 +34,7 @@ CRASH_POINTS = [
     ("spool-enqueued", 2, False),        # right after the second acknowledgement point
     ("delivery-before-data", 1, False),  # connected, recipients accepted, DATA not sent
     ("queue-after-remote-reply", 1, True),  # the remote said 250, the result is not yet recorded
-    ("queue-after-record", 2, False),    # results recorded, message not yet removed
+    ("queue-after-record", 2, False),    # the results are durable (a fully delivered message: removed)
 ]
 
 

@@ -93,7 +93,9 @@ class Scheduler:
         """Apply operator requests, then deliver every due message once. Returns messages attempted."""
         self.apply_requests()
         now = self.clock()
-        leased = self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch)
+        # spool I/O (fsync) runs in worker threads, so deliveries overlap with it
+        leased = await asyncio.to_thread(self.spool.lease_due, now, self.owner, self.config.lease_time,
+                                         self.config.batch)
         by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
         for lease, env in leased:
             dest = _domain(env.pending[0].address) if env.pending else ""
@@ -123,18 +125,22 @@ class Scheduler:
     async def _run_destination(self, items: list[tuple[Lease, Envelope]]) -> None:
         """Up to ``destination_concurrency`` workers per destination, each delivering its share one message
         after the other, so each worker's connection serves several messages."""
-        workers = max(1, min(self.config.destination_concurrency, len(items)))
+        # the first message probes the destination; only if it is not dead do the others fan out
+        first, rest = items[0], items[1:]
+        await self._attempt(*first)
+        workers = max(1, min(self.config.destination_concurrency, len(rest)))
 
         async def worker(share: list[tuple[Lease, Envelope]]) -> None:
             for lease, env in share:
                 await self._attempt(lease, env)
 
-        await asyncio.gather(*(worker(items[i::workers]) for i in range(workers)))
+        if rest:
+            await asyncio.gather(*(worker(rest[i::workers]) for i in range(workers)))
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
         now = self.clock()
         try:
-            content = self.spool.content(env.id)
+            content = await asyncio.to_thread(self.spool.content, env.id)
             env.check_content(content)
         except (OSError, EnvelopeError) as e:
             self.spool.quarantine(env.id, "active", str(e))
@@ -162,15 +168,20 @@ class Scheduler:
                 rcpt.reason = rcpt.reason or "destination is backing off after failures"
         env.attempts.append({"time": now, "delivered": sum(r.status == DELIVERED for r in results),
                              "deferred": sum(r.status not in (DELIVERED, BOUNCED) for r in results)})
-        self.spool.record(lease, env)  # per-recipient results are durable from here on
-        crashpoint("queue-after-record")
         bounced_now = [r for r in ready if r.status == R_BOUNCED]
-        if bounced_now:
-            self.notify(env, content, bounced_now, "failed")
         if not env.pending:
-            self.spool.finish(lease)
+            # every recipient is final: the bounce (if any) is queued durably, then the message removed;
+            # recording the results first would only add an fsync
+            if bounced_now:
+                await asyncio.to_thread(self.notify, env, content, bounced_now, "failed")
+            await asyncio.to_thread(self.spool.finish, lease)
+            crashpoint("queue-after-record")
             log.info("%s: removed", env.id)
             return
+        await asyncio.to_thread(self.spool.record, lease, env)  # per-recipient results are durable
+        crashpoint("queue-after-record")
+        if bounced_now:
+            self.notify(env, content, bounced_now, "failed")
         if now - env.arrival >= self.config.max_lifetime:
             expired = env.pending
             for r in expired:
@@ -188,7 +199,7 @@ class Scheduler:
             env.delay_warned = True
             self.notify(env, content, env.pending, "delayed")
         env.next_attempt = now + self.backoff(len(env.attempts))
-        self.spool.release(lease, env)
+        await asyncio.to_thread(self.spool.release, lease, env)
 
     def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
