@@ -291,7 +291,7 @@ def main() -> int:
         f"Postgate pre-queue, resident memory: {rss0 / 1024:.0f} MiB idle, {rss1 / 1024:.0f} MiB with 10,000 "
         f"idle sessions open ({sessions} descriptors), {rss2 / 1024:.0f} MiB after the 2 KB / C=100 relay load on "
         f"top. Relay rate under that load: {loaded['relay']:,.0f} msg/s against {base_rate:,.0f} msg/s without "
-        f"the idle sessions ({100 * (1 - float(loaded['relay']) / float(base_rate)):+.0f}% drop); DATA reply p50 "  # type: ignore[arg-type]
+        f"the idle sessions ({100 * (1 - float(loaded['relay']) / float(base_rate)):.0f}% drop); DATA reply p50 "  # type: ignore[arg-type]
         f"{loaded['p50_reply']}, p99 {loaded['p99_reply']}.",
         "",
         "### Where the time goes (py-spy, Postgate pre-queue, 2 KB, C=100; own time of the top functions)",

@@ -175,10 +175,8 @@ class _Conversation:
         return None
 
     async def readline(self) -> bytes:
-        try:
-            line = await asyncio.wait_for(self.r.readuntil(b"\n"), self.limits.command_timeout)
-        except asyncio.LimitOverrunError:
-            raise
+        async with asyncio.timeout(self.limits.command_timeout):  # no task per read, unlike wait_for
+            line = await self.r.readuntil(b"\n")
         if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
             raise BareLineEnding
         return line[:-2]
@@ -433,7 +431,8 @@ class _Conversation:
             end = buf.find(b"\r\n.\r\n", max(0, len(buf) - 65536 - 5))
             if end >= 0:
                 break
-            chunk = await asyncio.wait_for(self.r.read(65536), self.limits.data_timeout)
+            async with asyncio.timeout(self.limits.data_timeout):
+                chunk = await self.r.read(65536)
             if not chunk:
                 raise asyncio.IncompleteReadError(bytes(buf), None)
             buf += chunk

@@ -349,7 +349,10 @@ class Resolver:
                 ttls.append(ttl)
                 return self._answer(qname, rdtype, dns.rcode.NOERROR, verdicts, reasons, data, chain,
                                     ttls)
-            link = None if rdtype == dns.rdatatype.CNAME else _find(msg.answer, name, dns.rdatatype.CNAME)
+            # RFC 6672 §5.3.3: a DNAME's synthesized CNAME is unsigned; the signed DNAME is what counts
+            dname_first = _dname_for(msg.answer, name)
+            link = None if rdtype == dns.rdatatype.CNAME or dname_first is not None else \
+                _find(msg.answer, name, dns.rdatatype.CNAME)
             if link is not None:
                 sec, why, ttl = await self._check_rrset(link, msg.answer, msg, depth)
                 verdicts.append(sec)

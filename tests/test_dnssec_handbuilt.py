@@ -11,6 +11,7 @@ import bisect
 import time
 from collections.abc import Iterator
 
+import dns.dnssec
 import dns.flags
 import dns.message
 import dns.name
@@ -363,3 +364,40 @@ def test_malformed_tlsa_rdata_makes_the_host_unusable_not_tlsa_less(up: FakeUpst
     nh = asyncio.run(resolve_nexthop(resolver(s, timeout=1), "hand.test"))
     assert nh.failure is Failure.TEMPORARY
     assert nh.hosts[0].unusable and "TLSA" in nh.hosts[0].unusable
+
+
+def test_dname_substitution_is_validated_not_its_synthesized_cname(up: FakeUpstream) -> None:
+    """RFC 6672 §5.3.3: the synthesized CNAME is unsigned; the signed DNAME and the target carry the proof."""
+    s, _ = nsec_zone()
+    up.signers.append(s)
+    dname = s.signed(s.rr("old", "DNAME", "new.hand.test."))
+    synth = s.rr("x.old", "CNAME", "x.new.hand.test.", ttl=0)
+    target = s.signed(s.rr("x.new", "A", "192.0.2.9"))
+    up.add("x.old.hand.test.", "A", Reply(answer=[*dname, synth, *target]))
+    forged = s.rr("x.new", "A", "203.0.113.66")
+    up.add("y.old.hand.test.", "A", Reply(answer=[*dname, s.rr("y.old", "CNAME", "y.new.hand.test.", ttl=0), forged]))
+    up.add("y.new.hand.test.", "DS", Reply(authority=s.soa() + s.signed(s.rr("sub.e", "NSEC", "*.w.hand.test. A RRSIG NSEC"))))
+    r = resolver(s)
+    a = asyncio.run(r.resolve("x.old.hand.test", "A"))
+    assert a.security is Security.SECURE and [rd.to_text() for rd in a.records()] == ["192.0.2.9"]
+    assert asyncio.run(r.resolve("y.old.hand.test", "A")).security is not Security.SECURE
+
+
+@pytest.mark.parametrize(("ds", "why"), [
+    ("12345 13 3 " + "ab" * 32, "GOST digest (3) not implemented"),
+    ("12345 12 2 " + "ab" * 32, "ECC-GOST algorithm (12) not implemented"),
+    ("12345 253 2 " + "ab" * 32, "private algorithm"),
+])
+def test_unsupported_ds_makes_the_child_insecure_not_bogus(up: FakeUpstream, ds: str, why: str) -> None:
+    """RFC 4035 §5.2, RFC 6840 §5.2: no DS with a supported algorithm and digest: the zone is insecure."""
+    parent = Signer("hand.test.")
+    child = Signer("child.hand.test.")
+    up.signers += [parent, child]
+    up.add("child.hand.test.", "DS", Reply(answer=parent.signed(parent.rr("child", "DS", ds))))
+    up.add("www.child.hand.test.", "A", Reply(answer=child.signed(child.rr("www", "A", "192.0.2.10"))))
+    sec, reason = ask(resolver(parent), "www.child.hand.test", "A")
+    assert sec is Security.INSECURE, (why, reason)
+    # and with a proper DS the same answer is secure
+    up.add("child.hand.test.", "DS", Reply(answer=parent.signed(dns.rrset.from_rdata(
+        child.zone, 300, dns.dnssec.make_ds(child.zone, child.dnskey, "SHA256")))))
+    assert ask(resolver(parent), "www.child.hand.test", "A")[0] is Security.SECURE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import smtplib
@@ -339,3 +340,59 @@ def test_postfix_relays_through_postgate(pg: PostgateServer, testnet: TestNet) -
     pf.cleanup()
     assert m["tls"]["version"] == "TLSv1.3"
     assert "Received: from postfix.test ([127.0.5.2])" in m["data"]
+
+
+def test_limits_size_recipients_lines_sessions(pg: PostgateServer) -> None:
+    with client() as s:
+        s.ehlo("client.test")
+        assert int(s.esmtp_features["size"]) == 52428800
+        assert s.mail("a@client.test", ["SIZE=99999999999"])[0] == 552           # RFC 1870 §6.1
+        assert s.mail("a@client.test")[0] == 250
+        codes = [s.rcpt(f"u{i}@dane-ok.test")[0] for i in range(101)]
+        assert codes[:100] == [250] * 100 and codes[100] == 452                    # max_recipients
+        s.rset()
+        s.mail("a@client.test")
+        s.rcpt("bob@dane-ok.test")
+        code, text = s.data(b"Subject: long\r\n\r\n" + b"x" * 1200 + b"\r\n")
+        assert code == 554 and b"998" in text                                      # RFC 5322 §2.1.1
+        code, _ = s.docmd("X" * 3000)
+        assert code == 500
+    # one client address may hold max_sessions_per_client (50) sessions, not more
+    socks = [socket.create_connection((ADDRESS, 25), timeout=10, source_address=("127.0.8.1", 0)) for _ in range(50)]
+    try:
+        for so in socks:
+            assert so.recv(100).startswith(b"220")
+        with socket.create_connection((ADDRESS, 25), timeout=10, source_address=("127.0.8.1", 0)) as extra:
+            assert extra.recv(100).startswith(b"421 4.7.0")
+        with socket.create_connection((ADDRESS, 25), timeout=10, source_address=("127.0.8.2", 0)) as other:
+            assert other.recv(100).startswith(b"220")
+    finally:
+        for so in socks:
+            so.close()
+
+
+def test_sighup_reloads_policy_map(testnet: TestNet, tmp_path: Path) -> None:
+    pm = tmp_path / "tls_policy"
+    pm.write_text("nostarttls.test  dane\n")
+    pg = _serve(testnet, tmp_path / "pg", delivery={"policy_map": str(pm)})
+    try:
+        with client(address=OWN) as s:
+            s.ehlo("client.test")
+            code, text, _ = data_reply(s, "a@client.test", ["b@nostarttls.test"], msg("x"))
+            assert code == 250 and "queued" in text  # 'dane' with TLSA and no STARTTLS: deferred
+        pm.write_text("nostarttls.test  may\n")
+        os.utime(pm, (time.time() + 5, time.time() + 5))
+        assert pg.proc is not None
+        pg.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while f"reloaded {pm}" not in pg.log() and time.time() < deadline:
+            time.sleep(0.1)
+        assert f"reloaded {pm}" in pg.log()
+        token = secrets.token_hex(8)
+        with client(address=OWN) as s:
+            s.ehlo("client.test")
+            code, text, _ = data_reply(s, "a@client.test", ["b@nostarttls.test"], msg(token))
+        assert code == 250 and "delivered" in text  # 'may': delivered in cleartext, no restart needed
+        assert stored(testnet, "mx.nostarttls.test", token)
+    finally:
+        pg.stop()
