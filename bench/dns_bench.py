@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -30,11 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import identity, write_section
 from fixtures.testnet import TestNet
 from outbound.resolver import Resolver, load_anchors
-
-README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- dns-bench:begin -->", "<!-- dns-bench:end -->"
 
 
 async def _pass(r: Resolver, names: list[tuple[str, str]], inflight: int = 50) -> tuple[float, list[float]]:
@@ -82,9 +79,6 @@ def main() -> int:
         unbound_cached = _dnsperf(net, names, "-l", "5")
     finally:
         net.stop()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=README.parent).stdout.strip()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = [
         ("Postgate validate, cold (own cache empty)", v_cold, f"{v_p50:.2f} ms"),
         ("Postgate validate, cached", v_cached, ""),
@@ -93,26 +87,15 @@ def main() -> int:
         ("Unbound (dnsperf), cold: first pass after start", unbound_cold, ""),
         ("Unbound (dnsperf), cached, 5 s", unbound_cached, ""),
     ]
-    table = [
-        BEGIN,
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, "
-        f"{mem:.0f} GiB, Python {platform.python_version()}; {len(names)} names (every owner and type of "
-        "the test network that does not SERVFAIL), 50 lookups in flight.",
+    write_section("dns-bench", "DNSSEC-validated lookups", [
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}; {len(names)} names (every owner and "
+        "type of the test network that does not SERVFAIL), 50 lookups in flight.",
         "Command: `scripts/bench dns`",
         "",
         "| what | lookups/s | median latency |",
         "|---|---:|---:|",
         *[f"| {what} | {qps:,.0f} | {lat} |" for what, qps, lat in rows],
-        END,
-    ]
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = "\n".join(table)
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
-    else:
-        text += "\n## DNSSEC-validated lookups\n\n" + block + "\n"
-    README.write_text(text)
-    print(block)
+    ])
     return 0
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -20,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import identity, write_section
 from outbound.queue.envelope import Envelope, Recipient
 from outbound.queue.spool import DirectorySpool
-
-README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- queue-bench:begin -->", "<!-- queue-bench:end -->"
 
 
 def run(writers: int, n: int, size: int, fsync: bool = True) -> float:
@@ -53,13 +49,9 @@ def main() -> int:
             n = 400 if writers == 1 else 1000
             rows.append((size, writers, run(writers, n, size)))
     no_fsync = run(1, 1000, 2_000, fsync=False)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=README.parent).stdout.strip()
     fs = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True).stdout.splitlines()[-1]
-    block = "\n".join([
-        BEGIN,
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, file system: `{' '.join(fs.split()[:2])}`.",
+    write_section("queue-bench", "Durable enqueue (local queue)", [
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}, file system: `{' '.join(fs.split()[:2])}`.",
         "Command: `scripts/bench queue`",
         "",
         "| message size | concurrent writers | durable enqueues/s |",
@@ -69,15 +61,7 @@ def main() -> int:
         "",
         "Each enqueue costs two fsync'd files and two directory fsyncs; concurrent writers let the file "
         "system's journal commit several of them together, which is where the higher rates come from.",
-        END,
     ])
-    text = README.read_text()
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
-    else:
-        text += "\n## Durable enqueue (local queue)\n\n" + block + "\n"
-    README.write_text(text)
-    print(block)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import re
 import resource
 import shutil
@@ -37,12 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import identity, write_section
 from fixtures.pgserve import PostgateServer
 from fixtures.postfix import Postfix
 from fixtures.testnet import TestNet
 
-README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- relay-bench:begin -->", "<!-- relay-bench:end -->"
 SINK = "127.0.1.60"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 
@@ -259,15 +257,10 @@ def main() -> int:
         net.stop()
         shutil.rmtree(state, ignore_errors=True)
     base_rate = next(r["relay"] for name, s, c, r in results if name == "Postgate pre-queue" and s == 2000 and c == 100)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=README.parent).stdout.strip()
     postfix_version = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
                                      text=True).stdout.strip()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     lines = [
-        BEGIN,
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, {mem:.0f} GiB, "
-        f"Python {platform.python_version()}, Postfix {postfix_version}.",
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}, Postfix {postfix_version}.",
         "Command: `scripts/bench relay`" + (" (BENCH_QUICK=1: fewer messages)" if QUICK else ""),
         "",
         "Every message is relayed to the MX receiver over DANE-verified TLS (TLSA 3 1 1, DNSSEC via Unbound). "
@@ -299,16 +292,8 @@ def main() -> int:
         "| function | own samples |",
         "|---|---:|",
         *[f"| `{f[:110]}` | {p:.1f}% |" for f, p in prof],
-        END,
     ]
-    block = "\n".join(lines)
-    text = README.read_text()
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
-    else:
-        text += "\n## Relay throughput and latency against Postfix\n\n" + block + "\n"
-    README.write_text(text)
-    print(block)
+    write_section("relay-bench", "Relay throughput and latency against Postfix", lines)
     return 0
 
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from outbound.queue.spool import fsync_dir
+
 _SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 
 
@@ -29,14 +31,6 @@ class LocalResult:
     @property
     def ok(self) -> bool:
         return 200 <= self.code < 300
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Maildir:
@@ -66,7 +60,7 @@ class Maildir:
         finally:
             os.close(fd)
         os.rename(tmp, folder / "new" / name)
-        _fsync_dir(folder / "new")
+        fsync_dir(folder / "new")
         return LocalResult(recipient, 250, f"2.0.0 delivered to maildir as {name}")
 
     async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:

@@ -51,7 +51,7 @@ from outbound.queue.envelope import (
     Recipient,
     new_queue_id,
 )
-from outbound.queue.scheduler import Scheduler
+from outbound.queue.scheduler import DeliversMail, Scheduler
 from outbound.queue.spool import DirectorySpool
 
 log = logging.getLogger("postgate.smtpd")
@@ -59,11 +59,6 @@ log = logging.getLogger("postgate.smtpd")
 
 class LocalDelivery(Protocol):
     async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]: ...
-
-
-class Deliverer(Protocol):
-    async def deliver(self, sender: str, recipients: list[str], data: bytes, *, queue_id: str | None = None,
-                      requiretls: bool = False) -> list[RecipientResult]: ...
 
 
 @dataclass
@@ -80,7 +75,7 @@ class PreQueueConfig:
 class PreQueue:
     config: PreQueueConfig
     relay: RelayPolicy
-    deliverer: Deliverer
+    deliverer: DeliversMail
     spool: DirectorySpool
     scheduler: Scheduler
     local: LocalDelivery | None = None

@@ -212,21 +212,24 @@ class Deliverer:
                 self.counters.inc("suspected_attack")
         return out
 
-    async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
-                              level: Level | None, mail_options: Sequence[str],
-                              requiretls: bool = False) -> list[RecipientResult]:
-        if not domain:
-            return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
+    async def route(self, domain: str, level: Level | None = None) -> Route:
+        """Where mail for ``domain`` goes (smart host or MX) and under which TLS policy."""
         relay = self.relay_for(domain)
         policy = self.policy_for(domain, relay)
         if level is not None:
             policy = Policy(level, policy.match, policy.protocols, policy.ciphers, "command line")
         if relay is not None:
             nh = await resolve_nexthop(self.resolver, relay.host, port=relay.port, use_mx=relay.mx)
-            port, nexthop_name = relay.port, relay.host
-        else:
-            nh = await resolve_nexthop(self.resolver, domain)
-            port, nexthop_name = 25, domain
+            return Route(relay.host, relay.port, policy, nh, True)
+        return Route(domain, 25, policy, await resolve_nexthop(self.resolver, domain), False)
+
+    async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
+                              level: Level | None, mail_options: Sequence[str],
+                              requiretls: bool = False) -> list[RecipientResult]:
+        if not domain:
+            return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
+        rt = await self.route(domain, level)
+        nh, port, nexthop_name, policy = rt.nexthop, rt.port, rt.name, rt.policy
         if nh.failure is Failure.PERMANENT:
             return [RecipientResult(r, BOUNCED, nh.status, nh.reason) for r in rcpts]
         attack = nh.mx_security is Security.BOGUS
@@ -234,7 +237,7 @@ class Deliverer:
             why = nh.reason + (" — suspected attack" if attack else "")
             return [RecipientResult(r, DEFERRED, nh.status, why, suspected_attack=attack) for r in rcpts]
         return await self._try_hosts(qid, sender, nexthop_name, nh, port, policy, rcpts, data, mail_options,
-                                     relay is not None, requiretls)
+                                     rt.via_relay, requiretls)
 
     async def _try_hosts(self, qid: str, sender: str, nexthop: str, nh: NextHop, port: int, policy: Policy,
                          rcpts: list[str], data: bytes, mail_options: Sequence[str],
@@ -264,11 +267,7 @@ class Deliverer:
                 failures.append(f"{_h(host)}: MTA-capability dane promised by {caps_name} but no secure "
                                 "usable TLSA record — suspected attack")
                 continue
-            req = requirement(policy, mx_host=_h(host), nexthop=nexthop,
-                              tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa),
-                              tlsa_security=host.tlsa_security,
-                              reference_names=tuple(n.to_text(omit_final_dot=True)
-                                                    for n in host.reference_names))
+            req = host_requirement(policy, host, nexthop)
             if req.refuse:
                 failures.append(f"{_h(host)}: {req.refuse}")
                 continue
@@ -334,6 +333,22 @@ class Deliverer:
 
 def _h(host: MXHost) -> str:
     return host.name.to_text(omit_final_dot=True)
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str            # the next-hop name: the domain, or the smart host
+    port: int
+    policy: Policy
+    nexthop: NextHop
+    via_relay: bool
+
+
+def host_requirement(policy: Policy, host: MXHost, nexthop: str) -> Requirement:
+    """The TLS requirement for one MX host under ``policy`` (policy/tls.py), from what DNS said of it."""
+    return requirement(policy, mx_host=_h(host), nexthop=nexthop, tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa),
+                       tlsa_security=host.tlsa_security,
+                       reference_names=tuple(n.to_text(omit_final_dot=True) for n in host.reference_names))
 
 
 async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,

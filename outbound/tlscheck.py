@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from outbound.dane import Tlsa
-from outbound.delivery import Deliverer
+from outbound.delivery import Deliverer, host_requirement
 from outbound.dnssec import Security
-from outbound.nexthop import resolve_nexthop
 from outbound.smtp_client import SessionError, open_session
-from policy.tls import Level, Policy, requirement
+from policy.tls import Level
 
 
 def _report(mx: str, address: str | None, **kw: Any) -> dict[str, Any]:
@@ -25,16 +23,8 @@ def _report(mx: str, address: str | None, **kw: Any) -> dict[str, Any]:
 
 
 async def tls_check(d: Deliverer, domain: str, level: Level | None = None) -> list[dict[str, Any]]:
-    relay = d.relay_for(domain)
-    policy = d.policy_for(domain, relay)
-    if level is not None:
-        policy = Policy(level, policy.match, source="command line")
-    if relay is not None:
-        nh = await resolve_nexthop(d.resolver, relay.host, port=relay.port, use_mx=relay.mx)
-        port, nexthop = relay.port, relay.host
-    else:
-        nh = await resolve_nexthop(d.resolver, domain)
-        port, nexthop = 25, domain
+    rt = await d.route(domain, level)
+    nh, port, nexthop, policy = rt.nexthop, rt.port, rt.name, rt.policy
     out: list[dict[str, Any]] = []
     if not nh.hosts:
         return [_report(domain, None, reason=nh.reason, suspected_attack=nh.mx_security is Security.BOGUS)]
@@ -44,10 +34,7 @@ async def tls_check(d: Deliverer, domain: str, level: Level | None = None) -> li
             bogus = Security.BOGUS in (host.address_security, host.tlsa_security)
             out.append(_report(mx, None, reason=host.unusable, suspected_attack=bogus))
             continue
-        tlsa = tuple(Tlsa.from_rdata(t) for t in host.tlsa)
-        req = requirement(policy, mx_host=mx, nexthop=nexthop, tlsa=tlsa,
-                          tlsa_security=host.tlsa_security,
-                          reference_names=tuple(n.to_text(omit_final_dot=True) for n in host.reference_names))
+        req = host_requirement(policy, host, nexthop)
         if req.refuse:
             out.append(_report(mx, None, reason=req.refuse))
             continue

@@ -48,6 +48,8 @@ log = logging.getLogger("postgate.queue")
 
 
 class DeliversMail(Protocol):
+    """What the queue and the pre-queue path need of the delivery agent (outbound/delivery.py)."""
+
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
                       requiretls: bool = False) -> list[RecipientResult]: ...
 

@@ -59,7 +59,8 @@ class Spool(Protocol):
     def finish(self, lease: Lease) -> None: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -112,7 +113,7 @@ class DirectorySpool:
         os.rename(tmp, target)
         crashpoint("spool-after-rename")
         if self.fsync:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def _path(self, state: str, qid: str) -> Path:
         return self.root / state / qid
@@ -126,8 +127,8 @@ class DirectorySpool:
     def _move(self, qid: str, src: str, dst: str) -> None:
         os.rename(self._path(src, qid), self._path(dst, qid))
         if self.fsync:
-            _fsync_dir(self.root / dst)
-            _fsync_dir(self.root / src)
+            fsync_dir(self.root / dst)
+            fsync_dir(self.root / src)
 
     def read_envelope(self, state: str, qid: str) -> Envelope:
         return Envelope.from_bytes(self._path(state, qid).read_bytes())
@@ -186,7 +187,7 @@ class DirectorySpool:
             return False
         os.unlink(self._path(state, qid))
         if self.fsync:
-            _fsync_dir(self.root / state)
+            fsync_dir(self.root / state)
         try:
             os.unlink(self.root / "messages" / qid)
         except FileNotFoundError:
