@@ -401,3 +401,35 @@ def test_unsupported_ds_makes_the_child_insecure_not_bogus(up: FakeUpstream, ds:
     up.add("child.hand.test.", "DS", Reply(answer=parent.signed(dns.rrset.from_rdata(
         child.zone, 300, dns.dnssec.make_ds(child.zone, child.dnskey, "SHA256")))))
     assert ask(resolver(parent), "www.child.hand.test", "A")[0] is Security.SECURE
+
+
+@pytest.mark.parametrize("algorithm", [8, 10, 13, 14, 15, 16])
+def test_every_required_algorithm_validates(up: FakeUpstream, algorithm: int) -> None:
+    """RSA/SHA-256, RSA/SHA-512, ECDSA P-256/P-384, Ed25519 and Ed448 (RFC 8624 §3.1)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    s = Signer("alg.test.")
+    s.key = {8: lambda: rsa.generate_private_key(65537, 2048), 10: lambda: rsa.generate_private_key(65537, 2048),
+             13: lambda: ec.generate_private_key(ec.SECP256R1()), 14: lambda: ec.generate_private_key(ec.SECP384R1()),
+             15: ed25519.Ed25519PrivateKey.generate, 16: ed448.Ed448PrivateKey.generate}[algorithm]()  # type: ignore[assignment]
+    s.dnskey = dns.dnssec.make_dnskey(s.key.public_key(), algorithm, flags=257)
+    s.dnskeys = dns.rrset.from_rdata(s.zone, 3600, s.dnskey)
+    up.signers.append(s)
+    up.add("www.alg.test.", "A", Reply(answer=s.signed(s.rr("www", "A", "192.0.2.11"))))
+    bad = s.signed(s.rr("bad", "A", "192.0.2.12"))
+    up.add("bad.alg.test.", "A", Reply(answer=[s.rr("bad", "A", "192.0.2.13"), bad[1]]))
+    r = resolver(s)
+    assert ask(r, "www.alg.test", "A")[0] is Security.SECURE
+    assert ask(r, "bad.alg.test", "A")[0] is Security.BOGUS
+
+
+def test_equal_mx_preferences_are_shuffled() -> None:
+    """RFC 5321 §5.1: by preference, and in random order among equal preferences."""
+    import random
+
+    from outbound.resolver import shuffle_equal
+
+    items = [(20, "c"), (10, "a"), (10, "b"), (30, "d")]
+    orders = {tuple(x[1] for x in shuffle_equal(items, key=lambda x: x[0], rng=random.Random(seed)))
+              for seed in range(50)}
+    assert orders == {("a", "b", "c", "d"), ("b", "a", "c", "d")}

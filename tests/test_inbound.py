@@ -396,3 +396,26 @@ def test_sighup_reloads_policy_map(testnet: TestNet, tmp_path: Path) -> None:
         assert stored(testnet, "mx.nostarttls.test", token)
     finally:
         pg.stop()
+
+
+def test_dsn_parameters_and_auth_login_travel_into_the_queue(pg: PostgateServer) -> None:
+    with client(587, source=UNTRUSTED) as s:
+        tls(s)
+        s.user, s.password = "alice", "wonderland"
+        code, _ = s.auth("LOGIN", s.auth_login, initial_response_ok=False)  # RFC 4954 with LOGIN, two challenges
+        assert code == 235
+        assert s.mail("alice@client.test", ["RET=HDRS", "ENVID=QQ+2Bx1"])[0] == 250
+        assert s.rcpt("bob@agility.test", ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;bob+2Bx@agility.test"])[0] == 250
+        code, text = s.data(msg(secrets.token_hex(8)))
+        assert code == 250 and b"queued" in text
+        qid = text.split()[-1].decode()
+        assert s.mail("alice@client.test", ["RET=SOMETIMES"])[0] == 501
+        assert s.mail("alice@client.test", ["FROBNICATE=1"])[0] == 555
+        s.rset()
+        s.mail("alice@client.test")
+        assert s.rcpt("x@agility.test", ["NOTIFY=NEVER,SUCCESS"])[0] == 501
+    env = json.loads(subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "show",
+                                     qid, "--json"], capture_output=True, text=True).stdout)
+    assert env["ret"] == "HDRS" and env["envid"] == "QQ+x1"          # xtext decoded (RFC 3461 §4)
+    r = env["recipients"][0]
+    assert r["notify"] == ["FAILURE", "DELAY"] and r["orcpt"] == "rfc822;bob+x@agility.test"
