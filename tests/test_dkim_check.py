@@ -13,6 +13,8 @@ import dkim as dkimpy
 import dns.message
 import dns.query
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures.pgserve import PostgateServer
 from fixtures.testnet import TestNet
@@ -196,3 +198,13 @@ def test_serve_refuses_to_start_on_fail_unless_downgraded(testnet: TestNet, tmp_
                           check={"downgrade": ["tlsa", "submission-srv"]})
     srv2.start()
     assert srv2.stop() == 0
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b", b" ", b"  ", b"\t", b"\r\n", b"x y", b".", b"\r\n\r\n"]), max_size=40))
+def test_relaxed_body_fast_path_equals_dkimpy(parts: list[bytes]) -> None:
+    """outbound/dkim.py's fast path gives exactly dkimpy's relaxed body canonicalization (RFC 6376 §3.4.4)."""
+    from dkim.canonicalization import Relaxed
+
+    body = b"".join(parts)
+    assert dkim.relaxed_body(body) == Relaxed.canonicalize_body(body)
