@@ -123,8 +123,9 @@ class SMTPServer:
 
     async def start(self) -> None:
         ssl_ctx = self.listener.tls if self.listener.implicit_tls else None
+        # SO_REUSEPORT: several worker processes may share the port; the kernel spreads connections
         self.server = await asyncio.start_server(self._accept, self.listener.host, self.listener.port, ssl=ssl_ctx,
-                                                 limit=MAX_COMMAND * 2, backlog=1024,
+                                                 limit=MAX_COMMAND * 2, backlog=1024, reuse_port=True,
                                                  ssl_handshake_timeout=30 if ssl_ctx else None)
 
     async def stop_accepting(self) -> None:

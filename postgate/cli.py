@@ -176,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg, resolver = build_resolver(args)
     deliverer = build_deliverer(args, cfg, resolver)
     from postgate.daemon import serve
-    return serve(cfg, resolver, deliverer, signer=build_signer(cfg), caps=own_caps(cfg))
+    return serve(cfg, resolver, deliverer, signer=build_signer(cfg), caps=own_caps(cfg), worker=args.worker)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -303,6 +303,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Run Postgate: the listeners of the configuration, pre-queue delivery "
                        "and the queue runner. SIGTERM stops it cleanly, SIGHUP reloads maps and credentials.")
     add_resolver_options(p)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by serve itself
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check", help="check this server's own setup (certificate, TLSA, DNSSEC, DKIM, ...)",
                        description="One line per check: PASS, WARN or FAIL with the fix. Exit 1 on any FAIL. "

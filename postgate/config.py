@@ -124,6 +124,7 @@ class ServerSettings:
     smtputf8: bool = True
     publish_dane: bool = False
     tls_next_key_file: str = ""
+    workers: int = 1
 
 
 @dataclass
@@ -358,6 +359,8 @@ def _validate_server(cfg: Config, source: str, text: str) -> None:
 
     if s.tls_min_version not in ("1.2", "1.3"):
         raise err("tls_min_version", f"{s.tls_min_version!r} must be 1.2 or 1.3")
+    if not 1 <= s.workers <= 64:
+        raise err("workers", "must be between 1 and 64")
     if s.max_message_size < 1024:
         raise err("max_message_size", "must be at least 1024 octets")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):

@@ -60,15 +60,19 @@ class Daemon:
     prequeue: PreQueue | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     signer: Any = None
+    worker: bool = False          # an extra listener process: no spool ownership, no queue runner
+    children: list[asyncio.subprocess.Process] = field(default_factory=list)
+    forwarders: list[asyncio.Task[None]] = field(default_factory=list)
 
     def build(self, signer: Any = None) -> None:
         cfg = self.cfg
         hostname = cfg.server.hostname or "localhost"
         self.spool = DirectorySpool(cfg.queue.directory)
-        if not self.spool.try_lock():
-            raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool")
-        for line in self.spool.recover():
-            log.info("recovery: %s", line)
+        if not self.worker:
+            if not self.spool.try_lock():
+                raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool")
+            for line in self.spool.recover():
+                log.info("recovery: %s", line)
         q = cfg.queue
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
@@ -123,10 +127,19 @@ class Daemon:
             log.info("listening: %s on %s:%d (tls=%s, auth=%s)", srv.listener.name, srv.listener.host,
                      srv.listener.port, "implicit" if srv.listener.implicit_tls else
                      ("starttls" if srv.listener.tls else "none"), srv.listener.auth)
-        print("postgate: ready", file=sys.stderr, flush=True)
-        queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
+        queue_task: asyncio.Task[Any]
+        if self.worker:
+            print("postgate: worker ready", file=sys.stderr, flush=True)
+            queue_task = asyncio.create_task(self.stopping.wait())  # workers only enqueue; the main process runs it
+        else:
+            await self._start_workers()
+            print("postgate: ready", file=sys.stderr, flush=True)
+            queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
         await self.stopping.wait()
         log.info("stopping: no new connections; waiting for sessions under way")
+        for child in self.children:
+            if child.returncode is None:
+                child.terminate()
         for srv in self.servers:
             await srv.stop_accepting()
         tasks = {t for srv in self.servers for t in srv.tasks}
@@ -137,11 +150,38 @@ class Daemon:
         if self.prequeue is not None and self.prequeue.late:
             await asyncio.wait(self.prequeue.late, timeout=self.cfg.limits.shutdown_timeout)
         await queue_task
+        for child in self.children:
+            try:
+                await asyncio.wait_for(child.wait(), self.cfg.limits.shutdown_timeout + 10)
+            except TimeoutError:
+                child.kill()
         await self.deliverer.close()
         if self.spool is not None:
             self.spool.unlock()
         log.info("stopped")
         return 0
+
+    async def _start_workers(self) -> None:
+        """``[server] workers`` > 1: start the extra listener processes (same configuration, ``--worker``);
+        they share the ports through SO_REUSEPORT and write to the spool this process runs."""
+        if self.cfg.server.workers <= 1 or self.cfg.path is None:
+            return
+        for i in range(1, self.cfg.server.workers):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "postgate.cli", "serve", "--config", str(self.cfg.path), "--worker",
+                *sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else [],
+                stderr=asyncio.subprocess.PIPE)
+            assert proc.stderr is not None
+            while True:  # forward its log lines; wait until it listens
+                line = (await proc.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise StartupError(f"worker {i} exited with {await proc.wait()}")
+                if "worker ready" in line:
+                    break
+                sys.stderr.write(line)
+            self.forwarders.append(asyncio.create_task(_forward(proc, i)))
+            self.children.append(proc)
+            log.info("worker %d started (pid %d)", i, proc.pid)
 
     def reload(self) -> None:
         d = self.deliverer.config
@@ -166,6 +206,13 @@ class Daemon:
                 log.error("reload refused, keeping the old credentials: %s", e)
 
 
+async def _forward(proc: asyncio.subprocess.Process, i: int) -> None:
+    assert proc.stderr is not None
+    async for line in proc.stderr:
+        sys.stderr.write(line.decode(errors="replace").replace("postgate: ", f"postgate[w{i}]: ", 1))
+    log.info("worker %d exited with %s", i, await proc.wait())
+
+
 def _raise_fd_limit() -> None:
     """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one."""
     import resource
@@ -175,19 +222,20 @@ def _raise_fd_limit() -> None:
 
 
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
-          caps: Any = None) -> int:
+          caps: Any = None, worker: bool = False) -> int:
     _raise_fd_limit()
 
     async def main() -> int:
         from postgate.check import FAIL, apply_downgrades, run_checks
-        results = apply_downgrades(await run_checks(cfg, resolver, caps), cfg.check.downgrade)
-        for r in results:
-            print("postgate: check: " + r.line(), file=sys.stderr)
-        failed = [r.check for r in results if r.status == FAIL]
-        if failed:
-            raise StartupError(f"check(s) failed: {', '.join(dict.fromkeys(failed))} (fix them, or downgrade "
-                               "them by name in [check] downgrade)")
-        d = Daemon(cfg, resolver, deliverer)
+        if not worker:  # the main process checked before starting the workers
+            results = apply_downgrades(await run_checks(cfg, resolver, caps), cfg.check.downgrade)
+            for r in results:
+                print("postgate: check: " + r.line(), file=sys.stderr)
+            failed = [r.check for r in results if r.status == FAIL]
+            if failed:
+                raise StartupError(f"check(s) failed: {', '.join(dict.fromkeys(failed))} (fix them, or "
+                                   "downgrade them by name in [check] downgrade)")
+        d = Daemon(cfg, resolver, deliverer, worker=worker)
         d.signer = signer
         d.build(signer.sign if signer is not None else None)
         return await d.run()

@@ -419,3 +419,23 @@ def test_dsn_parameters_and_auth_login_travel_into_the_queue(pg: PostgateServer)
     assert env["ret"] == "HDRS" and env["envid"] == "QQ+x1"          # xtext decoded (RFC 3461 §4)
     r = env["recipients"][0]
     assert r["notify"] == ["FAILURE", "DELAY"] and r["orcpt"] == "rfc822;bob+x@agility.test"
+
+
+def test_workers_share_the_ports_and_the_queue(testnet: TestNet, tmp_path: Path) -> None:
+    """[server] workers = 2: a second listener process on the same ports (SO_REUSEPORT); both deliver,
+    and what either queues is run by the main process's queue."""
+    pg = _serve(testnet, tmp_path, server={"workers": 2})
+    try:
+        assert "worker 1 started" in pg.log()
+        tokens = [secrets.token_hex(8) for _ in range(30)]
+        for t in tokens:
+            with client(address=OWN) as s:
+                s.ehlo("client.test")
+                assert data_reply(s, "a@client.test", ["bob@dane-ok.test"], msg(t))[0] == 250
+        assert all(stored(testnet, "mx.dane-ok.test", t) for t in tokens)
+        by_worker = [ln for ln in pg.log().splitlines() if "outcome=delivered" in ln]
+        assert any(ln.startswith("postgate[w1]: ") for ln in by_worker)        # the worker took some
+        assert any(ln.startswith("postgate: ") for ln in by_worker)            # and the main process too
+    finally:
+        assert pg.stop() == 0
+    assert "worker 1 exited with 0" in pg.log()
