@@ -9,8 +9,9 @@ Set-up, all inside the private test network:
   DNSSEC-signed MX with a TLSA record (``bench.test``), so every relayed message is DANE-verified.
 - Load generator: Postfix's ``smtp-source`` (C), N messages over C concurrent connections, each
   connection reused (``-d``).
-- MTAs under test, each relaying ``bench.test`` with DANE: Postgate pre-queue, Postgate queue-first,
-  and Postfix (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
+- MTAs under test, each relaying ``bench.test`` with DANE: Postgate pre-queue (one process, and with
+  ``[server] workers = 2``, one per core), Postgate queue-first, and Postfix
+  (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
   ``smtp_tls_connection_reuse = yes``, 100 processes).
 - Latency probe: while the load runs, a Python client sends 40 messages one by one to a Python receiver
   (``dane-ok.test``), measuring the time to the DATA reply and until the receiver stored the message.
@@ -217,11 +218,17 @@ def main() -> int:
                                 limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
                                 prequeue={"mode": "queue-first"}, queue={"destination_concurrency": 100},
                                 check={"downgrade": ["*"]}).start()
+            pq2 = PostgateServer(net, state / "pg-prequeue-2w", address="127.0.2.13",
+                                 relay={"trusted_networks": ["127.0.0.0/8"]}, server={"workers": 2},
+                                 limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
+                                 prequeue={"budget": 30.0, "grace": 120.0, "max_inflight": 500},
+                                 check={"downgrade": ["*"]}).start()
             pf = postfix_mta("127.0.2.12").start()
             try:
                 for size, n in sizes:
                     for c in conc:
                         for name, target in (("Postgate pre-queue", "127.0.2.10"),
+                                             ("Postgate pre-queue, 2 workers", "127.0.2.13"),
                                              ("Postgate queue-first", "127.0.2.11"), ("Postfix (dane)", "127.0.2.12")):
                             r = run_case(net, receiver, target, n, c, size)
                             results.append((name, size, c, r))
@@ -249,6 +256,7 @@ def main() -> int:
                 th.join(600)
             finally:
                 pq.stop()
+                pq2.stop()
                 qf.stop()
                 pf.stop()
                 pf.cleanup()
