@@ -44,6 +44,8 @@ from fixtures.testnet import TestNet
 
 SINK = "127.0.1.60"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# the test fixture's short timeouts would turn a busy receiver into deferrals; use the defaults of a server
+PRODUCTION_TIMEOUTS = {"connect_timeout": 30.0, "command_timeout": 300.0, "tls_timeout": 60.0, "data_timeout": 600.0}
 
 
 def sink(net: TestNet) -> Postfix:
@@ -51,7 +53,7 @@ def sink(net: TestNet) -> Postfix:
     chain, key = net.pki.paths("mx.bench.test")
     return Postfix(SINK, myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
                    local_transport="discard:", smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key),
-                   smtpd_tls_security_level="may", default_process_limit=200, smtpd_client_connection_count_limit=0,
+                   smtpd_tls_security_level="may", default_process_limit=500, smtpd_client_connection_count_limit=0,
                    smtpd_client_connection_rate_limit=0, in_flow_delay="0s")
 
 
@@ -209,17 +211,18 @@ def main() -> int:
                 notes.append(f"receiver + load generator alone, {size // 1000} KB, C=100: "
                              f"{n * 2 / t:,.0f} msg/s accepted")
             pq = PostgateServer(net, state / "pg-prequeue", address="127.0.2.10",
-                                relay={"trusted_networks": ["127.0.0.0/8"]},
+                                relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
                                 limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
                                 prequeue={"budget": 30.0, "grace": 120.0, "max_inflight": 500},
                                 check={"downgrade": ["*"]}).start()
             qf = PostgateServer(net, state / "pg-queuefirst", address="127.0.2.11",
-                                relay={"trusted_networks": ["127.0.0.0/8"]},
+                                relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
                                 limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
                                 prequeue={"mode": "queue-first"}, queue={"destination_concurrency": 100},
                                 check={"downgrade": ["*"]}).start()
             pq2 = PostgateServer(net, state / "pg-prequeue-2w", address="127.0.2.13",
-                                 relay={"trusted_networks": ["127.0.0.0/8"]}, server={"workers": 2},
+                                 relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
+                                 server={"workers": 2},
                                  limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
                                  prequeue={"budget": 30.0, "grace": 120.0, "max_inflight": 500},
                                  check={"downgrade": ["*"]}).start()
