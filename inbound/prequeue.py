@@ -250,8 +250,7 @@ def _dsn_of(text: str, code: int) -> str:
 def _apply(env: Envelope, res: RecipientResult) -> None:
     for r in env.recipients:
         if r.address == res.recipient and not r.final:
-            r.status = {DELIVERED: R_DELIVERED, BOUNCED: R_BOUNCED}.get(res.status, R_DEFERRED)
-            r.dsn, r.reason, r.remote, r.time = res.dsn, res.reply or res.reason, res.mx or "", time.time()
+            r.record(res)
             return
 
 

@@ -47,6 +47,15 @@ class Recipient:
     def final(self) -> bool:
         return self.status in (DELIVERED, BOUNCED)
 
+    def record(self, result: Any, when: float | None = None) -> None:
+        """Take a delivery attempt's outcome (an outbound.delivery.RecipientResult, whose status names
+        are the same as ours)."""
+        self.status = result.status if result.status in (DELIVERED, BOUNCED) else DEFERRED
+        self.dsn = result.dsn
+        self.reason = result.reply or result.reason
+        self.remote = result.mx or ""
+        self.time = time.time() if when is None else when
+
     def wants(self, kind: str) -> bool:
         """RFC 3461 §4.1: NOTIFY absent means FAILURE (and DELAY at the MTA's discretion)."""
         if self.notify is None:

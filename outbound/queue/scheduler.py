@@ -32,12 +32,6 @@ from outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
 )
 from outbound.queue.envelope import (
-    DEFERRED as R_DEFERRED,
-)
-from outbound.queue.envelope import (
-    DELIVERED as R_DELIVERED,
-)
-from outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
@@ -162,8 +156,7 @@ class Scheduler:
             res = by_addr.get(rcpt.address)
             if res is None:
                 continue
-            rcpt.status = {DELIVERED: R_DELIVERED, BOUNCED: R_BOUNCED}.get(res.status, R_DEFERRED)
-            rcpt.dsn, rcpt.reason, rcpt.remote, rcpt.time = res.dsn, res.reply or res.reason, res.mx or "", now
+            rcpt.record(res, now)
         self._note_destinations(results, now)
         for rcpt in pending:
             if rcpt not in ready:
