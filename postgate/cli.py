@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import socket
 import sys
 import time
@@ -100,6 +101,12 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print("postgate deliver: empty message on standard input", file=sys.stderr)
         return EX_USAGE
     level = Level(args.level) if args.level else None
+    # a message from a file usually has LF line ends: SMTP needs CRLF (RFC 5321 §2.3.8), and DKIM signs
+    # what is sent
+    data = re.sub(rb"\r?\n", b"\r\n", data)
+    signer = build_signer(cfg)
+    if signer is not None and (signer.keys or cfg.dkim.required):
+        data = signer.sign(data, args.sender)
 
     async def run() -> list[RecipientResult]:
         try:

@@ -292,3 +292,20 @@ def test_auth_is_never_sent_in_cleartext(testnet: TestNet) -> None:
                   relay_policy=Policy(Level.MAY))
     [res] = run(d, ["someone@anywhere.example"], message(secrets.token_hex(8)))
     assert res.status == DEFERRED and "without TLS" in res.reason
+
+
+def test_cli_deliver_signs_and_fixes_line_ends(testnet: TestNet, tmp_path: Path) -> None:
+    import shutil
+
+    keys = tmp_path / "keys"
+    shutil.copytree(testnet.dkim_dir / "own.test", keys / "own.test")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[server]\nhostname = "mail.own.test"\n[dkim]\nkey_directory = "{keys}"\n'
+                   f'[resolver]\nservers = ["{testnet.resolver}"]\ntrust_anchor_file = "{testnet.anchor_file}"\n')
+    token = secrets.token_hex(8)
+    lf_message = f"From: alice@own.test\nSubject: {token}\nDate: Tue, 24 Nov 2026 10:00:00 +0000\n\nhi\n".encode()
+    res = postgate("deliver", "--config", str(cfg), "--from", "alice@own.test", "--to", "b@dane-ok.test",
+                   stdin=lf_message)
+    assert res.returncode == 0, res.stderr
+    [m] = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+    assert m["data"].startswith("DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=own.test;")
