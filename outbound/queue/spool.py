@@ -124,9 +124,12 @@ class DirectorySpool:
                 return s
         return None
 
-    def _move(self, qid: str, src: str, dst: str) -> None:
+    def _move(self, qid: str, src: str, dst: str, durable: bool = True) -> None:
+        """Move an envelope between states. ``durable=False`` skips the directory fsyncs where losing the
+        move in a crash is harmless: a lease (active/) or its release (deferred/) that did not reach the
+        disk leaves the envelope where recovery returns it anyway (incoming/), to be tried again."""
         os.rename(self._path(src, qid), self._path(dst, qid))
-        if self.fsync:
+        if self.fsync and durable:
             fsync_dir(self.root / dst)
             fsync_dir(self.root / src)
 
@@ -161,7 +164,7 @@ class DirectorySpool:
                 if env.next_attempt > now:
                     continue
                 try:
-                    self._move(qid, state, "active")
+                    self._move(qid, state, "active", durable=False)
                 except FileNotFoundError:
                     continue
                 out.append((Lease(qid, owner, now + duration), env))
@@ -174,7 +177,7 @@ class DirectorySpool:
     def release(self, lease: Lease, env: Envelope) -> None:
         """End the lease; the message waits in deferred/ for ``env.next_attempt``."""
         self._write(self._path("active", lease.id), env.to_bytes())
-        self._move(lease.id, "active", "deferred")
+        self._move(lease.id, "active", "deferred", durable=False)
 
     def finish(self, lease: Lease) -> None:
         """Every recipient is final: remove the message."""
