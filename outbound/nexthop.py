@@ -23,6 +23,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.exception
 import dns.name
 import dns.rcode
 import dns.rdatatype
@@ -127,6 +128,20 @@ class NextHop:
         }
 
 
+def parse_domain(text: str) -> Name:
+    """A mail domain as given by a user or an address; ValueError with the reason when it is not one."""
+    t = text.strip().rstrip(".")
+    if not t or t.startswith("."):
+        raise ValueError(f"{text!r} is not a domain name")
+    try:
+        name = dns.name.from_text(t)
+    except dns.exception.DNSException as e:
+        raise ValueError(f"{text!r} is not a domain name: {e}") from e
+    if len(name.labels) < 2:
+        raise ValueError(f"{text!r} is not a domain name")
+    return name
+
+
 def caps_owner(host: Name) -> Name:
     """docs/mta-caps.md §2: ``_mta-caps.<MX host name>``."""
     return dns.name.Name((b"_mta-caps", *host.labels))
@@ -153,7 +168,11 @@ def tlsa_owner(base: Name, port: int = 25) -> Name:
 async def resolve_nexthop(resolver: Resolver, domain: str | Name, port: int = 25,
                           use_mx: bool = True) -> NextHop:
     """Resolve ``domain`` as RFC 7672 §2.2 describes; ``use_mx=False`` for ``[host]`` destinations."""
-    d = dns.name.from_text(domain) if isinstance(domain, str) else domain
+    try:
+        d = parse_domain(domain) if isinstance(domain, str) else domain
+    except ValueError as e:
+        return NextHop(dns.name.root, Security.INDETERMINATE, failure=Failure.PERMANENT, status="5.1.2",
+                       reason=str(e))
     if not use_mx:
         host = await resolve_host(resolver, d, 0, port, implicit=True)
         return NextHop(d, Security.SECURE, "", (host,), reason=host.unusable)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from outbound import dkim
 from outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
-from outbound.nexthop import Failure, NextHop, resolve_nexthop
+from outbound.nexthop import Failure, NextHop, parse_domain, resolve_nexthop
 from outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
 from outbound.smtp_client import Timeouts
 from outbound.tlscheck import tls_check
@@ -129,6 +129,11 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
 
 def cmd_tls_check(args: argparse.Namespace) -> int:
+    try:
+        parse_domain(args.domain)
+    except ValueError as e:
+        print(f"postgate tls-check: {e}", file=sys.stderr)
+        return EX_USAGE
     cfg, resolver = build_resolver(args)
     deliverer = build_deliverer(args, cfg, resolver)
     level = Level(args.level) if args.level else None
@@ -258,6 +263,11 @@ def _print_nexthop(nh: NextHop) -> None:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
+    try:
+        parse_domain(args.domain)
+    except ValueError as e:
+        print(f"postgate resolve: {e}", file=sys.stderr)
+        return EX_USAGE
     _, resolver = build_resolver(args)
     nh = asyncio.run(resolve_nexthop(resolver, args.domain))
     if args.json:
