@@ -439,3 +439,34 @@ def test_workers_share_the_ports_and_the_queue(testnet: TestNet, tmp_path: Path)
     finally:
         assert pg.stop() == 0
     assert "worker 1 exited with 0" in pg.log()
+
+
+def test_pipelining_and_no_command_injection_after_starttls(pg: PostgateServer, testnet: TestNet) -> None:
+    token = secrets.token_hex(8)
+    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        ehlo = []
+        while (line := f.readline())[3:4] == b"-":
+            ehlo.append(line)
+        assert b"250-PIPELINING\r\n" in ehlo
+        # RFC 2920: MAIL, RCPT, DATA in one go; then the message and the next commands in one go too
+        sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@dane-ok.test>\r\nRCPT TO:<reject-x@dane-ok.test>\r\nDATA\r\n")
+        replies = [f.readline()[:3] for _ in range(4)]
+        assert replies == [b"250", b"250", b"250", b"354"]
+        sock.sendall(f"Subject: {token}\r\n\r\n.leading dot\r\n".encode() + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        final = f.readline()
+        assert final.startswith(b"250"), final
+        assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"221"]
+    [m] = stored(testnet, "mx.dane-ok.test", token)
+    assert "\n.leading dot" in m["data"].replace("\r\n", "\n")   # dot-stuffing undone, redone outbound
+    # CVE-2011-0411: commands sent with STARTTLS must not be executed inside the TLS session
+    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        assert f.readline().startswith(b"554 5.5.1")
