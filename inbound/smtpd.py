@@ -371,6 +371,9 @@ class _Conversation:
         if not arg.upper().startswith("TO:"):
             return await self.error(Reply(501, "5.5.4 syntax: RCPT TO:<address>"))
         parsed = self._address(arg[3:].lstrip())
+        if parsed is not None and parsed[0].lower() == "postmaster":
+            # RFC 5321 §4.5.1: "postmaster" without a domain must be accepted: it is ours
+            parsed = (f"postmaster@{self.srv.hostname}", parsed[1])
         if parsed is None or not parsed[0] or "@" not in parsed[0]:
             return await self.error(Reply(501, "5.1.3 bad recipient address syntax"))
         addr, params = parsed

@@ -470,3 +470,18 @@ def test_pipelining_and_no_command_injection_after_starttls(pg: PostgateServer, 
             pass
         sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
         assert f.readline().startswith(b"554 5.5.1")
+
+
+def test_postmaster_without_domain_is_accepted(testnet: TestNet, tmp_path: Path) -> None:
+    """RFC 5321 §4.5.1: RCPT TO:<Postmaster> is always accepted, for the server's own domain."""
+    pg = _serve(testnet, tmp_path, relay={"local_domains": ["mail.own.test"]}, local={"maildir": str(tmp_path / "mail")})
+    try:
+        with client(source=UNTRUSTED, address=OWN) as s:
+            s.ehlo("client.test")
+            s.mail("x@client.test")
+            assert s.rcpt("Postmaster")[0] == 250
+            code, _ = s.data(msg(secrets.token_hex(8)))
+            assert code == 250
+        assert list((tmp_path / "mail" / "mail.own.test" / "postmaster" / "new").iterdir())
+    finally:
+        pg.stop()
