@@ -36,6 +36,7 @@ from inbound.local import LocalResult
 from inbound.relay import RelayPolicy, domain_of
 from inbound.smtpd import Reply, Session, xtext_decode
 from outbound.delivery import BOUNCED, DELIVERED, RecipientResult
+from outbound.queue import dsn
 from outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
 )
@@ -126,6 +127,7 @@ class PreQueue:
             self.inflight -= 1
 
     async def _prequeue(self, env: Envelope, content: bytes) -> Reply:
+        success: list[tuple[str, str]] = []  # recipients owed a success DSN (RFC 3461 NOTIFY=SUCCESS)
         local = [r for r in env.recipients if self.relay.is_local(r.address)]
         remote = [r for r in env.recipients if not self.relay.is_local(r.address)]
         if local and self.local is not None:
@@ -133,9 +135,12 @@ class PreQueue:
                 _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
                     BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
                     lres.text, f"{lres.code} {lres.text}", mx="local"))
+                if lres.ok:
+                    success.append((lres.recipient, "delivered"))
         if remote:
             task = asyncio.create_task(self.deliverer.deliver(env.sender, [r.address for r in remote], content,
-                                                              queue_id=env.id, requiretls=env.requiretls))
+                                                              queue_id=env.id, requiretls=env.requiretls,
+                                                              dsn=dsn.params(env)))
             done, _ = await asyncio.wait({task}, timeout=self.config.budget)
             if not done:
                 # the budget is spent: queue now, record the late results when they come
@@ -148,10 +153,18 @@ class PreQueue:
             try:
                 for res in task.result():
                     _apply(env, res)
+                    if res.relayed_without_dsn:
+                        success.append((res.recipient, "relayed"))
             except Exception as e:
                 log.exception("%s: delivery failed", env.id)
                 for r in remote:
                     r.status, r.dsn, r.reason = R_DEFERRED, "4.3.0", f"internal delivery error: {e}"
+        for action in ("delivered", "relayed"):
+            owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
+                    and r.notify is not None]
+            if owed:
+                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
+                                                                 action)
         statuses = {r.status for r in env.recipients}
         if statuses == {R_DELIVERED}:
             log.info("%s: outcome=delivered (pre-queue)", env.id)

@@ -55,11 +55,45 @@ class RecipientResult:
     cipher: str | None = None
     tlsa_matched: str | None = None
     suspected_attack: bool = False
+    relayed_without_dsn: bool = False     # RFC 3461 §5.2.2: delivered to a server without DSN support
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
                                              "tls_version", "cipher", "tlsa_matched", "reply", "reason",
                                              "suspected_attack")}
+
+
+def xtext(s: str) -> str:
+    """RFC 3461 §4: '!' to '~' stand for themselves, except '+' and '='; anything else is +XX."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
+                   for c in s.encode("utf-8").decode("latin-1"))
+
+
+@dataclass(frozen=True)
+class Dsn:
+    """RFC 3461 parameters of a message, passed on to a next hop that offers DSN."""
+
+    ret: str | None = None
+    envid: str | None = None
+    notify: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+
+    def mail_options(self) -> list[str]:
+        out = []
+        if self.ret:
+            out.append(f"RET={self.ret}")
+        if self.envid:
+            out.append(f"ENVID={xtext(self.envid)}")
+        return out
+
+    def rcpt_options(self, rcpt: str) -> list[str]:
+        out = []
+        if rcpt in self.notify:
+            out.append("NOTIFY=" + ",".join(self.notify[rcpt]))
+        if rcpt in self.orcpt:
+            kind, _, addr = self.orcpt[rcpt].partition(";")
+            out.append(f"ORCPT={kind};{xtext(addr)}")
+        return out
 
 
 def new_queue_id() -> str:
@@ -190,7 +224,8 @@ class Deliverer:
     # --- delivery ------------------------------------------------------------------------------------
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *,
                       queue_id: str | None = None, level: Level | None = None,
-                      mail_options: Sequence[str] = (), requiretls: bool = False) -> list[RecipientResult]:
+                      mail_options: Sequence[str] = (), requiretls: bool = False,
+                      dsn: Dsn | None = None) -> list[RecipientResult]:
         """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
         PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
         qid = queue_id or new_queue_id()
@@ -201,7 +236,7 @@ class Deliverer:
         if requiretls:
             mail_options = [*mail_options, "REQUIRETLS"]
         results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, level,
-                                                              mail_options, requiretls)
+                                                              mail_options, requiretls, dsn)
                                          for d, rcpts in groups.items()))
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
@@ -225,7 +260,7 @@ class Deliverer:
 
     async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
                               level: Level | None, mail_options: Sequence[str],
-                              requiretls: bool = False) -> list[RecipientResult]:
+                              requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]:
         if not domain:
             return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
         rt = await self.route(domain, level)
@@ -237,14 +272,14 @@ class Deliverer:
             why = nh.reason + (" — suspected attack" if attack else "")
             return [RecipientResult(r, DEFERRED, nh.status, why, suspected_attack=attack) for r in rcpts]
         return await self._try_hosts(qid, sender, nexthop_name, nh, port, policy, rcpts, data, mail_options,
-                                     rt.via_relay, requiretls)
+                                     rt.via_relay, requiretls, dsn)
 
     async def _try_hosts(self, qid: str, sender: str, nexthop: str, nh: NextHop, port: int, policy: Policy,
                          rcpts: list[str], data: bytes, mail_options: Sequence[str],
-                         via_relay: bool, requiretls: bool = False) -> list[RecipientResult]:
+                         via_relay: bool, requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]:
         failures: list[str] = []
         attack = False
-        dsn = "4.4.1"
+        status_code = "4.4.1"
         pending = list(rcpts)
         done: list[RecipientResult] = []
         for host in nh.hosts:
@@ -278,11 +313,11 @@ class Deliverer:
             for address in host.addresses:
                 try:
                     results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
-                                                   pending, data, mail_options, via_relay, caps, caps_name)
+                                                   pending, data, mail_options, via_relay, caps, caps_name, dsn)
                 except SessionError as e:
                     attack |= e.suspected_attack
                     failures.append(e.reason)
-                    dsn = e.dsn
+                    status_code = e.dsn
                     if e.code >= 500 and not e.temporary:
                         return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
                                                        mx=_h(host), address=address) for r in pending]
@@ -290,13 +325,13 @@ class Deliverer:
                 # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
                 return done + results
         reason = "; ".join(failures) or "no MX host could be tried"
-        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else dsn, reason,
+        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else status_code, reason,
                                        suspected_attack=attack) for r in pending]
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
                         mail_options: Sequence[str], via_relay: bool, caps: Caps | None = None,
-                        caps_name: str = "") -> list[RecipientResult]:
+                        caps_name: str = "", dsn: Dsn | None = None) -> list[RecipientResult]:
         key = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
         session = self.cache.take(key)
         if session is None:
@@ -316,7 +351,7 @@ class Deliverer:
             await session.close()  # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
             raise SessionError(f"{_h(host)} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
         try:
-            results = await _transaction(session, sender, rcpts, data, mail_options)
+            results = await _transaction(session, sender, rcpts, data, mail_options, dsn)
         except SessionError:
             await session.close()
             raise
@@ -352,7 +387,7 @@ def host_requirement(policy: Policy, host: MXHost, nexthop: str) -> Requirement:
 
 
 async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,
-                       mail_options: Sequence[str]) -> list[RecipientResult]:
+                       mail_options: Sequence[str], dsn: Dsn | None = None) -> list[RecipientResult]:
     """MAIL, RCPT per recipient, DATA: each recipient's outcome from the server's own replies."""
     smtp = s.smtp
     t = s.timeouts
@@ -360,6 +395,10 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
         if s.messages:
             await smtp.rset(timeout=t.command)
         opts = [o for o in mail_options if smtp.supports_extension(o.split("=")[0].lower())]
+        with_dsn = dsn is not None and smtp.supports_extension("dsn")
+        if with_dsn:  # RFC 3461 §5.2.1: a DSN-capable next hop gets the parameters
+            assert dsn is not None
+            opts += dsn.mail_options()
         try:
             await smtp.mail(sender, options=opts, timeout=t.command)
         except aiosmtplib.SMTPSenderRefused as e:
@@ -369,9 +408,11 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
         accepted: list[str] = []
         for r in rcpts:
             try:
-                resp = await smtp.rcpt(r, timeout=t.command)
+                resp = await smtp.rcpt(r, options=dsn.rcpt_options(r) if with_dsn and dsn else [],
+                                       timeout=t.command)
                 accepted.append(r)
-                results.append(RecipientResult(r, DELIVERED, "", reply=f"{resp.code} {resp.message}"))
+                results.append(RecipientResult(r, DELIVERED, "", reply=f"{resp.code} {resp.message}",
+                                               relayed_without_dsn=dsn is not None and not with_dsn))
             except aiosmtplib.SMTPRecipientRefused as e:
                 status = BOUNCED if e.code >= 500 else DEFERRED
                 results.append(RecipientResult(r, status, _dsn(e.code, e.message), f"{e.code} {e.message}",

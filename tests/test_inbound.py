@@ -485,3 +485,32 @@ def test_postmaster_without_domain_is_accepted(testnet: TestNet, tmp_path: Path)
         assert list((tmp_path / "mail" / "mail.own.test" / "postmaster" / "new").iterdir())
     finally:
         pg.stop()
+
+
+def test_dsn_parameters_passed_on_and_relayed_notice(pg: PostgateServer, testnet: TestNet) -> None:
+    """RFC 3461 §5.2: a next hop offering DSN gets RET/ENVID/NOTIFY/ORCPT; one that does not, and a
+    NOTIFY=SUCCESS recipient, make Postgate send a 'relayed' notice itself."""
+    token = secrets.token_hex(8)
+    sender = f"dsn-{token}@dane-ok.test"
+    with tls(client()) as s:
+        s.mail(sender, ["RET=HDRS", "ENVID=E+2B1"])
+        assert s.rcpt("bob@honest.caps.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@honest.caps.test"])[0] == 250
+        assert s.rcpt("carol@dane-ok.test", ["NOTIFY=SUCCESS"])[0] == 250
+        code, text = s.data(msg(token))
+        assert code == 250 and b"delivered" in text
+    [m] = stored(testnet, "mx.honest.caps.test", token)
+    assert {"RET=HDRS", "ENVID=E+2B1"} <= set(m["mail_options"])
+    assert m["rcpt_options"] == ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@honest.caps.test"]
+    deadline = time.time() + 20
+    notices: list[dict] = []  # type: ignore[type-arg]
+    while time.time() < deadline and not notices:
+        notices = [n for n in testnet.received("mx.dane-ok.test") if n["rcpt_tos"] == [sender]]
+        time.sleep(0.2)
+    [notice] = notices  # one notice: carol's next hop has no DSN; bob's was passed on, not reported
+    import email as _email
+    import email.policy as _policy
+    report = _email.message_from_string(notice["data"], policy=_policy.default)
+    blocks = list(report.iter_parts())[1].get_payload()
+    assert blocks[0]["Original-Envelope-Id"] == "E+1"
+    assert [(b["Final-Recipient"], b["Action"]) for b in blocks[1:]] == [("rfc822; carol@dane-ok.test", "relayed")]
+    assert notice["mail_from"] in ("", "<>") and "DKIM-Signature" in notice["data"]

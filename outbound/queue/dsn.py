@@ -13,6 +13,7 @@ import email.utils
 import time
 from collections.abc import Sequence
 
+from outbound.delivery import Dsn
 from outbound.queue.envelope import Envelope, Recipient
 
 FULL_LIMIT = 50_000  # octets of original message returned in full (Postfix's bounce_size_limit)
@@ -29,19 +30,32 @@ def _date(t: float) -> str:
     return email.utils.formatdate(t, localtime=False)
 
 
+def params(env: Envelope) -> Dsn:
+    """The RFC 3461 parameters of a queued message, to pass on to the next hop."""
+    return Dsn(ret=env.ret, envid=env.envid,
+               notify={r.address: tuple(r.notify) for r in env.recipients if r.notify},
+               orcpt={r.address: r.orcpt for r in env.recipients if r.orcpt})
+
+
 def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, action: str, reporting_mta: str,
           now: float | None = None, retry_until: float | None = None) -> bytes | None:
     """The DSN for ``recipients`` of ``env`` (``action`` "failed" or "delayed"), or None when none is due:
     null sender, or no recipient asked for it (RFC 3461 §4.1 NOTIFY)."""
     if not env.sender or env.is_bounce:
         return None
-    kind = "FAILURE" if action == "failed" else "DELAY"
+    kind = {"failed": "FAILURE", "delayed": "DELAY"}.get(action, "SUCCESS")  # relayed, delivered
     wanted = [r for r in recipients if r.wants(kind)]
     if not wanted:
         return None
     t = time.time() if now is None else now
     boundary = f"{env.id}.{int(t)}/{reporting_mta}"
-    if action == "failed":
+    if action in ("relayed", "delivered"):
+        subject = "Successful Mail Delivery Report"
+        intro = ("This is the mail system at host {h}.\r\n\r\nYour message was successfully "
+                 + ("delivered to the destination(s) below" if action == "delivered" else
+                    "relayed to the destination(s) below, whose mail system does not offer delivery "
+                    "notifications (RFC 3461 §5.2.2)") + ".\r\n")
+    elif action == "failed":
         subject = "Undelivered Mail Returned to Sender"
         intro = ("This is the mail system at host {h}.\r\n\r\nI'm sorry to have to inform you that your message "
                  "could not be delivered to one or more recipients. It's attached below.\r\n")
@@ -63,7 +77,7 @@ def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, act
             f.append(f"Original-Recipient: {r.orcpt}")
         f.append(f"Final-Recipient: rfc822; {r.address}")
         f.append(f"Action: {action}")
-        f.append(f"Status: {r.dsn or ('5.0.0' if action == 'failed' else '4.0.0')}")
+        f.append(f"Status: {r.dsn or {'failed': '5.0.0', 'delayed': '4.0.0'}.get(action, '2.0.0')}")
         if r.remote:
             f.append(f"Remote-MTA: dns; {r.remote}")
         if r.reason:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from outbound.crash import crashpoint
-from outbound.delivery import BOUNCED, DELIVERED, RecipientResult
+from outbound.delivery import BOUNCED, DELIVERED, Dsn, RecipientResult
 from outbound.queue import dsn
 from outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
@@ -45,7 +45,7 @@ class DeliversMail(Protocol):
     """What the queue and the pre-queue path need of the delivery agent (outbound/delivery.py)."""
 
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
-                      requiretls: bool = False) -> list[RecipientResult]: ...
+                      requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]: ...
 
 
 @dataclass
@@ -148,7 +148,8 @@ class Scheduler:
             dest = _domain(ready[0].address)
             async with self._sems[dest]:
                 results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
-                                                       queue_id=env.id, requiretls=env.requiretls)
+                                                       queue_id=env.id, requiretls=env.requiretls,
+                                                       dsn=dsn.params(env))
             crashpoint("queue-after-remote-reply")
         now = self.clock()
         by_addr = {r.recipient: r for r in results}
@@ -164,6 +165,10 @@ class Scheduler:
         env.attempts.append({"time": now, "delivered": sum(r.status == DELIVERED for r in results),
                              "deferred": sum(r.status not in (DELIVERED, BOUNCED) for r in results)})
         bounced_now = [r for r in ready if r.status == R_BOUNCED]
+        relayed = [r for r in ready if r.status == DELIVERED and by_addr.get(r.address) is not None
+                   and by_addr[r.address].relayed_without_dsn]
+        if relayed:  # RFC 3461 §5.2.2: NOTIFY=SUCCESS and a next hop without DSN: we report "relayed"
+            await asyncio.to_thread(self.notify, env, content, relayed, "relayed")
         if not env.pending:
             # every recipient is final: the bounce (if any) is queued durably, then the message removed;
             # recording the results first would only add an fsync
