@@ -110,10 +110,7 @@ class LookupFailed(Exception):
 def parse_anchors(text: str, source: str = "<anchors>") -> dict[Name, list[DS | DNSKEY]]:
     """Trust anchors in zone-file syntax (DS or DNSKEY lines), as Unbound's trust-anchor-file."""
     out: dict[Name, list[DS | DNSKEY]] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(";", 1)[0].strip()
-        if not line:
-            continue
+    for lineno, line in _logical_lines(text):
         try:
             rr = dns.rrset.from_text_list(*_split_anchor(line))
         except (dns.exception.DNSException, ValueError) as e:
@@ -124,6 +121,27 @@ def parse_anchors(text: str, source: str = "<anchors>") -> dict[Name, list[DS | 
             out.setdefault(rr.name, []).append(rd)
     if not out:
         raise ResolverConfigError(f"{source}: no trust anchor found")
+    return out
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """Zone-file lines without comments, with parenthesised continuations joined (RFC 1035 §5.1), each
+    with the number of the line it starts on."""
+    out: list[tuple[int, str]] = []
+    pending, start, depth = "", 0, 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(";", 1)[0]
+        if not line.strip() and depth == 0:
+            continue
+        if depth == 0:
+            start = lineno
+        depth += line.count("(") - line.count(")")
+        pending += " " + line.replace("(", " ").replace(")", " ")
+        if depth <= 0:
+            out.append((start, " ".join(pending.split())))
+            pending, depth = "", 0
+    if pending.strip():
+        out.append((start, " ".join(pending.split())))
     return out
 
 

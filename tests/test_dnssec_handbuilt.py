@@ -433,3 +433,22 @@ def test_equal_mx_preferences_are_shuffled() -> None:
     orders = {tuple(x[1] for x in shuffle_equal(items, key=lambda x: x[0], rng=random.Random(seed)))
               for seed in range(50)}
     assert orders == {("a", "b", "c", "d"), ("b", "a", "c", "d")}
+
+
+def test_trust_anchor_file_formats(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Unbound's trust-anchor-file and auto-trust-anchor-file syntax: DS or DNSKEY, comments, parentheses."""
+    from outbound.resolver import ResolverConfigError, load_anchors, parse_anchors
+
+    s = Signer("anchor.test.")
+    key_b64 = s.dnskey.to_text().split(" ", 3)[3]
+    f = tmp_path / "root.key"
+    f.write_text("; autotrust trust anchor file\n;;id: . 1\n"
+                 f"anchor.test. 172800 IN DNSKEY 257 3 13 (\n    {key_b64[:20]}\n    {key_b64[20:]} ) ;{{id = 1 (ksk)}}\n"
+                 ". IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D ;state=2 [ VALID ]\n")
+    anchors = load_anchors(f)
+    assert anchors[s.zone] == [s.dnskey]
+    assert len(anchors[dns.name.root]) == 1
+    with pytest.raises(ResolverConfigError, match=":2: not a DS or DNSKEY"):
+        parse_anchors("; comment\n. IN DS nonsense\n", "x")
+    with pytest.raises(ResolverConfigError, match="no trust anchor"):
+        parse_anchors("; nothing\n", "x")
