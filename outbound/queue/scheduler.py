@@ -101,11 +101,14 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
         while not stop.is_set():
+            self.wake.clear()
+            done = 0
             try:
-                await self.run_once()
+                done = await self.run_once()
             except Exception:
                 log.exception("queue run failed")
-            self.wake.clear()
+            if done >= self.config.batch or self.wake.is_set():
+                continue  # more may be due already (a full batch, or new mail arrived during the pass)
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(self._either(stop))), tick)
             except TimeoutError:
