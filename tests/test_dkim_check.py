@@ -13,6 +13,7 @@ import dkim as dkimpy
 import dns.message
 import dns.query
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,3 +209,21 @@ def test_relaxed_body_fast_path_equals_dkimpy(parts: list[bytes]) -> None:
 
     body = b"".join(parts)
     assert dkim.relaxed_body(body) == Relaxed.canonicalize_body(body)
+
+
+def test_check_warns_when_the_next_key_has_no_tlsa(testnet: TestNet, tmp_path: Path) -> None:
+    """A rollover would break delivery: WARN with the TLSA line for the next key (and PASS once it matches)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    nxt = tmp_path / "next.key"
+    nxt.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    code, results = _check(testnet, tmp_path, extra=f'tls_next_key_file = "{nxt}"')
+    [r] = _by(results, "tlsa")
+    assert code == 0 and r["status"] == "WARN" and "next key" in r["message"]
+    assert r["fix"].startswith("publish now: _25._tcp.mail.own.test. IN TLSA 3 1 1 ")
+    # the current key as "next key": its record is published, so no warning
+    assert testnet.pki is not None
+    _, cur = testnet.pki.paths("mail.own.test")
+    code, results = _check(testnet, tmp_path / "b", extra=f'tls_next_key_file = "{cur}"')
+    assert _by(results, "tlsa")[0]["status"] == "PASS"
