@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -12,7 +13,9 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,6 +151,18 @@ def test_auth_only_after_starttls_and_then_relay(pg: PostgateServer, testnet: Te
     assert stored(testnet, "mx.dane-ok.test", token)
 
 
+@contextlib.contextmanager
+def raw_session(source: str = TRUSTED) -> Iterator[tuple[socket.socket, Any]]:
+    """A plain socket to the module's server, greeted and past EHLO, for byte-exact tests."""
+    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(source, 0)) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        yield sock, f
+
+
 SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r"]
 
 
@@ -157,12 +172,7 @@ def test_smuggling_never_produces_a_second_message(pg: PostgateServer, testnet: 
     payload = (f"Subject: outer {token}\r\n\r\nfirst\r\n".encode() + end +
                f"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<bob@dane-ok.test>\r\nDATA\r\n"
                f"Subject: SMUGGLED {token}\r\n\r\nevil\r\n".encode() + b"\r\n.\r\n")
-    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        sock.sendall(b"EHLO client.test\r\n")
-        while f.readline()[3:4] == b"-":
-            pass
+    with raw_session() as (sock, f):
         sock.sendall(b"MAIL FROM:<a@client.test>\r\n")
         assert f.readline().startswith(b"250")
         sock.sendall(b"RCPT TO:<bob@dane-ok.test>\r\n")
@@ -462,12 +472,7 @@ def test_pipelining_and_no_command_injection_after_starttls(pg: PostgateServer, 
     [m] = stored(testnet, "mx.dane-ok.test", token)
     assert "\n.leading dot" in m["data"].replace("\r\n", "\n")   # dot-stuffing undone, redone outbound
     # CVE-2011-0411: commands sent with STARTTLS must not be executed inside the TLS session
-    with socket.create_connection((ADDRESS, 25), timeout=30, source_address=(TRUSTED, 0)) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        sock.sendall(b"EHLO client.test\r\n")
-        while f.readline()[3:4] == b"-":
-            pass
+    with raw_session() as (sock, f):
         sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
         assert f.readline().startswith(b"554 5.5.1")
 
