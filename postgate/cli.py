@@ -128,11 +128,18 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     return _exit_for(results)
 
 
-def cmd_tls_check(args: argparse.Namespace) -> int:
+def _bad_domain(args: argparse.Namespace, command: str) -> bool:
+    """Report an argument that is no domain name (the caller exits with EX_USAGE)."""
     try:
         parse_domain(args.domain)
     except ValueError as e:
-        print(f"postgate tls-check: {e}", file=sys.stderr)
+        print(f"postgate {command}: {e}", file=sys.stderr)
+        return True
+    return False
+
+
+def cmd_tls_check(args: argparse.Namespace) -> int:
+    if _bad_domain(args, "tls-check"):
         return EX_USAGE
     cfg, resolver = build_resolver(args)
     deliverer = build_deliverer(args, cfg, resolver)
@@ -263,10 +270,7 @@ def _print_nexthop(nh: NextHop) -> None:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    try:
-        parse_domain(args.domain)
-    except ValueError as e:
-        print(f"postgate resolve: {e}", file=sys.stderr)
+    if _bad_domain(args, "resolve"):
         return EX_USAGE
     _, resolver = build_resolver(args)
     nh = asyncio.run(resolve_nexthop(resolver, args.domain))

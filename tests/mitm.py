@@ -105,6 +105,11 @@ class Mitm:
     async def _strip(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter, br: asyncio.StreamReader,
                      bw: asyncio.StreamWriter) -> None:
         cw.write(b"".join(await _read_reply(br)))
+        await self._relay(cr, cw, br, bw)
+
+    async def _relay(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter, br: asyncio.StreamReader,
+                     bw: asyncio.StreamWriter) -> None:
+        """Pass commands and replies line by line, filtering EHLO replies; DATA bodies pass whole."""
         while True:
             line = await cr.readline()
             if not line:
@@ -115,6 +120,7 @@ class Mitm:
                 return
             cmd = line.strip().upper()
             cw.write(_filter(reply, self.strip) if cmd.startswith(b"EHLO") else b"".join(reply))
+            await cw.drain()
             if cmd == b"DATA" and reply[0].startswith(b"354"):
                 while True:
                     body = await cr.readline()
@@ -122,6 +128,7 @@ class Mitm:
                     if body in (b".\r\n", b""):
                         break
                 cw.write(b"".join(await _read_reply(br)))
+                await cw.drain()
 
     async def _terminate(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter, br: asyncio.StreamReader,
                          bw: asyncio.StreamWriter) -> None:
@@ -156,26 +163,7 @@ class Mitm:
             else:
                 cw.write(b"530 5.7.0 STARTTLS first\r\n")
             await cw.drain()
-        # relay the protected session line by line
-        while True:
-            line = await cr.readline()
-            if not line:
-                return
-            bw.write(line)
-            reply = await _read_reply(br)
-            if not reply:
-                return
-            cmd = line.strip().upper()
-            cw.write(_filter(reply, self.strip) if cmd.startswith(b"EHLO") else b"".join(reply))
-            await cw.drain()
-            if cmd == b"DATA" and reply[0].startswith(b"354"):
-                while True:
-                    body = await cr.readline()
-                    bw.write(body)
-                    if body in (b".\r\n", b""):
-                        break
-                cw.write(b"".join(await _read_reply(br)))
-                await cw.drain()
+        await self._relay(cr, cw, br, bw)  # the protected session, line by line
 
 
 async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
