@@ -29,9 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from postgate.outbound.resolver import Resolver, load_anchors
+
 from bench.report import identity, write_section
 from fixtures.testnet import TestNet
-from outbound.resolver import Resolver, load_anchors
 
 
 async def _pass(r: Resolver, names: list[tuple[str, str]], inflight: int = 50) -> tuple[float, list[float]]:

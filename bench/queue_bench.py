@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from postgate.outbound.queue.envelope import Envelope, Recipient
+from postgate.outbound.queue.spool import DirectorySpool
+
 from bench.report import identity, write_section
-from outbound.queue.envelope import Envelope, Recipient
-from outbound.queue.spool import DirectorySpool
 
 
 def run(writers: int, n: int, size: int, fsync: bool = True) -> float:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from outbound.queue.spool import fsync_dir
+from postgate.outbound.queue.spool import fsync_dir
 
 _SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 

@@ -32,28 +32,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from inbound.local import LocalResult
-from inbound.relay import RelayPolicy, domain_of
-from inbound.smtpd import Reply, Session, xtext_decode
-from outbound.delivery import BOUNCED, DELIVERED, RecipientResult
-from outbound.queue import dsn
-from outbound.queue.envelope import (
+from postgate.inbound.local import LocalResult
+from postgate.inbound.relay import RelayPolicy, domain_of
+from postgate.inbound.smtpd import Reply, Session, xtext_decode
+from postgate.outbound.delivery import BOUNCED, DELIVERED, RecipientResult
+from postgate.outbound.queue import dsn
+from postgate.outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
 )
-from outbound.queue.envelope import (
+from postgate.outbound.queue.envelope import (
     DEFERRED as R_DEFERRED,
 )
-from outbound.queue.envelope import (
+from postgate.outbound.queue.envelope import (
     DELIVERED as R_DELIVERED,
 )
-from outbound.queue.envelope import (
+from postgate.outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
     new_queue_id,
 )
-from outbound.queue.scheduler import DeliversMail, Scheduler
-from outbound.queue.spool import DirectorySpool
+from postgate.outbound.queue.scheduler import DeliversMail, Scheduler
+from postgate.outbound.queue.spool import DirectorySpool
 
 log = logging.getLogger("postgate.smtpd")
 

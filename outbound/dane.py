@@ -31,33 +31,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from postgate.policy.vocab import (
+    CERT,
+    DANE_EE,
+    FULL,
+    MTYPE_PREFERENCE,
+    SHA256,
+    SHA512,
+    SPKI,
+    Tlsa,
+)
 
-PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
-CERT, SPKI = 0, 1
-FULL, SHA256, SHA512 = 0, 1, 2
-MTYPE_PREFERENCE = {SHA512: 2, SHA256: 1, FULL: 0}  # RFC 7671 §9: digests ranked; Full is no digest
 MAX_CHAIN = 16  # certificates considered from a presented chain
-
-
-@dataclass(frozen=True)
-class Tlsa:
-    usage: int
-    selector: int
-    mtype: int
-    data: bytes
-
-    def text(self) -> str:
-        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
-
-    @property
-    def usable(self) -> bool:
-        """RFC 7672 §3.1.3 and RFC 7671 §4: only DANE-TA/DANE-EE with known selector and type."""
-        return (self.usage in (DANE_TA, DANE_EE) and self.selector in (CERT, SPKI)
-                and self.mtype in MTYPE_PREFERENCE)
-
-    @classmethod
-    def from_rdata(cls, rd: object) -> Tlsa:
-        return cls(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))  # type: ignore[attr-defined]
 
 
 class DaneStatus(enum.Enum):

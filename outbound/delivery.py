@@ -25,16 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
-
-from outbound.crash import crashpoint
-from outbound.dane import Tlsa
-from outbound.dnssec import Security
-from outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
-from outbound.resolver import Resolver
-from outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
-from policy.caps import Caps
-from policy.maps import Relay, TlsPolicyMap, TransportMap
-from policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
+from postgate.outbound.crash import crashpoint
+from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
+from postgate.outbound.resolver import Resolver
+from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
+from postgate.policy.caps import Caps
+from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
+from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
+from postgate.policy.vocab import Security, Tlsa
 
 log = logging.getLogger("postgate.delivery")
 

@@ -39,16 +39,7 @@ from dns.rdtypes.ANY.DS import DS
 from dns.rdtypes.ANY.NSEC import NSEC
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
-
-
-class Security(enum.Enum):
-    SECURE = "secure"
-    INSECURE = "insecure"
-    BOGUS = "bogus"
-    INDETERMINATE = "indeterminate"
-
-    def __str__(self) -> str:
-        return self.value
+from postgate.policy.vocab import Security
 
 
 def weakest(*verdicts: Security) -> Security:

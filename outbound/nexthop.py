@@ -28,10 +28,10 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 from dns.rdtypes.ANY.TLSA import TLSA
-
-from outbound.dnssec import Security, rtype_text, weakest
-from outbound.resolver import Answer, Resolver, shuffle_equal
-from policy import caps as capsmod
+from postgate.outbound.dnssec import rtype_text, weakest
+from postgate.outbound.resolver import Answer, Resolver, shuffle_equal
+from postgate.policy import caps as capsmod
+from postgate.policy.vocab import Security
 
 Name = dns.name.Name
 

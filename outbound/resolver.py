@@ -40,9 +40,9 @@ from dns.rdtypes.ANY.DS import DS
 from dns.rdtypes.ANY.NSEC import NSEC
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
-
-from outbound import dnssec
-from outbound.dnssec import Denial, Security, weakest
+from postgate.outbound import dnssec
+from postgate.outbound.dnssec import Denial, weakest
+from postgate.policy.vocab import Security
 
 Name = dns.name.Name
 MAX_CHAIN = 12            # CNAME/DNAME links followed before giving up (loop guard)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 from cryptography import x509
-
-from outbound import dane
-from policy import caps as capsmod
-from policy.tls import Auth, Requirement, TLSMode
+from postgate.outbound import dane
+from postgate.policy import caps as capsmod
+from postgate.policy.tls import Auth, Requirement, TLSMode
+from postgate.policy.vocab import Tlsa
 
 CLEARTEXT, UNAUTHENTICATED, VERIFIED, DANE_VERIFIED = (
     "cleartext", "tls-unauthenticated", "verified", "dane-verified")
@@ -58,7 +58,7 @@ class TLSState:
     version: str | None = None
     cipher: str | None = None
     chain: list[x509.Certificate] = field(default_factory=list)
-    tlsa_matched: dane.Tlsa | None = None
+    tlsa_matched: Tlsa | None = None
     detail: str = ""
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from outbound.delivery import Deliverer, host_requirement
-from outbound.dnssec import Security
-from outbound.smtp_client import SessionError, open_session
-from policy.tls import Level
+from postgate.outbound.delivery import Deliverer, host_requirement
+from postgate.outbound.smtp_client import SessionError, open_session
+from postgate.policy.tls import Level
+from postgate.policy.vocab import Security
 
 
 def _report(mx: str, address: str | None, **kw: Any) -> dict[str, Any]:

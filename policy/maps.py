@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from policy.tls import Level, Policy
+from postgate.policy.tls import Level, Policy
 
 V = TypeVar("V")
 

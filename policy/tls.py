@@ -27,8 +27,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from outbound.dane import Tlsa
-from outbound.dnssec import Security
+from postgate.policy.vocab import Security, Tlsa
 
 
 class Level(enum.Enum):

@@ -21,15 +21,15 @@ import dns.reversename
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from outbound import dane, dkim
-from outbound.dnssec import Security, rtype_text
-from outbound.nexthop import caps_owner, tlsa_owner
-from outbound.resolver import Resolver
-from policy import caps as capsmod
 from postgate import config as configmod
+from postgate.outbound import dane, dkim
+from postgate.outbound.dnssec import rtype_text
+from postgate.outbound.nexthop import caps_owner, tlsa_owner
+from postgate.outbound.resolver import Resolver
+from postgate.policy import caps as capsmod
+from postgate.policy.vocab import Security, Tlsa
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
-CHECKS = ("tls-certificate", "host-dnssec", "tlsa", "dkim", "caps", "submission-srv", "resolver", "reverse-dns")
 
 
 @dataclass
@@ -124,7 +124,7 @@ async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: ca
     if chain:
         want = dane.tlsa_for(chain[0], 3, 1, 1)
         publish = f"{owner} IN TLSA {want.text()}"
-        records = [dane.Tlsa.from_rdata(rd) for rd in tl.records()]
+        records = [Tlsa.from_rdata(rd) for rd in tl.records()]
         if tl.security is not Security.SECURE:
             out.append(Result("tlsa", FAIL, f"the TLSA lookup for {owner} is {tl.security} ({tl.reason})",
                               f"publish in a signed zone: {publish}"))
@@ -140,7 +140,7 @@ async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: ca
                     nkey = serialization.load_pem_private_key(Path(nxt).read_bytes(), password=None)
                     nspki = nkey.public_key().public_bytes(serialization.Encoding.DER,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-                    nrec = dane.Tlsa(3, 1, 1, dane.association(nspki, 1))
+                    nrec = Tlsa(3, 1, 1, dane.association(nspki, 1))
                     if not any(r.data == nrec.data and (r.usage, r.selector, r.mtype) == (3, 1, 1) for r in records):
                         out.append(Result("tlsa", WARN, "no TLSA record matches the next key: a rollover would "
                                           "break delivery", f"publish now: {owner} IN TLSA {nrec.text()}"))

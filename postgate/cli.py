@@ -18,18 +18,18 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from outbound import dkim
-from outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
-from outbound.nexthop import Failure, NextHop, parse_domain, resolve_nexthop
-from outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
-from outbound.smtp_client import Timeouts
-from outbound.tlscheck import tls_check
-from policy import caps as caps_policy
-from policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
-from policy.tls import Level, Policy
 from postgate import config as configmod
 from postgate import queuecli
 from postgate.config import LEVELS
+from postgate.outbound import dkim
+from postgate.outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
+from postgate.outbound.nexthop import Failure, NextHop, parse_domain, resolve_nexthop
+from postgate.outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
+from postgate.outbound.smtp_client import Timeouts
+from postgate.outbound.tlscheck import tls_check
+from postgate.policy import caps as caps_policy
+from postgate.policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
+from postgate.policy.tls import Level, Policy
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 69, 75, 78
 
@@ -229,7 +229,7 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from inbound.credentials import hash_password
+    from postgate.inbound.credentials import hash_password
     password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else __import__("getpass").getpass()
     if not password:
         print("postgate passwd: empty password", file=sys.stderr)

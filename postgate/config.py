@@ -13,7 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from outbound.resolver import ResolverConfigError, parse_server
+from postgate.outbound.resolver import ResolverConfigError, parse_server
+
+# The self-checks of `postgate check` (postgate/check.py), named here so the configuration can refer to them.
+CHECKS = ("tls-certificate", "host-dnssec", "tlsa", "dkim", "caps", "submission-srv", "resolver", "reverse-dns")
 
 
 class ConfigError(Exception):
@@ -271,7 +274,6 @@ def _validate(cfg: Config, source: str, text: str) -> None:
             cfg.server.tls_next_key_file = _relative(cfg.path, cfg.server.tls_next_key_file)
     if not cfg.dkim.default_domain and cfg.server.hostname.count(".") >= 2:
         cfg.dkim.default_domain = cfg.server.hostname.rstrip(".").split(".", 1)[1]
-    from postgate.check import CHECKS  # late: postgate.check imports this module
     for name in cfg.check.downgrade:
         if name != "*" and name not in CHECKS:
             line = _line_of(text, "check", "downgrade") if text else 0
@@ -396,7 +398,7 @@ def _validate_delivery(cfg: Config, source: str, text: str) -> None:
     if d.relay_level and not d.relay:
         raise err("relay_level", "set without relay")
     if d.relay:
-        from policy.maps import MapError, parse_relay
+        from postgate.policy.maps import MapError, parse_relay
         try:
             parse_relay(d.relay)
         except MapError as e:

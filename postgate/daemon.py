@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inbound.credentials import Credentials, CredentialsError
-from inbound.local import LMTPClient, Maildir
-from inbound.prequeue import PreQueue, PreQueueConfig
-from inbound.relay import RelayPolicy
-from inbound.smtpd import Limits, Listener, SMTPServer
-from outbound.delivery import Deliverer
-from outbound.queue.scheduler import Scheduler, SchedulerConfig
-from outbound.queue.spool import DirectorySpool
-from outbound.resolver import Resolver
 from postgate import config as configmod
+from postgate.inbound.credentials import Credentials, CredentialsError
+from postgate.inbound.local import LMTPClient, Maildir
+from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+from postgate.inbound.relay import RelayPolicy
+from postgate.inbound.smtpd import Limits, Listener, SMTPServer
+from postgate.outbound.delivery import Deliverer
+from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
+from postgate.outbound.queue.spool import DirectorySpool
+from postgate.outbound.resolver import Resolver
 
 log = logging.getLogger("postgate")
 

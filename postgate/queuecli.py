@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from outbound.queue.envelope import valid_queue_id
-from outbound.queue.scheduler import Scheduler
-from outbound.queue.spool import DirectorySpool
 from postgate import config as configmod
+from postgate.outbound.queue.envelope import valid_queue_id
+from postgate.outbound.queue.scheduler import Scheduler
+from postgate.outbound.queue.spool import DirectorySpool
 
 EX_OK, EX_USAGE, EX_NOINPUT = 0, 64, 66
 

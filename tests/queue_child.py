@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from outbound.delivery import Deliverer, DeliveryConfig
-from outbound.queue.envelope import Envelope, Recipient
-from outbound.queue.scheduler import Scheduler, SchedulerConfig
-from outbound.queue.spool import DirectorySpool
-from outbound.resolver import Resolver, load_anchors
-from outbound.smtp_client import Timeouts
+from postgate.outbound.delivery import Deliverer, DeliveryConfig
+from postgate.outbound.queue.envelope import Envelope, Recipient
+from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
+from postgate.outbound.queue.spool import DirectorySpool
+from postgate.outbound.resolver import Resolver, load_anchors
+from postgate.outbound.smtp_client import Timeouts
 
 
 def body(token: str) -> bytes:

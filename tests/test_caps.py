@@ -9,11 +9,11 @@ import ssl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postgate.outbound.delivery import DEFERRED, DELIVERED
+from postgate.policy import caps
+from postgate.policy.tls import Level, Policy
 
 from fixtures.testnet import TestNet
-from outbound.delivery import DEFERRED, DELIVERED
-from policy import caps
-from policy.tls import Level, Policy
 from tests.mitm import Mitm
 from tests.test_delivery import deliverer, message, run, stored
 

@@ -14,9 +14,11 @@ import itertools
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+from postgate.outbound import dane
+from postgate.policy.vocab import Tlsa
+
 from fixtures.pki import tlsa_rdata
 from fixtures.testnet import TestNet
-from outbound import dane
 
 RECEIVERS = ["mx.dane-ok.test", "mx.unusable.test", "mx.selfsigned.test", "mx.dane-ee-expired.test",
              "mx.dane-ta-wrongname.test"]
@@ -53,7 +55,7 @@ def record_sets(net: TestNet, host: str) -> list[list[str]]:
 
 def ours_verified(net: TestNet, host: str, records: list[str]) -> bool:
     assert net.pki is not None
-    tlsa = [dane.Tlsa(int(u), int(s), int(m), bytes.fromhex(d)) for u, s, m, d in (r.split() for r in records)]
+    tlsa = [Tlsa(int(u), int(s), int(m), bytes.fromhex(d)) for u, s, m, d in (r.split() for r in records)]
     chain = list(net.pki.leaves[host].presented)
     return dane.verify(tlsa, chain, [host]).status is dane.DaneStatus.VERIFIED
 

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from postgate.outbound.delivery import BOUNCED, DEFERRED, DELIVERED, Deliverer, DeliveryConfig, RecipientResult
+from postgate.outbound.resolver import Resolver, load_anchors
+from postgate.outbound.smtp_client import Timeouts
+from postgate.policy.maps import TlsPolicyMap
+from postgate.policy.tls import Level, Policy
 
 from fixtures.testnet import TestNet
-from outbound.delivery import BOUNCED, DEFERRED, DELIVERED, Deliverer, DeliveryConfig, RecipientResult
-from outbound.resolver import Resolver, load_anchors
-from outbound.smtp_client import Timeouts
-from policy.maps import TlsPolicyMap
-from policy.tls import Level, Policy
 
 FAST = Timeouts(connect=3, greeting=3, command=3, tls=3, data=5)
 A, NA = True, False  # suspected attack or not
@@ -268,7 +268,7 @@ def test_cli_tls_check(testnet: TestNet) -> None:
 
 
 def test_smart_host_with_auth_over_dane(testnet: TestNet) -> None:
-    from policy.maps import parse_relay
+    from postgate.policy.maps import parse_relay
     token = secrets.token_hex(8)
     relay = parse_relay("[smtp.relay.test]:587")
     d = deliverer(testnet, Policy(), relay=relay, relay_auth=("postgate", "secret"))
@@ -287,7 +287,7 @@ def test_smart_host_with_auth_over_dane(testnet: TestNet) -> None:
 
 
 def test_auth_is_never_sent_in_cleartext(testnet: TestNet) -> None:
-    from policy.maps import parse_relay
+    from postgate.policy.maps import parse_relay
     d = deliverer(testnet, Policy(), relay=parse_relay("[plain.relay.test]:25"), relay_auth=("postgate", "secret"),
                   relay_policy=Policy(Level.MAY))
     [res] = run(d, ["someone@anywhere.example"], message(secrets.token_hex(8)))

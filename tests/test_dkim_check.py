@@ -16,11 +16,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postgate.outbound import dkim
+from postgate.outbound.dane import tlsa_for
 
 from fixtures.pgserve import PostgateServer
 from fixtures.testnet import TestNet
-from outbound import dkim
-from outbound.dane import tlsa_for
 
 # OpenDKIM (rightly) refuses messages without the RFC 5322 §3.6 required Date and From fields
 MESSAGES = {

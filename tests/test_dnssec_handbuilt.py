@@ -19,9 +19,9 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from postgate.outbound.resolver import Resolver
+from postgate.policy.vocab import Security
 
-from outbound.dnssec import Security
-from outbound.resolver import Resolver
 from tests.dnsfake import FakeUpstream, Reply, Signer
 
 NX, OK = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
@@ -333,7 +333,7 @@ def test_concurrent_identical_questions_share_one_query(up: FakeUpstream) -> Non
 
 def test_malformed_tlsa_rdata_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
     """A TLSA answer that cannot be parsed is a failed lookup (RFC 7672 §2.1.1), never 'no TLSA'."""
-    from outbound.nexthop import Failure, resolve_nexthop
+    from postgate.outbound.nexthop import Failure, resolve_nexthop
 
     s, chain = nsec_zone()
     up.signers.append(s)
@@ -427,7 +427,7 @@ def test_equal_mx_preferences_are_shuffled() -> None:
     """RFC 5321 §5.1: by preference, and in random order among equal preferences."""
     import random
 
-    from outbound.resolver import shuffle_equal
+    from postgate.outbound.resolver import shuffle_equal
 
     items = [(20, "c"), (10, "a"), (10, "b"), (30, "d")]
     orders = {tuple(x[1] for x in shuffle_equal(items, key=lambda x: x[0], rng=random.Random(seed)))
@@ -437,7 +437,7 @@ def test_equal_mx_preferences_are_shuffled() -> None:
 
 def test_trust_anchor_file_formats(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Unbound's trust-anchor-file and auto-trust-anchor-file syntax: DS or DNSKEY, comments, parentheses."""
-    from outbound.resolver import ResolverConfigError, load_anchors, parse_anchors
+    from postgate.outbound.resolver import ResolverConfigError, load_anchors, parse_anchors
 
     s = Signer("anchor.test.")
     key_b64 = s.dnskey.to_text().split(" ", 3)[3]

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from postgate.outbound.nexthop import Failure, NextHop, resolve_nexthop
+from postgate.outbound.resolver import Resolver, ResolverConfigError, load_anchors
+from postgate.policy.vocab import Security
 
 from fixtures.testnet import TestNet
-from outbound.dnssec import Security
-from outbound.nexthop import Failure, NextHop, resolve_nexthop
-from outbound.resolver import Resolver, ResolverConfigError, load_anchors
 
 
 def nexthop(net: TestNet, domain: str) -> NextHop:
@@ -73,8 +73,7 @@ def test_secure_cname_expansion_uses_expanded_tlsa_base(testnet: TestNet) -> Non
     """RFC 7672 §2.2.2: with a secure CNAME, the TLSA base domain is the expanded name."""
     r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
     import dns.name
-
-    from outbound.nexthop import resolve_host
+    from postgate.outbound.nexthop import resolve_host
     h = asyncio.run(resolve_host(r, dns.name.from_text("secure.cname.test."), 10))
     assert h.address_security is Security.SECURE
     assert h.tlsa_base is not None and h.tlsa_base.to_text() == "mx.dane-ok.test."

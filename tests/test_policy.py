@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from outbound.dane import Tlsa, name_matches
-from outbound.dnssec import Security
-from policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
-from policy.tls import Auth, Level, Policy, TLSMode, requirement
+from postgate.outbound.dane import name_matches
+from postgate.policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
+from postgate.policy.tls import Auth, Level, Policy, TLSMode, requirement
+from postgate.policy.vocab import Security, Tlsa
 
 EE = Tlsa(3, 1, 1, b"\x01" * 32)
 PKIX_EE = Tlsa(1, 1, 1, b"\x02" * 32)

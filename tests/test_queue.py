@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from postgate.outbound.delivery import Deliverer, DeliveryConfig
+from postgate.outbound.queue.envelope import DELIVERED, Envelope, Recipient
+from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
+from postgate.outbound.queue.spool import DirectorySpool
+from postgate.outbound.resolver import Resolver, load_anchors
+from postgate.outbound.smtp_client import Timeouts
 
 from fixtures.testnet import TestNet
-from outbound.delivery import Deliverer, DeliveryConfig
-from outbound.queue.envelope import DELIVERED, Envelope, Recipient
-from outbound.queue.scheduler import Scheduler, SchedulerConfig
-from outbound.queue.spool import DirectorySpool
-from outbound.resolver import Resolver, load_anchors
-from outbound.smtp_client import Timeouts
 from tests.queue_child import body
 
 # --- crash safety --------------------------------------------------------------------------------------

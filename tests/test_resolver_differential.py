@@ -11,10 +11,10 @@ import asyncio
 
 import dns.flags
 import dns.rcode
+from postgate.outbound.resolver import Resolver, load_anchors
+from postgate.policy.vocab import Security
 
 from fixtures.testnet import TestNet
-from outbound.dnssec import Security
-from outbound.resolver import Resolver, load_anchors
 
 
 def unbound_verdict(net: TestNet, name: str, rdtype: str) -> str:

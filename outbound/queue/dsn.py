@@ -13,8 +13,8 @@ import email.utils
 import time
 from collections.abc import Sequence
 
-from outbound.delivery import Dsn
-from outbound.queue.envelope import Envelope, Recipient
+from postgate.outbound.delivery import Dsn
+from postgate.outbound.queue.envelope import Envelope, Recipient
 
 FULL_LIMIT = 50_000  # octets of original message returned in full (Postfix's bounce_size_limit)
 

@@ -25,18 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from outbound.crash import crashpoint
-from outbound.delivery import BOUNCED, DELIVERED, Dsn, RecipientResult
-from outbound.queue import dsn
-from outbound.queue.envelope import (
+from postgate.outbound.crash import crashpoint
+from postgate.outbound.delivery import BOUNCED, DELIVERED, Dsn, RecipientResult
+from postgate.outbound.queue import dsn
+from postgate.outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
 )
-from outbound.queue.envelope import (
+from postgate.outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
 )
-from outbound.queue.spool import DirectorySpool, Lease
+from postgate.outbound.queue.spool import DirectorySpool, Lease
 
 log = logging.getLogger("postgate.queue")
 

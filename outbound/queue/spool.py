@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from outbound.crash import crashpoint
-from outbound.queue.envelope import Envelope, EnvelopeError, valid_queue_id
+from postgate.outbound.crash import crashpoint
+from postgate.outbound.queue.envelope import Envelope, EnvelopeError, valid_queue_id
 
 log = logging.getLogger("postgate.queue")
 

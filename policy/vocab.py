@@ -1,0 +1,54 @@
+"""The shared vocabulary: the named values every part of Postgate speaks in.
+
+Policy is the bottom layer, so the words that DNS, DANE, delivery, the queue and the smtpd exchange live
+here, as enums and frozen dataclasses, never as strings to grep. A DNSSEC verdict is a :class:`Security`
+(RFC 4035 §4.3: secure, insecure, bogus, indeterminate); a TLSA record is a :class:`Tlsa` (RFC 6698 §2.1:
+certificate usage, selector, matching type, association data).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Security(enum.Enum):
+    """RFC 4035 §4.3: the four states of a validated answer."""
+
+    SECURE = "secure"
+    INSECURE = "insecure"
+    BOGUS = "bogus"
+    INDETERMINATE = "indeterminate"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# RFC 6698 §2.1.1-§2.1.3 (with RFC 7218's acronyms): certificate usages, selectors, matching types
+PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
+CERT, SPKI = 0, 1
+FULL, SHA256, SHA512 = 0, 1, 2
+MTYPE_PREFERENCE = {SHA512: 2, SHA256: 1, FULL: 0}  # RFC 7671 §9: digests ranked; Full is no digest
+
+
+@dataclass(frozen=True)
+class Tlsa:
+    """One TLSA record (RFC 6698 §2.1)."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def text(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+    @property
+    def usable(self) -> bool:
+        """RFC 7672 §3.1.3 and RFC 7671 §4: only DANE-TA/DANE-EE with known selector and type."""
+        return (self.usage in (DANE_TA, DANE_EE) and self.selector in (CERT, SPKI)
+                and self.mtype in MTYPE_PREFERENCE)
+
+    @classmethod
+    def from_rdata(cls, rd: object) -> Tlsa:
+        return cls(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))  # type: ignore[attr-defined]
