@@ -12,6 +12,35 @@ import enum
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: RFC 5321 §4.2 code, RFC 3463 enhanced status code (may be empty), text.
+
+    ``text`` may span several lines (``\n``); :meth:`line` gives the wire form, multi-line replies with
+    ``code-`` continuation lines and the enhanced code repeated on each (RFC 2034 §4)."""
+
+    code: int
+    enhanced: str = ""
+    text: str = ""
+
+    def line(self) -> bytes:
+        lines = self.text.split("\n")
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = [f"{self.code}-{prefix}{ln}" for ln in lines[:-1]] + [f"{self.code} {prefix}{lines[-1]}"]
+        return ("\r\n".join(out) + "\r\n").encode()
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+
 class Security(enum.Enum):
     """RFC 4035 §4.3: the four states of a validated answer."""
 
