@@ -544,7 +544,11 @@ class _Run:
         return out
 
     def date_test(self, n: Node) -> bool:
-        values = self.header_values(n, [self.expand(n.args[0])])
+        field_name = self.expand(n.args[0])
+        values = self.header_values(n, [field_name])
+        if field_name.lower() == "received":
+            # RFC 5260 §4: a Received field's date is what follows its last semicolon
+            values = [v.rpartition(";")[2] for v in values]
         part = self.expand(n.args[1])
         out: list[str] = []
         for v in values:
