@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from postgate.inbound.filters import split_message
 from postgate.policy.sieve import Input, Kind, compile_script, run
 
