@@ -20,6 +20,7 @@ from pathlib import Path
 
 from postgate import config as configmod
 from postgate import queuecli
+from postgate import sievecli  # sieve-check, sieve-test (issue 17)
 from postgate.config import LEVELS
 from postgate.outbound import dkim
 from postgate.outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
@@ -320,6 +321,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_caps_record)
     queuecli.add_parser(sub)
+    sievecli.add_parser(sub)  # sieve-check, sieve-test (issue 17)
     p = sub.add_parser("serve", help="run the SMTP listeners and the queue runner",
                        description="Run Postgate: the listeners of the configuration, pre-queue delivery "
                        "and the queue runner. SIGTERM stops it cleanly, SIGHUP reloads maps and credentials.")

@@ -130,6 +130,106 @@ class ServerSettings:
     workers: int = 1
 
 
+# --- [sieve]: Sieve scripts at the SMTP stages (docs/sieve.md; issue 17) ---------------------------------
+@dataclass
+class SieveConfig:
+    script: str = ""                       # the global script, run first for every listener
+    listener_scripts: list[str] = field(default_factory=list)   # "LISTENER=PATH"
+    stages: list[str] = field(default_factory=lambda: ["connect", "ehlo", "mail", "rcpt", "data"])
+    default_action: str = "tempfail"       # on a run-time error: tempfail | reject | accept
+    max_instructions: int = 100000
+    max_seconds: float = 0.5
+    max_redirects: int = 4
+    lists: list[str] = field(default_factory=list)              # "NAME=PATH" (RFC 6134 :list)
+    spam_header: str = "X-Spam-Score"
+    spam_max: float = 15.0
+    virus_header: str = "X-Virus-Status"
+
+
+SIEVE_STAGES = ("connect", "ehlo", "mail", "rcpt", "data")
+
+
+def _validate_sieve(cfg: Config, source: str, text: str) -> None:
+    sv = cfg.sieve
+
+    def err(key: str, msg: str) -> ConfigError:
+        line = _line_of(text, "sieve", key) if text else 0
+        return ConfigError(f"{source}:{line}: [sieve] {key}: {msg}")
+
+    from postgate.policy.maps import MapError
+    from postgate.policy.sieve import SieveError, compile_file
+    from postgate.policy.sieve.lists import ListTable
+
+    def pairs(key: str, items: list[str]) -> list[tuple[str, str]]:
+        out = []
+        for item in items:
+            name, eq, path = item.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise err(key, f"{item!r} is not NAME=PATH")
+            path = path.strip()
+            if cfg.path is not None:
+                path = _relative(cfg.path, path)
+            if not Path(path).is_file():
+                raise err(key, f"{path}: no such file")
+            out.append((name.strip(), path))
+        return out
+
+    if sv.default_action not in ("tempfail", "reject", "accept"):
+        raise err("default_action", f"{sv.default_action!r} is not one of tempfail, reject, accept")
+    for st in sv.stages:
+        if st not in SIEVE_STAGES:
+            raise err("stages", f"unknown stage {st!r} (one of {', '.join(SIEVE_STAGES)})")
+    if not 100 <= sv.max_instructions <= 10_000_000:
+        raise err("max_instructions", "must be between 100 and 10000000")
+    if not 0 < sv.max_seconds <= 10:
+        raise err("max_seconds", "must be between 0 and 10 seconds")
+    if not 0 <= sv.max_redirects <= 32:
+        raise err("max_redirects", "must be between 0 and 32")
+    if sv.spam_max <= 0:
+        raise err("spam_max", "must be positive")
+    scripts = [("script", sv.script if cfg.path is None or not sv.script else _relative(cfg.path, sv.script))]
+    if sv.script and not Path(scripts[0][1]).is_file():
+        raise err("script", f"{scripts[0][1]}: no such file")
+    sv.script = scripts[0][1]
+    listeners = pairs("listener_scripts", sv.listener_scripts)
+    names = {ls.name for ls in cfg.listener}
+    for name, _ in listeners:
+        if names and name not in names:
+            raise err("listener_scripts", f"no [[listener]] named {name!r}")
+    sv.listener_scripts = [f"{n}={p}" for n, p in listeners]
+    lists = pairs("lists", sv.lists)
+    sv.lists = [f"{n}={p}" for n, p in lists]
+    for key, path in [("script", sv.script)] + [("listener_scripts", p) for _, p in listeners]:
+        if path:
+            try:
+                compile_file(path)
+            except SieveError as e:
+                raise err(key, str(e)) from e
+    for _, path in lists:
+        try:
+            ListTable(path)
+        except MapError as e:
+            raise err("lists", str(e)) from e
+
+
+def sieve_settings(cfg: Config) -> Any:
+    """The adapter's settings (``postgate.inbound.sieve_filter.SieveSettings``) for a checked configuration;
+    ``sieve_filter.load(sieve_settings(cfg))`` gives the daemon its reloadable holder (None: no script)."""
+    from postgate.inbound.filters import Action
+    from postgate.inbound.sieve_filter import SieveSettings
+    from postgate.policy.sieve import Limits
+    sv = cfg.sieve
+    return SieveSettings(
+        script=sv.script,
+        listener_scripts=dict(x.split("=", 1) for x in sv.listener_scripts),
+        stages=tuple(sv.stages), default_action=Action(sv.default_action),
+        limits=Limits(max_instructions=sv.max_instructions, max_seconds=sv.max_seconds,
+                      max_redirects=sv.max_redirects),
+        lists=dict(x.split("=", 1) for x in sv.lists), spam_header=sv.spam_header, spam_max=sv.spam_max,
+        virus_header=sv.virus_header, hostname=cfg.server.hostname, domain=cfg.dkim.default_domain)
+# --- end [sieve] ---------------------------------------------------------------------------------------
+
+
 @dataclass
 class Config:
     path: Path | None = None
@@ -144,12 +244,14 @@ class Config:
     listener: list[ListenerSettings] = field(default_factory=list)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
+    sieve: SieveConfig = field(default_factory=SieveConfig)
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
                              "delivery": DeliverySettings, "queue": QueueSettings, "relay": RelaySettings,
                              "local": LocalSettings, "prequeue": PrequeueSettings, "limits": LimitSettings,
                              "dkim": DkimSettings, "check": CheckSettings}
+SECTIONS["sieve"] = SieveConfig  # [sieve] block (issue 17)
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
@@ -279,6 +381,7 @@ def _validate(cfg: Config, source: str, text: str) -> None:
             line = _line_of(text, "check", "downgrade") if text else 0
             raise ConfigError(f"{source}:{line}: [check] downgrade: unknown check {name!r} "
                               f"(one of {', '.join(CHECKS)}, or *)")
+    _validate_sieve(cfg, source, text)
 
 
 def _validate_inbound(cfg: Config, source: str, text: str) -> None:

@@ -231,9 +231,12 @@ class _Parser:
             raise self.err(t, f"expected {what}, found {shown}")
         return t
 
-    def commands(self, depth: int, closing: str) -> list[Command]:
+    def commands(self, depth: int, closing: str, opened: Pos | None = None) -> list[Command]:
         out: list[Command] = []
         while self.peek().kind != closing:
+            if self.peek().kind == "eof" and opened is not None:
+                raise self.err(self.peek(), f"missing '}}' for the block opened at line {opened.line} "
+                               f"column {opened.col}")
             out.append(self.command(depth))
         return out
 
@@ -246,7 +249,7 @@ class _Parser:
         if nxt.kind == ";":
             return Command(str(t.value), args, tests, None, t.pos)
         if nxt.kind == "{":
-            block = self.commands(depth + 1, "}")
+            block = self.commands(depth + 1, "}", nxt.pos)
             self.expect("}", "'}'")
             return Command(str(t.value), args, tests, block, t.pos)
         shown = "end of script" if nxt.kind == "eof" else repr(nxt.value)

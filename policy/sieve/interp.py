@@ -77,7 +77,8 @@ class Result:
             elif a.kind in (Kind.PRIORITY, Kind.LIFETIME):
                 out.append(f"{a.kind.value} {a.number}" + _recips(a))
             else:
-                out.append(f"{a.kind.value}{extra} {a.arg}".rstrip() + (f" {a.option}" if a.option else "")
+                arg = a.arg.rstrip("\r\n").replace("\r\n", "\\n").replace("\n", "\\n")
+                out.append(f"{a.kind.value}{extra} {arg}".rstrip() + (f" {a.option}" if a.option else "")
                            + _recips(a))
         if self.implicit_keep and not self.error:
             out.append("implicit keep")
