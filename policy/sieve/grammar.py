@@ -154,14 +154,14 @@ def _lex(text: str, source: str) -> list[_Tok]:
             j = i + 1
             while j < n and text[j].isascii() and (text[j].isalnum() or text[j] == "_"):
                 j += 1
-            if j == i + 1 or text[i + 1].isdigit():
+            if j == i + 1 or "0" <= text[i + 1] <= "9":
                 raise err("':' must be followed by a tag name")
             toks.append(_Tok("tag", text[i + 1:j].lower(), pos))
             i = j
             continue
-        if c.isdigit():
+        if "0" <= c <= "9":
             j = i
-            while j < n and text[j].isdigit():
+            while j < n and "0" <= text[j] <= "9":
                 j += 1
             value = int(text[i:j])
             if j < n and text[j].lower() in _MULT:    # §2.4.1 quantifiers

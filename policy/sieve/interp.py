@@ -179,7 +179,7 @@ class _Run:
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
-            if name.isdigit():
+            if re.fullmatch(r"[0-9]+", name):
                 k = int(name)
                 return self.matchvars[k] if k < len(self.matchvars) else ""
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):

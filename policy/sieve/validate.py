@@ -333,7 +333,7 @@ def _positional(args: list[Any], spec: Spec) -> list[Any]:
 
 
 def _valid_var_name(name: str) -> bool:
-    return bool(name) and all(p and (p[0].isalpha() or p[0] == "_") and all(ch.isascii() and
+    return bool(name) and name.isascii() and all(p and (p[0].isalpha() or p[0] == "_") and all(ch.isascii() and
                               (ch.isalnum() or ch == "_") for ch in p) for p in name.split("."))
 
 
@@ -343,7 +343,7 @@ def _valid_field_name(name: str) -> bool:
 
 def _valid_status(st: str, cls: str) -> bool:
     parts = st.split(".")
-    return len(parts) == 3 and parts[0] == cls and all(p.isdigit() and len(p) <= 3 for p in parts[1:])
+    return len(parts) == 3 and parts[0] == cls and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts[1:])
 
 
 def check(commands: list[Command], source: str) -> Script:
