@@ -85,9 +85,9 @@ class SieveScripts:
                 errors.append(str(e))
                 log.error("sieve: %s; keeping the previous version of %s", e, path)
         if self.lists is not None:
-            for e in self.lists.reload():
-                errors.append(e)
-                log.error("sieve: list %s; keeping the previous version", e)
+            for problem in self.lists.reload():
+                errors.append(problem)
+                log.error("sieve: list %s; keeping the previous version", problem)
         if not errors:
             log.info("sieve: scripts reloaded")
         return errors

@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from postgate import config as configmod
-from postgate import queuecli
-from postgate import sievecli  # sieve-check, sieve-test (issue 17)
+from postgate import (
+    queuecli,
+    sievecli,  # sieve-check, sieve-test (issue 17)
+)
 from postgate.config import LEVELS
 from postgate.outbound import dkim
 from postgate.outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult

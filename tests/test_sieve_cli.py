@@ -10,12 +10,11 @@ import unittest.mock
 from pathlib import Path
 
 import pytest
-
-from postgate import config as configmod
-from postgate.cli import main
 from postgate.inbound.filters import Action
 from postgate.inbound.sieve_filter import load
 
+from postgate import config as configmod
+from postgate.cli import main
 
 SCRIPT = """require ["vnd.postgate", "envelope", "reject", "editheader", "spamtest", "relational",
          "comparator-i;ascii-numeric"];

@@ -13,7 +13,6 @@ from itertools import count
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from postgate.inbound.filters import split_message
 from postgate.policy.sieve import CAPABILITIES, Input, Limits, SieveError, compile_script, run
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from postgate.inbound.filters import Action, HeaderEdit, HeaderOp, Route, Stage, StageContext, Verdict
 from postgate.inbound.sieve_filter import SieveScripts, SieveSettings, evaluate
 from postgate.policy.sieve import Limits

@@ -394,7 +394,7 @@ class _Run:
             return names <= present
         if name == "size":                                 # §5.9
             size = self.inp.size
-            limit = n.args[0]
+            limit = int(n.args[0])
             return size > limit if n.tag("size") == "over" else size < limit
         if name == "header":
             return self.match_values(n, self.header_values(n, self.strs(n.args[0])), self.strs(n.args[1]))
@@ -444,12 +444,12 @@ class _Run:
         return str(1 + round(frac * 9))                    # 1: certainly not spam … 10: certainly spam
 
     def match_values(self, n: Node, values: list[str], keys: list[str], set_vars: bool = True) -> bool:
-        match = n.tag("match") or "is"                     # RFC 5228 §2.7.1: :is by default
+        match: str = n.tag("match") or "is"                # RFC 5228 §2.7.1: :is by default
         comparator = n.tag_arg("comparator") or "i;ascii-casemap"
         if match == "count":                               # RFC 5231 §4.2
-            rel = str(n.tag_arg("match"))
+            op = str(n.tag_arg("match"))
             self.tick()
-            return any(relation(rel, str(len(values)), k, comparator) for k in keys)
+            return any(relation(op, str(len(values)), k, comparator) for k in keys)
         if match == "list":                                # RFC 6134 §2.2
             lists = self.inp.lists
             for v in values:

@@ -96,12 +96,12 @@ def glob(pattern: str, text: str, comparator: str) -> list[str] | None:
 def order(a: str, b: str, comparator: str) -> int:
     """-1, 0, 1: ``a`` against ``b`` under the comparator's ordering (RFC 4790 §4.2)."""
     if comparator == "i;ascii-numeric":
-        x, y = numeric(a), numeric(b)
-    elif comparator == "i;ascii-casemap":
-        x, y = casemap(a).encode("utf-8", "surrogateescape"), casemap(b).encode("utf-8", "surrogateescape")
-    else:
-        x, y = a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape")
-    return (x > y) - (x < y)  # type: ignore[operator]
+        m, n = numeric(a), numeric(b)
+        return (m > n) - (m < n)
+    if comparator == "i;ascii-casemap":
+        a, b = casemap(a), casemap(b)
+    x, y = a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape")
+    return (x > y) - (x < y)
 
 
 _REL: dict[str, Callable[[int], bool]] = {
