@@ -116,6 +116,15 @@ CORPUS: dict[str, str] = {
         if anyof (false, false) { discard; }""",
     "true-false": 'require "fileinto"; if true { fileinto "t"; } if false { fileinto "f"; }',
     "multiline-text": 'require "fileinto";\nif header :contains "subject" text:\nreport\n.\n{ fileinto "ml"; }',
+    "discard-fileinto": 'require "fileinto"; discard; fileinto "X";',
+    "anyof-short-circuit": """
+        require ["variables","fileinto"];
+        if anyof (header :matches "subject" "*report*", header :matches "from" "*@*") { fileinto "${1}"; }""",
+    # --- RFC 5429 reject --------------------------------------------------------------------------
+    "reject": 'require "reject"; if header :contains "subject" "report" { reject "no reports"; }',
+    "reject-multiline": 'require "reject"; reject text:\nline one\n..dot\n.\n;',
+    "reject-conflict": 'require ["reject","fileinto"]; fileinto "X"; reject "no";',
+    "reject-after-redirect-copy": 'require ["reject","copy"]; redirect :copy "c@example.net"; reject "no";',
     # --- RFC 5228 §5.4 envelope -------------------------------------------------------------------
     "envelope-from": 'require ["envelope","fileinto"]; if envelope :domain :is "from" "example.com" '
                      '{ fileinto "from-com"; }',
@@ -155,6 +164,14 @@ CORPUS: dict[str, str] = {
         set :quotewildcard "p" "*[urgent]";
         if header :matches "subject" "*${p}" { fileinto "starred"; }""",
     "variables-unknown-ref": 'require ["variables","fileinto"]; fileinto "a${1x}b${}c";',
+    "variables-string-count": """
+        require ["variables","relational","comparator-i;ascii-numeric","fileinto"];
+        if string :count "eq" :comparator "i;ascii-numeric" ["a","","b"] "2" { fileinto "two"; }""",
+    "variables-modifier-order": """
+        require ["variables","fileinto"];
+        set :upper :lowerfirst "a" "hello";
+        set :length :quotewildcard "b" "a*b";
+        fileinto "${a}-${b}";""",
     # --- RFC 5231 relational ----------------------------------------------------------------------
     "relational-value": """
         require ["relational","comparator-i;ascii-numeric","fileinto"];
@@ -262,7 +279,7 @@ def pigeonhole(tmp: Path, script: str, message: bytes, sender: str, rcpt: str) -
     out: list[tuple[str, str]] = []
     section = ""
     for line in p.stdout.splitlines():
-        s = line.strip()
+        s = line.lstrip()
         if s.startswith("Performed actions"):
             section = "performed"
         elif s.startswith("Implicit keep"):
@@ -298,7 +315,10 @@ def postgate(script: str, message: bytes, sender: str, rcpt: str) -> tuple[list[
             continue
         if a.kind is Kind.KEEP:
             out.append(("keep", ""))
-        elif a.kind in (Kind.FILEINTO, Kind.REDIRECT, Kind.REJECT):
+        elif a.kind is Kind.REJECT:
+            # sieve-test prints control characters of the reason (the CRLFs of text:) as "?"
+            out.append(("reject", a.arg.replace("\r", "?").replace("\n", "?")))
+        elif a.kind in (Kind.FILEINTO, Kind.REDIRECT):
             out.append((a.kind.value, a.arg))
         elif a.kind is Kind.DISCARD:
             out.append(("discard", ""))

@@ -229,11 +229,10 @@ class _Run:
                 self.keep_cancelled = True                            # RFC 5228 §4.1, RFC 3894 §3
             return
         if name in ("reject", "ereject"):
-            # RFC 5429 §2.1/§2.2: cancels the implicit keep; conflicts with keep, fileinto and redirect,
-            # and a second reject is an error
+            # RFC 5429 §2.1/§2.2: cancels the implicit keep; conflicts with keep, fileinto and redirect
+            # (with :copy too, as Pigeonhole), and a second reject is an error
             for a in self.actions:
-                if a.kind in (Kind.REJECT, Kind.EREJECT, Kind.KEEP, Kind.FILEINTO) or \
-                        (a.kind is Kind.REDIRECT and not a.copy):
+                if a.kind in (Kind.REJECT, Kind.EREJECT, Kind.KEEP, Kind.FILEINTO, Kind.REDIRECT):
                     raise RuntimeFailure(f"{name} conflicts with the earlier {a.kind.value} (RFC 5429 §2.2)")
             self.keep_cancelled = True
             self.add(SieveAction(Kind.REJECT if name == "reject" else Kind.EREJECT, self.expand(n.args[0])))
