@@ -32,6 +32,7 @@ from pathlib import Path
 
 from postgate.inbound.filters import Action, FilterSession, HeaderEdit, HeaderOp, Route, Stage, StageContext, Verdict
 from postgate.policy.sieve import Input, Kind, Limits, Result, Script, SieveError, compile_file, run
+from postgate.policy.sieve.interp import REDIRECT_MARK
 from postgate.policy.sieve.lists import MapLists
 from postgate.policy.vocab import Reply
 
@@ -302,8 +303,9 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) 
                 kept = True                 # the message is still delivered, to that folder
         elif k is Kind.REDIRECT:
             adds.append(a.arg)
-            if a.copy:
-                pass
+            # loop control (RFC 5228 §4.2): the mark a later hop's redirect checks
+            headers.append(HeaderEdit(HeaderOp.INSERT, REDIRECT_MARK,
+                                      f"<{a.arg}>; by={ctx.hostname or 'postgate'}", 0))
         elif k is Kind.ADDHEADER:
             # RFC 5293 §4: at the top unless :last
             headers.append(HeaderEdit(HeaderOp.ADD, a.name, a.arg) if a.index == -1
@@ -331,7 +333,10 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) 
     if redirected and not kept and stage in (Stage.RCPT, Stage.DATA):
         removes = [ctx.recipient] if stage is Stage.RCPT and ctx.recipient else list(ctx.recipients)
     if stage not in (Stage.RCPT, Stage.DATA):
+        if adds:
+            log.info("%s: redirect before RCPT ignored (no recipients yet)", where)
         adds, removes = [], []               # no recipients to replace before RCPT
+        headers = [h for h in headers if h.name != REDIRECT_MARK]
     reason = "; ".join(a.kind.value + (f" {a.arg}" if a.arg else "") for a in result.actions)
     v = Verdict(Action.CONTINUE, None, f"sieve: {reason}" if reason else "", "", tuple(headers), tuple(adds),
                 tuple(removes), None, None, tuple(routes))

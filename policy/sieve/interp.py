@@ -134,7 +134,10 @@ class _Stop(Exception):
     pass
 
 
-PROTECTED_HEADERS = {"received", "auto-submitted"}   # RFC 5293 §7 (Pigeonhole protects the same two)
+REDIRECT_MARK = "X-Postgate-Redirected"              # added to redirected mail: loop detection across hops
+MAX_REDIRECT_HOPS = 8
+# RFC 5293 §7: Received and Auto-Submitted (Pigeonhole protects the same two), and our own loop marker
+PROTECTED_HEADERS = {"received", "auto-submitted", REDIRECT_MARK.lower()}
 _VAR = re.compile(r"\$\{([^{}]*)\}")
 
 
@@ -275,6 +278,12 @@ class _Run:
             loops.add(casemap(self.inp.sender))
         if lowered in loops:
             raise RuntimeFailure(f"redirect to {addr} refused: it would loop back to this message's envelope")
+        # RFC 5228 §4.2: loop control across hops, by the marks earlier redirects left in the header
+        marks = [casemap(_decode(v)) for h, v in self.inp.headers or [] if casemap(h) == casemap(REDIRECT_MARK)]
+        if any(lowered in m.replace("<", " ").replace(">", " ").replace(";", " ").split() for m in marks):
+            raise RuntimeFailure(f"redirect to {addr} refused: this message was redirected there before (loop)")
+        if len(marks) >= MAX_REDIRECT_HOPS:
+            raise RuntimeFailure(f"redirect refused: the message was already redirected {len(marks)} times")
         if not any(a.kind is Kind.REDIRECT and casemap(a.arg) == lowered for a in self.actions):
             self.redirects += 1
             if self.redirects > self.lim.max_redirects:
