@@ -194,15 +194,18 @@ def make_input(ctx: StageContext, s: SieveSettings, lists: MapLists | None) -> I
     body: bytes | None = None
     if ctx.stage is Stage.DATA and ctx.message is not None:
         headers, body = ctx.split()
+    rcpts: Sequence[str] | None
     if ctx.stage is Stage.RCPT:
-        rcpts: Sequence[str] = [ctx.recipient] if ctx.recipient is not None else []
+        rcpts = [ctx.recipient] if ctx.recipient is not None else []
     elif ctx.stage is Stage.DATA:
         rcpts = list(ctx.recipients)
     else:
-        rcpts = []
+        rcpts = None                                    # unknown before RCPT
     score, smax = _spam(headers, s)
-    size = ctx.size or (len(ctx.message) if ctx.message is not None else 0)
-    if not size and ctx.mail_params.get("SIZE", "").isdigit():
+    size: int | None = None
+    if ctx.message is not None:
+        size = ctx.size or len(ctx.message)
+    elif ctx.mail_params.get("SIZE", "").isascii() and ctx.mail_params.get("SIZE", "").isdigit():
         size = int(ctx.mail_params["SIZE"])             # RFC 1870: the client's announced size
     return Input(STAGE_NAMES[ctx.stage], ctx.sender, rcpts, headers, body, size, environment(ctx, s),
                  score, smax, _virus(headers, s), lists, protected_recipients=list(ctx.recipients))

@@ -190,8 +190,21 @@ ROWS = [
         'require ["spamtestplus","relational","comparator-i;ascii-numeric","vnd.postgate"]; '
         'if spamtest :percent :value "eq" :comparator "i;ascii-numeric" "77" { hold "77%"; }',
         Stage.DATA, Action.HOLD),
-    Row("RFC 5235 §3.1: no score yet (before DATA) is 0, untested",
-        'require ["spamtest","reject"]; if spamtest "0" { reject "untested"; }', Stage.RCPT, Action.REJECT),
+    Row("RFC 5235 §3.1: no spam header at DATA is 0, untested",
+        'require ["spamtest","reject"]; if spamtest "0" { reject "untested"; }', Stage.DATA, Action.REJECT,
+        ctx={"message": b"Subject: x\r\n\r\nbody\r\n"}),
+    Row("three-valued tests: before DATA a spamtest is unknown, the chain (else too) is undecided",
+        'require ["spamtest","reject"]; if spamtest "0" { reject "a"; } else { reject "b"; }', Stage.RCPT,
+        Action.CONTINUE),
+    Row("three-valued tests: 'not exists' before DATA is unknown, not true",
+        'require "reject"; if not exists "Date" { reject "no date"; }', Stage.CONNECT, Action.CONTINUE),
+    Row("three-valued tests: anyof(true, unknown) is true; allof(false, unknown) false",
+        'require ["reject","environment"]; if allof (false, exists "x") { reject "a"; } '
+        'elsif anyof (environment "vnd.postgate.stage" "mail", header "subject" "x") { reject "b"; }',
+        Stage.MAIL, Action.REJECT, 550, text="b"),
+    Row("three-valued tests: envelope to before RCPT is unknown; size without SIZE= is unknown",
+        'require ["reject","envelope"]; if envelope :all "to" "" { reject "a"; } '
+        'if not size :over 0 { reject "b"; }', Stage.MAIL, Action.CONTINUE, ctx={"mail_params": {}}),
     Row("RFC 5235 §3.2 virustest: Infected → 5",
         'require ["virustest","relational","comparator-i;ascii-numeric","reject"]; '
         'if virustest :value "ge" :comparator "i;ascii-numeric" "4" { reject "virus"; }',

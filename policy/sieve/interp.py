@@ -102,10 +102,11 @@ class ListLookup(Protocol):
 class Input:
     stage: str                                       # connect, helo, mail, rcpt, data
     sender: str | None = None                        # None: before MAIL; "": the null reverse-path
-    recipients: Sequence[str] = ()                   # envelope "to" (at rcpt: the one being judged)
+    recipients: Sequence[str] | None = ()            # envelope "to" (at rcpt: the one being judged); None
+                                                     # before RCPT (unknown)
     headers: list[tuple[str, str]] | None = None     # (name, raw value) in message order; None before DATA
     body: bytes | None = None
-    size: int = 0
+    size: int | None = 0                             # None: unknown (before DATA without SIZE=)
     environment: dict[str, str] = field(default_factory=dict)
     spam_score: float | None = None                  # e.g. rspamd's score; None: not tested
     spam_max: float = 15.0                           # the score that means "certainly spam"
@@ -206,9 +207,13 @@ class _Run:
         self.tick()
         name = n.name
         if name == "if":
-            # RFC 5228 §3.1: the first branch whose test is true runs
+            # RFC 5228 §3.1: the first branch whose test is true runs. A test on data this SMTP stage does
+            # not have yet is *unknown*: the whole chain is left undecided (no branch runs, not even else)
             for test, body in n.branches:
-                if test is None or self.test(test):
+                r = True if test is None else self.test(test)
+                if r is None:
+                    return
+                if r:
                     self.block(body)
                     return
             return
@@ -273,7 +278,7 @@ class _Run:
         addr = addrs[0]
         lowered = casemap(addr)
         # redirect loops: back to a recipient of this very message, or to its sender
-        loops = {casemap(r) for r in self.inp.protected_recipients} | {casemap(r) for r in self.inp.recipients}
+        loops = {casemap(r) for r in self.inp.protected_recipients} | {casemap(r) for r in self.inp.recipients or []}
         if self.inp.sender:
             loops.add(casemap(self.inp.sender))
         if lowered in loops:
@@ -383,7 +388,10 @@ class _Run:
             raise RuntimeFailure(f"unknown command {name}")
 
     # -- tests -------------------------------------------------------------------------------------
-    def test(self, n: Node) -> bool:
+    def test(self, n: Node) -> bool | None:
+        """True, False, or None: *unknown* — the test needs data this SMTP stage does not have yet (the
+        message before DATA, the sender before MAIL, recipients before RCPT). Unknown propagates as in
+        Kleene's three-valued logic, so ``not exists "Date"`` is not true at connect."""
         self.tick()
         name = n.name
         if name == "true":
@@ -391,17 +399,40 @@ class _Run:
         if name == "false":
             return False
         if name == "not":
-            return not self.test(n.tests[0])
+            r = self.test(n.tests[0])
+            return None if r is None else not r
         if name == "allof":                                # §5.2: short-circuit, left to right
-            return all(self.test(t) for t in n.tests)
+            unknown = False
+            for t in n.tests:
+                r = self.test(t)
+                if r is False:
+                    return False
+                unknown = unknown or r is None
+            return None if unknown else True
         if name == "anyof":                                # §5.3
-            return any(self.test(t) for t in n.tests)
+            unknown = False
+            for t in n.tests:
+                r = self.test(t)
+                if r is True:
+                    return True
+                unknown = unknown or r is None
+            return None if unknown else False
+        if name in ("header", "address", "exists", "body", "date") and self.headers is None:
+            return None                                    # no message before DATA
+        if name in ("spamtest", "virustest") and self.inp.stage != "data":
+            return None                                    # no filter has scored the message yet
+        if name == "envelope":
+            parts = {p.lower() for p in self.strs(n.args[0])}
+            if ("from" in parts and self.inp.sender is None) or ("to" in parts and self.inp.recipients is None):
+                return None                                # before MAIL / before RCPT
         if name == "exists":                               # §5.5: every named field must exist
             names = {casemap(x) for x in self.strs(n.args[0])}
             present = {casemap(h) for h, _ in self.headers or []}
             return names <= present
         if name == "size":                                 # §5.9
             size = self.inp.size
+            if size is None:
+                return None                                # before DATA without a SIZE= parameter
             limit = int(n.args[0])
             return size > limit if n.tag("size") == "over" else size < limit
         if name == "header":
@@ -508,7 +539,7 @@ class _Run:
             if which == "from":
                 addrs = [] if self.inp.sender is None else [self.inp.sender]
             elif which == "to":
-                addrs = list(self.inp.recipients)
+                addrs = list(self.inp.recipients or [])
             else:
                 raise RuntimeFailure(f"envelope part {which!r} is not from or to")
             for a in addrs:
