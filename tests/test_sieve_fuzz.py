@@ -98,7 +98,7 @@ def make_input(stage: str) -> Input:
                  {"remote-ip": "192.0.2.1"}, spam_score=5.0)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=300))
 def test_arbitrary_text_never_crashes_the_compiler(text: str) -> None:
     try:
@@ -107,7 +107,7 @@ def test_arbitrary_text_never_crashes_the_compiler(text: str) -> None:
         assert str(e).startswith("fuzz:") and e.line >= 1 and e.col >= 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet=st.sampled_from(list('if{}()[],;:"\\#/*\n text:.0Kabc')), max_size=200))
 def test_sieve_shaped_text_never_crashes_the_compiler(text: str) -> None:
     try:
@@ -116,7 +116,7 @@ def test_sieve_shaped_text_never_crashes_the_compiler(text: str) -> None:
         assert str(e).startswith("fuzz:")
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scripts, st.sampled_from(STAGES))
 def test_generated_scripts_never_crash_and_limits_are_noticed(text: str, stage: str) -> None:
     try:

@@ -6,6 +6,11 @@ block ``{ … }``. Arguments are strings (``"quoted"`` or ``text:`` multi-line),
 (``:is``); after them may come one *test* or a parenthesised list of tests. A test has the same shape as a
 command without the block. Comments are ``#`` to the end of the line or ``/* … */`` (§2.3).
 
+Why not PyPI ``sievelib`` (MIT): its parser reports errors as ``line N`` only (no column, and the line
+of the lexer's position rather than of the offending token), and its command table is fixed in the
+library, so ``vnd.postgate``, editheader, extlists and friends would need patching it. A hand-written
+recursive-descent parser of §8's small grammar is shorter than that adaptation and gives exact positions.
+
 This module only builds the tree; which commands exist and which arguments they take is checked by
 :mod:`postgate.policy.sieve.validate`.
 """
