@@ -24,8 +24,10 @@ fails to compile, logging why.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,6 +122,9 @@ class SieveSession:
         self.scripts = scripts
 
     async def on(self, ctx: StageContext) -> Verdict:
+        if ctx.stage is Stage.DATA:
+            # the message is parsed and searched: off the event loop, so other sessions go on meanwhile
+            return await asyncio.to_thread(evaluate, self.scripts, ctx)
         return evaluate(self.scripts, ctx)
 
     async def reset(self) -> None:
@@ -212,19 +217,82 @@ def make_input(ctx: StageContext, s: SieveSettings, lists: MapLists | None) -> I
 
 
 def evaluate(scripts: SieveScripts, ctx: StageContext) -> Verdict:
-    """Run the global then the listener script for this stage; one combined verdict."""
+    """Run the global then the listener script for this stage; one combined verdict.
+
+    At DATA each script runs once per recipient, with that recipient as the envelope "to" — the RFC 5228
+    §5.4 view of one delivery — and the results are combined (:func:`combine`): a rule such as
+    ``if envelope :domain "to" "bank.example" { tls_policy "dane-only"; }`` then routes only the bank's
+    recipients, while the message-level outcome (reject, defer, hold) holds for the whole message, since
+    SMTP has one reply after DATA."""
     s = scripts.settings
     if STAGE_NAMES[ctx.stage] not in s.stages:
         return Verdict()
-    inp = make_input(ctx, s, scripts.lists)
+    base = make_input(ctx, s, scripts.lists)
     combined = Verdict()
     for path, script in scripts.for_listener(ctx.listener):
-        result = run(script, inp, s.limits)
-        v = to_verdict(result, ctx, s.default_action, path)
+        if ctx.stage is Stage.DATA and len(ctx.recipients) > 0:
+            deadline = time.monotonic() + s.limits.max_seconds      # one time budget for the stage
+            results = []
+            for rcpt in ctx.recipients:
+                inp = replace(base, recipients=[rcpt], environment=dict(base.environment))
+                results.append((rcpt, run(script, inp, s.limits, deadline=deadline)))
+            v = combine(results, ctx, s.default_action, path)
+        else:
+            v = to_verdict(run(script, base, s.limits), ctx, s.default_action, path)
         combined = _merge(combined, v)
         if combined.final:
             break
     return combined
+
+
+def combine(results: list[tuple[str, Result]], ctx: StageContext, default: Action, script: str) -> Verdict:
+    """The per-recipient results of one script at DATA → one verdict: the first error, reject or defer
+    (in recipient order) decides for the message; a recipient whose run discarded or redirected the message
+    is removed; holds, header edits and routes add up (identical edits once)."""
+    verdicts = [(rcpt, to_verdict(r, ctx, default, script, rcpt)) for rcpt, r in results]
+    for _, v in verdicts:
+        if v.action in (Action.REJECT, Action.TEMPFAIL):
+            return v
+    headers: list[HeaderEdit] = []
+    adds: list[str] = []
+    removes: list[str] = []
+    routes: list[Route] = []
+    hold: Verdict | None = None
+    reasons: list[str] = []
+    for rcpt, v in verdicts:
+        headers += [h for h in v.headers if h not in headers]
+        adds += [a for a in v.add_recipients if a not in adds]
+        if v.action is Action.DISCARD:
+            removes.append(rcpt)
+        removes += [r for r in v.remove_recipients if r not in removes]
+        routes += [r for r in v.routes if r not in routes]
+        if v.action is Action.HOLD and hold is None:
+            hold = v
+        if v.reason and v.reason not in reasons:
+            reasons.append(v.reason)
+    everyone = set(ctx.recipients)
+    joined = [replace(r, recipients=()) if set(r.recipients) == everyone else r for r in _join_routes(routes)]
+    out = Verdict(Action.CONTINUE, None, "; ".join(reasons), "", tuple(headers), tuple(adds), tuple(removes),
+                  None, None, tuple(joined))
+    if not adds and set(removes) >= set(ctx.recipients):
+        return replace(out, action=Action.DISCARD, remove_recipients=(), reason="sieve discard")
+    if hold is not None:
+        return replace(out, action=Action.HOLD, quarantine_reason=hold.quarantine_reason)
+    return out
+
+
+def _join_routes(routes: list[Route]) -> list[Route]:
+    """Routes that differ only in their recipients become one route for all of them."""
+    out: list[Route] = []
+    for r in routes:
+        for i, o in enumerate(out):
+            if replace(o, recipients=()) == replace(r, recipients=()) and o.recipients and r.recipients:
+                out[i] = replace(o, recipients=o.recipients + tuple(x for x in r.recipients
+                                                                    if x not in o.recipients))
+                break
+        else:
+            out.append(r)
+    return out
 
 
 def _merge(a: Verdict, b: Verdict) -> Verdict:
@@ -244,12 +312,18 @@ def _clean(text: str) -> str:
     return "\n".join(lines) or "Rejected by policy"
 
 
-def _recipients(patterns: tuple[str, ...], ctx: StageContext) -> tuple[str, ...] | None:
-    """``:recipients`` (addresses or domains, ``.example.com`` for subdomains) → the message's recipients
-    they name; None if the stage has no recipients yet."""
-    known = [ctx.recipient] if ctx.stage is Stage.RCPT and ctx.recipient else list(ctx.recipients)
+def _recipients(patterns: tuple[str, ...], ctx: StageContext, rcpt: str | None = None) -> tuple[str, ...] | None:
+    """``:recipients`` (addresses or domains, ``.example.com`` for subdomains) → the recipients they name
+    among those this evaluation is about (``rcpt`` at DATA, the one being judged at RCPT); None if the stage
+    has no recipients yet. Without ``:recipients``: those recipients."""
+    if rcpt is not None:
+        known = [rcpt]
+    elif ctx.stage is Stage.RCPT:
+        known = [ctx.recipient] if ctx.recipient else []
+    else:
+        known = list(ctx.recipients)
     if not patterns:
-        return tuple(known) if ctx.stage is Stage.RCPT else ()
+        return tuple(known) if ctx.stage in (Stage.RCPT, Stage.DATA) and known else ()
     if not known:
         return None
     out = []
@@ -257,15 +331,17 @@ def _recipients(patterns: tuple[str, ...], ctx: StageContext) -> tuple[str, ...]
         domain = r.rpartition("@")[2].lower()
         for p in patterns:
             p = p.lower().strip("<>")
-            if (("@" in p and r.lower() == p) or (p.startswith(".") and domain.endswith(p))
+            if (("@" in p and not p.startswith("@") and r.lower() == p) or (p.startswith(".") and domain.endswith(p))
                     or (p.startswith("@") and domain == p[1:]) or domain == p):
                 out.append(r)
                 break
     return tuple(out)
 
 
-def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) -> Verdict:
-    """One script's result → a stage verdict (the table in docs/sieve.md)."""
+def to_verdict(result: Result, ctx: StageContext, default: Action, script: str,
+               rcpt: str | None = None) -> Verdict:
+    """One script's result → a stage verdict (the table in docs/sieve.md). ``rcpt``: the recipient this
+    evaluation was for (DATA, one run per recipient)."""
     where = f"sieve {script} at {STAGE_NAMES[ctx.stage]} from {ctx.client_address}"
     if result.error is not None:
         log.warning("%s: %s; default action %s", where, result.error, default.value)
@@ -316,8 +392,13 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) 
         elif k is Kind.DELETEHEADER:
             headers.append(HeaderEdit(HeaderOp.DELETE, a.name, "", a.index))
         else:
-            rcpts = _recipients(a.recipients, ctx)
+            if k is Kind.DKIM_SIGN:              # a signature is per message, not per recipient
+                routes.append(Route((), dkim_domain=a.arg, dkim_selector=a.option or None))
+                continue
+            rcpts = _recipients(a.recipients, ctx, rcpt)
             if rcpts is None or (a.recipients and not rcpts):
+                if rcpt is not None:
+                    continue                         # DATA: not about this recipient
                 log.info("%s: %s for %s: no such recipient at this stage; ignored", where, k.value,
                          ", ".join(a.recipients))
                 continue
@@ -325,8 +406,6 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) 
                 routes.append(Route(rcpts, tls_level=a.arg))
             elif k is Kind.ROUTE:
                 routes.append(Route(rcpts, transport=a.arg))
-            elif k is Kind.DKIM_SIGN:
-                routes.append(Route(rcpts, dkim_domain=a.arg, dkim_selector=a.option or None))
             elif k is Kind.PRIORITY:
                 routes.append(Route(rcpts, priority=a.number))
             elif k is Kind.LIFETIME:
@@ -334,7 +413,10 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str) 
     removes: list[str] = []
     redirected = [a for a in result.actions if a.kind is Kind.REDIRECT and not a.copy]
     if redirected and not kept and stage in (Stage.RCPT, Stage.DATA):
-        removes = [ctx.recipient] if stage is Stage.RCPT and ctx.recipient else list(ctx.recipients)
+        if rcpt is not None:
+            removes = [rcpt]
+        else:
+            removes = [ctx.recipient] if stage is Stage.RCPT and ctx.recipient else list(ctx.recipients)
     if stage not in (Stage.RCPT, Stage.DATA):
         if adds:
             log.info("%s: redirect before RCPT ignored (no recipients yet)", where)

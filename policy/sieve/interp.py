@@ -114,6 +114,7 @@ class Input:
     lists: ListLookup | None = None
     now: datetime | None = None
     protected_recipients: Sequence[str] = ()         # redirect targets refused as loops
+    cache: dict[str, Any] = field(default_factory=dict)   # shared by evaluations of one message (MIME parts)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Limits:
     max_variable_size: int = 4096                    # RFC 5229 §6
     max_variables: int = 256
     max_header_edits: int = 64
+    max_body_bytes: int = 4 << 20                    # body tests look at the first 4 MiB of the body
 
 
 class RuntimeFailure(Exception):
@@ -165,6 +167,7 @@ class _Run:
         self.headers = list(inp.headers) if inp.headers is not None else None
         self.redirects = 0
         self.edits = 0
+        self._parts: list[tuple[str, str]] | None = None
         self.variables = "variables" in script.capabilities
 
     # -- budget ------------------------------------------------------------------------------------
@@ -556,32 +559,44 @@ class _Run:
     def body_values(self, n: Node) -> list[str]:
         if self.headers is None or self.inp.body is None:
             return []
+        body = self.inp.body[: self.lim.max_body_bytes]     # bounded work per evaluation (docs/sieve.md)
         transform = n.tag("transform") or "text"           # RFC 5173 §5: :text by default
         if transform == "raw":
-            return [self.inp.body.decode("utf-8", "replace")]
+            return [body.decode("utf-8", "replace")]
         types = [t.lower() for t in n.tag_arg("transform") or []] if transform == "content" else ["text"]
-        head = "".join(f"{h}:{v}\r\n" for h, v in self.headers)
-        msg = email.message_from_bytes(head.encode("utf-8", "surrogateescape") + b"\r\n" + self.inp.body,
-                                       policy=email.policy.compat32)
         out: list[str] = []
-        for part in msg.walk():
-            if part.is_multipart():
-                continue
-            ctype = part.get_content_type().lower()
+        for ctype, text in self.body_parts(body):
             main = ctype.split("/")[0]
             # RFC 5173 §5.2: "" matches every type, "text" every text/ subtype, "text/html" exactly
-            if not any(t == "" or t == ctype or ("/" not in t and t == main) for t in types):
-                continue
-            payload = part.get_payload(decode=True)
-            if not isinstance(payload, bytes):
-                continue
-            charset = part.get_content_charset() or "us-ascii"
-            try:
-                out.append(payload.decode(charset, "replace"))
-            except LookupError:
-                out.append(payload.decode("utf-8", "replace"))
-            self.tick()
+            if any(t == "" or t == ctype or ("/" not in t and t == main) for t in types):
+                out.append(text)
         return out
+
+    def body_parts(self, body: bytes) -> list[tuple[str, str]]:
+        """The leaf MIME parts (content type, decoded text), parsed once per evaluation (RFC 5173 §5)."""
+        if self._parts is None and "parts" in self.inp.cache:
+            self._parts = self.inp.cache["parts"]
+        if self._parts is None:
+            head = "".join(f"{h}:{v}\r\n" for h, v in self.inp.headers or [])
+            msg = email.message_from_bytes(head.encode("utf-8", "surrogateescape") + b"\r\n" + body,
+                                           policy=email.policy.compat32)
+            parts: list[tuple[str, str]] = []
+            for part in msg.walk():
+                if part.is_multipart():
+                    continue
+                self.tick()
+                payload = part.get_payload(decode=True)
+                if not isinstance(payload, bytes):
+                    continue
+                charset = part.get_content_charset() or "us-ascii"
+                try:
+                    text = payload.decode(charset, "replace")
+                except LookupError:
+                    text = payload.decode("utf-8", "replace")
+                parts.append((part.get_content_type().lower(), text))
+            self._parts = parts
+            self.inp.cache["parts"] = parts
+        return self._parts
 
     def date_test(self, n: Node) -> bool:
         field_name = self.expand(n.args[0])
@@ -699,9 +714,12 @@ def _date_part(dt: datetime, part: str) -> str:
 
 
 def run(script: Script, inp: Input, limits: Limits | None = None,
-        clock: Callable[[], float] = time.monotonic) -> Result:
-    """Evaluate ``script`` for one stage. Never raises: failures are ``Result.error``."""
+        clock: Callable[[], float] = time.monotonic, deadline: float | None = None) -> Result:
+    """Evaluate ``script`` for one stage. Never raises: failures are ``Result.error``. ``deadline`` (on
+    ``clock``) shares one time budget between several evaluations (one per recipient)."""
     r = _Run(script, inp, limits or Limits(), clock)
+    if deadline is not None:
+        r.deadline = min(r.deadline, deadline)
     try:
         r.block(script.commands)
     except _Stop:
