@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from postgate.inbound.filters import Action, Stage, StageContext
-from postgate.inbound.sieve_filter import STAGE_NAMES, SieveSettings, make_input, to_verdict
+from postgate.inbound.sieve_filter import STAGE_NAMES, SieveSettings, combine, make_input, to_verdict
 from postgate.policy.sieve import Limits, SieveError, compile_file, run
 from postgate.policy.sieve.lists import MapLists
 
@@ -79,11 +80,22 @@ def cmd_sieve_test(args: argparse.Namespace) -> int:
     if args.spam_score is not None:
         inp.spam_score = args.spam_score
     inp.now = datetime.now(UTC)
-    result = run(script, inp, settings.limits)
-    print("actions:")
-    for line in result.describe() or ["(none)"]:
-        print(f"  {line}")
-    v = to_verdict(result, ctx, settings.default_action, args.file)
+    if stage is Stage.DATA and recipients:
+        # as the smtpd does: one evaluation per recipient (RFC 5228 §5.4), combined into one verdict
+        results = []
+        for rcpt in recipients:
+            r = run(script, replace(inp, recipients=[rcpt]), settings.limits)
+            results.append((rcpt, r))
+            print(f"actions for <{rcpt}>:")
+            for line in r.describe() or ["(none)"]:
+                print(f"  {line}")
+        v = combine(results, ctx, settings.default_action, args.file)
+    else:
+        result = run(script, inp, settings.limits)
+        print("actions:")
+        for line in result.describe() or ["(none)"]:
+            print(f"  {line}")
+        v = to_verdict(result, ctx, settings.default_action, args.file)
     print(f"verdict: {v.action.value}" + (f" {v.reply}" if v.reply else ""))
     for h in v.headers:
         print(f"  header {h.op.value} {h.name}" + (f": {h.value}" if h.value else "") +
