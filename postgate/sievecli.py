@@ -100,10 +100,10 @@ def cmd_sieve_test(args: argparse.Namespace) -> int:
     for h in v.headers:
         print(f"  header {h.op.value} {h.name}" + (f": {h.value}" if h.value else "") +
               (f" #{h.index}" if h.op.value in ("delete", "change") else ""))
-    for r in v.add_recipients:
-        print(f"  add recipient {r}")
-    for r in v.remove_recipients:
-        print(f"  remove recipient {r}")
+    for addr in v.add_recipients:
+        print(f"  add recipient {addr}")
+    for addr in v.remove_recipients:
+        print(f"  remove recipient {addr}")
     for rt in v.routes:
         fields = {k: getattr(rt, k) for k in ("tls_level", "transport", "dkim_domain", "dkim_selector",
                                               "priority", "lifetime") if getattr(rt, k) is not None}

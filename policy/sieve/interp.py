@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_tz
-from typing import Protocol
+from typing import Any, Protocol
 
 from postgate.policy.sieve.match import casemap, match_one, numeric, relation
 from postgate.policy.sieve.validate import Node, Script
