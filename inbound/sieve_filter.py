@@ -4,7 +4,8 @@ Postgate runs a *global* script and then the *listener's* script (``[sieve]`` in
 connect, ehlo, mail, rcpt and data. Each run sees what the stage has: the session (``environment``,
 RFC 5183), the envelope (``envelope``, RFC 5228 §5.4: at rcpt the recipient being judged; at data the
 script runs once per recipient and the results are combined, :func:`combine`) and at data the message.
-Tests on data a stage does not have yet are *unknown* (three-valued, see the interpreter). The actions map to one :class:`Verdict` (docs/sieve.md has
+Tests on data a stage does not have yet are *unknown* (three-valued, see the interpreter).
+The actions map to one :class:`Verdict` (docs/sieve.md has
 the table):
 
 - ``reject``/``ereject`` → REJECT in the session, before the 250 (RFC 5429 §2.1: refusing at the protocol
