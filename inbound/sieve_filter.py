@@ -5,8 +5,7 @@ connect, ehlo, mail, rcpt and data. Each run sees what the stage has: the sessio
 RFC 5183), the envelope (``envelope``, RFC 5228 §5.4: at rcpt the recipient being judged; at data the
 script runs once per recipient and the results are combined, :func:`combine`) and at data the message.
 Tests on data a stage does not have yet are *unknown* (three-valued, see the interpreter).
-The actions map to one :class:`Verdict` (docs/sieve.md has
-the table):
+The actions map to one :class:`Verdict` (docs/sieve.md has the table):
 
 - ``reject``/``ereject`` → REJECT in the session, before the 250 (RFC 5429 §2.1: refusing at the protocol
   level is the preferred form for an MTA), 550 5.7.1 (554 at connect) with the script's reason;
