@@ -116,7 +116,7 @@ def test_sieve_shaped_text_never_crashes_the_compiler(text: str) -> None:
         assert str(e).startswith("fuzz:")
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scripts, st.sampled_from(STAGES))
 def test_generated_scripts_never_crash_and_limits_are_noticed(text: str, stage: str) -> None:
     try:
@@ -139,3 +139,39 @@ def test_generated_scripts_never_crash_and_limits_are_noticed(text: str, stage: 
     slow = run(script, make_input(stage), Limits(max_seconds=0.05), clock=lambda: next(ticks) * 0.01)
     if n > 6:
         assert slow.error is not None and ("time limit" in slow.error or full.error is not None)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scripts, st.sampled_from(STAGES))
+def test_generated_scripts_through_the_adapter_give_well_formed_verdicts(text: str, stage: str) -> None:
+    """Whatever a script does, the smtpd gets a verdict it can act on: a 5xx with reject, a 4xx with
+    tempfail, recipients only at rcpt/data, never an exception."""
+    import tempfile
+    from pathlib import Path
+
+    from postgate.inbound.filters import Action, Stage, StageContext
+    from postgate.inbound.sieve_filter import SieveScripts, SieveSettings, evaluate
+
+    try:
+        compile_script(text, "gen")
+    except SieveError:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "s.sieve"
+        f.write_text(text)
+        holder = SieveScripts(SieveSettings(script=str(f), hostname="mx.example"))
+        st_ = {"connect": Stage.CONNECT, "ehlo": Stage.HELO, "mail": Stage.MAIL, "rcpt": Stage.RCPT,
+               "data": Stage.DATA}[stage]
+        ctx = StageContext(st_, "mx", "192.0.2.1", helo="c.example", sender="alice@example.com",
+                           recipient="b@example.org" if st_ is Stage.RCPT else None,
+                           recipients=["b@example.org", "c@example.net"] if st_ is Stage.DATA else [],
+                           message=MESSAGE if st_ is Stage.DATA else None)
+        v = evaluate(holder, ctx)
+    if v.action is Action.REJECT:
+        assert v.reply is not None and 500 <= v.reply.code < 600
+    elif v.action is Action.TEMPFAIL:
+        assert v.reply is not None and 400 <= v.reply.code < 500
+    else:
+        assert v.reply is None
+    if st_ not in (Stage.RCPT, Stage.DATA):
+        assert not v.add_recipients and not v.remove_recipients
