@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from email.header import Header
 from pathlib import Path
 
 from postgate.inbound.filters import Action, FilterSession, HeaderEdit, HeaderOp, Route, Stage, StageContext, Verdict
@@ -379,7 +380,9 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str,
             if a.arg.lower() in HOLD_FOLDERS:
                 hold = f"fileinto {a.arg}"
             else:
-                headers.append(HeaderEdit(HeaderOp.ADD, "X-Postgate-Fileinto", a.arg))
+                folder = re.sub(r"[\x00-\x1f]+", " ", a.arg)
+                headers.append(HeaderEdit(HeaderOp.ADD, "X-Postgate-Fileinto",
+                                          folder if folder.isascii() else Header(folder, "utf-8").encode()))
                 kept = True                 # the message is still delivered, to that folder
         elif k is Kind.REDIRECT:
             adds.append(a.arg)
@@ -387,9 +390,10 @@ def to_verdict(result: Result, ctx: StageContext, default: Action, script: str,
             headers.append(HeaderEdit(HeaderOp.INSERT, REDIRECT_MARK,
                                       f"<{a.arg}>; by={ctx.hostname or 'postgate'}", 0))
         elif k is Kind.ADDHEADER:
-            # RFC 5293 §4: at the top unless :last
-            headers.append(HeaderEdit(HeaderOp.ADD, a.name, a.arg) if a.index == -1
-                           else HeaderEdit(HeaderOp.INSERT, a.name, a.arg, 0))
+            # RFC 5293 §4: at the top unless :last; non-ASCII text as RFC 2047 encoded words
+            value = a.arg if a.arg.isascii() else Header(a.arg, "utf-8").encode()
+            headers.append(HeaderEdit(HeaderOp.ADD, a.name, value) if a.index == -1
+                           else HeaderEdit(HeaderOp.INSERT, a.name, value, 0))
         elif k is Kind.DELETEHEADER:
             headers.append(HeaderEdit(HeaderOp.DELETE, a.name, "", a.index))
         else:

@@ -61,6 +61,8 @@ def test_sieve_check_ok_and_errors(tmp_path: Path) -> None:
     ('"text', "1:1: unterminated string"),
     ('elsif true { keep; }', "1:1: elsif without a preceding if"),
     ('require "relational"; if header :value "xx" "a" "b" { keep; }', "1:26: relational operator"),
+    ('require "vnd.postgate";\nroute "smtp:[relay.example";', "2:1: route: bad relay"),
+    ('require "vnd.postgate";\ntls_policy "dane-maybe";', "2:1: unknown TLS level 'dane-maybe'"),
 ])
 def test_compile_errors_have_positions(tmp_path: Path, text: str, where: str) -> None:
     f = tmp_path / "s.sieve"

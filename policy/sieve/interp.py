@@ -26,7 +26,8 @@ from email.utils import getaddresses, parsedate_tz
 from typing import Any, Protocol
 
 from postgate.policy.sieve.match import casemap, match_one, numeric, relation
-from postgate.policy.sieve.validate import Node, Script
+from postgate.policy.maps import MapError, parse_relay
+from postgate.policy.sieve.validate import Node, Script, valid_field_name
 
 
 class Kind(enum.Enum):
@@ -324,7 +325,10 @@ class _Run:
 
     def addheader(self, n: Node) -> None:
         name = self.expand(n.args[0])
-        value = self.expand(n.args[1])
+        if not valid_field_name(name):
+            raise RuntimeFailure(f"addheader: {name!r} is not a header field name (RFC 5322 §3.6.8)")
+        # no line breaks of the script's own in a field: they would inject fields (RFC 5293 §4)
+        value = re.sub(r"[\r\n]+[ \t]*", " ", self.expand(n.args[1]))
         if name.lower() in PROTECTED_HEADERS or self.headers is None:
             return                           # RFC 5293 §7; nothing to edit before DATA
         self.edit_budget()
@@ -375,13 +379,21 @@ class _Run:
                 raise RuntimeFailure(f"tls_policy: unknown level {level!r}")
             self.add(SieveAction(Kind.TLS_POLICY, level, recipients=recips))
         elif name == "route":
-            self.add(SieveAction(Kind.ROUTE, self.expand(n.args[0]), recipients=recips))
+            spec = self.expand(n.args[0]).strip()
+            try:
+                parse_relay(spec, "route")               # transport-map syntax, as policy.maps reads it
+            except MapError as e:
+                raise RuntimeFailure(str(e)) from e
+            self.add(SieveAction(Kind.ROUTE, spec, recipients=recips))
         elif name == "hold":
             self.add(SieveAction(Kind.HOLD, self.expand(n.args[0]) if n.args else ""))
         elif name == "defer":
             self.add(SieveAction(Kind.DEFER, self.expand(n.args[0]), option=n.tag_arg("status") or ""))
         elif name == "dkim_sign":
-            self.add(SieveAction(Kind.DKIM_SIGN, self.expand(n.args[0]).lower(),
+            domain = self.expand(n.args[0]).lower().rstrip(".")
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+", domain):
+                raise RuntimeFailure(f"dkim_sign: {domain!r} is not a domain name")
+            self.add(SieveAction(Kind.DKIM_SIGN, domain,
                                  option=self.expand(n.tag_arg("selector") or "")))
         elif name == "queue_priority":
             self.add(SieveAction(Kind.PRIORITY, number=n.args[0], recipients=recips))

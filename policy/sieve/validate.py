@@ -306,8 +306,14 @@ class _Checker:
                 raise self.err(n.pos, f"invalid variable name {n.args[0]!r} (RFC 5229 §3)")
         if n.name in ("addheader", "deleteheader"):
             name = n.args[0]
-            if "$" not in name and not _valid_field_name(name):
+            if "$" not in name and not valid_field_name(name):
                 raise self.err(n.pos, f"invalid header field name {name!r} (RFC 5322 §3.6.8)")
+        if n.name == "route" and "$" not in n.args[0]:
+            from postgate.policy.maps import MapError, parse_relay
+            try:
+                parse_relay(n.args[0], "route")
+            except MapError as e:
+                raise self.err(n.pos, f"{e} (transport-map syntax: smtp:[host]:port)") from e
         if n.name == "defer":
             st = n.tag_arg("status")
             if st is not None and not _valid_status(st, "4"):
@@ -337,7 +343,7 @@ def _valid_var_name(name: str) -> bool:
                               (ch.isalnum() or ch == "_") for ch in p) for p in name.split("."))
 
 
-def _valid_field_name(name: str) -> bool:
+def valid_field_name(name: str) -> bool:
     return bool(name) and all(33 <= ord(ch) <= 126 and ch != ":" for ch in name)
 
 
