@@ -25,8 +25,8 @@ from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_tz
 from typing import Any, Protocol
 
-from postgate.policy.sieve.match import casemap, match_one, numeric, relation
 from postgate.policy.maps import MapError, parse_relay
+from postgate.policy.sieve.match import casemap, match_one, numeric, relation
 from postgate.policy.sieve.validate import Node, Script, valid_field_name
 
 
