@@ -163,21 +163,27 @@ class ChainOfTrust:
             if res.rrsig.labels < dnssec.owner_labels(rrset.name):
                 # RFC 4035 §5.3.4: a wildcard expansion needs proof that the name itself does not exist
                 ce = Name(rrset.name.labels[-(res.rrsig.labels + 1):])
-                if not await self._wildcard_proven(rrset.name, ce, msg, signer, kr.keys):
+                proof = await self._wildcard_proof(rrset.name, ce, msg, signer, kr.keys)
+                if not proof.proven:
                     reasons.append(f"{rr_text(rrset)}: wildcard expansion without proof of non-existence")
                     continue
+                if proof.denial is Denial.INSECURE or proof.optout:
+                    # RFC 9276 §3.2 (NSEC3 beyond the iteration limit), RFC 5155 §9.2 (opt-out span): the
+                    # proof is only an insecure one, so the wildcard answer is insecure, never secure
+                    return Security.INSECURE, f"{rr_text(rrset)}: wildcard answer: {proof.reason}", ttl
             ttl = min(ttl, res.rrsig.original_ttl, max(0, int(res.rrsig.expiration - self.clock())))
             return Security.SECURE, "", ttl
         return Security.BOGUS, "; ".join(reasons), 0
 
-    async def _wildcard_proven(self, qname: Name, ce: Name, msg: dns.message.Message, zone: Name,
-                               keys: dns.rrset.RRset) -> bool:
+    async def _wildcard_proof(self, qname: Name, ce: Name, msg: dns.message.Message, zone: Name,
+                              keys: dns.rrset.RRset) -> dnssec.Proof:
+        """RFC 4035 §5.3.4 / RFC 5155 §8.8: the proof that ``qname`` itself does not exist."""
         nsecs, nsec3s, _ = self._proof_records(msg, zone, keys)
         if nsecs and dnssec.nsec_wildcard_ok(qname, nsecs, zone):
-            return True
+            return dnssec.Proof(Denial.NXDOMAIN, f"NSEC covers {qname}")
         if nsec3s:
-            return dnssec.nsec3_denial(qname, 0, nsec3s, zone, wildcard_ce=ce).proven
-        return False
+            return dnssec.nsec3_denial(qname, 0, nsec3s, zone, wildcard_ce=ce)
+        return dnssec.Proof(Denial.NONE, "no NSEC or NSEC3 records")
 
     def _proof_records(self, msg: dns.message.Message, zone: Name, keys: dns.rrset.RRset
                        ) -> tuple[list[tuple[Name, NSEC]], list[tuple[Name, NSEC3]], list[str]]:
@@ -193,6 +199,9 @@ class ChainOfTrust:
             if not res.ok:
                 bad.append(res.reason)
                 continue
+            assert res.rrsig is not None
+            if dnssec.expanded_from_wildcard(rr.name, res.rrsig):
+                continue  # RFC 4035 §5.3.4, §5.4: a wildcard-expanded NSEC/NSEC3 is no proof of anything
             for rd in rr:
                 if isinstance(rd, NSEC):
                     nsecs.append((rr.name, rd))
@@ -222,6 +231,10 @@ class ChainOfTrust:
         if d in (Denial.OPT_OUT, Denial.INSECURE) and (nx or rdtype == dns.rdatatype.DS or
                                                        d is Denial.INSECURE):
             return Security.INSECURE, proof.reason, ttl
+        if d is Denial.INSECURE_DELEGATION:  # RFC 4035 §5.2: the name lies in a proven unsigned zone
+            return Security.INSECURE, proof.reason, ttl
+        if proof.optout and ((nx and d is Denial.NXDOMAIN) or (not nx and d is Denial.NODATA)):
+            return Security.INSECURE, proof.reason, ttl  # RFC 5155 §9.2: proven, but in an opt-out span
         if nx and d is Denial.NXDOMAIN:
             return Security.SECURE, "", ttl
         if not nx and d in (Denial.NODATA, Denial.NO_DS):
@@ -277,6 +290,8 @@ class ChainOfTrust:
         """Security of the zone holding ``name``: INSECURE when a signed proof shows the chain ends."""
         if depth > MAX_DEPTH:
             raise RecursionError
+        if self.anchors.closest(name) is None:  # RFC 4035 §4.3: no anchor, no chain: insecure
+            return Security.INSECURE, self.anchors.why_outside(name)
         if name in self.anchors:  # a trust anchor's zone needs no DS from its parent
             kr = await self._trusted_keys(name, depth + 1)
             return kr.security, kr.reason
@@ -297,7 +312,8 @@ class ChainOfTrust:
         sec, proof, _, _ = await self._denial(name, dns.rdatatype.DS, msg, depth + 1)
         if sec is not Security.SECURE:
             return sec, proof.reason
-        if proof.denial in (Denial.NO_DS, Denial.OPT_OUT, Denial.INSECURE):
+        if proof.denial in (Denial.NO_DS, Denial.OPT_OUT, Denial.INSECURE, Denial.INSECURE_DELEGATION) \
+                or proof.optout:
             return Security.INSECURE, f"{name}: {proof.reason}"
         if proof.denial in (Denial.NODATA, Denial.NXDOMAIN):
             return Security.SECURE, ""
@@ -317,7 +333,8 @@ class ChainOfTrust:
         if zone in self.anchors:
             return await self._keys_from(zone, list(self.anchors[zone]), f"trust anchor for {zone}")
         if self.anchors.closest(zone) is None:
-            return KeyResult(Security.INDETERMINATE, None, f"no trust anchor above {zone}", FAILURE_TTL)
+            # RFC 4035 §4.3: a zone under no (usable, RFC 6840 §5.4) trust anchor is insecure
+            return KeyResult(Security.INSECURE, None, self.anchors.why_outside(zone), 3600)
         try:
             msg = await self.fetch(zone, dns.rdatatype.DS)
         except LookupFailed as e:
@@ -352,7 +369,8 @@ class ChainOfTrust:
         sec, proof, _, ttl = await self._denial(zone, dns.rdatatype.DS, msg, depth + 1)
         if sec is not Security.SECURE:
             return KeyResult(sec, None, proof.reason, ttl if sec is Security.INSECURE else FAILURE_TTL)
-        if proof.denial in (Denial.NO_DS, Denial.OPT_OUT, Denial.INSECURE):
+        if proof.denial in (Denial.NO_DS, Denial.OPT_OUT, Denial.INSECURE, Denial.INSECURE_DELEGATION) \
+                or proof.optout:
             return KeyResult(Security.INSECURE, None, f"insecure delegation: {proof.reason}", ttl)
         return KeyResult(Security.BOGUS, None,
                          f"{zone} signs records but its parent has no DS for it ({proof.reason})",

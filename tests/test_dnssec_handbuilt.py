@@ -452,3 +452,143 @@ def test_trust_anchor_file_formats(tmp_path) -> None:  # type: ignore[no-untyped
         parse_anchors("; comment\n. IN DS nonsense\n", "x")
     with pytest.raises(ResolverConfigError, match="no trust anchor"):
         parse_anchors("; nothing\n", "x")
+
+
+# --- issue 14: downgrades and needless failures, each from its RFC rule ----------------------------
+
+def test_wildcard_expanded_nsec_is_no_denial(up: FakeUpstream) -> None:
+    """RFC 4035 §5.3.4 and §5.4 (CVE-2017-15105): an NSEC whose RRSIG has fewer labels than its owner was
+    synthesised from a wildcard; it proves nothing about the name it is presented under."""
+    s, chain = nsec_zone()
+    up.signers.append(s)
+    # the zone's own NSEC at *.w, replayed under the queried names as if expanded from the wildcard
+    fake_nodata = s.rr("x.w", "NSEC", "hand.test. A RRSIG NSEC")
+    up.add("x.w.hand.test.", "TXT", Reply(authority=s.soa() + s.signed(fake_nodata, wildcard_labels=3)))
+    fake_tlsa = s.rr("_25._tcp.mx.w", "NSEC", "hand.test. A RRSIG NSEC")
+    up.add("_25._tcp.mx.w.hand.test.", "TLSA", Reply(authority=s.soa() + s.signed(fake_tlsa, wildcard_labels=3)))
+    # an NXDOMAIN "proven" by an NSEC expanded from a wildcard *.hand.test (a -> c covers b)
+    fake_cover = s.rr("a", "NSEC", "c.hand.test. A RRSIG NSEC")
+    up.add("b.hand.test.", "A", Reply(NX, authority=s.soa() + s.signed(fake_cover, wildcard_labels=2)
+                                      + chain["apex"]))
+    r = resolver(s)
+    assert ask(r, "x.w.hand.test", "TXT")[0] is Security.BOGUS
+    sec, why = ask(r, "_25._tcp.mx.w.hand.test", "TLSA")
+    assert sec is Security.BOGUS, why          # never "no TLSA": that would switch DANE off
+    assert ask(r, "b.hand.test", "A")[0] is Security.BOGUS
+
+
+def test_wildcard_nsec_cannot_deny_a_ds(up: FakeUpstream) -> None:
+    """RFC 4035 §5.2, RFC 6840 §4.4: only the parent-side NSEC at the delegation itself (NS, no DS, no SOA,
+    not wildcard-expanded) proves an insecure delegation."""
+    parent = Signer("hand.test.")
+    child = Signer("child.hand.test.")
+    up.signers += [parent, child]
+    up.add("www.child.hand.test.", "A", Reply(answer=child.signed(child.rr("www", "A", "192.0.2.20"))))
+    wild_ns = parent.rr("child", "NSEC", "d.hand.test. NS RRSIG NSEC")   # from "*.hand.test NSEC … NS"
+    up.add("child.hand.test.", "DS", Reply(authority=parent.soa() + parent.signed(wild_ns, wildcard_labels=2)))
+    sec, why = ask(resolver(parent), "www.child.hand.test", "A")
+    assert sec is Security.BOGUS, why
+    # the honest proof (the NSEC at the delegation, signed as itself) does make the child insecure
+    up.add("child.hand.test.", "DS", Reply(authority=parent.soa() + parent.signed(wild_ns)))
+    assert ask(resolver(parent), "www.child.hand.test", "A")[0] is Security.INSECURE
+
+
+def test_nsec3_iterations_beyond_limit_make_a_wildcard_answer_insecure(up: FakeUpstream) -> None:
+    """RFC 9276 §3.2: NSEC3 above the iteration limit is treated as insecure — so a wildcard answer proven
+    only by such records (RFC 5155 §8.8) is insecure, not secure."""
+    z = N3Zone(iterations=200)
+    up.signers.append(z.s)
+    data = z.s.rr("x.wild", "A", "192.0.2.7")
+    up.add("x.wild.hand3.test.", "A", Reply(answer=z.s.signed(data, wildcard_labels=3),
+                                            authority=z.covering("x.wild")))
+    sec, why = ask(resolver(z.s), "x.wild.hand3.test", "A")
+    assert sec is Security.INSECURE, why
+
+
+def test_nsec3_opt_out_nxdomain_still_needs_the_wildcard_denial(up: FakeUpstream) -> None:
+    """RFC 5155 §8.4: closest encloser, next closer covered (here by an opt-out NSEC3) *and* the wildcard
+    at the closest encloser covered; without the last the NXDOMAIN is bogus, not insecure."""
+    z = N3Zone(optout=True)
+    up.signers.append(z.s)
+    nx = z.name_apart_from_wildcard()
+    up.add(f"{nx}.hand3.test.", "A", Reply(NX, authority=z.s.soa() + z.matching("@") + z.covering(nx)))
+    sec, why = ask(resolver(z.s), f"{nx}.hand3.test", "A")
+    assert sec is Security.BOGUS, why
+    up.add(f"{nx}.hand3.test.", "TXT", Reply(NX, authority=z.s.soa() + z.matching("@") + z.covering(nx)
+                                             + z.covering("*")))
+    assert ask(resolver(z.s), f"{nx}.hand3.test", "TXT")[0] is Security.INSECURE
+
+
+def test_nsec3_opt_out_wildcard_answers_are_insecure(up: FakeUpstream) -> None:
+    """RFC 5155 §8.7 with §9.2: a wildcard NODATA whose next closer name lies in an opt-out span is
+    insecure (an unsigned delegation could exist there), not bogus; and so is a wildcard answer (§8.8)."""
+    z = N3Zone(optout=True)
+    up.signers.append(z.s)
+    up.add("x.wild.hand3.test.", "TXT", Reply(
+        authority=z.s.soa() + z.matching("wild") + z.covering("x.wild") + z.matching("*.wild")))
+    data = z.s.rr("x.wild", "A", "192.0.2.7")
+    up.add("x.wild.hand3.test.", "A", Reply(answer=z.s.signed(data, wildcard_labels=3),
+                                            authority=z.covering("x.wild")))
+    r = resolver(z.s)
+    sec, why = ask(r, "x.wild.hand3.test", "TXT")
+    assert sec is Security.INSECURE, why
+    sec, why = ask(r, "x.wild.hand3.test", "A")
+    assert sec is Security.INSECURE, why
+
+
+def _with_algorithm(rd: dns.rdata.Rdata, text: str) -> dns.rdata.Rdata:
+    return dns.rdata.from_text("IN", dns.rdatatype.to_text(rd.rdtype), text)
+
+
+@pytest.mark.parametrize("kind", ["DNSKEY alg 12", "DNSKEY alg 253", "DS digest 3", "DS alg 12"])
+def test_trust_anchor_with_only_unsupported_algorithms_is_absent(up: FakeUpstream, kind: str) -> None:
+    """RFC 4035 §5.2, RFC 6840 §5.2/§5.4: an anchor the validator cannot use is treated as if absent, so
+    its zone is insecure, not bogus."""
+    s, _ = nsec_zone()
+    up.signers.append(s)
+    up.add("a.hand.test.", "A", Reply(answer=s.signed(s.rr("a", "A", "192.0.2.1"))))
+    key = s.dnskey.to_text().split(" ", 3)[3]
+    ds = dns.dnssec.make_ds(s.zone, s.dnskey, "SHA256")
+    anchor = {"DNSKEY alg 12": f"257 3 12 {key}", "DNSKEY alg 253": f"257 3 253 {key}",
+              "DS digest 3": f"{ds.key_tag} 13 3 {'ab' * 32}",
+              "DS alg 12": f"{ds.key_tag} 12 2 {ds.digest.hex()}"}[kind]
+    rd = dns.rdata.from_text("IN", kind.split()[0], anchor)
+    r = Resolver([(ADDR, 53)], anchors={s.zone: [rd]}, timeout=2)  # type: ignore[list-item]
+    sec, why = ask(r, "a.hand.test", "A")
+    assert sec is Security.INSECURE, why
+    # beside a usable anchor for the same zone, the unusable one changes nothing
+    r = Resolver([(ADDR, 53)], anchors={s.zone: [rd, s.dnskey]}, timeout=2)  # type: ignore[list-item]
+    assert ask(r, "a.hand.test", "A")[0] is Security.SECURE
+
+
+def test_names_outside_every_trust_anchor_are_insecure(up: FakeUpstream) -> None:
+    """RFC 4035 §4.3: with only a non-root anchor configured, a name under no anchor is insecure (it cannot
+    be validated either way), not indeterminate — mail elsewhere must still flow."""
+    s, _ = nsec_zone()
+    other = Signer("other.test.")
+    up.signers += [s, other]
+    up.add("mx.other.test.", "A", Reply(answer=[other.rr("mx", "A", "192.0.2.30")]))
+    up.add("signed.other.test.", "A", Reply(answer=other.signed(other.rr("signed", "A", "192.0.2.31"))))
+    up.add("nx.other.test.", "A", Reply(NX, authority=[other.rr("@", "SOA", "ns. h. 1 3600 600 86400 300")]))
+    r = resolver(s)
+    for name in ("mx.other.test", "signed.other.test", "nx.other.test"):
+        sec, why = ask(r, name, "A")
+        assert sec is Security.INSECURE, (name, why)
+
+
+def test_cname_into_a_proven_unsigned_delegation_is_insecure(up: FakeUpstream) -> None:
+    """RFC 4035 §5.2: the NSEC of the parent at ``unsig`` (NS, no DS) proves the delegation insecure, so a
+    negative answer for a name below it, reached through a secure CNAME, is insecure, not bogus."""
+    s, _ = nsec_zone()
+    up.signers.append(s)
+    link = s.signed(s.rr("www", "CNAME", "x.unsig.hand.test."))
+    proof = s.signed(s.rr("unsig", "NSEC", "w.hand.test. NS RRSIG NSEC"))
+    child_soa = s.rr("unsig", "SOA", "ns.unsig.hand.test. h.unsig.hand.test. 1 3600 600 86400 300")
+    up.add("www.hand.test.", "A", Reply(answer=link, authority=[child_soa, *proof]))
+    sec, why = ask(resolver(s), "www.hand.test", "A")
+    assert sec is Security.INSECURE, why
+    # the same NSEC with the DS bit proves a signed child: then the unsigned negative answer is bogus
+    signed_deleg = s.signed(s.rr("unsig", "NSEC", "w.hand.test. NS DS RRSIG NSEC"))
+    up.add("www2.hand.test.", "A", Reply(answer=s.signed(s.rr("www2", "CNAME", "x.unsig.hand.test.")),
+                                         authority=[child_soa, *signed_deleg]))
+    assert ask(resolver(s), "www2.hand.test", "A")[0] is Security.BOGUS
