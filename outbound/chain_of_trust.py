@@ -65,6 +65,7 @@ class ChainOfTrust:
         verdicts: list[Security] = []
         reasons: list[str] = []
         chain: list[dns.rrset.RRset] = []
+        links: list[Security] = []   # the verdicts of the CNAME/DNAME links alone
         ttls: list[int] = []
         name = qname
         seen: set[Name] = set()
@@ -80,7 +81,7 @@ class ChainOfTrust:
                 reasons.append(why)
                 ttls.append(ttl)
                 return self._answer(qname, rdtype, dns.rcode.NOERROR, verdicts, reasons, data, chain,
-                                    ttls)
+                                    ttls, links)
             # RFC 6672 §5.3.3: a DNAME's synthesized CNAME is unsigned; the signed DNAME is what counts
             dname_first = dname_for(msg.answer, name)
             link = None if rdtype == dns.rdatatype.CNAME or dname_first is not None else \
@@ -91,6 +92,7 @@ class ChainOfTrust:
                 reasons.append(why)
                 ttls.append(ttl)
                 chain.append(link)
+                links.append(sec)
                 name = next(iter(link)).target
                 if find(msg.answer, name, rdtype) is None and \
                         find(msg.answer, name, dns.rdatatype.CNAME) is None and \
@@ -108,6 +110,7 @@ class ChainOfTrust:
                 reasons.append(why)
                 ttls.append(ttl)
                 chain.append(dname)
+                links.append(sec)
                 try:
                     name = name.relativize(dname.name).derelativize(next(iter(dname)).target)
                 except dns.name.NameTooLong:
@@ -122,15 +125,17 @@ class ChainOfTrust:
             verdicts.append(sec)
             reasons.append(why)
             ttls.append(ttl)
-            return self._answer(qname, rdtype, msg.rcode(), verdicts, reasons, None, chain, ttls)
+            return self._answer(qname, rdtype, msg.rcode(), verdicts, reasons, None, chain, ttls, links)
         return Answer(qname, rdtype, dns.rcode.SERVFAIL, Security.BOGUS,
                       f"more than {MAX_CHAIN} CNAME/DNAME links", None, tuple(chain))
 
     def _answer(self, qname: Name, rdtype: int, rcode: int, verdicts: list[Security], reasons: list[str],
-                data: dns.rrset.RRset | None, chain: list[dns.rrset.RRset], ttls: list[int]) -> Answer:
+                data: dns.rrset.RRset | None, chain: list[dns.rrset.RRset], ttls: list[int],
+                links: list[Security]) -> Answer:
         sec = weakest(*verdicts)
         why = "; ".join(r for s, r in zip(verdicts, reasons, strict=True) if s is sec and r)
-        return Answer(qname, rdtype, rcode, sec, why, data, tuple(chain), max(1, min(ttls or [1])))
+        return Answer(qname, rdtype, rcode, sec, why, data, tuple(chain), max(1, min(ttls or [1])),
+                      weakest(*links))
 
     async def _check_rrset(self, rrset: dns.rrset.RRset, section: list[dns.rrset.RRset],
                            msg: dns.message.Message, depth: int) -> tuple[Security, str, int]:

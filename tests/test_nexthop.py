@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from postgate.outbound.nexthop import Failure, NextHop, resolve_nexthop
+from postgate.outbound.dns_transport import RawTLSA
+from postgate.outbound.nexthop import Failure, MXHost, NextHop, resolve_nexthop
 from postgate.outbound.resolver import Resolver, ResolverConfigError, load_anchors
-from postgate.policy.vocab import Security
+from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
+from postgate.policy.vocab import Security, Tlsa
 
 from fixtures.testnet import TestNet
 
@@ -48,6 +50,13 @@ CASES = [
      "opt-out delegation: insecure"),
     ("nodane.test", Failure.NONE, "", [("mx.nodane.test.", Security.SECURE, False, False)],
      "§2.2: secure host without TLSA"),
+    ("malformed-tlsa.test", Failure.NONE, "", [("mx.malformed-tlsa.test.", Security.SECURE, True, False)],
+     "RFC 7671 §9: a malformed TLSA record is unusable, the RRset still counts"),
+    ("only.malformed-tlsa.test", Failure.NONE, "",
+     [("mx2.malformed-tlsa.test.", Security.SECURE, True, False)],
+     "RFC 7671 §9: only malformed TLSA records: the lookup still succeeds"),
+    ("alias.cname.test", Failure.NONE, "", [("dane-alias.cname.test.", Security.INSECURE, True, False)],
+     "§2.2.2: secure CNAME to an unsigned zone: TLSA at the original name"),
 ]
 
 
@@ -152,3 +161,38 @@ def test_cli_help_and_usage() -> None:
     assert res.returncode == 0 and "resolve" in res.stdout
     res = postgate()
     assert res.returncode == 64
+
+
+def _requirement(h: MXHost, level: str = "dane") -> Requirement:
+    return requirement(Policy(Level(level)), mx_host=h.name.to_text(), nexthop="x",
+                       tlsa=tuple(Tlsa.from_rdata(t) for t in h.tlsa), tlsa_security=h.tlsa_security,
+                       reference_names=tuple(n.to_text(omit_final_dot=True) for n in h.reference_names))
+
+
+def test_malformed_tlsa_records_are_skipped_one_by_one(testnet: TestNet) -> None:
+    """RFC 7671 §9, RFC 6698 §2.1: NSD serves a ``3 1 1`` record with 31 octets (and one of 2 octets) as
+    generic data; the RRSIG over the wire form verifies, each record is judged on its own."""
+    h = nexthop(testnet, "malformed-tlsa.test").hosts[0]
+    assert h.tlsa_security is Security.SECURE and len(h.tlsa) == 2
+    assert len(h.tlsa_problems) == 1 and "needs 32 octets" in h.tlsa_problems[0]
+    req = _requirement(h)  # the well-formed record authenticates
+    assert req.auth is Auth.DANE and [t.text() for t in req.tlsa] == [Tlsa.from_rdata(t).text() for t in h.tlsa
+                                                                      if not isinstance(t, RawTLSA)]
+    only = nexthop(testnet, "only.malformed-tlsa.test").hosts[0]
+    assert only.tlsa_security is Security.SECURE and len(only.tlsa) == 2 and len(only.tlsa_problems) == 2
+    req = _requirement(only)  # none usable: TLS mandatory, unauthenticated (Postfix: "fallback to
+    assert (req.tls, req.auth, req.refuse) == (TLSMode.REQUIRED, Auth.NONE, "")  # unauthenticated TLS")
+    assert _requirement(only, "dane-only").refuse
+
+
+def test_secure_cname_to_unsigned_zone_keeps_the_original_tlsa_base(testnet: TestNet) -> None:
+    """RFC 7672 §2.2.2, RFC 7671 §7: the alias is secure, its target insecure: the MX host name as published
+    is the TLSA base domain and DANE applies; an insecure link makes no name a TLSA base domain."""
+    h = nexthop(testnet, "alias.cname.test").hosts[0]
+    assert h.address_security is Security.INSECURE
+    assert h.tlsa_base is not None and h.tlsa_base.to_text() == "dane-alias.cname.test."
+    assert h.tlsa_security is Security.SECURE and h.dane
+    assert [n.to_text() for n in h.reference_names] == ["dane-alias.cname.test."]
+    assert _requirement(h).auth is Auth.DANE
+    insecure_link = nexthop(testnet, "cname.test").hosts[0]   # cname.test -> unsigned.test -> dane-ok.test
+    assert insecure_link.tlsa_security is None and not insecure_link.dane
