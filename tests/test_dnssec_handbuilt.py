@@ -16,6 +16,8 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -331,8 +333,9 @@ def test_concurrent_identical_questions_share_one_query(up: FakeUpstream) -> Non
     assert up.queries.count(("hand.test.", "DNSKEY")) == 1
 
 
-def test_malformed_tlsa_rdata_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
-    """A TLSA answer that cannot be parsed is a failed lookup (RFC 7672 §2.1.1), never 'no TLSA'."""
+def test_tlsa_rdata_altered_after_signing_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
+    """TLSA RDATA cut after signing: parsed leniently, but the RRSIG over the wire form fails, so the lookup
+    is bogus and the host unusable (RFC 7672 §2.1.1), never 'no TLSA'."""
     from postgate.outbound.nexthop import Failure, resolve_nexthop
 
     s, chain = nsec_zone()
@@ -592,3 +595,54 @@ def test_cname_into_a_proven_unsigned_delegation_is_insecure(up: FakeUpstream) -
     up.add("www2.hand.test.", "A", Reply(answer=s.signed(s.rr("www2", "CNAME", "x.unsig.hand.test.")),
                                          authority=[child_soa, *signed_deleg]))
     assert ask(resolver(s), "www2.hand.test", "A")[0] is Security.BOGUS
+
+
+def _tlsa_host(up: FakeUpstream, *rdatas: bytes) -> tuple[Signer, Resolver]:
+    """hand.test MX a.hand.test with a secure A record and a TLSA RRset of the given raw RDATA, signed
+    over exactly those octets (as a zone served with RFC 3597 generic data would be)."""
+    s, chain = nsec_zone()
+    up.signers.append(s)
+    up.add("hand.test.", "MX", Reply(answer=s.signed(s.rr("@", "MX", "10 a.hand.test."))))
+    up.add("a.hand.test.", "A", Reply(answer=s.signed(s.rr("a", "A", "192.0.2.1"))))
+    up.add("a.hand.test.", "AAAA", Reply(authority=s.soa() + chain["a"]))
+    up.add("_mta-caps.a.hand.test.", "TXT", Reply(NX, authority=s.soa() + chain["a"]))
+    tlsa = dns.rrset.from_rdata_list(s.n("_25._tcp.a"), 300, [
+        dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.TLSA, d) for d in rdatas])
+    up.add("_25._tcp.a.hand.test.", "TLSA", Reply(answer=s.signed(tlsa)))
+    return s, resolver(s, timeout=1)
+
+
+GOOD = bytes([3, 1, 1]) + b"\xab" * 32
+SHORT_DIGEST = bytes([3, 1, 1]) + b"\xab" * 31       # SHA2-256 data must be 32 octets (RFC 6698 §2.1.3)
+NO_FIELDS = bytes([3, 1])                            # no matching type, no data (RFC 6698 §2.1)
+
+
+@pytest.mark.parametrize(("rdatas", "usable"), [
+    ((GOOD, SHORT_DIGEST), 1),
+    ((SHORT_DIGEST, GOOD, NO_FIELDS), 1),
+    ((SHORT_DIGEST,), 0),
+    ((SHORT_DIGEST, NO_FIELDS), 0),
+])
+def test_malformed_tlsa_records_are_judged_one_by_one(up: FakeUpstream, rdatas: tuple[bytes, ...],
+                                                      usable: int) -> None:
+    """RFC 7671 §9, RFC 6698 §2.1: the RRSIG is verified over the wire form; each record is then judged
+    alone: a malformed one is unusable, the others still count; none usable: TLS mandatory but
+    unauthenticated (Postfix: "unusable TLSA RR … fallback to unauthenticated TLS")."""
+    from postgate.outbound.dns_transport import RawTLSA
+    from postgate.outbound.nexthop import Failure, resolve_nexthop
+    from postgate.policy.tls import Auth, Level, Policy, TLSMode, requirement
+    from postgate.policy.vocab import Tlsa
+
+    _, r = _tlsa_host(up, *rdatas)
+    nh = asyncio.run(resolve_nexthop(r, "hand.test"))
+    assert nh.failure is Failure.NONE, nh.reason
+    h = nh.hosts[0]
+    assert h.tlsa_security is Security.SECURE and not h.unusable
+    assert len(h.tlsa) == len(rdatas)
+    assert len(h.tlsa_problems) == sum(isinstance(t, RawTLSA) for t in h.tlsa) == len(rdatas) - usable
+    records = tuple(Tlsa.from_rdata(t) for t in h.tlsa)
+    assert sum(t.usable for t in records) == usable
+    req = requirement(Policy(Level.DANE), mx_host="a.hand.test", nexthop="hand.test", tlsa=records,
+                      tlsa_security=h.tlsa_security, reference_names=("a.hand.test",))
+    assert req.tls is TLSMode.REQUIRED and not req.refuse
+    assert req.auth is (Auth.DANE if usable else Auth.NONE)
