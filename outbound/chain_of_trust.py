@@ -58,8 +58,8 @@ class ChainOfTrust:
         self.skew = skew
 
     async def validate(self, qname: Name, rdtype: int, msg: dns.message.Message) -> Answer:
+        """The answer in ``msg`` to (qname, rdtype), each link and the data with its own verdict."""
         return await self._validate(qname, rdtype, msg, 0)
-
 
     async def _validate(self, qname: Name, rdtype: int, msg: dns.message.Message, depth: int) -> Answer:
         verdicts: list[Security] = []
