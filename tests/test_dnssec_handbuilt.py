@@ -628,7 +628,6 @@ def test_malformed_tlsa_records_are_judged_one_by_one(up: FakeUpstream, rdatas: 
     """RFC 7671 §9, RFC 6698 §2.1: the RRSIG is verified over the wire form; each record is then judged
     alone: a malformed one is unusable, the others still count; none usable: TLS mandatory but
     unauthenticated (Postfix: "unusable TLSA RR … fallback to unauthenticated TLS")."""
-    from postgate.outbound.dns_transport import RawTLSA
     from postgate.outbound.nexthop import Failure, resolve_nexthop
     from postgate.policy.tls import Auth, Level, Policy, TLSMode, requirement
     from postgate.policy.vocab import Tlsa
@@ -636,6 +635,7 @@ def test_malformed_tlsa_records_are_judged_one_by_one(up: FakeUpstream, rdatas: 
     _, r = _tlsa_host(up, *rdatas)
     nh = asyncio.run(resolve_nexthop(r, "hand.test"))
     assert nh.failure is Failure.NONE, nh.reason
+    from postgate.outbound.dns_transport import RawTLSA
     h = nh.hosts[0]
     assert h.tlsa_security is Security.SECURE and not h.unusable
     assert len(h.tlsa) == len(rdatas)
