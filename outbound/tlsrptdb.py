@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from postgate.policy import tlsrpt
+
+log = logging.getLogger("postgate.tlsrpt")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -115,3 +121,16 @@ class TlsRptStore:
                 out[ptype].policy_strings = tuple(json.loads(strings))
                 out[ptype].mx_patterns = tuple(json.loads(patterns))
         return [out[k] for k in sorted(out)]
+
+
+def collector(store: TlsRptStore, clock: Callable[[], float] = time.time) -> Callable[[tlsrpt.Attempt],
+                                                                                    Awaitable[None]]:
+    """The delivery agent's TLS-RPT hook (``DeliveryConfig.tls_report``): stamp and store each attempt."""
+    async def hook(a: tlsrpt.Attempt) -> None:
+        if not a.when:
+            a = replace(a, when=clock())
+        try:
+            await store.add(a)
+        except sqlite3.Error as e:  # reporting must never hold up delivery
+            log.error("TLS-RPT store %s: %s", store.path, e)
+    return hook

@@ -232,7 +232,7 @@ def test_fetch_failure_uses_the_cached_policy(testnet: TestNet, tmp_path: Path) 
         again = asyncio.run(sts2.lookup("cached.sts.test"))
         assert again.source is Source.CACHED_FALLBACK and again.failure is not None
         assert again.policy == first.policy
-        res, token = _send(_deliverer(testnet, sts2), "bob@cached.sts.test")
+        res, _ = _send(_deliverer(testnet, sts2), "bob@cached.sts.test")
         assert res.status == DELIVERED and res.security == "verified", res  # the cached policy is enforced
         clock.now += 6 * 86400  # max_age over: no policy any more
         assert asyncio.run(sts2.lookup("cached.sts.test")).policy is None
