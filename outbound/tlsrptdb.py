@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,14 +123,21 @@ class TlsRptStore:
         return [out[k] for k in sorted(out)]
 
 
-def collector(store: TlsRptStore, clock: Callable[[], float] = time.time) -> Callable[[tlsrpt.Attempt],
-                                                                                    Awaitable[None]]:
+class Collector:
     """The delivery agent's TLS-RPT hook (``DeliveryConfig.tls_report``): stamp and store each attempt."""
-    async def hook(a: tlsrpt.Attempt) -> None:
+
+    def __init__(self, store: TlsRptStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def __call__(self, a: tlsrpt.Attempt) -> None:
         if not a.when:
-            a = replace(a, when=clock())
+            a = replace(a, when=self.clock())
         try:
-            await store.add(a)
+            await self.store.add(a)
         except sqlite3.Error as e:  # reporting must never hold up delivery
-            log.error("TLS-RPT store %s: %s", store.path, e)
-    return hook
+            log.error("TLS-RPT store %s: %s", self.store.path, e)
+
+
+def collector(store: TlsRptStore, clock: Callable[[], float] = time.time) -> Collector:
+    return Collector(store, clock)

@@ -261,3 +261,25 @@ def test_id_change_refetches(testnet: TestNet, tmp_path: Path) -> None:
         zone.records = old
         site.serve(testnet.state, site.policy)
         testnet.resign("sts.test.")
+
+
+def test_cli_resolve_and_tls_check_show_the_policy(testnet: TestNet, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    (tmp_path / "q").mkdir()
+    cfg = tmp_path / "postgate.toml"
+    cfg.write_text(f'[delivery]\nca_file = "{testnet.state / "pki" / "root.crt"}"\n\n'
+                   f'[queue]\ndirectory = "{tmp_path / "q"}"\n')
+
+    def pg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "postgate.cli", *args, "--config", str(cfg), "--resolver",
+                               testnet.resolver, "--trust-anchor", str(testnet.anchor_file)],
+                              capture_output=True, text=True, timeout=120)
+    r = pg("resolve", "enforce.sts.test")
+    assert r.returncode == 0 and "MTA-STS mode=enforce mx=mx.enforce.sts.test id=20260101" in r.stdout, r
+    assert "downgrade memory: nothing remembered" in r.stdout
+    assert (tmp_path / "q" / "mta-sts.json").exists()  # the policy cache lives beside the queue
+    r = pg("tls-check", "mismatch.sts.test")
+    assert r.returncode == 75 and "matches no mx pattern" in r.stdout, r  # tls-check says what delivery does
+    r = pg("tls-check", "enforce.sts.test")
+    assert r.returncode == 0 and "security=verified" in r.stdout and "MTA-STS: mode=enforce" in r.stdout, r
