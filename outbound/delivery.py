@@ -419,18 +419,12 @@ class Deliverer:
 
     def _apply_sts(self, sts: StsLookup | None, req: Requirement, host: MXHost,
                    policy: Policy) -> tuple[Requirement, str]:
-        """RFC 8461 §4-§5: an enforced policy makes Web-PKI TLS to a listed MX mandatory. DANE, an explicit
-        authenticated level and the level 'none' from a policy map are left alone (RFC 8461 §2)."""
-        if sts is None or req.auth is not Auth.NONE or policy.level is Level.NONE:
-            return req, ""
-        d = mtasts.decide(sts.policy, _h(host), dane=False)  # DANE hosts returned above (RFC 8461 §2)
-        if d.action is mtasts.Action.REFUSE:
+        """RFC 8461 §4-§5 through policy/mtasts.tighten: an enforced policy makes Web-PKI TLS to a listed MX
+        mandatory and an unlisted MX unusable; DANE and explicit levels are left alone (RFC 8461 §2)."""
+        req, refuse = mtasts.tighten(sts.policy if sts is not None else None, req, _h(host), policy.level)
+        if refuse:
             self.counters.inc("sts_mx_mismatch")
-            return req, f"{_h(host)}: {d.reason}"
-        if d.action is mtasts.Action.VERIFY:
-            return Requirement(req.level, TLSMode.REQUIRED, Auth.PKIX, names=(_h(host),),
-                               caps_required=req.caps_required, notes=("MTA-STS enforce",)), ""
-        return req, ""
+        return req, refuse
 
     async def _may_fallback(self, e: SessionError, domain: str, mx: str, address: str, sts: StsLookup | None,
                             req: Requirement) -> None:

@@ -127,7 +127,10 @@ class DowngradeMemory:
         """Compare what a delivery sees now with what is remembered; update the memory."""
         domain = domain.lower().rstrip(".")
         now = self.clock()
-        m = self.get(domain) or Memory(domain)
+        known = self.get(domain)
+        if known is None and current is Protection.NONE:
+            return Verdict()  # nothing to remember, nothing to lose: no entry for unprotected destinations
+        m = known or Memory(domain)
         remembered = Protection(m.best)
         fresh = now - m.best_seen < self.settings.remember
         lost_dane = remembered is Protection.DANE and current < Protection.DANE and fresh

@@ -28,6 +28,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from postgate.policy import tls
+
 MAX_AGE_LIMIT = 31_557_600          # RFC 8461 §3.2: max_age at most 31557600 seconds (about one year)
 MAX_POLICY_BYTES = 64 * 1024        # RFC 8461 §3.3: "senders MAY limit the maximum size": 64 KiB
 WELL_KNOWN = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
@@ -212,3 +214,19 @@ def decide(policy: Policy | None, mx_host: str, *, dane: bool) -> Decision:
 def policy_url(domain: str) -> str:
     """RFC 8461 §3.3: ``https://mta-sts.<domain>/.well-known/mta-sts.txt``."""
     return f"https://mta-sts.{domain.rstrip('.').lower()}{WELL_KNOWN}"
+
+
+def tighten(policy: Policy | None, req: tls.Requirement, mx_host: str,
+            level: tls.Level) -> tuple[tls.Requirement, str]:
+    """The MTA-STS input to the TLS decision: ``req`` as the policy in force changes it, and a reason to
+    refuse the host ("" if usable). DANE (``req.auth`` DANE), an explicit authenticated level and the level
+    ``none`` are left alone (RFC 8461 §2); MTA-STS tightens only unauthenticated, opportunistic levels."""
+    if policy is None or req.auth is not tls.Auth.NONE or level is tls.Level.NONE:
+        return req, ""
+    d = decide(policy, mx_host, dane=False)
+    if d.action is Action.REFUSE:
+        return req, f"{mx_host}: {d.reason}"
+    if d.action is Action.VERIFY:  # RFC 8461 §4.2: TLS with a Web-PKI certificate for the MX host name
+        return tls.Requirement(req.level, tls.TLSMode.REQUIRED, tls.Auth.PKIX, names=(mx_host.rstrip(".").lower(),),
+                               caps_required=req.caps_required, notes=("MTA-STS enforce",)), ""
+    return req, ""

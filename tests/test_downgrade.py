@@ -121,3 +121,28 @@ def test_defer_window_ends(tmp_path: Path) -> None:
     assert asyncio.run(go()) == [(True, True), (True, True), (True, False)]
     m = mem.get("x.example")
     assert m is not None and m.best == Protection.NONE and not m.flagged  # the new state is accepted
+
+
+def test_the_queue_passes_the_arrival_time(testnet: TestNet, tmp_path: Path) -> None:
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.outbound.queue.scheduler import Scheduler
+    from postgate.outbound.queue.spool import DirectorySpool
+
+    spool = DirectorySpool(tmp_path / "spool")
+    tokens = {}
+    for age in (0, 600):  # one message just arrived, one waited ten minutes
+        tokens[age] = secrets.token_hex(8)
+        data = f"From: a@client.test\r\nSubject: {tokens[age]}\r\n\r\n{tokens[age]}\r\n".encode()
+        spool.enqueue(Envelope.new("a@client.test", [Recipient("bob@tls10.sts.test")], data,
+                                   now=time.time() - age), data)
+    r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+    d = Deliverer(r, DeliveryConfig(helo="client.test", default_policy=Policy(Level.MAY), timeouts=FAST))
+
+    async def go() -> None:
+        try:
+            await Scheduler(spool, d).run_once()
+        finally:
+            await d.close()
+    asyncio.run(go())
+    got = [m["data"] for m in testnet.received("mx.tls10.sts.test")]
+    assert any(tokens[600] in str(x) for x in got) and not any(tokens[0] in str(x) for x in got)

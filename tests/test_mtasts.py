@@ -283,3 +283,17 @@ def test_cli_resolve_and_tls_check_show_the_policy(testnet: TestNet, tmp_path: P
     assert r.returncode == 75 and "matches no mx pattern" in r.stdout, r  # tls-check says what delivery does
     r = pg("tls-check", "enforce.sts.test")
     assert r.returncode == 0 and "security=verified" in r.stdout and "MTA-STS: mode=enforce" in r.stdout, r
+
+
+def test_tighten_is_the_sts_input_to_the_tls_decision() -> None:
+    from postgate.policy import tls
+    enforce = mtasts.parse_policy("version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n")
+    opportunistic = tls.Requirement(tls.Level.DANE, tls.TLSMode.OPTIONAL, tls.Auth.NONE)
+    dane = tls.Requirement(tls.Level.DANE, tls.TLSMode.REQUIRED, tls.Auth.DANE)
+    req, refuse = mtasts.tighten(enforce, opportunistic, "mx.example.com", tls.Level.DANE)
+    assert (req.tls, req.auth, req.names, refuse) == (tls.TLSMode.REQUIRED, tls.Auth.PKIX, ("mx.example.com",), "")
+    assert mtasts.tighten(enforce, opportunistic, "mx.example.org", tls.Level.MAY)[1]  # unlisted MX refused
+    assert mtasts.tighten(enforce, dane, "mx.example.org", tls.Level.DANE) == (dane, "")  # RFC 8461 §2
+    none = tls.Requirement(tls.Level.NONE, tls.TLSMode.NONE, tls.Auth.NONE)
+    assert mtasts.tighten(enforce, none, "mx.example.org", tls.Level.NONE) == (none, "")  # operator's choice
+    assert mtasts.tighten(None, opportunistic, "mx.example.org", tls.Level.DANE) == (opportunistic, "")
