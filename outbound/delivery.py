@@ -303,6 +303,9 @@ class Deliverer:
             if host.unusable:
                 bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
                 attack |= bogus
+                if bogus and not via_relay:  # RFC 8460 §4.3.2.1: DNSSEC validation failed
+                    await self._report(nexthop, sts, host_requirement(policy, host, nexthop), _h(host), "",
+                                       ResultType.DNSSEC_INVALID, host.unusable)
                 failures.append(f"{_h(host)}: {host.unusable}" + (" — suspected attack" if bogus else ""))
                 continue
             caps = host.enforced_caps
@@ -338,7 +341,7 @@ class Deliverer:
                                                    pending, data, mail_options, via_relay, caps, caps_name, dsn,
                                                    sts=sts)
                 except SessionError as e:
-                    if e.tlsrpt is not None:
+                    if e.tlsrpt is not None and not via_relay and not e.cleartext_retry:
                         await self._report(nexthop, sts, req, _h(host), address, e.tlsrpt, e.reason)
                     attack |= e.suspected_attack
                     failures.append(e.reason)
@@ -371,7 +374,7 @@ class Deliverer:
                     raise
                 # Postfix 'may': a failed opportunistic handshake is retried in cleartext — but not at once
                 # (that hands an active attacker the plaintext), and never to a destination that did TLS
-                await self._may_fallback(e, nexthop, _h(host), address, sts, req)
+                await self._may_fallback(e, nexthop, _h(host), address, sts, req, via_relay)
                 plain = Requirement(req.level, TLSMode.NONE, req.auth)
                 session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
                                              timeouts=self.config.timeouts)
@@ -427,9 +430,9 @@ class Deliverer:
         return req, refuse
 
     async def _may_fallback(self, e: SessionError, domain: str, mx: str, address: str, sts: StsLookup | None,
-                            req: Requirement) -> None:
+                            req: Requirement, via_relay: bool) -> None:
         """Allow the cleartext retry of a failed opportunistic handshake, or raise a deferral."""
-        if e.tlsrpt is not None:
+        if e.tlsrpt is not None and not via_relay:
             await self._report(domain, sts, req, mx, address, e.tlsrpt, e.reason)
         mem = self.config.downgrade
         if mem is not None and mem.tls_recent(domain):
