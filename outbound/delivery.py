@@ -361,7 +361,7 @@ class Deliverer:
                         mail_options: Sequence[str], via_relay: bool, caps: Caps | None = None,
                         caps_name: str = "", dsn: Dsn | None = None,
                         sts: StsLookup | None = None) -> list[RecipientResult]:
-        key = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
+        key: tuple[Any, ...] = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
         session = self.cache.take(key)
         if session is None:
             try:
@@ -378,6 +378,7 @@ class Deliverer:
                 plain = Requirement(req.level, TLSMode.NONE, req.auth)
                 session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
                                              timeouts=self.config.timeouts)
+                key = (*key, "cleartext-fallback")  # one message's fallback never serves a younger message
         if "REQUIRETLS" in mail_options and not session.supports("requiretls"):
             await session.close()  # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
             raise SessionError(f"{_h(host)} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
@@ -392,8 +393,10 @@ class Deliverer:
             r.tls_version, r.cipher = session.tls.version, session.tls.cipher
             r.tlsa_matched = session.tls.tlsa_matched.text() if session.tls.tlsa_matched else None
         session.messages += 1
-        if session.alive:
+        if session.alive and key[-1] != "cleartext-fallback":
             self.cache.put(key, session)
+        elif session.alive:
+            await session.close()
         if session.messages == 1:
             await self._session_done(nexthop, session, req, sts, via_relay)
         return results
