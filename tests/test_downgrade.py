@@ -146,3 +146,42 @@ def test_the_queue_passes_the_arrival_time(testnet: TestNet, tmp_path: Path) -> 
     asyncio.run(go())
     got = [m["data"] for m in testnet.received("mx.tls10.sts.test")]
     assert any(tokens[600] in str(x) for x in got) and not any(tokens[0] in str(x) for x in got)
+
+
+def test_sts_record_vanishing_before_max_age_is_a_suspected_downgrade(testnet: TestNet, tmp_path: Path) -> None:
+    from postgate.outbound.mtasts import Source, StsResolver, StsSettings
+
+    zone = next(z for z in testnet.scenarios.zones if z.name == "sts.test.")
+    ca = str(testnet.state / "pki" / "root.crt")
+
+    def deliver(mem: DowngradeMemory) -> tuple[RecipientResult, bool]:
+        r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+        sts = StsResolver(r, StsSettings(ca_file=ca, cache_file=str(tmp_path / "sts.json")))
+        d = Deliverer(r, DeliveryConfig(helo="client.test", timeouts=FAST, ca_file=ca, sts=sts, downgrade=mem))
+        token = secrets.token_hex(8)
+
+        async def go() -> list[RecipientResult]:
+            try:
+                return await d.deliver("a@client.test", ["bob@cached.sts.test"],
+                                       f"Subject: {token}\r\n\r\n{token}\r\n".encode())
+            finally:
+                await d.close()
+        [res] = asyncio.run(go())
+        assert asyncio.run(sts.lookup("cached.sts.test")).source in (Source.CACHED, Source.CACHED_FALLBACK)
+        return res, any(token in str(m["data"]) for m in testnet.received("mx.enforce.sts.test"))
+
+    mem = DowngradeMemory(Settings(action=Action.DEFER, file=str(tmp_path / "memory.json")))
+    res, arrived = deliver(mem)
+    assert res.status == DELIVERED and res.security == "verified" and arrived
+    old = list(zone.records)
+    try:  # the attacker strips the TXT record: the cached policy still applies (RFC 8461 §10.2), and it is flagged
+        zone.records = [r for r in old if not r.startswith("_mta-sts.cached ")]
+        testnet.resign("sts.test.")
+        res, arrived = deliver(mem)
+        assert res.status == DEFERRED and res.suspected_attack and "MTA-STS TXT record gone" in res.reason, res
+        assert not arrived
+    finally:
+        zone.records = old
+        testnet.resign("sts.test.")
+    res, arrived = deliver(mem)
+    assert res.status == DELIVERED and arrived
