@@ -108,7 +108,10 @@ def wire_tls_reporting(cfg: configmod.Config, resolver: Resolver, dc: DeliveryCo
         action=downgrade.Action(g.action), remember=g.remember, defer_window=g.defer_window,
         file=g.file if persistent or Path(g.file).is_file() else None, per_domain=per_domain))
     dc.cleartext_fallback_delay = g.cleartext_fallback_delay
-    if t.enabled and persistent:
+    if t.enabled and t.reporter == "tlsrpt-reporter":
+        from postgate.outbound.tlsrpt_reporter import ReporterHook
+        dc.tls_report = ReporterHook(t.reporter_socket, resolver)
+    elif t.enabled and persistent:
         dc.tls_report = collector(TlsRptStore(t.store))
 
 

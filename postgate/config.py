@@ -458,7 +458,8 @@ class TlsRptSettings:
     submitter: str = ""               # default the domain of [server] hostname
     contact: str = ""                 # default postmaster@<submitter>
     sender: str = ""                  # default noreply-smtp-tls-reporting@<submitter>
-    reporter: str = "builtin"
+    reporter: str = "builtin"         # or "tlsrpt-reporter": events to sys4's tlsrpt-collectd
+    reporter_socket: str = "/run/tlsrpt/collectd.sock"
 
 
 @dataclass
@@ -487,8 +488,8 @@ def _validate_tls_reporting(cfg: Config, source: str, text: str) -> None:
         raise err("mta_sts", "max_policy_size", "must be between 1024 and 1048576 bytes")
     if not 3600 <= m.refresh_interval <= 31557600:
         raise err("mta_sts", "refresh_interval", "must be between 3600 seconds and a year")
-    if t.reporter != "builtin":
-        raise err("tlsrpt", "reporter", f"{t.reporter!r}: only builtin is available")
+    if t.reporter not in ("builtin", "tlsrpt-reporter"):
+        raise err("tlsrpt", "reporter", f"{t.reporter!r} is not one of builtin, tlsrpt-reporter")
     if g.action not in ("log", "defer"):
         raise err("downgrade", "action", f"{g.action!r} is not one of log, defer")
     for key in ("remember", "defer_window", "cleartext_fallback_delay"):

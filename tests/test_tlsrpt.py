@@ -198,3 +198,36 @@ def test_delivered_is_counted_once_per_session(testnet: TestNet, tmp_path: Path)
     asyncio.run(go())
     [pc] = store.counts(tlsrpt.day_of(__import__("time").time()), "dane-ok.test")
     assert pc.policy_type is PolicyType.TLSA and pc.successes == 1 and pc.policy_strings
+
+
+def test_events_for_sys4_tlsrpt_reporter(testnet: TestNet, tmp_path: Path) -> None:
+    import socket
+
+    from postgate.outbound.tlsrpt_reporter import ReporterHook
+
+    path = str(tmp_path / "collectd.sock")
+    collectd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    collectd.bind(path)
+    collectd.settimeout(5)
+    ca = str(testnet.state / "pki" / "root.crt")
+    r = _resolver(testnet)
+    hook = ReporterHook(path, r)
+    d = Deliverer(r, DeliveryConfig(helo="client.test", timeouts=FAST, ca_file=ca,
+                                    sts=StsResolver(r, StsSettings(ca_file=ca, fetch_timeout=5)), tls_report=hook))
+
+    async def go() -> None:
+        try:
+            for rcpt in ("bob@testing.sts.test", "bob@mismatch.sts.test", "bob@enforce.sts.test"):
+                await d.deliver("alice@client.test", [rcpt], _message(rcpt))
+        finally:
+            await d.close()
+            hook.close()
+    asyncio.run(go())
+    got = [json.loads(collectd.recv(65536)) for _ in range(2)]
+    collectd.close()
+    # libtlsrpt's datagram: policy type 2 = sts, code 203 = certificate-not-trusted; mismatch.sts.test has no
+    # TLS-RPT record, so no event
+    assert [(g["d"], g["pr"].startswith("v=TLSRPTv1"), g["policies"][0]["policy-type"], g["policies"][0]["f"],
+             [x["c"] for x in g["policies"][0].get("failure-details", [])]) for g in got] == [
+        ("testing.sts.test", True, 2, 1, [203]), ("enforce.sts.test", True, 2, 0, [])]
+    assert got[1]["policies"][0]["mx-host"] == ["mx.enforce.sts.test"] and got[1]["policies"][0]["t"] == 0
