@@ -297,3 +297,31 @@ def test_tighten_is_the_sts_input_to_the_tls_decision() -> None:
     none = tls.Requirement(tls.Level.NONE, tls.TLSMode.NONE, tls.Auth.NONE)
     assert mtasts.tighten(enforce, none, "mx.example.org", tls.Level.NONE) == (none, "")  # operator's choice
     assert mtasts.tighten(None, opportunistic, "mx.example.org", tls.Level.DANE) == (opportunistic, "")
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('[downgrade]\naction = "bounce"\n', ':2: [downgrade] action: '),
+    ('[mta_sts]\n\nfetch_timeout = 0.0\n', ':3: [mta_sts] fetch_timeout: '),
+    ('[tlsrpt]\nreporter = "other"\n', ':2: [tlsrpt] reporter: '),
+    ('[downgrade]\ndefer_domains = ["a.example"]\nlog_domains = ["a.example"]\n', ':2: [downgrade] defer_domains'),
+    ('[mta_sts]\nunknown = 1\n', ':2: [mta_sts] unknown key'),
+])
+def test_config_errors_name_file_and_line(tmp_path: Path, text: str, error: str) -> None:
+    from postgate import config
+    p = tmp_path / "pg.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert f"{p}{error}" in str(e.value)
+
+
+def test_proactive_refresh(testnet: TestNet, tmp_path: Path) -> None:
+    clock = Clock()
+    sts = StsResolver(_resolver(testnet), _settings(testnet, tmp_path), clock)
+    first = asyncio.run(sts.lookup("enforce.sts.test"))
+    assert first.source is Source.FETCHED
+    assert asyncio.run(sts.refresh_all()) == 0  # nothing due
+    clock.now += 86400 + 1  # RFC 8461 §5.1: refreshed before max_age (7 days) runs out
+    assert asyncio.run(sts.refresh_all()) == 1
+    e = sts.cache.get("enforce.sts.test")
+    assert e is not None and e.fetched == clock.now and e.expires == clock.now + 604800
