@@ -163,4 +163,7 @@ class DowngradeMemory:
             return
         data = json.dumps({"destinations": [asdict(x) for x in self._mem.values()]}, indent=1)
         async with self._lock:
-            await asyncio.to_thread(_atomic_write, self.path, data)
+            try:
+                await asyncio.to_thread(_atomic_write, self.path, data)
+            except OSError as e:  # the memory stays in this process; delivery goes on
+                log.error("downgrade memory %s: cannot write: %s", self.path, e)

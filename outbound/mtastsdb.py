@@ -78,7 +78,10 @@ class PolicyCache:
             return
         data = json.dumps({"policies": [asdict(e) for e in self._entries.values()]}, indent=1)
         async with self._lock:
-            await asyncio.to_thread(_atomic_write, self.path, data)
+            try:
+                await asyncio.to_thread(_atomic_write, self.path, data)
+            except OSError as e:  # the cache stays in this process; delivery goes on
+                log.error("MTA-STS cache %s: cannot write: %s", self.path, e)
 
 
 def _atomic_write(path: Path, data: str) -> None:
