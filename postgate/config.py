@@ -144,6 +144,10 @@ class Config:
     listener: list[ListenerSettings] = field(default_factory=list)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
+    # issue 18: MTA-STS, TLS-RPT, downgrade memory (docs/mta-sts.md)
+    mta_sts: MtaStsSettings = field(default_factory=lambda: MtaStsSettings())
+    tlsrpt: TlsRptSettings = field(default_factory=lambda: TlsRptSettings())
+    downgrade: DowngradeSettings = field(default_factory=lambda: DowngradeSettings())
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
@@ -279,6 +283,7 @@ def _validate(cfg: Config, source: str, text: str) -> None:
             line = _line_of(text, "check", "downgrade") if text else 0
             raise ConfigError(f"{source}:{line}: [check] downgrade: unknown check {name!r} "
                               f"(one of {', '.join(CHECKS)}, or *)")
+    _validate_tls_reporting(cfg, source, text)
 
 
 def _validate_inbound(cfg: Config, source: str, text: str) -> None:
@@ -431,3 +436,78 @@ def system_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
     except OSError:
         pass
     return out or ["127.0.0.1"]
+
+
+# --- issue 18: [mta_sts], [tlsrpt], [downgrade] (docs/mta-sts.md, docs/tlsrpt.md) -----------------------------
+@dataclass
+class MtaStsSettings:
+    enabled: bool = True
+    ca_file: str = ""                 # Web-PKI trust for policy hosts; default [delivery] ca_file, else the system
+    cache_file: str = ""              # default <queue directory>/mta-sts.json
+    fetch_timeout: float = 10.0
+    max_policy_size: int = 65536
+    refresh_interval: float = 86400.0
+
+
+@dataclass
+class TlsRptSettings:
+    enabled: bool = True
+    store: str = ""                   # default <queue directory>/tlsrpt.sqlite
+    send: bool = True
+    organization: str = ""            # default [server] hostname
+    submitter: str = ""               # default the domain of [server] hostname
+    contact: str = ""                 # default postmaster@<submitter>
+    sender: str = ""                  # default noreply-smtp-tls-reporting@<submitter>
+    reporter: str = "builtin"         # or "tlsrpt-reporter": events to sys4's tlsrpt-collectd
+    reporter_socket: str = "/run/tlsrpt/collectd.sock"
+
+
+@dataclass
+class DowngradeSettings:
+    action: str = "log"
+    defer_domains: list[str] = field(default_factory=list)
+    log_domains: list[str] = field(default_factory=list)
+    remember: float = 2592000.0
+    defer_window: float = 86400.0
+    file: str = ""                    # default <queue directory>/downgrade.json
+    cleartext_fallback_delay: float = 300.0
+
+
+SECTIONS.update({"mta_sts": MtaStsSettings, "tlsrpt": TlsRptSettings, "downgrade": DowngradeSettings})
+
+
+def _validate_tls_reporting(cfg: Config, source: str, text: str) -> None:
+    def err(section: str, key: str, msg: str) -> ConfigError:
+        line = _line_of(text, section, key) if text else 0
+        return ConfigError(f"{source}:{line}: [{section}] {key}: {msg}")
+
+    m, t, g = cfg.mta_sts, cfg.tlsrpt, cfg.downgrade
+    if not 0 < m.fetch_timeout <= 300:
+        raise err("mta_sts", "fetch_timeout", "must be between 0 and 300 seconds")
+    if not 1024 <= m.max_policy_size <= 1048576:
+        raise err("mta_sts", "max_policy_size", "must be between 1024 and 1048576 bytes")
+    if not 3600 <= m.refresh_interval <= 31557600:
+        raise err("mta_sts", "refresh_interval", "must be between 3600 seconds and a year")
+    if t.reporter not in ("builtin", "tlsrpt-reporter"):
+        raise err("tlsrpt", "reporter", f"{t.reporter!r} is not one of builtin, tlsrpt-reporter")
+    if g.action not in ("log", "defer"):
+        raise err("downgrade", "action", f"{g.action!r} is not one of log, defer")
+    for key in ("remember", "defer_window", "cleartext_fallback_delay"):
+        if not 0 <= getattr(g, key) <= 31557600:
+            raise err("downgrade", key, "must be between 0 seconds and a year")
+    both = set(g.defer_domains) & set(g.log_domains)
+    if both:
+        raise err("downgrade", "defer_domains", f"{', '.join(sorted(both))} also in log_domains")
+    qdir = Path(cfg.queue.directory)
+    if cfg.path is not None and m.ca_file:
+        m.ca_file = _relative(cfg.path, m.ca_file)
+    if m.ca_file and not Path(m.ca_file).is_file():
+        raise err("mta_sts", "ca_file", f"{m.ca_file}: no such file")
+    m.cache_file = m.cache_file or str(qdir / "mta-sts.json")
+    t.store = t.store or str(qdir / "tlsrpt.sqlite")
+    g.file = g.file or str(qdir / "downgrade.json")
+    host = cfg.server.hostname.rstrip(".")
+    t.organization = t.organization or host or "Postgate"
+    t.submitter = t.submitter or (host.split(".", 1)[1] if host.count(".") >= 2 else host) or "localhost"
+    t.contact = t.contact or f"postmaster@{t.submitter}"
+    t.sender = t.sender or f"noreply-smtp-tls-reporting@{t.submitter}"

@@ -112,6 +112,9 @@ class Daemon:
                          implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required),
                 self.prequeue, hostname=hostname, limits=limits, authenticator=auth))
 
+    async def _tls_reporting(self) -> None:
+        await _tls_reporting_loop(self)
+
     async def run(self) -> int:
         assert self.scheduler is not None
         loop = asyncio.get_running_loop()
@@ -135,6 +138,7 @@ class Daemon:
             await self._start_workers()
             print("postgate: ready", file=sys.stderr, flush=True)
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
+            self.forwarders.append(asyncio.create_task(self._tls_reporting()))  # issue 18
         await self.stopping.wait()
         log.info("stopping: no new connections; waiting for sessions under way")
         for child in self.children:
@@ -219,6 +223,39 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _tls_reporting_loop(d: Daemon) -> None:
+    """Issue 18, hourly: refresh cached MTA-STS policies (RFC 8461 §5.1) and send the TLS-RPT reports of days
+    that are over (RFC 8460 §4.1), by mail through the queue (DKIM-signed) and HTTPS POST."""
+    from postgate.outbound import tlsrptsend
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.outbound.tlsrptdb import Collector
+
+    cfg, dc = d.cfg, d.deliverer.config
+    t = cfg.tlsrpt
+    settings = tlsrptsend.ReportSettings(organization=t.organization, submitter=t.submitter, contact=t.contact,
+                                         sender=t.sender, ca_file=cfg.mta_sts.ca_file or cfg.delivery.ca_file or None)
+
+    async def submit(sender: str, rcpts: list[str], content: bytes) -> None:
+        assert d.spool is not None
+        body = d.signer.sign(content, sender) if d.signer is not None else content
+        await asyncio.to_thread(d.spool.enqueue, Envelope.new(sender, [Recipient(r, notify=["NEVER"]) for r in rcpts],
+                                                              body), body)
+        if d.scheduler is not None:
+            d.scheduler.wake.set()
+    while not d.stopping.is_set():
+        try:
+            if dc.sts is not None:
+                await dc.sts.refresh_all()
+            if t.send and isinstance(dc.tls_report, Collector):
+                await tlsrptsend.send_due(dc.tls_report.store, d.resolver, settings, submit)
+        except Exception:  # housekeeping must not take the daemon down
+            log.exception("TLS reporting housekeeping failed")
+        try:
+            await asyncio.wait_for(d.stopping.wait(), 3600)
+        except TimeoutError:
+            pass
 
 
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
