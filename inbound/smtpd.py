@@ -630,7 +630,7 @@ class _Conversation:
         delay = self.srv.throttle.failed(self.s.peer[0], user, time.monotonic())
         # the line fail2ban's postfix filter (postfix-sasl) matches, then one naming the account
         log.warning("warning: %s: SASL %s authentication failed: authentication failure", self.who, mech)
-        log.info("%s: SASL %s authentication failed for sasl_username=%s, reply delayed %.1fs", self.who, mech,
+        log.info("%s: SASL %s authentication failed for sasl_username=%s, reply delayed %.2fs", self.who, mech,
                  user.encode("unicode_escape").decode()[:64], delay)
         await asyncio.sleep(delay)   # RFC 4954 §4: a server may delay its reply after a failure
         await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
