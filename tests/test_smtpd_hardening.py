@@ -12,13 +12,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
-from postgate import config as configmod
 from postgate.inbound.smtpd import HOPCOUNT_LIMIT, Limits, repair_header
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.policy.maps import MapError, TransportMap
 
+from postgate import config as configmod
 from tests.smtpd_harness import HOST, Client, code, serve, tls_context
 
 
