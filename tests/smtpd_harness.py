@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postgate.inbound.filters import Filter
+from postgate.inbound.filters import Filter, Route
 from postgate.inbound.smtpd import Limits, Listener, Reply, Session, SMTPServer
 
 from fixtures.pki import PKI
@@ -30,6 +30,7 @@ class Recorder:
     """A Handler that accepts every recipient and records each message."""
 
     messages: list[tuple[str, list[str], bytes, str | None]] = field(default_factory=list)
+    routes: list[tuple[Route, ...]] = field(default_factory=list)
     fail: Exception | None = None
 
     async def check_rcpt(self, s: Session, rcpt: str, params: dict[str, str]) -> Reply | None:
@@ -40,6 +41,7 @@ class Recorder:
             raise self.fail
         assert s.sender is not None
         self.messages.append((s.sender, [r for r, _ in s.recipients], data, s.hold))
+        self.routes.append(s.routes)
         return Reply(250, f"2.0.0 Ok: queued as {s.queue_id}")
 
 
