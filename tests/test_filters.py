@@ -249,7 +249,7 @@ def test_context_has_client_name_tls_and_auth(testnet: TestNet, tmp_path: Path) 
     first = f.seen[0]
     assert (first.client_name, first.reverse_client_name, first.client_address) == \
         ("mail.own.test", "mail.own.test", "127.0.2.1")
-    mail = [x for x in f.seen if x.stage is Stage.MAIL][0]
+    mail = next(x for x in f.seen if x.stage is Stage.MAIL)
     assert mail.tls_version == "TLSv1.3" and mail.tls_cipher and mail.tls_bits and mail.auth_user == "alice"
     assert mail.auth_method == "PLAIN" and mail.queue_id and mail.sender == "alice@client.test"
     assert ipaddress.ip_address(mail.local_address).is_loopback and mail.local_port == srv.port
