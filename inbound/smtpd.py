@@ -447,10 +447,23 @@ class _Conversation:
             if c.reply is not None and not self.w.transport.is_closing():
                 try:
                     await self.send(c.reply)
-                except _Close:
+                    await self._linger()
+                except (_Close, ConnectionError, OSError):
                     pass
         finally:
             await self.chain.close()
+
+    async def _linger(self, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+        """Close politely after a final reply: FIN first, then read what the client still sends (a pipelined
+        rest) for a moment, so the kernel does not answer it with a RST that would destroy our reply."""
+        if self.w.can_write_eof() and not self.w.transport.is_closing():
+            self.w.write_eof()
+        try:
+            async with asyncio.timeout(seconds):
+                while limit > 0 and (chunk := await self.r.read(65536)):
+                    limit -= len(chunk)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
 
     async def _run(self) -> None:
         if self.srv.client_names is not None:

@@ -136,7 +136,10 @@ class Client:
     def reply(self) -> bytes:
         lines = []
         while True:
-            line = self.f.readline()
+            try:
+                line = self.f.readline()
+            except ConnectionResetError:
+                line = b""
             if not line:
                 return b"".join(lines)   # closed
             lines.append(line)
