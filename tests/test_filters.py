@@ -254,3 +254,25 @@ def test_context_has_client_name_tls_and_auth(testnet: TestNet, tmp_path: Path) 
     assert mail.auth_method == "PLAIN" and mail.queue_id and mail.sender == "alice@client.test"
     assert ipaddress.ip_address(mail.local_address).is_loopback and mail.local_port == srv.port
     assert f.seen[-1].client_address == "127.0.5.9" and f.seen[-1].client_name == "unknown"
+
+
+def test_hold_verdict_puts_the_message_on_the_spools_hold_queue(tmp_path: Path) -> None:
+    """A filter's HOLD: the pre-queue handler queues the message and moves it to hold/ (spool.hold), where
+    it waits for `postgate queue release`; nothing is delivered."""
+    from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+    from postgate.inbound.smtpd import Listener, Session
+    from postgate.outbound.queue.scheduler import Scheduler
+    from postgate.outbound.queue.spool import DirectorySpool
+
+    class NoDelivery:
+        async def deliver(self, *a: object, **kw: object) -> list[object]:
+            raise AssertionError("a held message must not be delivered")
+
+    spool = DirectorySpool(tmp_path / "spool", fsync=False)
+    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), NoDelivery(),  # type: ignore[arg-type]
+                  spool, Scheduler(spool, NoDelivery()))  # type: ignore[arg-type]
+    s = Session(Listener("mx", "127.0.0.1", 25), ("192.0.2.1", 1234), helo="client.test", sender="a@client.test",
+                recipients=[("b@remote.test", {})], queue_id="0000000000000AABBCC0", hold="milter: suspicious")
+    reply = asyncio.run(pq.message(s, b"Subject: x\r\n\r\nbody\r\n"))
+    assert reply.code == 250 and "0000000000000AABBCC0" in reply.text
+    assert spool.state_of("0000000000000AABBCC0") == "hold"

@@ -3,6 +3,8 @@ SMTPServer on a real loopback socket (tests/smtpd_harness.py). Each test fails o
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 import socket
@@ -12,13 +14,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from postgate.inbound.smtpd import HOPCOUNT_LIMIT, Limits, repair_header
+from postgate.inbound.smtpd import HOPCOUNT_LIMIT, Limits, _rate_limit_accept_errors, repair_header
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.policy.maps import MapError, TransportMap
 
 from postgate import config as configmod
-from tests.smtpd_harness import HOST, Client, code, serve, tls_context
+from tests.smtpd_harness import HOST, Client, LogCollector, code, serve, tls_context
 
 
 def _session(port: int, source: str = HOST) -> Client:
@@ -310,3 +312,21 @@ def test_transport_map_port_must_be_ascii_digits(tmp_path: Path) -> None:
 def test_finite_defaults_still_load() -> None:
     cfg = configmod.load(None)
     assert math.isfinite(cfg.limits.data_timeout) and cfg.limits.min_data_rate == 500
+
+
+def test_accept_errors_are_logged_at_most_once_per_interval() -> None:
+    """At the descriptor limit asyncio reports every failed accept(); 125,000 lines in 10 s became one."""
+    loop = asyncio.new_event_loop()
+    try:
+        collector = LogCollector()
+        logging.getLogger("postgate").addHandler(collector)
+        try:
+            _rate_limit_accept_errors(loop)
+            for _ in range(1000):
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+        finally:
+            logging.getLogger("postgate").removeHandler(collector)
+    finally:
+        loop.close()
+    assert len([ln for ln in collector.lines if ln.startswith("accept failed")]) == 1
