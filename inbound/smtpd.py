@@ -144,7 +144,9 @@ class Session:
             hostname=hostname, helo=self.helo, esmtp=self.esmtp, tls_version=self.tls_version,
             tls_cipher=self.tls_cipher, tls_bits=self.tls_bits, auth_user=self.user,
             auth_method=self.auth_method, queue_id=self.queue_id, sender=self.sender,
-            mail_params=dict(self.mail_params), recipients=[r for r, _ in self.recipients])
+            mail_params=dict(self.mail_params), recipients=[r for r, _ in self.recipients],
+            # RFC 1870: the announced SIZE until the message is there (Postfix policy attribute "size")
+            size=int(self.mail_params["SIZE"]) if self.mail_params.get("SIZE", "").isdigit() else 0)
 
 
 @dataclass(frozen=True)
@@ -704,7 +706,8 @@ class _Conversation:
         if self.chain.filters:
             await self.chain.reset()   # a new transaction for the filters
         self.s.queue_id = new_queue_id()
-        refusal = await self._ask(Stage.MAIL, sender=addr, mail_params=dict(params))
+        refusal = await self._ask(Stage.MAIL, sender=addr, mail_params=dict(params),
+                                  size=int(params["SIZE"]) if "SIZE" in params else 0)
         if refusal is not None:
             self.s.queue_id = ""
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
