@@ -135,16 +135,18 @@ class PreQueue:
             log.info("%s: filter routes not applied yet: %s", qid, s.routes)
         if s.hold is not None:
             return await self._queue(env, content, f"hold: {s.hold}", hold=True)
-        if self.config.mode == "queue-first":
+        queue_why = "queue-first" if self.config.mode == "queue-first" else \
+            "too many pre-queue deliveries under way" if self.inflight >= self.config.max_inflight else ""
+        if queue_why:
             # mail for our own domains is delivered locally in every mode: queueing it would send it to our
             # own MX, that is back here (a loop the hop count would only stop after 50 rounds)
             if self.local is not None and any(self.relay.is_local(r.address) for r in env.recipients):
-                await self._deliver_local(env, content, [])
-                if not env.pending:
+                success: list[tuple[str, str]] = []
+                await self._deliver_local(env, content, success)
+                await self._notify_success(env, content, success)
+                if not env.pending and not any(r.status == R_BOUNCED for r in env.recipients):
                     return self._answer_delivered(env)
-            return await self._queue(env, content, "queue-first")
-        if self.inflight >= self.config.max_inflight:
-            return await self._queue(env, content, "too many pre-queue deliveries under way")
+            return await self._queue(env, content, queue_why)
         self.inflight += 1
         try:
             return await self._prequeue(env, content)
@@ -177,12 +179,7 @@ class PreQueue:
                 log.exception("%s: delivery failed", env.id)
                 for r in remote:
                     r.status, r.dsn, r.reason = R_DEFERRED, "4.3.0", f"internal delivery error: {e}"
-        for action in ("delivered", "relayed"):
-            owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
-                    and r.notify is not None]
-            if owed:
-                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
-                                                                 action)
+        await self._notify_success(env, content, success)
         statuses = {r.status for r in env.recipients}
         if statuses == {R_DELIVERED}:
             return self._answer_delivered(env)
@@ -212,6 +209,15 @@ class PreQueue:
                 lres.text, f"{lres.code} {lres.text}", mx="local"))
             if lres.ok:
                 success.append((lres.recipient, "delivered"))
+
+    async def _notify_success(self, env: Envelope, content: bytes, success: list[tuple[str, str]]) -> None:
+        """RFC 3461 §5.2.2/§6.2: success reports for the recipients that asked (NOTIFY=SUCCESS)."""
+        for action in ("delivered", "relayed"):
+            owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
+                    and r.notify is not None]
+            if owed:
+                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
+                                                                 action)
 
     def _answer_delivered(self, env: Envelope) -> Reply:
         log.info("%s: outcome=delivered (pre-queue)", env.id)

@@ -306,7 +306,7 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
         host, _, port = ls.address.rpartition(":")
         try:
             ipaddress.ip_address(host.strip("[]"))
-            if not 0 < int(port) < 65536:
+            if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # ASCII digits only
                 raise ValueError
         except ValueError:
             raise err("listener", "address", f"{ls.address!r} is not ADDRESS:PORT", i) from None

@@ -309,6 +309,13 @@ def test_transport_map_port_must_be_ascii_digits(tmp_path: Path) -> None:
         TransportMap(p)
 
 
+def test_listener_port_must_be_ascii_digits(tmp_path: Path) -> None:
+    p = tmp_path / "postgate.toml"
+    p.write_text('[server]\nhostname = "x.test"\n\n[[listener]]\nname = "mx"\naddress = "127.0.0.1:٢٥"\ntls = "none"\n')
+    with pytest.raises(configmod.ConfigError, match=rf"^{re.escape(str(p))}:6: \[\[listener\]\] #1 address"):
+        configmod.load(p)
+
+
 def test_finite_defaults_still_load() -> None:
     cfg = configmod.load(None)
     assert math.isfinite(cfg.limits.data_timeout) and cfg.limits.min_data_rate == 500
