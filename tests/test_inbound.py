@@ -577,3 +577,31 @@ def test_notify_success_is_not_honoured_for_an_unverified_sender(testnet: TestNe
         assert "NOTIFY=SUCCESS for <alice@local.test> not honoured" in pg.log()
     finally:
         pg.stop()
+
+
+HOSTILE = [  # (what the client sends, the reply code the real daemon must give) — issue 13 items 4 and 6
+    ("ſTARTTLS".encode(), b"500"),                                       # RFC 5321 §4.1.1: ASCII verbs
+    ("QUıT".encode(), b"500"),
+    ("MAIL FROM:<a@client.test> SIZE=²".encode(), b"501"),               # RFC 1870 §3: ASCII digits
+    ("MAIL FROM:<a@client.test> SIZE=٣".encode(), b"501"),
+    (b"NOOP " + b"x" * 506, b"500"),                                     # RFC 5321 §4.5.3.1.4: 513 octets
+    (b"MAIL FROM:<a@client.test> ENVID=x+0D+0AX-Injected:+20yes", b"501"),  # RFC 3461 §4
+    (b"MAIL FROM:<a\x00b@client.test>", b"501"),
+]
+
+
+def test_hostile_commands_against_the_daemon(pg: PostgateServer) -> None:
+    with raw_session() as (sock, f):
+        for line, want in HOSTILE:
+            sock.sendall(line + b"\r\n")
+            reply = f.readline()
+            assert reply[:3] == want, (line, reply)
+        sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@dane-ok.test> ORCPT=rfc822;a+0D+0A+0D+0A<h1>\r\n")
+        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"501"]
+        sock.sendall(b"RCPT TO:<bob@dane-ok.test>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"354"]
+        sock.sendall(b"Subject: nul\r\n\r\n\x00.\r\n.\r\n")                 # NUL in DATA: refused, not passed on
+        assert f.readline()[:3] == b"554"
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline()[:3] == b"221"
+    assert "Traceback" not in pg.log()
