@@ -7,6 +7,7 @@ refused with ``file:line: [section] key: reason``, so a typo never silently beco
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -102,6 +103,14 @@ class LimitSettings:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     shutdown_timeout: float = 60.0
+    # issue 13: time and memory per client (inbound/smtpd.py Limits)
+    min_data_rate: int = 500
+    tls_handshake_timeout: float = 30.0
+    spill_threshold: int = 262144
+    auth_delay: float = 1.0
+    auth_max_delay: float = 30.0
+    client_name_timeout: float = 5.0
+    descriptor_reserve: int = 100
 
 
 @dataclass
@@ -243,6 +252,8 @@ def _fill(target: Any, values: dict[str, Any], p: Path, text: str, section: str,
         if not _check_type(value, default):
             raise ConfigError(f"{p}:{line}: {name} {key} must be "
                               f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
+        if isinstance(default, float) and not math.isfinite(value):
+            raise ConfigError(f"{p}:{line}: {name} {key} must be a finite number, not {value}")
         setattr(target, key, float(value) if isinstance(default, float) else value)
 
 
@@ -300,7 +311,7 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
         host, _, port = ls.address.rpartition(":")
         try:
             ipaddress.ip_address(host.strip("[]"))
-            if not 0 < int(port) < 65536:
+            if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # ASCII digits only
                 raise ValueError
         except ValueError:
             raise err("listener", "address", f"{ls.address!r} is not ADDRESS:PORT", i) from None
@@ -319,6 +330,7 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
             ipaddress.ip_network(n, strict=False)
         except ValueError:
             raise err("relay", "trusted_networks", f"{n!r} is not an address or network") from None
+    _validate_limits(cfg, err)
     if cfg.prequeue.mode not in ("prequeue", "queue-first"):
         raise err("prequeue", "mode", f"{cfg.prequeue.mode!r} is not prequeue or queue-first")
     if not 0 < cfg.prequeue.budget <= 3600:
@@ -336,6 +348,28 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
                 setattr(obj, key, _relative(cfg.path, v))
     if cfg.relay.credentials_file and not Path(cfg.relay.credentials_file).is_file():
         raise err("relay", "credentials_file", f"{cfg.relay.credentials_file}: no such file")
+
+
+# [limits]: (key, lowest, highest); zero is meaningless for all of them but the AUTH delay
+_LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "max_recipients": (1, 100000), "max_sessions": (1, 1000000), "max_sessions_per_client": (1, 1000000),
+    "command_timeout": (1, 3600), "data_timeout": (1, 86400), "shutdown_timeout": (0, 86400),
+    "min_data_rate": (1, 1 << 30), "tls_handshake_timeout": (1, 3600), "spill_threshold": (1024, 1 << 30),
+    "auth_delay": (0, 3600), "auth_max_delay": (0, 86400), "client_name_timeout": (0.1, 60),
+    "descriptor_reserve": (10, 1 << 20),
+}
+
+
+def _validate_limits(cfg: Config, err: Any) -> None:
+    lim = cfg.limits
+    for key, (lo, hi) in _LIMIT_RANGES.items():
+        v = getattr(lim, key)
+        if not lo <= v <= hi:   # also false for nan
+            raise err("limits", key, f"{v!r} must be between {lo:g} and {hi:g}")
+    if lim.auth_max_delay < lim.auth_delay:
+        raise err("limits", "auth_max_delay", "must be at least auth_delay")
+    if cfg.prequeue.max_inflight < 1:
+        raise err("prequeue", "max_inflight", "must be at least 1")
 
 
 def _validate_queue(cfg: Config, source: str, text: str) -> None:
