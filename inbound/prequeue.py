@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import dkim as dkimpy
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy, domain_of
 from postgate.inbound.smtpd import Reply, Session, xtext_decode
@@ -86,9 +87,7 @@ class PreQueue:
 
     # --- RCPT ------------------------------------------------------------------------------------------
     async def check_rcpt(self, s: Session, rcpt: str, params: dict[str, str]) -> Reply | None:
-        why = self.relay.decide(s.peer[0], s.user, rcpt)
-        if why is not None:
-            return Reply(554, f"5.7.1 {why}")
+        # relay control is the first filter of every listener (relay.RelayFilter, asked before this)
         if self.relay.is_local(rcpt):
             if self.local is None:
                 return Reply(550, "5.1.1 no local delivery configured")
@@ -101,12 +100,26 @@ class PreQueue:
     # --- after DATA --------------------------------------------------------------------------------------
     async def message(self, s: Session, data: bytes) -> Reply:
         now = time.time()
-        qid = new_queue_id(now)
+        qid = s.queue_id or new_queue_id(now)
         assert s.sender is not None
         content = self._received(s, qid, now) + data
         if self.signer is not None:
-            content = self.signer(content, s.sender)
+            try:
+                content = self.signer(content, s.sender)
+            except dkimpy.MessageFormatError as e:
+                # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
+                log.info("%s: reject: message format: %s", qid, e)
+                return Reply(554, f"5.6.0 message format refused: {e}")
         rcpts = [_recipient(addr, params) for addr, params in s.recipients]
+        if not self._verified_sender(s):
+            # RFC 3461 §4.1 lets a server decline NOTIFY=SUCCESS; from a client that neither authenticated
+            # nor is trusted, the sender is unverified (maybe forged): a success report would be backscatter
+            # to a stranger, with content the client chose. FAILURE/DELAY stay (RFC 5321 §6.1 requires them).
+            for r in rcpts:
+                if r.notify and "SUCCESS" in r.notify:
+                    r.notify = [n for n in r.notify if n != "SUCCESS"] or ["NEVER"]
+                    log.info("%s: NOTIFY=SUCCESS for <%s> not honoured: unauthenticated client, unverified sender",
+                             qid, r.address)
         params = s.mail_params
         env = Envelope.new(s.sender, rcpts, content, now=now, envid=xtext_decode(params["ENVID"])
                            if "ENVID" in params else None, ret=params.get("RET", "").upper() or None,
@@ -116,10 +129,24 @@ class PreQueue:
         who = f"{qid}: client={s.helo}[{s.peer[0]}]" + (f", sasl_username={s.user}" if s.user else "")
         log.info("%s, from=<%s>, size=%d, nrcpt=%d, tls=%s", who, s.sender, len(content), len(rcpts),
                  s.tls_version or "none")
-        if self.config.mode == "queue-first":
-            return await self._queue(env, content, "queue-first")
-        if self.inflight >= self.config.max_inflight:
-            return await self._queue(env, content, "too many pre-queue deliveries under way")
+        if s.routes:
+            # TODO(routes): the envelope (outbound/queue/envelope.py) has no field for per-message routing yet;
+            # the filters' choices are logged, and delivery uses the configured policy
+            log.info("%s: filter routes not applied yet: %s", qid, s.routes)
+        if s.hold is not None:
+            return await self._queue(env, content, f"hold: {s.hold}", hold=True)
+        queue_why = "queue-first" if self.config.mode == "queue-first" else \
+            "too many pre-queue deliveries under way" if self.inflight >= self.config.max_inflight else ""
+        if queue_why:
+            # mail for our own domains is delivered locally in every mode: queueing it would send it to our
+            # own MX, that is back here (a loop the hop count would only stop after 50 rounds)
+            if self.local is not None and any(self.relay.is_local(r.address) for r in env.recipients):
+                success: list[tuple[str, str]] = []
+                await self._deliver_local(env, content, success)
+                await self._notify_success(env, content, success)
+                if not env.pending and not any(r.status == R_BOUNCED for r in env.recipients):
+                    return self._answer_delivered(env)
+            return await self._queue(env, content, queue_why)
         self.inflight += 1
         try:
             return await self._prequeue(env, content)
@@ -128,15 +155,8 @@ class PreQueue:
 
     async def _prequeue(self, env: Envelope, content: bytes) -> Reply:
         success: list[tuple[str, str]] = []  # recipients owed a success DSN (RFC 3461 NOTIFY=SUCCESS)
-        local = [r for r in env.recipients if self.relay.is_local(r.address)]
         remote = [r for r in env.recipients if not self.relay.is_local(r.address)]
-        if local and self.local is not None:
-            for lres in await self.local.deliver(env.sender, [r.address for r in local], content):
-                _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
-                    BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
-                    lres.text, f"{lres.code} {lres.text}", mx="local"))
-                if lres.ok:
-                    success.append((lres.recipient, "delivered"))
+        await self._deliver_local(env, content, success)
         if remote:
             task = asyncio.create_task(self.deliverer.deliver(env.sender, [r.address for r in remote], content,
                                                               queue_id=env.id, requiretls=env.requiretls,
@@ -159,16 +179,10 @@ class PreQueue:
                 log.exception("%s: delivery failed", env.id)
                 for r in remote:
                     r.status, r.dsn, r.reason = R_DEFERRED, "4.3.0", f"internal delivery error: {e}"
-        for action in ("delivered", "relayed"):
-            owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
-                    and r.notify is not None]
-            if owed:
-                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
-                                                                 action)
+        await self._notify_success(env, content, success)
         statuses = {r.status for r in env.recipients}
         if statuses == {R_DELIVERED}:
-            log.info("%s: outcome=delivered (pre-queue)", env.id)
-            return Reply(250, f"2.0.0 Ok: delivered as {env.id}")
+            return self._answer_delivered(env)
         if statuses == {R_BOUNCED}:
             first = env.recipients[0]
             code = int(first.reason[:3]) if first.reason[:3].isdigit() and first.reason[0] == "5" else 550
@@ -184,13 +198,44 @@ class PreQueue:
         return await self._queue(env, content, "mixed or temporary results" if R_DELIVERED in statuses or
                                  R_BOUNCED in statuses else "temporary failure")
 
-    async def _queue(self, env: Envelope, content: bytes, why: str) -> Reply:
+    async def _deliver_local(self, env: Envelope, content: bytes, success: list[tuple[str, str]]) -> None:
+        """Deliver the recipients in our own domains (LMTP or Maildir), each with its own result."""
+        local = [r for r in env.recipients if self.relay.is_local(r.address) and not r.final]
+        if not local or self.local is None:
+            return
+        for lres in await self.local.deliver(env.sender, [r.address for r in local], content):
+            _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
+                BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
+                lres.text, f"{lres.code} {lres.text}", mx="local"))
+            if lres.ok:
+                success.append((lres.recipient, "delivered"))
+
+    async def _notify_success(self, env: Envelope, content: bytes, success: list[tuple[str, str]]) -> None:
+        """RFC 3461 §5.2.2/§6.2: success reports for the recipients that asked (NOTIFY=SUCCESS)."""
+        for action in ("delivered", "relayed"):
+            owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
+                    and r.notify is not None]
+            if owed:
+                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
+                                                                 action)
+
+    def _answer_delivered(self, env: Envelope) -> Reply:
+        log.info("%s: outcome=delivered (pre-queue)", env.id)
+        return Reply(250, f"2.0.0 Ok: delivered as {env.id}")
+
+    def _verified_sender(self, s: Session) -> bool:
+        """The client vouches for its sender: it authenticated, or it is one of our trusted networks."""
+        return s.user is not None or self.relay.trusted(s.peer[0])
+
+    async def _queue(self, env: Envelope, content: bytes, why: str, hold: bool = False) -> Reply:
         bounced = [r for r in env.recipients if r.status == R_BOUNCED]
         pending = env.pending
         loop = asyncio.get_running_loop()
         try:
             if pending:
                 await loop.run_in_executor(None, self.spool.enqueue, env, content)
+                if hold:  # a filter's HOLD: the operator releases it (postgate queue release)
+                    await loop.run_in_executor(None, self.spool.hold, env.id)
             if bounced:
                 await loop.run_in_executor(None, self.scheduler.notify, env, content, bounced)
         except OSError as e:

@@ -4,6 +4,9 @@ A recipient is accepted when it is in a local domain (mail for us), or when the 
 authenticated (submission), or its address is in the trusted networks (other MTAs of ours, such as a
 Postfix that hands mail to Postgate). Anything else is refused with 554 5.7.1 on every port: Postgate is
 never an open relay.
+
+:class:`RelayFilter` is this decision as the first stage hook of every listener (``inbound/filters.py``),
+Postfix's ``reject_unauth_destination`` in ``smtpd_recipient_restrictions``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from postgate.inbound.filters import Action, Stage, StageContext, Verdict
+from postgate.policy.vocab import Reply
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,37 @@ class RelayPolicy:
         if user is not None or self.trusted(client_ip):
             return None
         return f"<{recipient}>: Relay access denied"
+
+
+class RelayFilter:
+    """Relay control as a filter: at RCPT, a recipient the client may not send to is refused (554 5.7.1).
+
+    Stateless, so it is its own session. It never fails; if it did, the session would be tempfailed
+    (``default_action``), never opened up."""
+
+    name = "relay"
+    default_action = Action.TEMPFAIL
+
+    def __init__(self, policy: RelayPolicy) -> None:
+        self.policy = policy
+
+    def session(self) -> RelayFilter:
+        return self
+
+    async def on(self, ctx: StageContext) -> Verdict:
+        if ctx.stage is not Stage.RCPT or ctx.recipient is None:
+            return Verdict()
+        why = self.policy.decide(ctx.client_address, ctx.auth_user, ctx.recipient)
+        if why is None:
+            return Verdict()
+        # RFC 5321 §3.6.2 / §7.1: relaying is the server's choice; 554 5.7.1 as Postfix's relay_domains check
+        return Verdict(Action.REJECT, Reply(554, "5.7.1", why), reason="relay access denied")
+
+    async def reset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 def domain_of(address: str) -> str:

@@ -9,9 +9,16 @@ PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531)
 (RFC 2034), STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954, only over TLS), DSN (RFC 3461) and
 REQUIRETLS (RFC 8689, only after STARTTLS).
 
-What to do with a message is the :class:`Handler`'s business (``inbound/prequeue.py``): relay checks at
-RCPT, delivery or queueing after DATA. Every read has a timeout; sessions, recipients, line lengths and
-message size are limited.
+At each point where it answers (connect, HELO/EHLO, MAIL, RCPT, end of DATA) the session asks the
+listener's filter chain (``inbound/filters.py``: relay control first, then Milter, policy delegation,
+Sieve …) and applies the verdict: a reject or tempfail becomes the reply (at RCPT for that recipient only),
+a discard is answered 250 and dropped, a hold sends the message to the hold queue, header/body/sender/
+recipient edits are applied before the :class:`Handler` (``inbound/prequeue.py``) delivers or queues it.
+
+Every client is bounded in what it can cost: connections are counted per client address from the accept
+(before a TLS handshake, which has its own time limit), descriptors are kept in reserve, every read and
+write has a timeout and DATA an overall deadline, a message body is spilled to a temporary file above a
+small threshold while it is received, and failed AUTH attempts are slowed down per client and per account.
 """
 
 from __future__ import annotations
@@ -21,17 +28,41 @@ import base64
 import binascii
 import logging
 import re
+import resource
 import ssl
-from collections.abc import Awaitable, Callable
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import IO, Protocol
+
+from postgate.inbound.filters import (
+    Action,
+    Filter,
+    FilterChain,
+    Route,
+    Stage,
+    StageContext,
+    Verdict,
+    apply_header_edits,
+    split_message,
+)
+from postgate.outbound.queue.envelope import new_queue_id
+from postgate.policy.vocab import Reply as VocabReply
 
 log = logging.getLogger("postgate.smtpd")
 
-MAX_COMMAND = 2048          # RFC 5321 §4.5.3.1.4 says 512; extensions (DSN, SMTPUTF8) need more
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF. Extensions raise it for the
+# commands they extend: RFC 1870 §3 (SIZE) by 26 for MAIL, RFC 3461 §4 by 100 (ENVID) + 9 (RET) for MAIL and
+# by 500 (ORCPT) + 30 (NOTIFY) for RCPT, RFC 4954 §4 allows AUTH lines (and SASL responses) of 12,288 octets.
+MAX_COMMAND = 512
+MAX_MAIL = 512 + 26 + 100 + 9 + 20     # + SMTPUTF8, BODY=8BITMIME, REQUIRETLS, AUTH=<>: some room
+MAX_RCPT = 512 + 500 + 30
+MAX_AUTH = 12288
 MAX_DATA_LINE = 1000        # RFC 5321 §4.5.3.1.6, including CRLF
 _ADDR = re.compile(r"^<([^<>\s]*)>(.*)$")
 _XTEXT_OK = re.compile(r"^([!-*,-<>-~]|\+[0-9A-F]{2})*$")  # RFC 3461 §4: xtext
+_VERB = re.compile(r"^[A-Za-z]{1,12}$")                     # RFC 5321 §4.1.1: ASCII letters only
 
 
 @dataclass
@@ -43,6 +74,9 @@ class Listener:
     implicit_tls: bool = False
     auth: bool = False                 # offer AUTH (after TLS)
     auth_required: bool = False        # MAIL refused without AUTH (submission)
+    # the filter chain of this listener, in order (inbound/filters.py): the daemon puts relay control first,
+    # then whatever [[listener]] configures (Milter, policy delegation, Sieve)
+    filters: Sequence[Filter] = ()
 
 
 @dataclass
@@ -51,9 +85,17 @@ class Limits:
     max_recipients: int = 100
     max_errors: int = 10
     command_timeout: float = 300.0     # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes
-    data_timeout: float = 600.0
+    data_timeout: float = 600.0        # per read inside DATA, and the base of the DATA deadline
+    min_data_rate: int = 500           # octets/s: the DATA deadline grows by received/min_data_rate (Postfix)
+    tls_handshake_timeout: float = 30.0
     max_sessions: int = 10000
     max_sessions_per_client: int = 50
+    spill_threshold: int = 262144      # message octets kept in memory while receiving; the rest on disk
+    auth_delay: float = 1.0            # seconds before the reply to the first failed AUTH; doubles each time
+    auth_max_delay: float = 30.0
+    auth_window: float = 900.0         # failures older than this are forgotten
+    client_name_timeout: float = 5.0   # reverse DNS of the client (Postfix client_name)
+    descriptor_reserve: int = 100      # descriptors never used for client sessions
 
 
 @dataclass
@@ -64,11 +106,21 @@ class Session:
     esmtp: bool = False
     tls_version: str | None = None
     tls_cipher: str | None = None
+    tls_bits: int | None = None
     user: str | None = None            # authenticated user
+    auth_method: str | None = None
+    client_name: str = "unknown"       # forward-confirmed reverse name (Postfix client_name)
+    reverse_client_name: str = "unknown"
+    local: tuple[str, int] = ("", 0)
     errors: int = 0
     sender: str | None = None
     mail_params: dict[str, str] = field(default_factory=dict)
     recipients: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    queue_id: str = ""                 # given at MAIL, as Postfix does
+    hold: str | None = None            # a filter put the message on hold: why
+    discard: Verdict | None = None     # a filter discarded the message
+    edits: list[Verdict] = field(default_factory=list)   # modifications of the filters, in order
+    routes: tuple[Route, ...] = ()     # delivery choices of the filters (see PreQueue)
 
     @property
     def tls(self) -> bool:
@@ -78,6 +130,23 @@ class Session:
         self.sender = None
         self.mail_params = {}
         self.recipients = []
+        self.queue_id = ""
+        self.hold = None
+        self.discard = None
+        self.edits = []
+        self.routes = ()
+
+    def context(self, stage: Stage, hostname: str) -> StageContext:
+        """What the filters see at ``stage``."""
+        return StageContext(
+            stage, self.listener.name, self.peer[0], self.peer[1], client_name=self.client_name,
+            reverse_client_name=self.reverse_client_name, local_address=self.local[0], local_port=self.local[1],
+            hostname=hostname, helo=self.helo, esmtp=self.esmtp, tls_version=self.tls_version,
+            tls_cipher=self.tls_cipher, tls_bits=self.tls_bits, auth_user=self.user,
+            auth_method=self.auth_method, queue_id=self.queue_id, sender=self.sender,
+            mail_params=dict(self.mail_params), recipients=[r for r, _ in self.recipients],
+            # RFC 1870: the announced SIZE until the message is there (Postfix policy attribute "size")
+            size=int(self.mail_params["SIZE"]) if self.mail_params.get("SIZE", "").isdigit() else 0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +157,11 @@ class Reply:
     def line(self) -> bytes:
         lines = self.text.split("\n")
         out = [f"{self.code}-{ln}" for ln in lines[:-1]] + [f"{self.code} {lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode()
+        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
+
+    @classmethod
+    def of(cls, r: VocabReply) -> Reply:
+        return cls(r.code, f"{r.enhanced} {r.text}".strip())
 
 
 class Handler(Protocol):
@@ -97,10 +170,20 @@ class Handler(Protocol):
 
 
 Authenticator = Callable[[str, str], Awaitable[bool]]
+# the client's names from its address: (forward-confirmed name or "unknown", PTR name or "unknown")
+ClientNames = Callable[[str], Awaitable[tuple[str, str]]]
 
 
 class BareLineEnding(Exception):
     pass
+
+
+class _Close(Exception):
+    """End the session, after ``reply`` if there is one."""
+
+    def __init__(self, reply: Reply | None = None) -> None:
+        super().__init__(reply.text if reply else "")
+        self.reply = reply
 
 
 def xtext_decode(s: str) -> str:
@@ -108,25 +191,138 @@ def xtext_decode(s: str) -> str:
     return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), s)
 
 
+def xtext_value_ok(s: str) -> bool:
+    """RFC 3461 §4: xtext whose decoded value is printable US-ASCII (RFC 3461 §4.4: ENVID "consists of
+    printable (graphic and white space) characters from the US-ASCII repertoire"; §4.2: ORCPT likewise):
+    no CR, LF or other control characters, even when hex-encoded, so nothing can reach a DSN's header."""
+    if not _XTEXT_OK.match(s):
+        return False
+    return all(" " <= c <= "~" for c in xtext_decode(s))
+
+
+def hop_count(data: bytes) -> int:
+    """RFC 5321 §6.3: the number of ``Received:`` trace fields in the header (loop detection)."""
+    headers, _ = split_message(data)
+    return sum(1 for name, _ in headers if name.lower() == "received")
+
+
+HOPCOUNT_LIMIT = 50   # Postfix hopcount_limit
+
+
+def repair_header(data: bytes) -> bytes:
+    """RFC 5322 §2.1-§2.2: a header is field lines ("name: value", or continuation lines starting with white
+    space) up to an empty line. A message whose first line is not a field (no header at all), or whose
+    header holds a line without a colon, gets the empty line inserted before that line: what follows is
+    body, as Postfix's cleanup treats it. Then every DKIM signer and parser sees a well-formed message."""
+    pos = 0
+    n = len(data)
+    while pos < n:
+        end = data.find(b"\r\n", pos)
+        line = data[pos:n if end < 0 else end]
+        if not line:
+            return data                     # the empty line: the header is well formed
+        if line[:1] in (b" ", b"\t") and pos > 0:
+            pass                            # RFC 5322 §2.2.3: folded continuation
+        else:
+            colon = line.find(b":")
+            name = line[:colon] if colon > 0 else b""
+            # RFC 5322 §3.6.8: field-name = 1*ftext, printable US-ASCII except colon
+            if not name or not all(33 <= c <= 126 for c in name):
+                return data[:pos] + b"\r\n" + data[pos:]
+        if end < 0:
+            return data + b"\r\n\r\n"       # header only, no CRLF at the end
+        pos = end + 2
+    return data + b"\r\n"                   # only header lines: the empty line ends them
+
+
+class AuthThrottle:
+    """Failed AUTH attempts slow the next reply down, per client address and per account (user name), so a
+    guesser gets fewer tries per second the more it fails: delay = base × 2^(failures − 1), capped; a
+    failure is forgotten after ``window`` seconds, and a success clears the account's and client's count."""
+
+    def __init__(self, base: float, cap: float, window: float) -> None:
+        self.base, self.cap, self.window = base, cap, window
+        self.fails: dict[str, list[float]] = {}
+
+    def _count(self, key: str, now: float) -> int:
+        times = [t for t in self.fails.get(key, []) if now - t < self.window]
+        if times:
+            self.fails[key] = times
+        else:
+            self.fails.pop(key, None)
+        return len(times)
+
+    def failed(self, ip: str, user: str, now: float) -> float:
+        """Record a failure; the delay before the 535 reply."""
+        if len(self.fails) > 100000:            # bounded memory under a distributed attack
+            self.fails.clear()
+        for key in (f"ip:{ip}", f"user:{user.lower()}"):
+            self.fails.setdefault(key, []).append(now)
+        n = max(self._count(f"ip:{ip}", now), self._count(f"user:{user.lower()}", now))
+        return min(self.cap, self.base * 2 ** (n - 1)) if self.base > 0 else 0.0
+
+    def succeeded(self, ip: str, user: str) -> None:
+        self.fails.pop(f"ip:{ip}", None)
+        self.fails.pop(f"user:{user.lower()}", None)
+
+
+class _RateLimitedLog:
+    """One log line per ``interval`` for a recurring condition, with the count of the suppressed ones."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval, self.last, self.suppressed = interval, 0.0, 0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        extra = f" ({self.suppressed} more like this suppressed)" if self.suppressed else ""
+        self.last, self.suppressed = now, 0
+        log.warning(msg + extra, *args)
+
+
+_open_connections = 0   # client connections of every listener of this process (for the descriptor reserve)
+
+
+def descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as most daemons do) and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class SMTPServer:
     def __init__(self, listener: Listener, handler: Handler, *, hostname: str, limits: Limits | None = None,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None, client_names: ClientNames | None = None) -> None:
         self.listener = listener
         self.handler = handler
         self.hostname = hostname
         self.limits = limits or Limits()
         self.authenticator = authenticator
+        self.client_names = client_names
         self.sessions = 0
         self.per_client: dict[str, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.throttle = AuthThrottle(self.limits.auth_delay, self.limits.auth_max_delay, self.limits.auth_window)
+        self.fd_limit = 1 << 20
+        self._refuse_log = _RateLimitedLog()
 
     async def start(self) -> None:
-        ssl_ctx = self.listener.tls if self.listener.implicit_tls else None
+        # implicit TLS (RFC 8314 §3.3): the handshake is done by the session, after the connection is counted
+        # for its client and under a time limit, never by the accept loop
+        self.fd_limit = descriptor_limit()
+        loop = asyncio.get_running_loop()
+        _rate_limit_accept_errors(loop)
         # SO_REUSEPORT: several worker processes may share the port; the kernel spreads connections
-        self.server = await asyncio.start_server(self._accept, self.listener.host, self.listener.port, ssl=ssl_ctx,
-                                                 limit=MAX_COMMAND * 2, backlog=1024, reuse_port=True,
-                                                 ssl_handshake_timeout=30 if ssl_ctx else None)
+        self.server = await asyncio.start_server(self._accept, self.listener.host, self.listener.port,
+                                                 limit=MAX_AUTH + 64, backlog=1024, reuse_port=True)
 
     async def stop_accepting(self) -> None:
         if self.server is not None:
@@ -134,31 +330,70 @@ class SMTPServer:
             await self.server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        global _open_connections
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = peer[0]
+        _open_connections += 1
+        counted = False
         try:
-            if self.sessions >= self.limits.max_sessions or \
-                    self.per_client.get(ip, 0) >= self.limits.max_sessions_per_client:
-                writer.write(Reply(421, f"4.7.0 {self.hostname} too many connections, try again later").line())
-                await writer.drain()
+            busy = self.sessions >= self.limits.max_sessions or \
+                self.per_client.get(ip, 0) >= self.limits.max_sessions_per_client
+            reserve = _open_connections > self.fd_limit - self.limits.descriptor_reserve
+            if busy or reserve:
+                self._refuse_log("%s: refused a connection from %s: %s", self.listener.name, ip,
+                                 "descriptors in reserve" if reserve and not busy else "too many connections")
+                if not self.listener.implicit_tls:  # on 465 a reply in cleartext means nothing to the client
+                    writer.write(Reply(421, f"4.7.0 {self.hostname} too many connections, try again later").line())
+                    async with asyncio.timeout(5):
+                        await writer.drain()
                 return
             self.sessions += 1
             self.per_client[ip] = self.per_client.get(ip, 0) + 1
-            try:
-                await _Conversation(self, reader, writer, Session(self.listener, (ip, peer[1]))).run()
-            finally:
+            counted = True
+            if self.listener.implicit_tls:
+                assert self.listener.tls is not None
+                async with asyncio.timeout(self.limits.tls_handshake_timeout):
+                    await writer.start_tls(self.listener.tls)
+            sock = writer.get_extra_info("sockname") or ("", 0)
+            s = Session(self.listener, (ip, peer[1]), local=(str(sock[0]), int(sock[1])))
+            await _Conversation(self, reader, writer, s).run()
+        except (ConnectionError, ssl.SSLError, OSError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("%s: session with %s ended by an internal error", self.listener.name, ip)
+        finally:
+            _open_connections -= 1
+            if counted:
                 self.sessions -= 1
                 self.per_client[ip] -= 1
                 if not self.per_client[ip]:
                     del self.per_client[ip]
-        except (ConnectionError, ssl.SSLError, OSError):
-            pass
-        finally:
             self.tasks.discard(task)
             writer.close()
+
+
+def _rate_limit_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio reports every failed accept() (EMFILE at the descriptor limit) through the loop's exception
+    handler, once per retry per listener: at most one line per 10 s here, with the count."""
+    if getattr(loop, "_postgate_accept_log", False):
+        return
+    previous = loop.get_exception_handler()
+    limited = _RateLimitedLog()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if "out of system resource" in str(context.get("message", "")):
+            limited("accept failed: %s: %s", context.get("message"), context.get("exception"))
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    loop._postgate_accept_log = True  # type: ignore[attr-defined]
 
 
 class _Conversation:
@@ -166,75 +401,170 @@ class _Conversation:
                  s: Session) -> None:
         self.srv, self.r, self.w, self.s = srv, reader, writer, s
         self.limits = srv.limits
-        obj = writer.get_extra_info("ssl_object")
+        self.chain = FilterChain(s.listener.filters)
+        self.refused: Reply | None = None   # a filter refused the connection: only QUIT is accepted
+        self._tls_info()
+
+    def _tls_info(self) -> None:
+        obj = self.w.get_extra_info("ssl_object")
         if obj is not None:
-            s.tls_version, s.tls_cipher = obj.version(), obj.cipher()[0]
+            cipher = obj.cipher()
+            self.s.tls_version, self.s.tls_cipher, self.s.tls_bits = obj.version(), cipher[0], cipher[2]
+
+    @property
+    def who(self) -> str:
+        return f"{self.s.client_name}[{self.s.peer[0]}]"
 
     async def send(self, reply: Reply) -> bool | None:
         self.w.write(reply.line())
-        await self.w.drain()
+        try:
+            # a client that does not read its replies is not kept for ever (Postfix smtpd_timeout)
+            async with asyncio.timeout(self.limits.command_timeout):
+                await self.w.drain()
+        except TimeoutError:
+            self.w.transport.abort()
+            raise _Close() from None
         return None
 
-    async def readline(self) -> bytes:
-        async with asyncio.timeout(self.limits.command_timeout):  # no task per read, unlike wait_for
-            line = await self.r.readuntil(b"\n")
+    async def readline(self, limit: int = MAX_COMMAND) -> bytes:
+        try:
+            async with asyncio.timeout(self.limits.command_timeout):  # no task per read, unlike wait_for
+                line = await self.r.readuntil(b"\n")
+        except TimeoutError:
+            raise _Close(Reply(421, "4.4.2 timeout exceeded, closing connection")) from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise _Close() from None
+        except asyncio.LimitOverrunError:
+            raise _Close(Reply(500, "5.5.6 line too long, closing connection")) from None
         if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
-            raise BareLineEnding
+            # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
+            # so no smuggled command or message can follow
+            raise _Close(Reply(500, "5.5.2 bare LF or CR in command refused (RFC 5321 §2.3.8)"))
         return line[:-2]
 
     async def run(self) -> None:
-        await self.send(Reply(220, f"{self.srv.hostname} ESMTP Postgate"))
-        while True:
+        try:
+            await self._run()
+        except _Close as c:
+            if c.reply is not None and not self.w.transport.is_closing():
+                try:
+                    await self.send(c.reply)
+                    await self._linger()
+                except (_Close, ConnectionError, OSError):
+                    pass
+        finally:
+            await self.chain.close()
+
+    async def _linger(self, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+        """Close politely after a final reply: FIN first, then read what the client still sends (a pipelined
+        rest) for a moment, so the kernel does not answer it with a RST that would destroy our reply."""
+        if self.w.can_write_eof() and not self.w.transport.is_closing():
+            self.w.write_eof()
+        try:
+            async with asyncio.timeout(seconds):
+                while limit > 0 and (chunk := await self.r.read(65536)):
+                    limit -= len(chunk)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+
+    async def _run(self) -> None:
+        if self.srv.client_names is not None:
             try:
-                line = await self.readline()
-            except TimeoutError:
-                await self.send(Reply(421, "4.4.2 timeout exceeded, closing connection"))
-                return
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            except asyncio.LimitOverrunError:
-                await self.send(Reply(500, "5.5.6 command line too long"))
-                return
-            except BareLineEnding:
-                # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
-                # so no smuggled command or message can follow
-                await self.send(Reply(500, "5.5.2 bare LF or CR in command refused (RFC 5321 §2.3.8)"))
-                return
+                async with asyncio.timeout(self.limits.client_name_timeout):
+                    self.s.client_name, self.s.reverse_client_name = await self.srv.client_names(self.s.peer[0])
+            except Exception:   # a failed or slow lookup: the client stays "unknown" (Postfix does the same)
+                pass
+        v = await self._ask(Stage.CONNECT)
+        if v is not None:
+            if v.code < 500:
+                raise _Close(Reply(421, v.text))   # RFC 5321 §3.1: 421 and close
+            # RFC 5321 §3.1/§4.3.1: 554 instead of the greeting; the server then waits for QUIT
+            self.refused = v
+            await self.send(v)
+        else:
+            await self.send(Reply(220, f"{self.srv.hostname} ESMTP Postgate"))
+        while True:
+            line = await self.readline(MAX_AUTH)
+            # RFC 5321 §2.4: commands are US-ASCII (RFC 6531 §3.3: UTF-8 only in MAIL/RCPT addresses);
+            # §4.1.1: the verb is ASCII letters only (no "ſTARTTLS" taken for STARTTLS by str.upper())
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
-                text = ""
+                text = "\ufffd"
             verb, _, arg = text.partition(" ")
+            if not _VERB.match(verb):
+                verb = ""
             verb = verb.upper()
-            handler = getattr(self, f"cmd_{verb}", None) if verb.isalpha() else None
-            if handler is None:
+            handler = getattr(self, f"cmd_{verb}", None) if verb else None
+            limit = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}.get(verb, MAX_COMMAND)
+            if len(line) + 2 > limit:
+                await self.error(Reply(500, f"5.5.2 command line longer than {limit} octets (RFC 5321 §4.5.3.1.4)"))
+            elif handler is None:
                 await self.error(Reply(500, "5.5.2 command not recognized"))
+            elif self.refused is not None and verb not in ("QUIT", "NOOP", "RSET"):
+                await self.error(Reply(503, "5.5.1 connection refused: " + self.refused.text))
+            elif (verb not in ("MAIL", "RCPT") and not line.isascii()) or "\ufffd" in text:
+                await self.error(Reply(501, "5.5.4 non-ASCII or invalid characters in command"))
+            elif any((c < 32 and c != 9) or c == 127 for c in line):
+                await self.error(Reply(501, "5.5.2 control character in command"))
             else:
                 keep_going = await handler(arg.strip())
                 if keep_going is False:
                     return
             if self.s.errors >= self.limits.max_errors:
-                await self.send(Reply(421, "4.7.0 too many errors, closing connection"))
-                return
+                raise _Close(Reply(421, "4.7.0 too many errors, closing connection"))
 
     async def error(self, reply: Reply) -> bool | None:
         """Send an error reply and count it (sessions with too many errors are ended)."""
         self.s.errors += 1
         return await self.send(reply)
 
+    # --- filters --------------------------------------------------------------------------------------------
+    async def _ask(self, stage: Stage, **fields: object) -> Reply | None:
+        """Ask the chain at ``stage``; the reply to give instead of the normal one, or None to go on.
+        HOLD, DISCARD and modifications are remembered for the transaction."""
+        if not self.chain.filters:
+            return None
+        ctx = self.s.context(stage, self.srv.hostname)
+        for k, v in fields.items():
+            setattr(ctx, k, v)
+        out = await self.chain.on(ctx)
+        v = out.verdict
+        if out.hold is not None and self.s.hold is None:
+            self.s.hold = f"{out.hold.filter}: {out.hold.quarantine_reason or out.hold.reason or 'held'}"
+        self.s.edits += out.edits
+        if v.action in (Action.REJECT, Action.TEMPFAIL):
+            assert v.reply is not None
+            log.info("%s: %s: %s from %s: %s; filter=%s%s", self.s.queue_id or "NOQUEUE",
+                     "reject" if v.action is Action.REJECT else "tempfail", stage.value.upper(), self.who, v.reply,
+                     v.filter, f" ({v.reason})" if v.reason else "")
+            return Reply.of(v.reply)
+        if v.action is Action.DISCARD and self.s.discard is None:
+            self.s.discard = v
+        return None
+
+    async def _reset(self) -> None:
+        self.s.reset()
+        if self.chain.filters:
+            await self.chain.reset()
+
     # --- commands -------------------------------------------------------------------------------------------
     async def cmd_HELO(self, arg: str) -> bool | None:
-        if not arg:
-            return await self.error(Reply(501, "5.5.4 HELO needs a host name"))
-        self.s.helo, self.s.esmtp = arg, False
-        self.s.reset()
-        return await self.send(Reply(250, self.srv.hostname))
+        return await self._helo(arg, False)
 
     async def cmd_EHLO(self, arg: str) -> bool | None:
+        return await self._helo(arg, True)
+
+    async def _helo(self, arg: str, esmtp: bool) -> bool | None:
         if not arg:
-            return await self.error(Reply(501, "5.5.4 EHLO needs a host name"))
-        self.s.helo, self.s.esmtp = arg, True
-        self.s.reset()
+            return await self.error(Reply(501, f"5.5.4 {'EHLO' if esmtp else 'HELO'} needs a host name"))
+        await self._reset()
+        refusal = await self._ask(Stage.HELO, helo=arg, esmtp=esmtp)
+        if refusal is not None:
+            return await self.error(refusal)
+        self.s.helo, self.s.esmtp = arg, esmtp
+        if not esmtp:
+            return await self.send(Reply(250, self.srv.hostname))
         lst = self.s.listener
         lines = [self.srv.hostname, "PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "ENHANCEDSTATUSCODES", "DSN"]
@@ -260,13 +590,13 @@ class _Conversation:
             return False
         await self.send(Reply(220, "2.0.0 Ready to start TLS"))
         try:
-            await asyncio.wait_for(self.w.start_tls(self.s.listener.tls), 60)
+            async with asyncio.timeout(self.limits.tls_handshake_timeout):
+                await self.w.start_tls(self.s.listener.tls)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError):
             return False
-        obj = self.w.get_extra_info("ssl_object")
-        self.s.tls_version, self.s.tls_cipher = obj.version(), obj.cipher()[0]
+        self._tls_info()
         self.s.helo, self.s.esmtp = "", False  # RFC 3207 §4.2: forget everything learned before TLS
-        self.s.reset()
+        await self._reset()
         return None
 
     async def cmd_AUTH(self, arg: str) -> bool | None:
@@ -281,6 +611,7 @@ class _Conversation:
             return await self.error(Reply(503, "5.5.1 AUTH not permitted during a mail transaction"))
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
+        user = ""
         try:
             if mech == "PLAIN":
                 resp = initial if initial else await self._challenge("")
@@ -294,27 +625,35 @@ class _Conversation:
                 u = initial if initial else await self._challenge("VXNlcm5hbWU6")
                 if u is None:
                     return None
+                user = base64.b64decode(u, validate=True).decode()
                 p = await self._challenge("UGFzc3dvcmQ6")
                 if p is None:
                     return None
-                user = base64.b64decode(u, validate=True).decode()
                 password = base64.b64decode(p, validate=True).decode()
             else:
                 return await self.error(Reply(504, "5.5.4 unrecognized authentication type"))
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return await self.error(Reply(501, "5.5.2 cannot decode the response"))
+        if "\x00" in user or "\x00" in password:
+            return await self.error(Reply(501, "5.5.2 cannot decode the response"))
         if await self.srv.authenticator(user, password):
-            self.s.user = user
-            log.info("%s[%s]: sasl_method=%s, sasl_username=%s", self.s.helo, self.s.peer[0], mech, user)
+            self.s.user, self.s.auth_method = user, mech
+            self.srv.throttle.succeeded(self.s.peer[0], user)
+            log.info("%s: sasl_method=%s, sasl_username=%s", self.who, mech, user)
             await self.send(Reply(235, "2.7.0 authentication successful"))
             return None
-        log.warning("%s[%s]: SASL %s authentication failed for %s", self.s.helo, self.s.peer[0], mech, user)
+        delay = self.srv.throttle.failed(self.s.peer[0], user, time.monotonic())
+        # the line fail2ban's postfix filter (postfix-sasl) matches, then one naming the account
+        log.warning("warning: %s: SASL %s authentication failed: authentication failure", self.who, mech)
+        log.info("%s: SASL %s authentication failed for sasl_username=%s, reply delayed %.2fs", self.who, mech,
+                 user.encode("unicode_escape").decode()[:64], delay)
+        await asyncio.sleep(delay)   # RFC 4954 §4: a server may delay its reply after a failure
         await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
         return None
 
     async def _challenge(self, text: str) -> str | None:
         await self.send(Reply(334, text))
-        line = (await self.readline()).decode("ascii", "replace")
+        line = (await self.readline(MAX_AUTH)).decode("ascii", "replace")
         if line == "*":
             await self.error(Reply(501, "5.0.0 authentication cancelled"))
             return None
@@ -336,8 +675,8 @@ class _Conversation:
         if params is None:
             return await self.error(Reply(501, "5.5.4 bad MAIL parameters"))
         for k, v in params.items():
-            if k == "SIZE":
-                if not v.isdigit():
+            if k == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT, ASCII digits
+                if not (v.isascii() and v.isdigit()) or len(v) > 20:
                     return await self.error(Reply(501, "5.5.4 bad SIZE"))
                 if int(v) > self.limits.max_message_size:
                     return await self.error(Reply(552, "5.3.4 message size exceeds fixed limit"))
@@ -350,8 +689,8 @@ class _Conversation:
             elif k == "RET":  # RFC 3461 §4.3
                 if v.upper() not in ("FULL", "HDRS"):
                     return await self.error(Reply(501, "5.5.4 RET is FULL or HDRS"))
-            elif k == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 characters
-                if not v or len(v) > 100 or not _XTEXT_OK.match(v):
+            elif k == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 characters, printable US-ASCII decoded
+                if not v or len(v) > 100 or not xtext_value_ok(v):
                     return await self.error(Reply(501, "5.5.4 bad ENVID"))
             elif k == "REQUIRETLS":  # RFC 8689 §4.1: only over TLS
                 if v or not self.s.tls:
@@ -360,8 +699,18 @@ class _Conversation:
                 pass
             else:
                 return await self.error(Reply(555, f"5.5.4 unsupported MAIL parameter {k}"))
-        if not params.get("SMTPUTF8", None) == "" and any(ord(c) > 127 for c in addr):
+        if not params.get("SMTPUTF8", None) == "" and not addr.isascii():
             return await self.error(Reply(553, "5.6.7 non-ASCII address needs SMTPUTF8"))
+        if any(ord(c) < 32 or ord(c) == 127 for c in addr):   # RFC 5321 §4.1.2: no control characters
+            return await self.error(Reply(553, "5.1.7 bad sender address syntax"))
+        if self.chain.filters:
+            await self.chain.reset()   # a new transaction for the filters
+        self.s.queue_id = new_queue_id()
+        refusal = await self._ask(Stage.MAIL, sender=addr, mail_params=dict(params),
+                                  size=int(params["SIZE"]) if "SIZE" in params else 0)
+        if refusal is not None:
+            self.s.queue_id = ""
+            return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.sender, self.s.mail_params = addr, params
         return await self.send(Reply(250, "2.1.0 Ok"))
 
@@ -374,7 +723,8 @@ class _Conversation:
         if parsed is not None and parsed[0].lower() == "postmaster":
             # RFC 5321 §4.5.1: "postmaster" without a domain must be accepted: it is ours
             parsed = (f"postmaster@{self.srv.hostname}", parsed[1])
-        if parsed is None or not parsed[0] or "@" not in parsed[0]:
+        if parsed is None or not parsed[0] or "@" not in parsed[0] or \
+                any(ord(c) < 32 or ord(c) == 127 for c in parsed[0]):
             return await self.error(Reply(501, "5.1.3 bad recipient address syntax"))
         addr, params = parsed
         if params is None:
@@ -385,17 +735,20 @@ class _Conversation:
                 if not vals or any(x not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for x in vals) or \
                         ("NEVER" in vals and len(vals) > 1):
                     return await self.error(Reply(501, "5.5.4 bad NOTIFY"))
-            elif k == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext
+            elif k == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext, printable US-ASCII once decoded
                 t, sep, x = v.partition(";")
-                if not sep or not t or not _XTEXT_OK.match(x):
+                if not sep or not t or not re.fullmatch(r"[A-Za-z0-9-]+", t) or not x or not xtext_value_ok(x) \
+                        or len(x) > 500:
                     return await self.error(Reply(501, "5.5.4 bad ORCPT"))
             else:
                 return await self.error(Reply(555, f"5.5.4 unsupported RCPT parameter {k}"))
-        if any(ord(c) > 127 for c in addr) and "SMTPUTF8" not in self.s.mail_params:
+        if not addr.isascii() and "SMTPUTF8" not in self.s.mail_params:
             return await self.error(Reply(553, "5.6.7 non-ASCII address needs SMTPUTF8"))
         if len(self.s.recipients) >= self.limits.max_recipients:
             return await self.send(Reply(452, "4.5.3 too many recipients"))
-        refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
+        refusal = await self._ask(Stage.RCPT, recipient=addr, rcpt_params=dict(params))
+        if refusal is None:
+            refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
         if refusal is not None:
             log.info("%s[%s]: reject: RCPT from <%s> to <%s>: %d %s", self.s.helo, self.s.peer[0], self.s.sender,
                      addr, refusal.code, refusal.text)
@@ -412,61 +765,157 @@ class _Conversation:
         try:
             data, problem = await self._read_data()
         except TimeoutError:
-            await self.send(Reply(421, "4.4.2 timeout exceeded during DATA, closing connection"))
-            return False
+            raise _Close(Reply(421, "4.4.2 timeout exceeded during DATA, closing connection")) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             return False  # the client went away mid-DATA: no reply, nothing accepted
+        if problem is None:
+            problem = self._check_message(data)
         if problem is not None:
-            self.s.reset()
+            await self._reset()
             await self.error(problem)
             return None
-        reply = await self.srv.handler.message(self.s, data)
-        self.s.reset()
+        try:
+            reply = await self._message(repair_header(data))
+        except _Close:
+            raise
+        except Exception as e:
+            # never a dropped connection after DATA: the client gets a reply, and retries a 4xx
+            log.error("%s: internal error after DATA from %s: %s: %s", self.s.queue_id, self.who,
+                      type(e).__name__, e)
+            reply = Reply(451, "4.3.0 internal error, try again later")
+        await self._reset()
         await self.send(reply)
         return None
 
+    def _check_message(self, data: bytes) -> Reply | None:
+        # RFC 5321 §6.3: a message that has passed too many relays is in a loop; Postfix counts the Received:
+        # fields against hopcount_limit (50) and refuses with 5.4.6
+        hops = hop_count(data)
+        if hops >= HOPCOUNT_LIMIT:
+            log.info("%s: reject: DATA from %s: %d Received: headers, mail forwarding loop", self.s.queue_id,
+                     self.who, hops)
+            return Reply(554, f"5.4.6 too many hops ({hops} Received: headers): mail forwarding loop")
+        return None
+
+    async def _message(self, data: bytes) -> Reply:
+        """End of DATA: the filters' last word (pre-queue, before the answer), their edits, then the handler."""
+        if self.chain.filters:
+            refusal = await self._ask(Stage.DATA, message=data, size=len(data))
+            if refusal is not None:
+                return refusal
+        if self.s.discard is not None:
+            v = self.s.discard
+            log.info("%s: discard: END-OF-MESSAGE from %s: filter=%s%s; from=<%s> nrcpt=%d", self.s.queue_id,
+                     self.who, v.filter, f" ({v.reason})" if v.reason else "", self.s.sender, len(self.s.recipients))
+            return Reply(250, f"2.0.0 Ok: queued as {self.s.queue_id}")
+        data = self._apply_edits(data)
+        if not self.s.recipients:
+            log.info("%s: discard: the filters removed every recipient", self.s.queue_id)
+            return Reply(250, f"2.0.0 Ok: queued as {self.s.queue_id}")
+        return await self.srv.handler.message(self.s, data)
+
+    def _apply_edits(self, data: bytes) -> bytes:
+        """Apply the filters' modifications in chain order (milter semantics: headers, body, sender, recipients)."""
+        routes: list[Route] = []
+        for v in self.s.edits:
+            if v.headers or v.new_body is not None:
+                data = apply_header_edits(data, v.headers, v.new_body)
+            if v.new_sender is not None:
+                log.info("%s: filter %s: sender <%s> changed to <%s>", self.s.queue_id, v.filter, self.s.sender,
+                         v.new_sender)
+                self.s.sender = v.new_sender
+            for r in v.remove_recipients:
+                self.s.recipients = [x for x in self.s.recipients if x[0].lower() != r.lower()]
+            for r in v.add_recipients:
+                if r.lower() not in (x[0].lower() for x in self.s.recipients):
+                    self.s.recipients.append((r, {}))
+            if v.add_recipients or v.remove_recipients:
+                log.info("%s: filter %s: recipients +%s -%s", self.s.queue_id, v.filter, list(v.add_recipients),
+                         list(v.remove_recipients))
+            routes += v.routes
+        self.s.routes = tuple(routes)
+        return data
+
     async def _read_data(self) -> tuple[bytes, Reply | None]:
         """Read up to CRLF.CRLF in bulk; return the unstuffed content, or a refusal (the data is always
-        read to its end, so what follows is a command, never the rest of a message)."""
-        buf = bytearray(b"\r\n")  # so a terminator at the very start is found too
-        limit = self.limits.max_message_size
-        too_big = False
-        while True:
-            end = buf.find(b"\r\n.\r\n", max(0, len(buf) - 65536 - 5))
-            if end >= 0:
-                break
-            async with asyncio.timeout(self.limits.data_timeout):
-                chunk = await self.r.read(65536)
-            if not chunk:
-                raise asyncio.IncompleteReadError(bytes(buf), None)
-            buf += chunk
-            if len(buf) > limit + 65536 and not too_big:
-                too_big = True
-            if too_big and len(buf) > 4 * 65536:
-                keep = buf[-8:]
-                buf = bytearray(b"\r\n") + keep  # drop what we will refuse anyway, keep looking for the end
-        rest = bytes(buf[end + 5:])
-        if rest:  # pipelined commands after DATA: put them back
-            self.r._buffer[0:0] = rest  # type: ignore[attr-defined]
-        if too_big:
-            return b"", Reply(552, "5.3.4 message size exceeds fixed limit")
-        body = bytes(buf[2:end + 2])  # the content with its final CRLF
+        read to its end, so what follows is a command, never the rest of a message).
+
+        Memory is bounded: complete lines are checked and moved to a temporary file that stays in memory up
+        to ``spill_threshold`` octets and goes to disk above it; only a partial line (at most one line
+        length plus a read) is held otherwise. The whole DATA phase has a deadline that grows with the data
+        received (``data_timeout`` + received / ``min_data_rate``), so a client trickling a byte at a time
+        cannot hold the session for ever."""
+        lim = self.limits
+        spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=lim.spill_threshold)
+        try:
+            buf = bytearray()          # unprocessed data, starting at the beginning of a line unless mid_line
+            mid_line = False
+            size = 0
+            problem: Reply | None = None
+            start = time.monotonic()
+            while True:
+                # the terminator: "." alone on a line (RFC 5321 §4.1.1.4)
+                if not mid_line and buf.startswith(b".\r\n"):
+                    end, after = 0, 3
+                else:
+                    i = buf.find(b"\r\n.\r\n")
+                    end, after = (i + 2, i + 5) if i >= 0 else (-1, -1)
+                if end >= 0:
+                    size, problem = self._data_block(bytes(buf[:end]), mid_line, size, problem, spool)
+                    rest = bytes(buf[after:])
+                    break
+                cut = buf.rfind(b"\r\n")
+                if cut >= 0:
+                    size, problem = self._data_block(bytes(buf[:cut + 2]), mid_line, size, problem, spool)
+                    del buf[:cut + 2]
+                    mid_line = False
+                if len(buf) > MAX_DATA_LINE + 65536:
+                    # no line end in sight: that line is too long; keep a last CR, which may start a CRLF
+                    if problem is None:
+                        problem = Reply(554, "5.5.2 message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+                    del buf[:-1]
+                    mid_line = True
+                remaining = start + lim.data_timeout + size / max(1, lim.min_data_rate) - time.monotonic()
+                async with asyncio.timeout(max(0.0, min(lim.data_timeout, remaining))):
+                    chunk = await self.r.read(65536)
+                if not chunk:
+                    raise asyncio.IncompleteReadError(bytes(buf), None)
+                buf += chunk
+            if rest:  # pipelined commands after DATA: put them back
+                self.r._buffer[0:0] = rest  # type: ignore[attr-defined]
+            if problem is not None:
+                return b"", problem
+            spool.seek(0)
+            return spool.read(), None
+        finally:
+            spool.close()
+
+    def _data_block(self, block: bytes, mid_line: bool, size: int, problem: Reply | None,
+                    spool: IO[bytes]) -> tuple[int, Reply | None]:
+        """Check whole lines of DATA and write them, unstuffed, to ``spool``; the new size and problem."""
+        size += len(block)
+        if problem is not None or not block:
+            return size, problem
         # RFC 5321 §2.3.8: CR and LF only as CRLF. Anything else is refused, whole: no second message
-        crlf = body.count(b"\r\n")
-        if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
-            return b"", Reply(554, "5.5.2 message refused: bare LF or CR in message data (RFC 5321 §2.3.8)")
-        if len(body) > limit:
-            return b"", Reply(552, "5.3.4 message size exceeds fixed limit")
-        if any(len(line) > MAX_DATA_LINE - 2 for line in body.split(b"\r\n")):
-            return b"", Reply(554, "5.5.2 message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            return size, Reply(554, "5.5.2 message refused: bare LF or CR in message data (RFC 5321 §2.3.8)")
+        # RFC 5321 §4.5.2 / RFC 5322 §2.1 (no NUL in a message; Postfix strips it, we refuse it whole)
+        if b"\x00" in block:
+            log.info("%s: reject: DATA from %s: NUL character in message data", self.s.queue_id, self.who)
+            return size, Reply(554, "5.6.0 message refused: NUL character in message data")
+        if size > self.limits.max_message_size:
+            return size, Reply(552, "5.3.4 message size exceeds fixed limit")
+        if max(map(len, block.split(b"\r\n"))) > MAX_DATA_LINE - 2:
+            return size, Reply(554, "5.5.2 message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
         # RFC 5321 §4.5.2: remove dot-stuffing
-        if body.startswith(b".."):
-            body = body[1:]
-        body = body.replace(b"\r\n..", b"\r\n.")
-        return body, None
+        if not mid_line and block.startswith(b".."):
+            block = block[1:]
+        spool.write(block.replace(b"\r\n..", b"\r\n."))
+        return size, None
 
     async def cmd_RSET(self, arg: str) -> bool | None:
-        self.s.reset()
+        await self._reset()
         return await self.send(Reply(250, "2.0.0 Ok"))
 
     async def cmd_NOOP(self, arg: str) -> bool | None:
@@ -492,8 +941,13 @@ class _Conversation:
         params: dict[str, str] | None = {}
         for word in m.group(2).split():
             k, eq, v = word.partition("=")
-            if not k or k.upper() in params:  # type: ignore[operator]
+            # RFC 5321 §4.1.2: esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-"), ASCII
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", k) or k.upper() in params:  # type: ignore[operator]
                 params = None
                 break
             params[k.upper()] = v if eq else ""  # type: ignore[index]
         return addr, params
+
+
+__all__ = ["Authenticator", "ClientNames", "Handler", "Limits", "Listener", "Reply", "SMTPServer", "Session",
+           "hop_count", "repair_header", "xtext_decode", "xtext_value_ok"]

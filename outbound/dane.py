@@ -16,6 +16,11 @@ unauthenticated (RFC 7672 §2.2, §3.1). Digest agility (RFC 7671 §9): for each
 records of the most preferred digest present are used (SHA-512 over SHA-256); Full(0) records are not
 digests and always count, as in OpenSSL's DANE implementation. A DANE-TA record never matches the
 server's own (leaf) certificate: the trust anchor is an issuer (RFC 7671 §5.2.2).
+
+A certificate the ``cryptography`` library cannot load (an SM2 key, an unknown signature algorithm, a
+malformed extension) is a certificate that matches nothing and verifies nothing: the peer chose it, so it
+must never turn into an exception that escapes ``verify`` (RFC 7672 §3: an unauthenticated server is not
+used for DANE; the message is deferred, not stranded).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -43,6 +48,8 @@ from postgate.policy.vocab import (
 )
 
 MAX_CHAIN = 16  # certificates considered from a presented chain
+# what loading a peer's certificate, key or extension can raise: each means "does not match"
+CERT_ERRORS = (UnsupportedAlgorithm, ValueError, TypeError, AssertionError)
 
 
 class DaneStatus(enum.Enum):
@@ -90,7 +97,10 @@ def agile(records: Sequence[Tlsa]) -> list[Tlsa]:
 
 
 def _matches(r: Tlsa, cert: x509.Certificate) -> bool:
-    return association(selected(cert, r.selector), r.mtype) == r.data
+    try:
+        return association(selected(cert, r.selector), r.mtype) == r.data
+    except CERT_ERRORS:  # a key we cannot load matches no record
+        return False
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -115,14 +125,29 @@ def cert_names(cert: x509.Certificate) -> list[str]:
             return list(names)
     except x509.ExtensionNotFound:
         pass
-    return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-
-
-def _verify_sig(child: x509.Certificate, key: PublicKeyTypes) -> bool:
-    """Does ``key`` verify the signature on ``child``?"""
-    sig, tbs = child.signature, child.tbs_certificate_bytes
-    h = child.signature_hash_algorithm
+    except CERT_ERRORS:  # extensions that cannot be parsed: no name we can trust
+        return []
     try:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    except CERT_ERRORS:
+        return []
+
+
+def _public_key(cert: x509.Certificate) -> PublicKeyTypes | None:
+    """The certificate's key, or None when ``cryptography`` cannot load it (e.g. SM2)."""
+    try:
+        return cert.public_key()
+    except CERT_ERRORS:
+        return None
+
+
+def _verify_sig(child: x509.Certificate, key: PublicKeyTypes | None) -> bool:
+    """Does ``key`` verify the signature on ``child``? False for anything we cannot load or check."""
+    if key is None:
+        return False
+    try:
+        sig, tbs = child.signature, child.tbs_certificate_bytes
+        h = child.signature_hash_algorithm  # UnsupportedAlgorithm for e.g. SM3withSM2
         if isinstance(key, rsa.RSAPublicKey):
             assert h is not None
             pad: padding.AsymmetricPadding = padding.PKCS1v15()
@@ -140,13 +165,16 @@ def _verify_sig(child: x509.Certificate, key: PublicKeyTypes) -> bool:
             key.verify(sig, tbs, h)
         else:
             return False
-    except (InvalidSignature, AssertionError, TypeError, ValueError):
+    except (InvalidSignature, *CERT_ERRORS):
         return False
     return True
 
 
 def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    try:
+        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    except CERT_ERRORS:
+        return False
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -154,6 +182,8 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return cert.version == x509.Version.v1  # v1 certificates predate the extension
+    except CERT_ERRORS:
+        return False
 
 
 def _ta_from_record(r: Tlsa) -> x509.Certificate | PublicKeyTypes | None:
@@ -165,14 +195,22 @@ def _ta_from_record(r: Tlsa) -> x509.Certificate | PublicKeyTypes | None:
         if r.selector == CERT:
             return x509.load_der_x509_certificate(r.data)
         return serialization.load_der_public_key(r.data)
-    except (ValueError, TypeError):
+    except CERT_ERRORS:
         return None
 
 
 def verify(records: Sequence[Tlsa], chain: Sequence[x509.Certificate], reference_names: Sequence[str],
            now: dt.datetime | None = None) -> DaneResult:
-    """Authenticate a server's presented ``chain`` (leaf first) against a TLSA RRset."""
-    now = now or dt.datetime.now(dt.UTC)
+    """Authenticate a server's presented ``chain`` (leaf first) against a TLSA RRset. Never raises for
+    anything in the chain: a certificate that cannot be loaded matches nothing."""
+    try:
+        return _verify(records, chain, reference_names, now or dt.datetime.now(dt.UTC))
+    except CERT_ERRORS as e:  # a last guard: every certificate access below already catches these
+        return DaneResult(DaneStatus.MISMATCH, f"certificate chain cannot be processed: {type(e).__name__}: {e}")
+
+
+def _verify(records: Sequence[Tlsa], chain: Sequence[x509.Certificate], reference_names: Sequence[str],
+            now: dt.datetime) -> DaneResult:
     usable = [r for r in records if r.usable]
     if not usable:  # RFC 7672 §2.2: TLS required, no authentication possible
         return DaneResult(DaneStatus.NO_USABLE, "no usable TLSA records: TLS without authentication")
@@ -217,7 +255,7 @@ def _chain_to(leaf: x509.Certificate, intermediates: list[x509.Certificate],
     used: set[int] = set()
     for _ in range(MAX_CHAIN):
         if isinstance(ta, x509.Certificate):
-            if current.issuer == ta.subject and _verify_sig(current, ta.public_key()):
+            if current.issuer == ta.subject and _verify_sig(current, _public_key(ta)):
                 if not _valid_at(ta, now):
                     return "trust anchor certificate outside its validity period"
                 return ""
@@ -227,7 +265,7 @@ def _chain_to(leaf: x509.Certificate, intermediates: list[x509.Certificate],
         for i, c in enumerate(intermediates):
             if i in used or c.subject != current.issuer:
                 continue
-            if _is_ca(c) and _verify_sig(current, c.public_key()):
+            if _is_ca(c) and _verify_sig(current, _public_key(c)):
                 nxt = (i, c)
                 break
         if nxt is None:
@@ -247,7 +285,10 @@ def fingerprint_matches(chain: Sequence[x509.Certificate], fingerprints: Sequenc
     leaf = chain[0]
     candidates = {}
     for sel in (CERT, SPKI):
-        raw = selected(leaf, sel)
+        try:
+            raw = selected(leaf, sel)
+        except CERT_ERRORS:  # a key we cannot load: only the certificate digest can match
+            continue
         for algo in (hashlib.sha256, hashlib.sha512):
             candidates[algo(raw).hexdigest()] = True
     for fp in fingerprints:

@@ -20,18 +20,23 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
 from postgate.outbound.crash import crashpoint
+from postgate.outbound.downgrade import DowngradeMemory, Protection
+from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
 from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
+from postgate.policy import mtasts
 from postgate.policy.caps import Caps
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
 from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
+from postgate.policy.tlsrpt import Attempt, PolicyType, ResultType
 from postgate.policy.vocab import Security, Tlsa
 
 log = logging.getLogger("postgate.delivery")
@@ -119,6 +124,15 @@ class DeliveryConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     ca_file: str | None = None
     reuse_idle: float = 5.0
+    # issue 18 (docs/mta-sts.md): MTA-STS, the downgrade memory, the TLS-RPT hook, the 'may' fallback delay
+    sts: StsResolver | None = None
+    downgrade: DowngradeMemory | None = None
+    tls_report: Callable[[Attempt], Awaitable[None]] | None = None
+    cleartext_fallback_delay: float = 300.0   # 'may': cleartext after a failed handshake only this long after arrival
+
+
+# the arrival time of the message being delivered (deliver(arrival=...)), seen by the 'may' fallback
+_ARRIVAL: ContextVar[float] = ContextVar("arrival", default=0.0)
 
 
 def _domain(addr: str) -> str:
@@ -223,11 +237,12 @@ class Deliverer:
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *,
                       queue_id: str | None = None, level: Level | None = None,
                       mail_options: Sequence[str] = (), requiretls: bool = False,
-                      dsn: Dsn | None = None) -> list[RecipientResult]:
+                      dsn: Dsn | None = None, arrival: float | None = None) -> list[RecipientResult]:
         """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
         PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
         qid = queue_id or new_queue_id()
         start = time.monotonic()
+        _ARRIVAL.set(arrival if arrival is not None else time.time())
         groups: dict[str, list[str]] = {}
         for r in recipients:
             groups.setdefault(_domain(r), []).append(r)
@@ -280,10 +295,17 @@ class Deliverer:
         status_code = "4.4.1"
         pending = list(rcpts)
         done: list[RecipientResult] = []
+        sts = await self._sts(nexthop, via_relay)
+        guard = await self._downgrade(nexthop, nh, sts, via_relay)
+        if guard:
+            return [RecipientResult(r, DEFERRED, "4.7.5", guard, suspected_attack=True) for r in pending]
         for host in nh.hosts:
             if host.unusable:
                 bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
                 attack |= bogus
+                if bogus and not via_relay:  # RFC 8460 §4.3.2.1: DNSSEC validation failed
+                    await self._report(nexthop, sts, host_requirement(policy, host, nexthop), _h(host), "",
+                                       ResultType.DNSSEC_INVALID, host.unusable)
                 failures.append(f"{_h(host)}: {host.unusable}" + (" — suspected attack" if bogus else ""))
                 continue
             caps = host.enforced_caps
@@ -304,6 +326,11 @@ class Deliverer:
             if req.refuse:
                 failures.append(f"{_h(host)}: {req.refuse}")
                 continue
+            req, sts_refuse = self._apply_sts(sts, req, host, policy)
+            if sts_refuse:  # RFC 8461 §4.1: an MX host the enforced policy does not list is not used
+                failures.append(sts_refuse)
+                await self._report(nexthop, sts, req, _h(host), "", ResultType.VALIDATION_FAILURE, sts_refuse)
+                continue
             if requiretls and req.auth not in (Auth.DANE, Auth.PKIX):
                 # RFC 8689 §4.2.1: a verified certificate: DANE, else PKIX for the MX host name
                 req = Requirement(req.level, TLSMode.REQUIRED, Auth.PKIX, names=(_h(host),))
@@ -311,8 +338,11 @@ class Deliverer:
             for address in host.addresses:
                 try:
                     results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
-                                                   pending, data, mail_options, via_relay, caps, caps_name, dsn)
+                                                   pending, data, mail_options, via_relay, caps, caps_name, dsn,
+                                                   sts=sts)
                 except SessionError as e:
+                    if e.tlsrpt is not None and not via_relay and not e.cleartext_retry:
+                        await self._report(nexthop, sts, req, _h(host), address, e.tlsrpt, e.reason)
                     attack |= e.suspected_attack
                     failures.append(e.reason)
                     status_code = e.dsn
@@ -329,8 +359,9 @@ class Deliverer:
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
                         mail_options: Sequence[str], via_relay: bool, caps: Caps | None = None,
-                        caps_name: str = "", dsn: Dsn | None = None) -> list[RecipientResult]:
-        key = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
+                        caps_name: str = "", dsn: Dsn | None = None,
+                        sts: StsLookup | None = None) -> list[RecipientResult]:
+        key: tuple[Any, ...] = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
         session = self.cache.take(key)
         if session is None:
             try:
@@ -341,10 +372,13 @@ class Deliverer:
             except SessionError as e:
                 if not e.cleartext_retry:
                     raise
-                # Postfix 'may': a failed opportunistic handshake is retried in cleartext
+                # Postfix 'may': a failed opportunistic handshake is retried in cleartext — but not at once
+                # (that hands an active attacker the plaintext), and never to a destination that did TLS
+                await self._may_fallback(e, nexthop, _h(host), address, sts, req, via_relay)
                 plain = Requirement(req.level, TLSMode.NONE, req.auth)
                 session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
                                              timeouts=self.config.timeouts)
+                key = (*key, "cleartext-fallback")  # one message's fallback never serves a younger message
         if "REQUIRETLS" in mail_options and not session.supports("requiretls"):
             await session.close()  # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
             raise SessionError(f"{_h(host)} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
@@ -359,9 +393,101 @@ class Deliverer:
             r.tls_version, r.cipher = session.tls.version, session.tls.cipher
             r.tlsa_matched = session.tls.tlsa_matched.text() if session.tls.tlsa_matched else None
         session.messages += 1
-        if session.alive:
+        if session.alive and key[-1] != "cleartext-fallback":
             self.cache.put(key, session)
+        elif session.alive:
+            await session.close()
+        if session.messages == 1:
+            await self._session_done(nexthop, session, req, sts, via_relay)
         return results
+
+    # --- issue 18: MTA-STS, the downgrade memory, TLS-RPT (docs/mta-sts.md) ---------------------------
+    async def _sts(self, domain: str, via_relay: bool) -> StsLookup | None:
+        if self.config.sts is None or via_relay:
+            return None  # RFC 8461 applies to MX delivery, not to a configured smart host
+        return await self.config.sts.lookup(domain)
+
+    async def _downgrade(self, domain: str, nh: NextHop, sts: StsLookup | None, via_relay: bool) -> str:
+        """The reason to defer for a suspected downgrade, or ""."""
+        mem = self.config.downgrade
+        if mem is None or via_relay:
+            return ""
+        if any(h.dane and any(Tlsa.from_rdata(t).usable for t in h.tlsa) for h in nh.hosts):
+            current = Protection.DANE
+        elif sts is not None and sts.policy is not None and sts.policy.mode is mtasts.Mode.ENFORCE:
+            current = Protection.STS
+        else:
+            current = Protection.NONE
+        verdict = await mem.observe(domain, current, sts_vanished=sts is not None and sts.txt_missing)
+        if verdict.suspected:
+            self.counters.inc("downgrade_suspected")
+        return verdict.reason if verdict.defer else ""
+
+    def _apply_sts(self, sts: StsLookup | None, req: Requirement, host: MXHost,
+                   policy: Policy) -> tuple[Requirement, str]:
+        """RFC 8461 §4-§5 through policy/mtasts.tighten: an enforced policy makes Web-PKI TLS to a listed MX
+        mandatory and an unlisted MX unusable; DANE and explicit levels are left alone (RFC 8461 §2)."""
+        req, refuse = mtasts.tighten(sts.policy if sts is not None else None, req, _h(host), policy.level)
+        if refuse:
+            self.counters.inc("sts_mx_mismatch")
+        return req, refuse
+
+    async def _may_fallback(self, e: SessionError, domain: str, mx: str, address: str, sts: StsLookup | None,
+                            req: Requirement, via_relay: bool) -> None:
+        """Allow the cleartext retry of a failed opportunistic handshake, or raise a deferral."""
+        if e.tlsrpt is not None and not via_relay:
+            await self._report(domain, sts, req, mx, address, e.tlsrpt, e.reason)
+        mem = self.config.downgrade
+        if mem is not None and mem.tls_recent(domain):
+            self.counters.inc("cleartext_fallback_refused")
+            raise SessionError(e.reason + f"; no cleartext fallback: {domain} did TLS before (downgrade memory)"
+                               " — suspected attack", suspected_attack=True, dsn="4.7.5")
+        waited = time.time() - _ARRIVAL.get()
+        if waited < self.config.cleartext_fallback_delay:
+            self.counters.inc("cleartext_fallback_deferred")
+            raise SessionError(e.reason + f"; cleartext fallback only after {self.config.cleartext_fallback_delay:g}s "
+                               f"in the queue (waited {waited:.0f}s)", dsn="4.7.5")
+        self.counters.inc("cleartext_fallback")
+        log.warning("%s[%s]: STARTTLS failed, falling back to cleartext after %.0fs — possible downgrade (%s)",
+                    mx, address, waited, e.reason)
+
+    async def _session_done(self, domain: str, s: Session, req: Requirement, sts: StsLookup | None,
+                            via_relay: bool) -> None:
+        """A session carried mail: remember TLS, and count it for TLS-RPT."""
+        if via_relay:
+            return
+        if s.tls.security != CLEARTEXT and self.config.downgrade is not None:
+            await self.config.downgrade.note_tls(domain)
+        result: ResultType | None = None
+        detail = ""
+        if s.tls.security == CLEARTEXT:
+            result, detail = ResultType.STARTTLS_NOT_SUPPORTED, "delivered without TLS"
+        elif (sts is not None and sts.policy is not None and sts.policy.mode is mtasts.Mode.TESTING
+              and req.auth is Auth.NONE):
+            # RFC 8461 §5: testing mode: deliver, but report what enforce would have refused
+            if not sts.policy.matches(s.mx):
+                result, detail = ResultType.VALIDATION_FAILURE, f"{s.mx} matches no mx of the policy"
+            else:
+                problem = pkix_problem(s.tls.chain, s.mx, self.config.ca_file)
+                if problem is not None:
+                    result, detail = problem
+        await self._report(domain, sts, req, s.mx, s.address, result, detail)
+
+    async def _report(self, domain: str, sts: StsLookup | None, req: Requirement, mx: str, address: str,
+                      result: ResultType | None, detail: str) -> None:
+        """One session's TLS outcome to the TLS-RPT hook (RFC 8460 §4.1; ``when`` is stamped by the hook)."""
+        hook = self.config.tls_report
+        if hook is None:
+            return
+        strings: tuple[str, ...] = ()
+        patterns: tuple[str, ...] = ()
+        if req.auth is Auth.DANE and req.tlsa:
+            ptype, strings = PolicyType.TLSA, tuple(t.text() for t in req.tlsa)
+        elif sts is not None and sts.policy is not None and sts.policy.mode is not mtasts.Mode.NONE:
+            ptype, strings, patterns = PolicyType.STS, tuple(sts.policy.lines()), sts.policy.mx
+        else:
+            ptype = PolicyType.NO_POLICY
+        await hook(Attempt(domain, ptype, result, mx, address, "", strings, patterns, detail[:200]))
 
 
 def _h(host: MXHost) -> str:

@@ -193,6 +193,7 @@ class Denial(enum.Enum):
     NODATA = "nodata"                # the name exists without the type
     NO_DS = "no-ds"                  # a delegation without DS: the child is insecure
     OPT_OUT = "opt-out"              # covered by an NSEC3 opt-out span: may be an unsigned delegation
+    INSECURE_DELEGATION = "insecure-delegation"  # the name lies below a delegation proven to have no DS
     INSECURE = "insecure-nsec3"      # NSEC3 parameters beyond what we validate (RFC 9276)
     NONE = "none"                    # nothing proven
 
@@ -201,6 +202,9 @@ class Denial(enum.Enum):
 class Proof:
     denial: Denial
     reason: str
+    # RFC 5155 §9.2: the next closer name lies in an opt-out span, so an unsigned delegation may exist
+    # there: the denial holds, but only as an insecure one
+    optout: bool = False
 
     @property
     def proven(self) -> bool:
@@ -262,6 +266,11 @@ def nsec_denial(qname: dns.name.Name, qtype: int, nsecs: Sequence[tuple[dns.name
             t = _types(rd)
             if qname.is_subdomain(owner) and owner != zone and (
                     (ns in t and soa not in t) or dname in t):
+                if dname not in t and ds not in t:
+                    # RFC 4035 §5.2: the parent-side NSEC of a delegation without DS: the name lies in
+                    # an unsigned zone, whose answers are insecure
+                    return Proof(Denial.INSECURE_DELEGATION,
+                                 f"NSEC at {owner} proves an insecure delegation above {qname}")
                 # RFC 6840 §4.1: an ancestor delegation or DNAME cannot deny names below it
                 return Proof(Denial.NONE, f"NSEC at {owner} is a delegation/DNAME above {qname}")
             covering = (owner, rd)
@@ -286,6 +295,13 @@ def nsec_denial(qname: dns.name.Name, qtype: int, nsecs: Sequence[tuple[dns.name
         if _nsec_covers(o, r.next, wc):
             return Proof(Denial.NXDOMAIN, f"NSEC {owner} covers {qname}, NSEC {o} covers {wc}")
     return Proof(Denial.NONE, f"no NSEC denies the wildcard {wc}")
+
+
+def expanded_from_wildcard(owner: dns.name.Name, rrsig: RRSIG) -> bool:
+    """RFC 4035 §5.3.4: an RRSIG labels field smaller than the owner's shows a wildcard expansion. Such an
+    NSEC/NSEC3 was synthesised for the question and proves nothing about other names (RFC 4035 §5.4;
+    CVE-2017-15105), nor about a delegation (RFC 6840 §4.4)."""
+    return bool(rrsig.labels < owner_labels(owner))
 
 
 def nsec_wildcard_ok(qname: dns.name.Name, nsecs: Sequence[tuple[dns.name.Name, NSEC]],
@@ -355,7 +371,7 @@ def nsec3_denial(qname: dns.name.Name, qtype: int, nsec3s: Sequence[tuple[dns.na
     ns, soa, ds, cname, dname = (dns.rdatatype.NS, dns.rdatatype.SOA, dns.rdatatype.DS,
                                  dns.rdatatype.CNAME, dns.rdatatype.DNAME)
 
-    def closest_encloser(name: dns.name.Name) -> tuple[dns.name.Name, _N3] | None:
+    def closest_encloser(name: dns.name.Name) -> tuple[dns.name.Name, _N3] | Proof | None:
         """RFC 5155 §8.3: the closest encloser matches, the next closer name is covered."""
         n = name
         prev = None
@@ -363,6 +379,11 @@ def nsec3_denial(qname: dns.name.Name, qtype: int, nsec3s: Sequence[tuple[dns.na
             m = match(n)
             if m is not None and prev is not None:
                 t = _types(m.rd)
+                if ns in t and soa not in t and ds not in t and dname not in t and n != zone:
+                    # RFC 4035 §5.2: a delegation without DS above the name (matched, RFC 5155 §8.3): the name
+                    # lies in an unsigned zone
+                    return Proof(Denial.INSECURE_DELEGATION,
+                                 f"NSEC3 for {n} proves an insecure delegation above {name}")
                 if (ns in t and soa not in t) or dname in t:
                     return None  # §8.3: a delegation or DNAME cannot be a closest encloser here
                 c = cover(prev)
@@ -374,7 +395,11 @@ def nsec3_denial(qname: dns.name.Name, qtype: int, nsec3s: Sequence[tuple[dns.na
     if wildcard_ce is not None:  # §8.8
         nc = dns.name.Name(qname.labels[-(len(wildcard_ce.labels) + 1):])
         c = cover(nc)
-        return Proof(Denial.NXDOMAIN, f"NSEC3 covers next closer {nc}") if c else _NO
+        if c is None:
+            return _NO
+        # §9.2: in an opt-out span the wildcard answer could be shadowed by an unsigned delegation
+        return Proof(Denial.NXDOMAIN, f"NSEC3 covers next closer {nc}" + (
+            " (opt-out span: insecure)" if c.rd.flags & 1 else ""), optout=bool(c.rd.flags & 1))
 
     m = match(qname)
     if m is not None:  # §8.5 / §8.6: NODATA
@@ -391,19 +416,24 @@ def nsec3_denial(qname: dns.name.Name, qtype: int, nsec3s: Sequence[tuple[dns.na
             return Proof(Denial.NONE, f"NSEC3 for {qname} is the parent side of a delegation")
         return Proof(Denial.NODATA, f"NSEC3 for {qname} lacks {rtype_text(qtype)}")
     ce = closest_encloser(qname)
+    if isinstance(ce, Proof):
+        return ce
     if ce is None:
         return Proof(Denial.NONE, f"no NSEC3 closest-encloser proof for {qname}")
     encloser, nc_cover = ce
-    if nc_cover.rd.flags & 1:
-        # RFC 5155 §8.6 / §6: an opt-out span may hide an unsigned delegation: never a secure denial
+    optout = bool(nc_cover.rd.flags & 1)
+    span = f"; next closer name of {qname} lies in an NSEC3 opt-out span" if optout else ""
+    if optout and qtype == ds:
+        # RFC 5155 §8.6: DS NODATA by an opt-out span: at most an insecure delegation
         return Proof(Denial.OPT_OUT, f"next closer name of {qname} lies in an NSEC3 opt-out span")
     wc = _wildcard(encloser)
     wm = match(wc)
-    if wm is not None:  # §8.7: wildcard NODATA
+    if wm is not None:  # §8.7: wildcard NODATA (insecure in an opt-out span, §9.2)
         t = _types(wm.rd)
         if qtype in t or (cname in t and qtype != cname):
             return Proof(Denial.NONE, f"wildcard {wc} exists with the type")
-        return Proof(Denial.NODATA, f"wildcard {wc} exists without the type")
-    if cover(wc) is not None:  # §8.4: NXDOMAIN
-        return Proof(Denial.NXDOMAIN, f"NSEC3 proves {qname} absent (closest encloser {encloser})")
-    return Proof(Denial.NONE, f"no NSEC3 denies the wildcard {wc}")
+        return Proof(Denial.NODATA, f"wildcard {wc} exists without the type{span}", optout=optout)
+    if cover(wc) is not None:  # §8.4: NXDOMAIN needs the wildcard covered, opt-out or not
+        return Proof(Denial.NXDOMAIN, f"NSEC3 proves {qname} absent (closest encloser {encloser}){span}",
+                     optout=optout)
+    return Proof(Denial.NONE, f"no NSEC3 denies the wildcard {wc}{span}")

@@ -11,6 +11,13 @@ Given a destination domain, find where to deliver and what DNSSEC says about eac
 3. TLSA records at ``_25._tcp.<base>`` are looked up only when the host's address records are secure
    (RFC 7672 §2.2); with a secure CNAME expansion the expanded name is tried first, then the original
    name. A TLSA lookup that fails or is bogus makes the host unusable (RFC 7672 §2.1.1) — never "no TLSA".
+   One exception (RFC 7672 §2.2.2, RFC 7671 §7; Postfix does the same): when the CNAME chain itself is
+   secure but its target lies in an unsigned zone, the alias was still published securely, so the host
+   stays DANE-eligible with the *original* name as its TLSA base domain. An insecure link anywhere in the
+   chain makes no name a secure TLSA base domain.
+4. Each TLSA record is judged on its own (RFC 7671 §9, RFC 6698 §2.1): a record whose data does not fit
+   its matching type is kept (the RRSIG covered it) but unusable, the others still count; with none
+   usable, TLS is mandatory but unauthenticated (policy/tls.py).
 
 An insecure MX RRset does not disable DANE for hosts whose own records are secure (RFC 7672 §2.2.1 allows
 it; Postfix's default ``smtp_tls_dane_insecure_mx_policy = dane`` does the same).
@@ -28,8 +35,9 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 from dns.rdtypes.ANY.TLSA import TLSA
+from postgate.outbound.dns_transport import RawTLSA
 from postgate.outbound.dnssec import rtype_text, weakest
-from postgate.outbound.resolver import Answer, Resolver, shuffle_equal
+from postgate.outbound.resolver import Answer, ResolverProtocol, shuffle_equal
 from postgate.policy import caps as capsmod
 from postgate.policy.vocab import Security
 
@@ -53,9 +61,10 @@ class MXHost:
     address_reason: str = ""
     cname_chain: tuple[Name, ...] = ()
     tlsa_base: Name | None = None
-    tlsa: tuple[TLSA, ...] = ()
+    tlsa: tuple[TLSA | RawTLSA, ...] = ()   # RawTLSA: malformed RDATA, unusable (RFC 7671 §9)
     tlsa_security: Security | None = None     # None: not looked up (addresses not secure)
     tlsa_reason: str = ""
+    tlsa_problems: tuple[str, ...] = ()       # why records of the RRset are unusable
     unusable: str = ""                        # why delivery must not use this host
     implicit: bool = False                    # the domain itself, for lack of MX records
     caps: capsmod.Caps | None = None          # the MTA-capability record (docs/mta-caps.md)
@@ -95,6 +104,7 @@ class MXHost:
             "tlsa": [rd.to_text() for rd in self.tlsa],
             "tlsa_security": str(self.tlsa_security) if self.tlsa_security else None,
             "tlsa_reason": self.tlsa_reason,
+            "tlsa_problems": list(self.tlsa_problems),
             "dane": self.dane,
             "caps": self.caps.text() if self.caps else None,
             "caps_security": str(self.caps_security) if self.caps_security else None,
@@ -147,7 +157,7 @@ def caps_owner(host: Name) -> Name:
     return dns.name.Name((b"_mta-caps", *host.labels))
 
 
-async def lookup_caps(resolver: Resolver, host: Name) -> tuple[capsmod.Caps | None, Security | None, str, str]:
+async def lookup_caps(resolver: ResolverProtocol, host: Name) -> tuple[capsmod.Caps | None, Security | None, str, str]:
     """(record, its security, problem, unusable-reason) for one MX host."""
     ans = await resolver.resolve(caps_owner(host), dns.rdatatype.TXT)
     if not ans.ok:
@@ -165,7 +175,7 @@ def tlsa_owner(base: Name, port: int = 25) -> Name:
     return dns.name.Name((f"_{port}".encode(), b"_tcp", *base.labels))
 
 
-async def resolve_nexthop(resolver: Resolver, domain: str | Name, port: int = 25,
+async def resolve_nexthop(resolver: ResolverProtocol, domain: str | Name, port: int = 25,
                           use_mx: bool = True) -> NextHop:
     """Resolve ``domain`` as RFC 7672 §2.2 describes; ``use_mx=False`` for ``[host]`` destinations."""
     try:
@@ -210,7 +220,7 @@ async def resolve_nexthop(resolver: Resolver, domain: str | Name, port: int = 25
     return NextHop(d, mx.security, mx.reason, tuple(hosts), answers=[mx])
 
 
-async def resolve_host(resolver: Resolver, name: Name, preference: int, port: int = 25,
+async def resolve_host(resolver: ResolverProtocol, name: Name, preference: int, port: int = 25,
                        implicit: bool = False) -> MXHost:
     host, (caps, caps_sec, problem, unusable) = await asyncio.gather(
         _resolve_host(resolver, name, preference, port, implicit), lookup_caps(resolver, name))
@@ -220,7 +230,7 @@ async def resolve_host(resolver: Resolver, name: Name, preference: int, port: in
     return host
 
 
-async def _resolve_host(resolver: Resolver, name: Name, preference: int, port: int = 25,
+async def _resolve_host(resolver: ResolverProtocol, name: Name, preference: int, port: int = 25,
                         implicit: bool = False) -> MXHost:
     a, aaaa = await asyncio.gather(resolver.resolve(name, dns.rdatatype.A),
                                    resolver.resolve(name, dns.rdatatype.AAAA))
@@ -238,11 +248,18 @@ async def _resolve_host(resolver: Resolver, name: Name, preference: int, port: i
     chain_links = a.chain or aaaa.chain
     chain = tuple(next(iter(link)).target for link in chain_links)
     host = MXHost(name, preference, addrs, sec, reason, chain, implicit=implicit)
-    if sec is not Security.SECURE or not addrs:
+    linked = [x for x in answers if x.chain]
+    secure_alias = bool(linked) and all(x.chain_security is Security.SECURE for x in linked)
+    if addrs and sec is Security.INSECURE and secure_alias:
+        # RFC 7672 §2.2.2, RFC 7671 §7: a secure CNAME to a host in an unsigned zone: the original name,
+        # published securely, is the TLSA base domain
+        bases = [name]
+    elif sec is not Security.SECURE or not addrs:
         # RFC 7672 §2.2: no TLSA lookup unless the address records are secure
         return _replace(host, tlsa_base=name)
-    # RFC 7672 §2.2.2: a secure CNAME expansion: try the expanded name first, then the original
-    bases = [chain[-1], name] if chain else [name]
+    else:
+        # RFC 7672 §2.2.2: a secure CNAME expansion: try the expanded name first, then the original
+        bases = [chain[-1], name] if chain else [name]
     last: Answer | None = None
     for base in bases:
         ans = await resolver.resolve(tlsa_owner(base, port), dns.rdatatype.TLSA)
@@ -251,10 +268,13 @@ async def _resolve_host(resolver: Resolver, name: Name, preference: int, port: i
             return _replace(host, tlsa_base=base, tlsa_security=ans.security, tlsa_reason=ans.reason,
                             unusable=f"TLSA lookup for {tlsa_owner(base, port)} is {ans.security}: "
                                      f"{ans.reason}")
-        tlsa = tuple(rd for rd in ans.records() if isinstance(rd, TLSA))
+        tlsa = tuple(rd for rd in ans.records() if isinstance(rd, TLSA | RawTLSA))
         if tlsa:
+            # RFC 7671 §9: a malformed record is unusable on its own; the RRset's other records count
+            problems = tuple(f"unusable TLSA RR {rd.to_text()}: {rd.problem}" for rd in tlsa
+                             if isinstance(rd, RawTLSA))
             return _replace(host, tlsa_base=base, tlsa=tlsa, tlsa_security=ans.security,
-                            tlsa_reason=ans.reason)
+                            tlsa_reason=ans.reason, tlsa_problems=problems)
     assert last is not None
     return _replace(host, tlsa_base=bases[0], tlsa_security=last.security, tlsa_reason=last.reason)
 

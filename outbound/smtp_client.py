@@ -22,6 +22,7 @@ from cryptography import x509
 from postgate.outbound import dane
 from postgate.policy import caps as capsmod
 from postgate.policy.tls import Auth, Requirement, TLSMode
+from postgate.policy.tlsrpt import ResultType
 from postgate.policy.vocab import Tlsa
 
 CLEARTEXT, UNAUTHENTICATED, VERIFIED, DANE_VERIFIED = (
@@ -42,7 +43,8 @@ class SessionError(Exception):
     ``cleartext_retry``: opportunistic TLS failed and Postfix-style plaintext retry is allowed."""
 
     def __init__(self, reason: str, *, temporary: bool = True, suspected_attack: bool = False,
-                 code: int = 0, dsn: str = "", cleartext_retry: bool = False) -> None:
+                 code: int = 0, dsn: str = "", cleartext_retry: bool = False,
+                 tlsrpt: ResultType | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
@@ -50,6 +52,7 @@ class SessionError(Exception):
         self.code = code
         self.dsn = dsn or ("4.4.2" if temporary else "5.4.0")
         self.cleartext_retry = cleartext_retry
+        self.tlsrpt = tlsrpt  # RFC 8460 §4.3 result type of a TLS failure, for TLS-RPT
 
 
 @dataclass
@@ -183,7 +186,8 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                     raise SessionError(
                         f"STARTTLS not offered by {mx}[{address}] where TLS is required"
                         + (" (TLSA records exist) — suspected attack" if dane_required else ""),
-                        suspected_attack=dane_required, dsn="4.7.4" if not dane_required else "4.7.5")
+                        suspected_attack=dane_required, dsn="4.7.4" if not dane_required else "4.7.5",
+                        tlsrpt=ResultType.STARTTLS_NOT_SUPPORTED)
             else:
                 ctx = client_context(req, ca_file)
                 try:
@@ -193,9 +197,10 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
                     msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
                     if req.tls is TLSMode.OPTIONAL:
-                        raise SessionError(msg, cleartext_retry=True) from e
+                        raise SessionError(msg, cleartext_retry=True, tlsrpt=handshake_result(e)) from e
                     raise SessionError(msg + (" — suspected attack" if dane_required else ""),
-                                       suspected_attack=dane_required, dsn="4.7.5") from e
+                                       suspected_attack=dane_required, dsn="4.7.5",
+                                       tlsrpt=handshake_result(e)) from e
                 obj = smtp.get_transport_info("ssl_object")
                 tls.version = obj.version() if obj else None
                 tls.cipher = obj.cipher()[0] if obj and obj.cipher() else None
@@ -253,12 +258,12 @@ def _authenticate(tls: TLSState, req: Requirement, mx: str, address: str, now: d
             tls.security = UNAUTHENTICATED
             return
         raise SessionError(f"TLSA record mismatch for {mx} — suspected attack ({res.reason})",
-                           suspected_attack=True, dsn="4.7.5")
+                           suspected_attack=True, dsn="4.7.5", tlsrpt=ResultType.TLSA_INVALID)
     if req.auth is Auth.PKIX:
         if not pkix_name_ok(tls.chain, req.names):
             names = ", ".join(dane.cert_names(tls.chain[0])) if tls.chain else "none"
             raise SessionError(f"certificate of {mx} names {names}, none matching {', '.join(req.names)}",
-                               dsn="4.7.5")
+                               dsn="4.7.5", tlsrpt=ResultType.CERTIFICATE_HOST_MISMATCH)
         tls.security = VERIFIED
         return
     if req.auth is Auth.FINGERPRINT:
@@ -269,3 +274,14 @@ def _authenticate(tls: TLSState, req: Requirement, mx: str, address: str, now: d
         tls.security, tls.detail = VERIFIED, f"fingerprint {fp}"
         return
     tls.security = UNAUTHENTICATED
+
+
+def handshake_result(e: BaseException) -> ResultType:
+    """RFC 8460 §4.3.1: the result type of a failed TLS handshake (a PKIX verification error says which)."""
+    while not isinstance(e, ssl.SSLCertVerificationError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # aiosmtplib may wrap the ssl error
+    if isinstance(e, ssl.SSLCertVerificationError):
+        # OpenSSL X509_V_ERR_CERT_HAS_EXPIRED = 10, X509_V_ERR_HOSTNAME_MISMATCH = 62
+        return {10: ResultType.CERTIFICATE_EXPIRED, 62: ResultType.CERTIFICATE_HOST_MISMATCH}.get(
+            e.verify_code, ResultType.CERTIFICATE_NOT_TRUSTED)
+    return ResultType.VALIDATION_FAILURE

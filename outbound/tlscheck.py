@@ -26,6 +26,7 @@ async def tls_check(d: Deliverer, domain: str, level: Level | None = None) -> li
     rt = await d.route(domain, level)
     nh, port, nexthop, policy = rt.nexthop, rt.port, rt.name, rt.policy
     out: list[dict[str, Any]] = []
+    sts = await d._sts(nexthop, rt.via_relay)  # RFC 8461: the MTA-STS policy in force, as delivery sees it
     if not nh.hosts:
         return [_report(domain, None, reason=nh.reason, suspected_attack=nh.mx_security is Security.BOGUS)]
     for host in nh.hosts:
@@ -37,6 +38,10 @@ async def tls_check(d: Deliverer, domain: str, level: Level | None = None) -> li
         req = host_requirement(policy, host, nexthop)
         if req.refuse:
             out.append(_report(mx, None, reason=req.refuse))
+            continue
+        req, sts_refuse = d._apply_sts(sts, req, host, policy)
+        if sts_refuse:
+            out.append(_report(mx, None, reason=sts_refuse))
             continue
         sni = host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else mx
         for address in host.addresses:

@@ -187,11 +187,11 @@ def parse_relay(spec: str, where: str = "relay") -> Relay:
         if not sep or not host:
             raise MapError(f"{where}: bad relay {spec!r}: expected [host]:port")
         port = rest[1:] if rest.startswith(":") else ("25" if not rest else "x")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # "5²87" is no port
             raise MapError(f"{where}: bad port in relay {spec!r}")
         return Relay(host.lower().rstrip("."), int(port), mx=False)
     host, _, port = s.partition(":")
-    if not host or (port and not port.isdigit()):
+    if not host or (port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
         raise MapError(f"{where}: bad relay {spec!r}: expected [host]:port or host:port")
     return Relay(host.lower().rstrip("."), int(port or 25), mx=True)
 

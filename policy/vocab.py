@@ -74,9 +74,15 @@ class Tlsa:
 
     @property
     def usable(self) -> bool:
-        """RFC 7672 §3.1.3 and RFC 7671 §4: only DANE-TA/DANE-EE with known selector and type."""
+        """RFC 7672 §3.1.3 and RFC 7671 §4: only DANE-TA/DANE-EE with known selector and type; RFC 7671 §9
+        and RFC 6698 §2.1: a record whose data does not fit its matching type is unusable."""
         return (self.usage in (DANE_TA, DANE_EE) and self.selector in (CERT, SPKI)
-                and self.mtype in MTYPE_PREFERENCE)
+                and self.mtype in MTYPE_PREFERENCE and self.well_formed)
+
+    @property
+    def well_formed(self) -> bool:
+        """RFC 6698 §2.1.3: SHA2-256 data is 32 octets, SHA2-512 64; Full data is not empty."""
+        return len(self.data) == {SHA256: 32, SHA512: 64}.get(self.mtype, len(self.data) or -1)
 
     @classmethod
     def from_rdata(cls, rd: object) -> Tlsa:

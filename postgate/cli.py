@@ -85,7 +85,46 @@ def build_deliverer(args: argparse.Namespace, cfg: configmod.Config, resolver: R
         relay_auth=auth, ca_file=d.ca_file or None, reuse_idle=d.connection_reuse_time,
         timeouts=Timeouts(connect=d.connect_timeout, greeting=d.command_timeout, command=d.command_timeout,
                           tls=d.tls_timeout, data=d.data_timeout))
+    wire_tls_reporting(cfg, resolver, dc)
     return Deliverer(resolver, dc)
+
+
+def wire_tls_reporting(cfg: configmod.Config, resolver: Resolver, dc: DeliveryConfig) -> None:
+    """Issue 18: MTA-STS, the downgrade memory and TLS-RPT collection (docs/mta-sts.md). Their state files
+    live beside the queue; a command run where the queue directory is not writable keeps them in memory."""
+    import os
+
+    from postgate.outbound import downgrade
+    from postgate.outbound.mtasts import StsResolver, StsSettings
+    from postgate.outbound.tlsrptdb import TlsRptStore, collector
+
+    qdir = Path(cfg.queue.directory)
+    persistent = qdir.is_dir() and os.access(qdir, os.W_OK)
+    m, t, g = cfg.mta_sts, cfg.tlsrpt, cfg.downgrade
+    if m.enabled:
+        dc.sts = StsResolver(resolver, StsSettings(
+            ca_file=m.ca_file or cfg.delivery.ca_file or None, cache_file=m.cache_file if persistent else None,
+            fetch_timeout=m.fetch_timeout, max_size=m.max_policy_size, refresh_after=m.refresh_interval))
+    per_domain = tuple((x.lower().rstrip("."), downgrade.Action.DEFER) for x in g.defer_domains) + tuple(
+        (x.lower().rstrip("."), downgrade.Action.LOG) for x in g.log_domains)
+    dc.downgrade = downgrade.DowngradeMemory(downgrade.Settings(
+        action=downgrade.Action(g.action), remember=g.remember, defer_window=g.defer_window,
+        file=g.file if persistent or Path(g.file).is_file() else None, per_domain=per_domain))
+    dc.cleartext_fallback_delay = g.cleartext_fallback_delay
+    if t.enabled and t.reporter == "tlsrpt-reporter":
+        from postgate.outbound.tlsrpt_reporter import ReporterHook
+        dc.tls_report = ReporterHook(t.reporter_socket, resolver)
+    elif t.enabled and persistent:
+        dc.tls_report = collector(TlsRptStore(t.store))
+
+
+async def _sts_and_memory(cfg: configmod.Config, resolver: Resolver, domain: str) -> tuple[str, str]:
+    """Issue 18: the MTA-STS policy in force and the downgrade memory of ``domain``, for ``resolve``."""
+    dc = DeliveryConfig()
+    wire_tls_reporting(cfg, resolver, dc)
+    sts = (await dc.sts.lookup(domain)).describe() if dc.sts is not None else "MTA-STS disabled"
+    m = dc.downgrade.get(domain) if dc.downgrade is not None else None
+    return sts, m.describe() if m is not None else ""
 
 
 def _exit_for(results: list[RecipientResult]) -> int:
@@ -148,6 +187,10 @@ def cmd_tls_check(args: argparse.Namespace) -> int:
     deliverer = build_deliverer(args, cfg, resolver)
     level = Level(args.level) if args.level else None
     reports = asyncio.run(tls_check(deliverer, args.domain, level))
+    sts = deliverer.config.sts
+    if sts is not None and not args.json:  # the policy tls_check just looked up, from the in-memory cache
+        e = sts.cache.get(args.domain.lower().rstrip("."))
+        print(f"MTA-STS: mode={e.policy.mode.value} mx={','.join(e.policy.mx)} id={e.id}" if e else "MTA-STS: none")
     if args.json:
         json.dump(reports, sys.stdout, indent=2)
         print()
@@ -275,13 +318,17 @@ def _print_nexthop(nh: NextHop) -> None:
 def cmd_resolve(args: argparse.Namespace) -> int:
     if _bad_domain(args, "resolve"):
         return EX_USAGE
-    _, resolver = build_resolver(args)
-    nh = asyncio.run(resolve_nexthop(resolver, args.domain))
+    cfg, resolver = build_resolver(args)
+    async def both() -> tuple[NextHop, tuple[str, str]]:
+        return await resolve_nexthop(resolver, args.domain), await _sts_and_memory(cfg, resolver, args.domain)
+    nh, (sts_line, memory) = asyncio.run(both())
     if args.json:
-        json.dump(nh.to_json(), sys.stdout, indent=2)
+        json.dump({**nh.to_json(), "mta_sts": sts_line, "downgrade_memory": memory}, sys.stdout, indent=2)
         print()
     else:
         _print_nexthop(nh)
+        print(f"  {sts_line}")
+        print(f"  downgrade memory: {memory or 'nothing remembered'}")
     if nh.failure is Failure.TEMPORARY:
         return EX_TEMPFAIL
     if nh.failure is Failure.PERMANENT:
@@ -374,3 +421,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -7,6 +7,7 @@ refused with ``file:line: [section] key: reason``, so a typo never silently beco
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -102,6 +103,14 @@ class LimitSettings:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     shutdown_timeout: float = 60.0
+    # issue 13: time and memory per client (inbound/smtpd.py Limits)
+    min_data_rate: int = 500
+    tls_handshake_timeout: float = 30.0
+    spill_threshold: int = 262144
+    auth_delay: float = 1.0
+    auth_max_delay: float = 30.0
+    client_name_timeout: float = 5.0
+    descriptor_reserve: int = 100
 
 
 @dataclass
@@ -244,6 +253,10 @@ class Config:
     listener: list[ListenerSettings] = field(default_factory=list)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
+    # issue 18: MTA-STS, TLS-RPT, downgrade memory (docs/mta-sts.md)
+    mta_sts: MtaStsSettings = field(default_factory=lambda: MtaStsSettings())
+    tlsrpt: TlsRptSettings = field(default_factory=lambda: TlsRptSettings())
+    downgrade: DowngradeSettings = field(default_factory=lambda: DowngradeSettings())
     sieve: SieveConfig = field(default_factory=SieveConfig)
 
 
@@ -341,6 +354,8 @@ def _fill(target: Any, values: dict[str, Any], p: Path, text: str, section: str,
         if not _check_type(value, default):
             raise ConfigError(f"{p}:{line}: {name} {key} must be "
                               f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
+        if isinstance(default, float) and not math.isfinite(value):
+            raise ConfigError(f"{p}:{line}: {name} {key} must be a finite number, not {value}")
         setattr(target, key, float(value) if isinstance(default, float) else value)
 
 
@@ -381,6 +396,7 @@ def _validate(cfg: Config, source: str, text: str) -> None:
             line = _line_of(text, "check", "downgrade") if text else 0
             raise ConfigError(f"{source}:{line}: [check] downgrade: unknown check {name!r} "
                               f"(one of {', '.join(CHECKS)}, or *)")
+    _validate_tls_reporting(cfg, source, text)
     _validate_sieve(cfg, source, text)
 
 
@@ -398,7 +414,7 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
         host, _, port = ls.address.rpartition(":")
         try:
             ipaddress.ip_address(host.strip("[]"))
-            if not 0 < int(port) < 65536:
+            if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # ASCII digits only
                 raise ValueError
         except ValueError:
             raise err("listener", "address", f"{ls.address!r} is not ADDRESS:PORT", i) from None
@@ -417,6 +433,7 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
             ipaddress.ip_network(n, strict=False)
         except ValueError:
             raise err("relay", "trusted_networks", f"{n!r} is not an address or network") from None
+    _validate_limits(cfg, err)
     if cfg.prequeue.mode not in ("prequeue", "queue-first"):
         raise err("prequeue", "mode", f"{cfg.prequeue.mode!r} is not prequeue or queue-first")
     if not 0 < cfg.prequeue.budget <= 3600:
@@ -434,6 +451,28 @@ def _validate_inbound(cfg: Config, source: str, text: str) -> None:
                 setattr(obj, key, _relative(cfg.path, v))
     if cfg.relay.credentials_file and not Path(cfg.relay.credentials_file).is_file():
         raise err("relay", "credentials_file", f"{cfg.relay.credentials_file}: no such file")
+
+
+# [limits]: (key, lowest, highest); zero is meaningless for all of them but the AUTH delay
+_LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "max_recipients": (1, 100000), "max_sessions": (1, 1000000), "max_sessions_per_client": (1, 1000000),
+    "command_timeout": (1, 3600), "data_timeout": (1, 86400), "shutdown_timeout": (0, 86400),
+    "min_data_rate": (1, 1 << 30), "tls_handshake_timeout": (1, 3600), "spill_threshold": (1024, 1 << 30),
+    "auth_delay": (0, 3600), "auth_max_delay": (0, 86400), "client_name_timeout": (0.1, 60),
+    "descriptor_reserve": (10, 1 << 20),
+}
+
+
+def _validate_limits(cfg: Config, err: Any) -> None:
+    lim = cfg.limits
+    for key, (lo, hi) in _LIMIT_RANGES.items():
+        v = getattr(lim, key)
+        if not lo <= v <= hi:   # also false for nan
+            raise err("limits", key, f"{v!r} must be between {lo:g} and {hi:g}")
+    if lim.auth_max_delay < lim.auth_delay:
+        raise err("limits", "auth_max_delay", "must be at least auth_delay")
+    if cfg.prequeue.max_inflight < 1:
+        raise err("prequeue", "max_inflight", "must be at least 1")
 
 
 def _validate_queue(cfg: Config, source: str, text: str) -> None:
@@ -534,3 +573,78 @@ def system_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
     except OSError:
         pass
     return out or ["127.0.0.1"]
+
+
+# --- issue 18: [mta_sts], [tlsrpt], [downgrade] (docs/mta-sts.md, docs/tlsrpt.md) -----------------------------
+@dataclass
+class MtaStsSettings:
+    enabled: bool = True
+    ca_file: str = ""                 # Web-PKI trust for policy hosts; default [delivery] ca_file, else the system
+    cache_file: str = ""              # default <queue directory>/mta-sts.json
+    fetch_timeout: float = 10.0
+    max_policy_size: int = 65536
+    refresh_interval: float = 86400.0
+
+
+@dataclass
+class TlsRptSettings:
+    enabled: bool = True
+    store: str = ""                   # default <queue directory>/tlsrpt.sqlite
+    send: bool = True
+    organization: str = ""            # default [server] hostname
+    submitter: str = ""               # default the domain of [server] hostname
+    contact: str = ""                 # default postmaster@<submitter>
+    sender: str = ""                  # default noreply-smtp-tls-reporting@<submitter>
+    reporter: str = "builtin"         # or "tlsrpt-reporter": events to sys4's tlsrpt-collectd
+    reporter_socket: str = "/run/tlsrpt/collectd.sock"
+
+
+@dataclass
+class DowngradeSettings:
+    action: str = "log"
+    defer_domains: list[str] = field(default_factory=list)
+    log_domains: list[str] = field(default_factory=list)
+    remember: float = 2592000.0
+    defer_window: float = 86400.0
+    file: str = ""                    # default <queue directory>/downgrade.json
+    cleartext_fallback_delay: float = 300.0
+
+
+SECTIONS.update({"mta_sts": MtaStsSettings, "tlsrpt": TlsRptSettings, "downgrade": DowngradeSettings})
+
+
+def _validate_tls_reporting(cfg: Config, source: str, text: str) -> None:
+    def err(section: str, key: str, msg: str) -> ConfigError:
+        line = _line_of(text, section, key) if text else 0
+        return ConfigError(f"{source}:{line}: [{section}] {key}: {msg}")
+
+    m, t, g = cfg.mta_sts, cfg.tlsrpt, cfg.downgrade
+    if not 0 < m.fetch_timeout <= 300:
+        raise err("mta_sts", "fetch_timeout", "must be between 0 and 300 seconds")
+    if not 1024 <= m.max_policy_size <= 1048576:
+        raise err("mta_sts", "max_policy_size", "must be between 1024 and 1048576 bytes")
+    if not 3600 <= m.refresh_interval <= 31557600:
+        raise err("mta_sts", "refresh_interval", "must be between 3600 seconds and a year")
+    if t.reporter not in ("builtin", "tlsrpt-reporter"):
+        raise err("tlsrpt", "reporter", f"{t.reporter!r} is not one of builtin, tlsrpt-reporter")
+    if g.action not in ("log", "defer"):
+        raise err("downgrade", "action", f"{g.action!r} is not one of log, defer")
+    for key in ("remember", "defer_window", "cleartext_fallback_delay"):
+        if not 0 <= getattr(g, key) <= 31557600:
+            raise err("downgrade", key, "must be between 0 seconds and a year")
+    both = set(g.defer_domains) & set(g.log_domains)
+    if both:
+        raise err("downgrade", "defer_domains", f"{', '.join(sorted(both))} also in log_domains")
+    qdir = Path(cfg.queue.directory)
+    if cfg.path is not None and m.ca_file:
+        m.ca_file = _relative(cfg.path, m.ca_file)
+    if m.ca_file and not Path(m.ca_file).is_file():
+        raise err("mta_sts", "ca_file", f"{m.ca_file}: no such file")
+    m.cache_file = m.cache_file or str(qdir / "mta-sts.json")
+    t.store = t.store or str(qdir / "tlsrpt.sqlite")
+    g.file = g.file or str(qdir / "downgrade.json")
+    host = cfg.server.hostname.rstrip(".")
+    t.organization = t.organization or host or "Postgate"
+    t.submitter = t.submitter or (host.split(".", 1)[1] if host.count(".") >= 2 else host) or "localhost"
+    t.contact = t.contact or f"postmaster@{t.submitter}"
+    t.sender = t.sender or f"noreply-smtp-tls-reporting@{t.submitter}"

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
+from postgate.inbound.clientname import client_names
 from postgate.inbound.credentials import Credentials, CredentialsError
+from postgate.inbound.filters import Filter
 from postgate.inbound.local import LMTPClient, Maildir
 from postgate.inbound.prequeue import PreQueue, PreQueueConfig
-from postgate.inbound.relay import RelayPolicy
+from postgate.inbound.relay import RelayFilter, RelayPolicy
 from postgate.inbound.smtpd import Limits, Listener, SMTPServer
 from postgate.outbound.delivery import Deliverer
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
@@ -62,6 +64,8 @@ class Daemon:
     signer: Any = None
     worker: bool = False          # an extra listener process: no spool ownership, no queue runner
     children: list[asyncio.subprocess.Process] = field(default_factory=list)
+    # filters after relay control, per listener name (Milter, policy delegation, Sieve plug in here)
+    extra_filters: dict[str, list[Filter]] = field(default_factory=dict)
     forwarders: list[asyncio.Task[None]] = field(default_factory=list)
 
     def build(self, signer: Any = None) -> None:
@@ -101,7 +105,15 @@ class Daemon:
         lim = cfg.limits
         limits = Limits(max_message_size=cfg.server.max_message_size, max_recipients=lim.max_recipients,
                         max_sessions=lim.max_sessions, max_sessions_per_client=lim.max_sessions_per_client,
-                        command_timeout=lim.command_timeout, data_timeout=lim.data_timeout)
+                        command_timeout=lim.command_timeout, data_timeout=lim.data_timeout,
+                        min_data_rate=lim.min_data_rate, tls_handshake_timeout=lim.tls_handshake_timeout,
+                        spill_threshold=lim.spill_threshold, auth_delay=lim.auth_delay,
+                        auth_max_delay=lim.auth_max_delay, client_name_timeout=lim.client_name_timeout,
+                        descriptor_reserve=lim.descriptor_reserve)
+        resolver = self.resolver
+
+        async def names(ip: str) -> tuple[str, str]:
+            return await client_names(resolver, ip)
         listeners = cfg.listener or [configmod.ListenerSettings(
             name="mx", address="0.0.0.0:25", tls="starttls" if tls else "none")]
         auth = self.credentials.check if self.credentials else None
@@ -109,8 +121,17 @@ class Daemon:
             host, _, port = ls.address.rpartition(":")
             self.servers.append(SMTPServer(
                 Listener(ls.name, host.strip("[]"), int(port), tls=tls if ls.tls != "none" else None,
-                         implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required),
-                self.prequeue, hostname=hostname, limits=limits, authenticator=auth))
+                         implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required,
+                         filters=self.listener_filters(ls.name, relay)),
+                self.prequeue, hostname=hostname, limits=limits, authenticator=auth, client_names=names))
+
+    def listener_filters(self, listener: str, relay: RelayPolicy) -> list[Filter]:
+        """The stage hooks of a listener (inbound/filters.py), in order: relay control first, then the ones
+        configured for it (Milter, policy delegation, Sieve: ``extra_filters[listener name]``)."""
+        return [RelayFilter(relay), *self.extra_filters.get(listener, [])]
+
+    async def _tls_reporting(self) -> None:
+        await _tls_reporting_loop(self)
 
     async def run(self) -> int:
         assert self.scheduler is not None
@@ -135,6 +156,7 @@ class Daemon:
             await self._start_workers()
             print("postgate: ready", file=sys.stderr, flush=True)
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
+            self.forwarders.append(asyncio.create_task(self._tls_reporting()))  # issue 18
         await self.stopping.wait()
         log.info("stopping: no new connections; waiting for sessions under way")
         for child in self.children:
@@ -219,6 +241,39 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _tls_reporting_loop(d: Daemon) -> None:
+    """Issue 18, hourly: refresh cached MTA-STS policies (RFC 8461 §5.1) and send the TLS-RPT reports of days
+    that are over (RFC 8460 §4.1), by mail through the queue (DKIM-signed) and HTTPS POST."""
+    from postgate.outbound import tlsrptsend
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.outbound.tlsrptdb import Collector
+
+    cfg, dc = d.cfg, d.deliverer.config
+    t = cfg.tlsrpt
+    settings = tlsrptsend.ReportSettings(organization=t.organization, submitter=t.submitter, contact=t.contact,
+                                         sender=t.sender, ca_file=cfg.mta_sts.ca_file or cfg.delivery.ca_file or None)
+
+    async def submit(sender: str, rcpts: list[str], content: bytes) -> None:
+        assert d.spool is not None
+        body = d.signer.sign(content, sender) if d.signer is not None else content
+        await asyncio.to_thread(d.spool.enqueue, Envelope.new(sender, [Recipient(r, notify=["NEVER"]) for r in rcpts],
+                                                              body), body)
+        if d.scheduler is not None:
+            d.scheduler.wake.set()
+    while not d.stopping.is_set():
+        try:
+            if dc.sts is not None:
+                await dc.sts.refresh_all()
+            if t.send and isinstance(dc.tls_report, Collector):
+                await tlsrptsend.send_due(dc.tls_report.store, d.resolver, settings, submit)
+        except Exception:  # housekeeping must not take the daemon down
+            log.exception("TLS reporting housekeeping failed")
+        try:
+            await asyncio.wait_for(d.stopping.wait(), 3600)
+        except TimeoutError:
+            pass
 
 
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,

@@ -10,10 +10,14 @@ unusable for SMTP, where OpenSSL would apply them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from postgate.outbound import dane
 from postgate.policy.vocab import Tlsa
 
@@ -79,3 +83,54 @@ def test_tlsa_verdicts_agree_with_openssl(testnet: TestNet) -> None:
     assert disagreements == [], "\n".join(disagreements)
     # the comparison is only meaningful with both verdicts present
     assert {o for _, _, o, _ in results} == {True, False}
+
+
+# --- certificates the cryptography library cannot load (issue 13 item 1) ---------------------------
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _sm2_chain(tmp: Path) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+    """An SM2 CA (SM3withSM2 signature, a key ``cryptography`` cannot load), an ECDSA leaf it issued,
+    and an SM2 self-signed leaf: what a hostile or exotic next hop may present."""
+    _openssl("genpkey", "-algorithm", "SM2", "-out", "ca.key", cwd=tmp)
+    _openssl("req", "-x509", "-new", "-key", "ca.key", "-sm3", "-subj", "/CN=sm2 ca", "-days", "30",
+             "-addext", "basicConstraints=critical,CA:true", "-out", "ca.pem", cwd=tmp)
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "leaf.key", cwd=tmp)
+    _openssl("req", "-new", "-key", "leaf.key", "-subj", "/CN=mx.sm2.test", "-out", "leaf.csr", cwd=tmp)
+    (tmp / "ext").write_text("subjectAltName=DNS:mx.sm2.test\n")
+    _openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-sm3", "-days", "30",
+             "-set_serial", "2", "-extfile", "ext", "-out", "leaf.pem", cwd=tmp)
+    _openssl("req", "-x509", "-new", "-key", "ca.key", "-sm3", "-subj", "/CN=mx.sm2.test", "-days", "30",
+             "-addext", "subjectAltName=DNS:mx.sm2.test", "-out", "self.pem", cwd=tmp)
+    load = lambda n: x509.load_pem_x509_certificate((tmp / n).read_bytes())  # noqa: E731
+    return load("ca.pem"), load("leaf.pem"), load("self.pem")
+
+
+def _digest(cert: x509.Certificate, selector: int) -> bytes:
+    der = cert.public_bytes(serialization.Encoding.DER) if selector == 0 else \
+        cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()
+
+
+def test_unloadable_certificates_never_match_and_never_raise(tmp_path: Path) -> None:
+    """RFC 7672 §3 with issue 13: an SM2 certificate in a DANE-TA chain is a non-matching certificate;
+    ``verify`` returns a verdict, and the records it can judge still count."""
+    ca, leaf, selfsigned = _sm2_chain(tmp_path)
+    chain = [leaf, ca]
+    names = ["mx.sm2.test"]
+    ta_cert = Tlsa(2, 0, 1, hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).digest())
+    ta_spki = Tlsa(2, 1, 1, b"\x00" * 32)
+    ee_other = Tlsa(3, 1, 1, b"\x11" * 32)
+    for records in ([ta_cert], [ta_spki], [ta_cert, ta_spki], [Tlsa(2, 0, 0, ca.public_bytes(serialization.Encoding.DER))]):
+        res = dane.verify(records, chain, names)
+        assert res.status is dane.DaneStatus.MISMATCH, res.reason
+    # a DANE-EE record for the (loadable) leaf key still authenticates the same chain
+    res = dane.verify([ta_cert, Tlsa(3, 1, 1, _digest(leaf, 1))], chain, names)
+    assert res.status is dane.DaneStatus.VERIFIED
+    # an SM2 leaf: its key matches no SPKI record, its certificate digest still can (DANE-EE, selector 0)
+    assert dane.verify([ee_other], [selfsigned], names).status is dane.DaneStatus.MISMATCH
+    assert dane.verify([Tlsa(3, 0, 1, _digest(selfsigned, 0))], [selfsigned], names).status \
+        is dane.DaneStatus.VERIFIED
+    assert dane.fingerprint_matches([selfsigned], [_digest(selfsigned, 0).hex()]) is not None

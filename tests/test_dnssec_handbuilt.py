@@ -16,6 +16,8 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -331,8 +333,9 @@ def test_concurrent_identical_questions_share_one_query(up: FakeUpstream) -> Non
     assert up.queries.count(("hand.test.", "DNSKEY")) == 1
 
 
-def test_malformed_tlsa_rdata_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
-    """A TLSA answer that cannot be parsed is a failed lookup (RFC 7672 §2.1.1), never 'no TLSA'."""
+def test_tlsa_rdata_altered_after_signing_makes_the_host_unusable_not_tlsa_less(up: FakeUpstream) -> None:
+    """TLSA RDATA cut after signing: parsed leniently, but the RRSIG over the wire form fails, so the lookup
+    is bogus and the host unusable (RFC 7672 §2.1.1), never 'no TLSA'."""
     from postgate.outbound.nexthop import Failure, resolve_nexthop
 
     s, chain = nsec_zone()
@@ -452,3 +455,194 @@ def test_trust_anchor_file_formats(tmp_path) -> None:  # type: ignore[no-untyped
         parse_anchors("; comment\n. IN DS nonsense\n", "x")
     with pytest.raises(ResolverConfigError, match="no trust anchor"):
         parse_anchors("; nothing\n", "x")
+
+
+# --- issue 14: downgrades and needless failures, each from its RFC rule ----------------------------
+
+def test_wildcard_expanded_nsec_is_no_denial(up: FakeUpstream) -> None:
+    """RFC 4035 §5.3.4 and §5.4 (CVE-2017-15105): an NSEC whose RRSIG has fewer labels than its owner was
+    synthesised from a wildcard; it proves nothing about the name it is presented under."""
+    s, chain = nsec_zone()
+    up.signers.append(s)
+    # the zone's own NSEC at *.w, replayed under the queried names as if expanded from the wildcard
+    fake_nodata = s.rr("x.w", "NSEC", "hand.test. A RRSIG NSEC")
+    up.add("x.w.hand.test.", "TXT", Reply(authority=s.soa() + s.signed(fake_nodata, wildcard_labels=3)))
+    fake_tlsa = s.rr("_25._tcp.mx.w", "NSEC", "hand.test. A RRSIG NSEC")
+    up.add("_25._tcp.mx.w.hand.test.", "TLSA", Reply(authority=s.soa() + s.signed(fake_tlsa, wildcard_labels=3)))
+    # an NXDOMAIN "proven" by an NSEC expanded from a wildcard *.hand.test (a -> c covers b)
+    fake_cover = s.rr("a", "NSEC", "c.hand.test. A RRSIG NSEC")
+    up.add("b.hand.test.", "A", Reply(NX, authority=s.soa() + s.signed(fake_cover, wildcard_labels=2)
+                                      + chain["apex"]))
+    r = resolver(s)
+    assert ask(r, "x.w.hand.test", "TXT")[0] is Security.BOGUS
+    sec, why = ask(r, "_25._tcp.mx.w.hand.test", "TLSA")
+    assert sec is Security.BOGUS, why          # never "no TLSA": that would switch DANE off
+    assert ask(r, "b.hand.test", "A")[0] is Security.BOGUS
+
+
+def test_wildcard_nsec_cannot_deny_a_ds(up: FakeUpstream) -> None:
+    """RFC 4035 §5.2, RFC 6840 §4.4: only the parent-side NSEC at the delegation itself (NS, no DS, no SOA,
+    not wildcard-expanded) proves an insecure delegation."""
+    parent = Signer("hand.test.")
+    child = Signer("child.hand.test.")
+    up.signers += [parent, child]
+    up.add("www.child.hand.test.", "A", Reply(answer=child.signed(child.rr("www", "A", "192.0.2.20"))))
+    wild_ns = parent.rr("child", "NSEC", "d.hand.test. NS RRSIG NSEC")   # from "*.hand.test NSEC … NS"
+    up.add("child.hand.test.", "DS", Reply(authority=parent.soa() + parent.signed(wild_ns, wildcard_labels=2)))
+    sec, why = ask(resolver(parent), "www.child.hand.test", "A")
+    assert sec is Security.BOGUS, why
+    # the honest proof (the NSEC at the delegation, signed as itself) does make the child insecure
+    up.add("child.hand.test.", "DS", Reply(authority=parent.soa() + parent.signed(wild_ns)))
+    assert ask(resolver(parent), "www.child.hand.test", "A")[0] is Security.INSECURE
+
+
+def test_nsec3_iterations_beyond_limit_make_a_wildcard_answer_insecure(up: FakeUpstream) -> None:
+    """RFC 9276 §3.2: NSEC3 above the iteration limit is treated as insecure — so a wildcard answer proven
+    only by such records (RFC 5155 §8.8) is insecure, not secure."""
+    z = N3Zone(iterations=200)
+    up.signers.append(z.s)
+    data = z.s.rr("x.wild", "A", "192.0.2.7")
+    up.add("x.wild.hand3.test.", "A", Reply(answer=z.s.signed(data, wildcard_labels=3),
+                                            authority=z.covering("x.wild")))
+    sec, why = ask(resolver(z.s), "x.wild.hand3.test", "A")
+    assert sec is Security.INSECURE, why
+
+
+def test_nsec3_opt_out_nxdomain_still_needs_the_wildcard_denial(up: FakeUpstream) -> None:
+    """RFC 5155 §8.4: closest encloser, next closer covered (here by an opt-out NSEC3) *and* the wildcard
+    at the closest encloser covered; without the last the NXDOMAIN is bogus, not insecure."""
+    z = N3Zone(optout=True)
+    up.signers.append(z.s)
+    nx = z.name_apart_from_wildcard()
+    up.add(f"{nx}.hand3.test.", "A", Reply(NX, authority=z.s.soa() + z.matching("@") + z.covering(nx)))
+    sec, why = ask(resolver(z.s), f"{nx}.hand3.test", "A")
+    assert sec is Security.BOGUS, why
+    up.add(f"{nx}.hand3.test.", "TXT", Reply(NX, authority=z.s.soa() + z.matching("@") + z.covering(nx)
+                                             + z.covering("*")))
+    assert ask(resolver(z.s), f"{nx}.hand3.test", "TXT")[0] is Security.INSECURE
+
+
+def test_nsec3_opt_out_wildcard_answers_are_insecure(up: FakeUpstream) -> None:
+    """RFC 5155 §8.7 with §9.2: a wildcard NODATA whose next closer name lies in an opt-out span is
+    insecure (an unsigned delegation could exist there), not bogus; and so is a wildcard answer (§8.8)."""
+    z = N3Zone(optout=True)
+    up.signers.append(z.s)
+    up.add("x.wild.hand3.test.", "TXT", Reply(
+        authority=z.s.soa() + z.matching("wild") + z.covering("x.wild") + z.matching("*.wild")))
+    data = z.s.rr("x.wild", "A", "192.0.2.7")
+    up.add("x.wild.hand3.test.", "A", Reply(answer=z.s.signed(data, wildcard_labels=3),
+                                            authority=z.covering("x.wild")))
+    r = resolver(z.s)
+    sec, why = ask(r, "x.wild.hand3.test", "TXT")
+    assert sec is Security.INSECURE, why
+    sec, why = ask(r, "x.wild.hand3.test", "A")
+    assert sec is Security.INSECURE, why
+
+
+def _with_algorithm(rd: dns.rdata.Rdata, text: str) -> dns.rdata.Rdata:
+    return dns.rdata.from_text("IN", dns.rdatatype.to_text(rd.rdtype), text)
+
+
+@pytest.mark.parametrize("kind", ["DNSKEY alg 12", "DNSKEY alg 253", "DS digest 3", "DS alg 12"])
+def test_trust_anchor_with_only_unsupported_algorithms_is_absent(up: FakeUpstream, kind: str) -> None:
+    """RFC 4035 §5.2, RFC 6840 §5.2/§5.4: an anchor the validator cannot use is treated as if absent, so
+    its zone is insecure, not bogus."""
+    s, _ = nsec_zone()
+    up.signers.append(s)
+    up.add("a.hand.test.", "A", Reply(answer=s.signed(s.rr("a", "A", "192.0.2.1"))))
+    key = s.dnskey.to_text().split(" ", 3)[3]
+    ds = dns.dnssec.make_ds(s.zone, s.dnskey, "SHA256")
+    anchor = {"DNSKEY alg 12": f"257 3 12 {key}", "DNSKEY alg 253": f"257 3 253 {key}",
+              "DS digest 3": f"{ds.key_tag} 13 3 {'ab' * 32}",
+              "DS alg 12": f"{ds.key_tag} 12 2 {ds.digest.hex()}"}[kind]
+    rd = dns.rdata.from_text("IN", kind.split()[0], anchor)
+    r = Resolver([(ADDR, 53)], anchors={s.zone: [rd]}, timeout=2)  # type: ignore[list-item]
+    sec, why = ask(r, "a.hand.test", "A")
+    assert sec is Security.INSECURE, why
+    # beside a usable anchor for the same zone, the unusable one changes nothing
+    r = Resolver([(ADDR, 53)], anchors={s.zone: [rd, s.dnskey]}, timeout=2)  # type: ignore[list-item]
+    assert ask(r, "a.hand.test", "A")[0] is Security.SECURE
+
+
+def test_names_outside_every_trust_anchor_are_insecure(up: FakeUpstream) -> None:
+    """RFC 4035 §4.3: with only a non-root anchor configured, a name under no anchor is insecure (it cannot
+    be validated either way), not indeterminate — mail elsewhere must still flow."""
+    s, _ = nsec_zone()
+    other = Signer("other.test.")
+    up.signers += [s, other]
+    up.add("mx.other.test.", "A", Reply(answer=[other.rr("mx", "A", "192.0.2.30")]))
+    up.add("signed.other.test.", "A", Reply(answer=other.signed(other.rr("signed", "A", "192.0.2.31"))))
+    up.add("nx.other.test.", "A", Reply(NX, authority=[other.rr("@", "SOA", "ns. h. 1 3600 600 86400 300")]))
+    r = resolver(s)
+    for name in ("mx.other.test", "signed.other.test", "nx.other.test"):
+        sec, why = ask(r, name, "A")
+        assert sec is Security.INSECURE, (name, why)
+
+
+def test_cname_into_a_proven_unsigned_delegation_is_insecure(up: FakeUpstream) -> None:
+    """RFC 4035 §5.2: the NSEC of the parent at ``unsig`` (NS, no DS) proves the delegation insecure, so a
+    negative answer for a name below it, reached through a secure CNAME, is insecure, not bogus."""
+    s, _ = nsec_zone()
+    up.signers.append(s)
+    link = s.signed(s.rr("www", "CNAME", "x.unsig.hand.test."))
+    proof = s.signed(s.rr("unsig", "NSEC", "w.hand.test. NS RRSIG NSEC"))
+    child_soa = s.rr("unsig", "SOA", "ns.unsig.hand.test. h.unsig.hand.test. 1 3600 600 86400 300")
+    up.add("www.hand.test.", "A", Reply(answer=link, authority=[child_soa, *proof]))
+    sec, why = ask(resolver(s), "www.hand.test", "A")
+    assert sec is Security.INSECURE, why
+    # the same NSEC with the DS bit proves a signed child: then the unsigned negative answer is bogus
+    signed_deleg = s.signed(s.rr("unsig", "NSEC", "w.hand.test. NS DS RRSIG NSEC"))
+    up.add("www2.hand.test.", "A", Reply(answer=s.signed(s.rr("www2", "CNAME", "x.unsig.hand.test.")),
+                                         authority=[child_soa, *signed_deleg]))
+    assert ask(resolver(s), "www2.hand.test", "A")[0] is Security.BOGUS
+
+
+def _tlsa_host(up: FakeUpstream, *rdatas: bytes) -> tuple[Signer, Resolver]:
+    """hand.test MX a.hand.test with a secure A record and a TLSA RRset of the given raw RDATA, signed
+    over exactly those octets (as a zone served with RFC 3597 generic data would be)."""
+    s, chain = nsec_zone()
+    up.signers.append(s)
+    up.add("hand.test.", "MX", Reply(answer=s.signed(s.rr("@", "MX", "10 a.hand.test."))))
+    up.add("a.hand.test.", "A", Reply(answer=s.signed(s.rr("a", "A", "192.0.2.1"))))
+    up.add("a.hand.test.", "AAAA", Reply(authority=s.soa() + chain["a"]))
+    up.add("_mta-caps.a.hand.test.", "TXT", Reply(NX, authority=s.soa() + chain["a"]))
+    tlsa = dns.rrset.from_rdata_list(s.n("_25._tcp.a"), 300, [
+        dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.TLSA, d) for d in rdatas])
+    up.add("_25._tcp.a.hand.test.", "TLSA", Reply(answer=s.signed(tlsa)))
+    return s, resolver(s, timeout=1)
+
+
+GOOD = bytes([3, 1, 1]) + b"\xab" * 32
+SHORT_DIGEST = bytes([3, 1, 1]) + b"\xab" * 31       # SHA2-256 data must be 32 octets (RFC 6698 §2.1.3)
+NO_FIELDS = bytes([3, 1])                            # no matching type, no data (RFC 6698 §2.1)
+
+
+@pytest.mark.parametrize(("rdatas", "usable"), [
+    ((GOOD, SHORT_DIGEST), 1),
+    ((SHORT_DIGEST, GOOD, NO_FIELDS), 1),
+    ((SHORT_DIGEST,), 0),
+    ((SHORT_DIGEST, NO_FIELDS), 0),
+])
+def test_malformed_tlsa_records_are_judged_one_by_one(up: FakeUpstream, rdatas: tuple[bytes, ...],
+                                                      usable: int) -> None:
+    """RFC 7671 §9, RFC 6698 §2.1: the RRSIG is verified over the wire form; each record is then judged
+    alone: a malformed one is unusable, the others still count; none usable: TLS mandatory but
+    unauthenticated (Postfix: "unusable TLSA RR … fallback to unauthenticated TLS")."""
+    from postgate.outbound.nexthop import Failure, resolve_nexthop
+    from postgate.policy.tls import Auth, Level, Policy, TLSMode, requirement
+    from postgate.policy.vocab import Tlsa
+
+    _, r = _tlsa_host(up, *rdatas)
+    nh = asyncio.run(resolve_nexthop(r, "hand.test"))
+    assert nh.failure is Failure.NONE, nh.reason
+    from postgate.outbound.dns_transport import RawTLSA
+    h = nh.hosts[0]
+    assert h.tlsa_security is Security.SECURE and not h.unusable
+    assert len(h.tlsa) == len(rdatas)
+    assert len(h.tlsa_problems) == sum(isinstance(t, RawTLSA) for t in h.tlsa) == len(rdatas) - usable
+    records = tuple(Tlsa.from_rdata(t) for t in h.tlsa)
+    assert sum(t.usable for t in records) == usable
+    req = requirement(Policy(Level.DANE), mx_host="a.hand.test", nexthop="hand.test", tlsa=records,
+                      tlsa_security=h.tlsa_security, reference_names=("a.hand.test",))
+    assert req.tls is TLSMode.REQUIRED and not req.refuse
+    assert req.auth is (Auth.DANE if usable else Auth.NONE)

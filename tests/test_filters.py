@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from pathlib import Path
 
+from postgate.inbound.clientname import client_names
 from postgate.inbound.filters import (
     Action,
     FilterChain,
     HeaderEdit,
     HeaderOp,
+    Route,
     Stage,
     StageContext,
     Verdict,
     apply_header_edits,
     split_message,
 )
+from postgate.inbound.relay import RelayFilter, RelayPolicy
 from postgate.policy.vocab import Reply
+
+from fixtures.testnet import TestNet
+from tests.smtpd_harness import Client, code, serve, tls_context
 
 MSG = b"From: a@x\r\nSubject: hi\r\n there\r\nX-A: 1\r\nX-A: 2\r\n\r\nbody\r\n"
 
@@ -99,3 +107,172 @@ def test_hold_and_edits_accumulate() -> None:
     assert out.hold is not None and out.hold.filter == "a"
     assert [v.filter for v in out.edits] == ["b"]
     assert out.verdict.action is Action.CONTINUE
+
+
+# --- the chain in the smtpd (inbound/smtpd.py): every stage asked, every verdict applied ---------------------
+
+
+class Scripted:
+    """A filter answering per stage (and per recipient at RCPT) from a table; it records every context."""
+
+    def __init__(self, name: str, answers: dict[str, Verdict]) -> None:
+        self.name, self.answers, self.default_action = name, answers, Action.TEMPFAIL
+        self.seen: list[StageContext] = []
+        self.resets = 0
+
+    def session(self) -> Scripted:
+        return self
+
+    async def on(self, c: StageContext) -> Verdict:
+        self.seen.append(c)
+        key = f"rcpt:{c.recipient}" if c.stage is Stage.RCPT else c.stage.value
+        return self.answers.get(key, Verdict())
+
+    async def reset(self) -> None:
+        self.resets += 1
+
+    async def close(self) -> None:
+        pass
+
+
+def _transaction(c: Client, rcpts: list[bytes], body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> list[bytes]:
+    out = [c.cmd(b"MAIL FROM:<a@client.test>")]
+    out += [c.cmd(b"RCPT TO:<" + r + b">") for r in rcpts]
+    if any(code(r) == 250 for r in out[1:]):
+        out.append(c.cmd(b"DATA"))
+        out.append(c.cmd(body + b"."))
+    return out
+
+
+def _greeted(port: int) -> Client:
+    c = Client(port)
+    assert code(c.reply()) == 220
+    assert code(c.cmd(b"EHLO client.test")) == 250
+    return c
+
+
+def test_rcpt_reject_refuses_only_that_recipient_and_edits_reach_the_handler() -> None:
+    f = Scripted("sieve", {
+        "rcpt:bad@x.test": Verdict(Action.REJECT, Reply(550, "5.7.1", "no thanks")),
+        "rcpt:slow@x.test": Verdict(Action.TEMPFAIL),
+        "data": Verdict(headers=(HeaderEdit(HeaderOp.ADD, "X-Filtered", "yes"), HeaderEdit(HeaderOp.DELETE, "Subject")),
+                        add_recipients=("added@x.test",), remove_recipients=("good2@x.test",),
+                        new_sender="changed@client.test", routes=(Route(tls_level="dane-only"),)),
+    })
+    with serve(filters=[f]) as srv, _greeted(srv.port) as c:
+        replies = _transaction(c, [b"good@x.test", b"bad@x.test", b"slow@x.test", b"good2@x.test"])
+        assert [code(r) for r in replies] == [250, 250, 550, 451, 250, 354, 250]
+        assert b"5.7.1 no thanks" in replies[2]
+    [(sender, rcpts, data, hold)] = srv.handler.messages
+    assert sender == "changed@client.test" and rcpts == ["good@x.test", "added@x.test"] and hold is None
+    assert data == b"X-Filtered: yes\r\n\r\nbody\r\n"
+    assert srv.handler.routes == [(Route(tls_level="dane-only"),)]
+    stages = [x.stage for x in f.seen]
+    assert stages == [Stage.CONNECT, Stage.HELO, Stage.MAIL] + [Stage.RCPT] * 4 + [Stage.DATA]
+    data_ctx = f.seen[-1]
+    assert data_ctx.message == b"Subject: t\r\n\r\nbody\r\n" and data_ctx.queue_id and \
+        data_ctx.recipients == ["good@x.test", "good2@x.test"] and data_ctx.helo == "client.test"
+
+
+def test_connect_reject_mail_tempfail_discard_and_hold() -> None:
+    with serve(filters=[Scripted("policy", {"connect": Verdict(Action.REJECT, Reply(554, "5.7.1", "go away"))})]) \
+            as srv, Client(srv.port) as c:
+        assert c.reply().startswith(b"554 5.7.1 go away")
+        assert code(c.cmd(b"EHLO client.test")) == 503          # RFC 5321 §3.1: only QUIT after a 554 greeting
+        assert code(c.cmd(b"QUIT")) == 221
+    with serve(filters=[Scripted("policy", {"mail": Verdict(Action.TEMPFAIL, Reply(450, "4.7.1", "later"))})]) \
+            as srv, _greeted(srv.port) as c:
+        assert c.cmd(b"MAIL FROM:<a@client.test>").startswith(b"450 4.7.1 later")
+    discard = Scripted("milter", {"data": Verdict(Action.DISCARD, reason="virus")})
+    with serve(filters=[discard]) as srv, _greeted(srv.port) as c:
+        replies = _transaction(c, [b"b@x.test"])
+        assert code(replies[-1]) == 250
+        qid = replies[-1].split()[-1].decode()
+    assert srv.handler.messages == []
+    assert f"{qid}: discard: END-OF-MESSAGE from unknown[127.0.0.1]: filter=milter (virus)" in srv.log.text()
+    hold = Scripted("milter", {"rcpt:b@x.test": Verdict(Action.HOLD, quarantine_reason="suspicious")})
+    with serve(filters=[hold]) as srv, _greeted(srv.port) as c:
+        assert code(_transaction(c, [b"b@x.test"])[-1]) == 250
+    [(_, _, _, why)] = srv.handler.messages
+    assert why == "milter: suspicious"
+
+
+def test_a_failing_filter_tempfails_by_default_and_resets_per_transaction() -> None:
+    broken = Fixed("milter", RuntimeError("socket closed"), default=Action.TEMPFAIL)
+    with serve(filters=[broken]) as srv, Client(srv.port) as c:
+        assert c.reply().startswith(b"421")                      # CONNECT tempfail: 421 and close
+    ok = Scripted("x", {})
+    with serve(filters=[ok]) as srv, _greeted(srv.port) as c:
+        _transaction(c, [b"b@x.test"])
+        assert code(c.cmd(b"RSET")) == 250
+    assert ok.resets >= 2 and len(srv.handler.messages) == 1
+
+
+def test_relay_control_is_a_filter() -> None:
+    policy = RelayPolicy.build(["192.0.2.0/24"], ["local.test"])
+    f = RelayFilter(policy)
+
+    def at(client: str, rcpt: str, user: str | None = None) -> Action:
+        c = StageContext(Stage.RCPT, "mx", client, recipient=rcpt, auth_user=user)
+        return asyncio.run(f.on(c)).action
+
+    assert at("198.51.100.1", "x@elsewhere.test") is Action.REJECT
+    assert at("198.51.100.1", "x@local.test") is Action.CONTINUE
+    assert at("192.0.2.7", "x@elsewhere.test") is Action.CONTINUE
+    assert at("198.51.100.1", "x@elsewhere.test", user="alice") is Action.CONTINUE
+    v = asyncio.run(f.on(StageContext(Stage.RCPT, "mx", "198.51.100.1", recipient="x@elsewhere.test")))
+    assert v.reply == Reply(554, "5.7.1", "<x@elsewhere.test>: Relay access denied")
+
+
+def test_context_has_client_name_tls_and_auth(testnet: TestNet, tmp_path: Path) -> None:
+    """client_name is the forward-confirmed PTR name, through Postgate's resolver on the test network
+    (127.0.2.1 has PTR mail.own.test, whose A is 127.0.2.1); an address without PTR is "unknown"."""
+    from postgate.outbound.resolver import Resolver, load_anchors
+
+    resolver = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+
+    async def names(ip: str) -> tuple[str, str]:
+        return await client_names(resolver, ip)
+
+    f = Scripted("x", {})
+    with serve(tls=tls_context(tmp_path), auth=True, filters=[f], client_names=names) as srv:
+        with Client(srv.port, source="127.0.2.1") as c:
+            assert code(c.reply()) == 220
+            assert code(c.cmd(b"EHLO client.test")) == 250
+            assert code(c.cmd(b"STARTTLS")) == 220
+            c.start_tls()
+            assert code(c.cmd(b"EHLO client.test")) == 250
+            assert code(c.cmd(b"AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=")) == 235
+            assert code(c.cmd(b"MAIL FROM:<alice@client.test>")) == 250
+        with Client(srv.port, source="127.0.5.9") as c:
+            assert code(c.reply()) == 220
+    first = f.seen[0]
+    assert (first.client_name, first.reverse_client_name, first.client_address) == \
+        ("mail.own.test", "mail.own.test", "127.0.2.1")
+    mail = next(x for x in f.seen if x.stage is Stage.MAIL)
+    assert mail.tls_version == "TLSv1.3" and mail.tls_cipher and mail.tls_bits and mail.auth_user == "alice"
+    assert mail.auth_method == "PLAIN" and mail.queue_id and mail.sender == "alice@client.test"
+    assert ipaddress.ip_address(mail.local_address).is_loopback and mail.local_port == srv.port
+    assert f.seen[-1].client_address == "127.0.5.9" and f.seen[-1].client_name == "unknown"
+
+
+def test_hold_verdict_puts_the_message_on_the_spools_hold_queue(tmp_path: Path) -> None:
+    """A filter's HOLD: the pre-queue handler queues the message and moves it to hold/ (spool.hold), where
+    it waits for `postgate queue release`; nothing is delivered."""
+    from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+    from postgate.inbound.smtpd import Listener, Session
+    from postgate.outbound.queue.scheduler import Scheduler
+    from postgate.outbound.queue.spool import DirectorySpool
+
+    class NoDelivery:
+        async def deliver(self, *a: object, **kw: object) -> list[object]:
+            raise AssertionError("a held message must not be delivered")
+
+    spool = DirectorySpool(tmp_path / "spool", fsync=False)
+    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), NoDelivery(),  # type: ignore[arg-type]
+                  spool, Scheduler(spool, NoDelivery()))  # type: ignore[arg-type]
+    s = Session(Listener("mx", "127.0.0.1", 25), ("192.0.2.1", 1234), helo="client.test", sender="a@client.test",
+                recipients=[("b@remote.test", {})], queue_id="0000000000000AABBCC0", hold="milter: suspicious")
+    reply = asyncio.run(pq.message(s, b"Subject: x\r\n\r\nbody\r\n"))
+    assert reply.code == 250 and "0000000000000AABBCC0" in reply.text
+    assert spool.state_of("0000000000000AABBCC0") == "hold"

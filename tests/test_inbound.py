@@ -519,3 +519,89 @@ def test_dsn_parameters_passed_on_and_relayed_notice(pg: PostgateServer, testnet
     assert blocks[0]["Original-Envelope-Id"] == "E+1"
     assert [(b["Final-Recipient"], b["Action"]) for b in blocks[1:]] == [("rfc822; carol@dane-ok.test", "relayed")]
     assert notice["mail_from"] in ("", "<>") and "DKIM-Signature" in notice["data"]
+
+
+@pytest.mark.parametrize("body", [b"no header at all, just text\r\n",
+                                  b"Subject: x\r\nthis line has no colon\r\n\r\nbody\r\n"])
+def test_malformed_header_gets_a_reply_never_a_dropped_connection(pg: PostgateServer, testnet: TestNet,
+                                                                  body: bytes) -> None:
+    """Issue 13 item 5: dkimpy's MessageFormatError used to end the session after DATA without a reply.
+    The header is repaired as Postfix's cleanup does (the line without a colon starts the body), then signed."""
+    token = secrets.token_hex(8)
+    with raw_session() as (sock, f):
+        sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@dane-ok.test>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        sock.sendall(body.replace(b"body", token.encode()).replace(b"text", token.encode()) + b".\r\n")
+        reply = f.readline()
+        assert reply.startswith(b"250 2.0.0 Ok: delivered"), reply
+    [m] = stored(testnet, "mx.dane-ok.test", token)
+    assert "DKIM-Signature:" in m["data"]
+    assert "Traceback" not in pg.log()
+
+
+def test_local_domain_is_delivered_locally_in_queue_first_mode(testnet: TestNet, tmp_path: Path) -> None:
+    """Issue 13 item 3: queue-first used to queue mail for our own domain, whose MX is us: a loop."""
+    maildir = tmp_path / "mail"
+    pg = _serve(testnet, tmp_path / "pg", prequeue={"mode": "queue-first"},
+                relay={"local_domains": ["local.test"]}, local={"maildir": str(maildir)})
+    try:
+        token = secrets.token_hex(8)
+        with client(source=UNTRUSTED, address=OWN) as s:
+            s.ehlo("client.test")
+            code, text, _ = data_reply(s, "x@client.test", ["alice@local.test"], msg(token))
+        assert code == 250 and "delivered as" in text
+        [f] = list((maildir / "local.test" / "alice" / "new").iterdir())
+        assert token in f.read_text()
+    finally:
+        pg.stop()
+
+
+def test_notify_success_is_not_honoured_for_an_unverified_sender(testnet: TestNet, tmp_path: Path) -> None:
+    """Issue 13 item 4: no success report to a sender an unauthenticated, untrusted client named (maybe
+    forged); from a trusted client the report is sent."""
+    maildir = tmp_path / "mail"
+    pg = _serve(testnet, tmp_path / "pg", relay={"local_domains": ["local.test"]}, local={"maildir": str(maildir)})
+    try:
+        qids = []
+        for source in (UNTRUSTED, TRUSTED):
+            with client(source=source, address=OWN) as s:
+                s.ehlo("client.test")
+                s.mail(f"victim-{source}@client.test", ["ENVID=abc"])
+                assert s.rcpt("alice@local.test", ["NOTIFY=SUCCESS"])[0] == 250
+                code, text = s.data(msg(secrets.token_hex(8)))
+                assert code == 250 and b"delivered as" in text
+                qids.append(text.split()[-1].decode())
+        untrusted, trusted = qids
+        assert f"{trusted}: sender " in pg.log() and "notification" in pg.log()     # the success report
+        assert f"{untrusted}: sender " not in pg.log()
+        assert "NOTIFY=SUCCESS for <alice@local.test> not honoured" in pg.log()
+    finally:
+        pg.stop()
+
+
+HOSTILE = [  # (what the client sends, the reply code the real daemon must give) — issue 13 items 4 and 6
+    ("ſTARTTLS".encode(), b"500"),                                       # RFC 5321 §4.1.1: ASCII verbs
+    ("QUıT".encode(), b"500"),
+    ("MAIL FROM:<a@client.test> SIZE=²".encode(), b"501"),               # RFC 1870 §3: ASCII digits
+    ("MAIL FROM:<a@client.test> SIZE=٣".encode(), b"501"),
+    (b"NOOP " + b"x" * 506, b"500"),                                     # RFC 5321 §4.5.3.1.4: 513 octets
+    (b"MAIL FROM:<a@client.test> ENVID=x+0D+0AX-Injected:+20yes", b"501"),  # RFC 3461 §4
+    (b"MAIL FROM:<a\x00b@client.test>", b"501"),
+]
+
+
+def test_hostile_commands_against_the_daemon(pg: PostgateServer) -> None:
+    with raw_session() as (sock, f):
+        for line, want in HOSTILE:
+            sock.sendall(line + b"\r\n")
+            reply = f.readline()
+            assert reply[:3] == want, (line, reply)
+        sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@dane-ok.test> ORCPT=rfc822;a+0D+0A+0D+0A<h1>\r\n")
+        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"501"]
+        sock.sendall(b"RCPT TO:<bob@dane-ok.test>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"354"]
+        sock.sendall(b"Subject: nul\r\n\r\n\x00.\r\n.\r\n")                 # NUL in DATA: refused, not passed on
+        assert f.readline()[:3] == b"554"
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline()[:3] == b"221"
+    assert "Traceback" not in pg.log()

@@ -10,6 +10,7 @@ and none is ever sent to a null sender (RFC 5321 §6.1, RFC 3461 §6.2).
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Sequence
 
@@ -24,6 +25,53 @@ def _headers(content: bytes) -> bytes:
     if end < 0:
         end = content.find(b"\n\n")
     return content if end < 0 else content[: end + 2]
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: "+" and "=", and anything outside printable US-ASCII, as +XX (UTF-8 octets).
+
+    Used for the fields RFC 3464 takes from the client's envelope (Original-Envelope-Id §2.2.1,
+    Original-Recipient §2.3.1): the smtpd only accepts printable US-ASCII there, and this makes sure that
+    nothing read back from an older queue file can put a CR or LF into the report either."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=":
+            out.append(ch)
+        elif ch == " ":
+            out.append("+20")
+        else:
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
+
+
+def _text(value: str) -> str:
+    """RFC 3464 §2.2.1/§2.3.1: the ENVID and ORCPT address as the sender gave them (xtext-decoded, as Postfix
+    writes them) when they are printable US-ASCII, which the smtpd checks; otherwise xtext (RFC 3461 §4),
+    so a field is always one line of text."""
+    if all(" " <= c <= "~" for c in value):
+        return value
+    return _xtext(value)
+
+
+def _address(kind_address: str) -> str:
+    """RFC 3464 §2.3.1/§2.3.2: ``address-type; address``. An rfc822 address is US-ASCII; a non-ASCII one is
+    written as RFC 6533 §3's utf-8-addr-xtext (a backslash, x, the code point in braces); control characters
+    never pass."""
+    t, sep, addr = kind_address.partition(";")
+    if not sep:
+        t, addr = "rfc822", kind_address
+    t, addr = t.strip(), addr.strip()
+    if not re.fullmatch(r"[A-Za-z0-9-]+", t):
+        t = "rfc822"
+    if all(" " < c <= "~" for c in addr):
+        return f"{t}; {addr}"
+    enc = "".join(c if " " < c <= "~" and c not in "\\+=" else f"\\x{{{ord(c):X}}}" for c in addr)
+    return f"utf-8; {enc}"
+
+
+def _line(text: str) -> str:
+    """One line of header or report text: CR, LF and other control characters become spaces."""
+    return "".join(c if c >= " " and c != "\x7f" else " " for c in text)
 
 
 def _date(t: float) -> str:
@@ -64,24 +112,26 @@ def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, act
         intro = ("This is the mail system at host {h}.\r\n\r\n####### THIS IS A WARNING ONLY.  YOU DO NOT NEED "
                  "TO RESEND YOUR MESSAGE. #######\r\n\r\nYour message could not be delivered yet; it will be "
                  "retried until " + (_date(retry_until) if retry_until else "it expires") + ".\r\n")
-    human = intro.format(h=reporting_mta) + "".join(f"\r\n<{r.address}>: {r.reason or r.dsn}\r\n" for r in wanted)
+    human = intro.format(h=reporting_mta) + "".join(f"\r\n<{_line(r.address)}>: {_line(r.reason or r.dsn)}\r\n"
+                                                    for r in wanted)
     # RFC 3464 §2.2: per-message fields
     status = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Postgate-Queue-ID: {env.id}"]
     if env.envid:
-        status.append(f"Original-Envelope-Id: {env.envid}")
+        status.append(f"Original-Envelope-Id: {_text(env.envid)}")
     status.append(f"Arrival-Date: {_date(env.arrival)}")
     blocks = ["\r\n".join(status)]
     for r in wanted:  # RFC 3464 §2.3: per-recipient fields
         f = []
         if r.orcpt:
-            f.append(f"Original-Recipient: {r.orcpt}")
-        f.append(f"Final-Recipient: rfc822; {r.address}")
+            kind, _, a = r.orcpt.partition(";")
+            f.append(f"Original-Recipient: {_line(kind)};{_text(a)}")   # RFC 3461 §4.2: the ORCPT
+        f.append(f"Final-Recipient: {_address(r.address)}")
         f.append(f"Action: {action}")
         f.append(f"Status: {r.dsn or {'failed': '5.0.0', 'delayed': '4.0.0'}.get(action, '2.0.0')}")
         if r.remote:
-            f.append(f"Remote-MTA: dns; {r.remote}")
+            f.append(f"Remote-MTA: dns; {_line(r.remote)}")
         if r.reason:
-            diag = r.reason.replace("\r", " ").replace("\n", " ")
+            diag = _line(r.reason)
             kind_ = "smtp" if diag[:3].isdigit() else "X-Postgate"
             f.append(f"Diagnostic-Code: {kind_}; {diag}")
         if r.time:
@@ -96,7 +146,7 @@ def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, act
     if not original.endswith(b"\n"):
         original += b"\r\n"
     head = (f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)\r\n"
-            f"To: <{env.sender}>\r\n"
+            f"To: <{_line(env.sender)}>\r\n"
             f"Subject: {subject}\r\n"
             f"Date: {_date(t)}\r\n"
             f"Message-ID: <{env.id}.{int(t)}.dsn@{reporting_mta}>\r\n"

@@ -45,7 +45,8 @@ class DeliversMail(Protocol):
     """What the queue and the pre-queue path need of the delivery agent (outbound/delivery.py)."""
 
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
-                      requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]: ...
+                      requiretls: bool = False, dsn: Dsn | None = None,
+                      arrival: float | None = None) -> list[RecipientResult]: ...
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Scheduler:
             async with self._sems[dest]:
                 results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
                                                        queue_id=env.id, requiretls=env.requiretls,
-                                                       dsn=dsn.params(env))
+                                                       dsn=dsn.params(env), arrival=env.arrival)
             crashpoint("queue-after-remote-reply")
         now = self.clock()
         by_addr = {r.recipient: r for r in results}

@@ -1,0 +1,339 @@
+"""Issue 13, the smtpd side: every hostile-client finding as a byte-exact session against an in-process
+SMTPServer on a real loopback socket (tests/smtpd_harness.py). Each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import socket
+import ssl
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from postgate.inbound.smtpd import HOPCOUNT_LIMIT, Limits, _rate_limit_accept_errors, repair_header
+from postgate.outbound.queue import dsn
+from postgate.outbound.queue.envelope import Envelope, Recipient
+from postgate.policy.maps import MapError, TransportMap
+
+from postgate import config as configmod
+from tests.smtpd_harness import HOST, Client, LogCollector, code, serve, tls_context
+
+
+def _session(port: int, source: str = HOST) -> Client:
+    c = Client(port, source=source)
+    assert code(c.reply()) == 220
+    assert code(c.cmd(b"EHLO client.test")) == 250
+    return c
+
+
+def _mail(c: Client, *, mail: bytes = b"MAIL FROM:<a@client.test>", rcpt: bytes = b"RCPT TO:<b@x.test>") -> None:
+    assert code(c.cmd(mail)) == 250
+    assert code(c.cmd(rcpt)) == 250
+    assert code(c.cmd(b"DATA")) == 354
+
+
+# --- item 3: hop count ------------------------------------------------------------------------------------
+def test_hop_count_limit_refuses_a_looping_message() -> None:
+    """RFC 5321 §6.3: loop detection by counting Received: headers; Postfix hopcount_limit = 50 → 5.4.6."""
+    with serve() as srv, _session(srv.port) as c:
+        hops = b"".join(b"Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n" for _ in range(HOPCOUNT_LIMIT))
+        _mail(c)
+        reply = c.cmd(hops + b"Subject: loop\r\n\r\nbody\r\n.")
+        assert code(reply) == 554 and b"5.4.6" in reply
+        _mail(c)
+        assert code(c.cmd(hops[hops.index(b"\r\n") + 2:] + b"Subject: ok\r\n\r\nbody\r\n.")) == 250   # 49 hops
+    assert len(srv.handler.messages) == 1
+
+
+# --- item 4: DSN header injection --------------------------------------------------------------------------
+@pytest.mark.parametrize(("cmd", "ok"), [
+    (b"MAIL FROM:<a@client.test> ENVID=x+0D+0AX-Injected:+20yes", False),
+    (b"MAIL FROM:<a@client.test> ENVID=x+0Ay", False),
+    (b"MAIL FROM:<a@client.test> ENVID=x+00", False),
+    (b"MAIL FROM:<a@client.test> ENVID=x+C3+A9", False),           # decoded: not US-ASCII
+    (b"MAIL FROM:<a@client.test> ENVID=QQ+2Bx1+20y", True),
+    (b"RCPT TO:<b@x.test> ORCPT=rfc822;a+0D+0A+0D+0A<h1>", False),
+    (b"RCPT TO:<b@x.test> ORCPT=rfc822;a+0Db@x.test", False),
+    (b"RCPT TO:<b@x.test> ORCPT=rfc822;b+2Bx@x.test", True),
+])
+def test_envid_and_orcpt_must_decode_to_printable_ascii(cmd: bytes, ok: bool) -> None:
+    """RFC 3461 §4: xtext, and the decoded ENVID/ORCPT printable US-ASCII: no CR/LF, even hex-encoded."""
+    with serve() as srv, _session(srv.port) as c:
+        if cmd.startswith(b"RCPT"):
+            assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250
+        assert code(c.cmd(cmd)) == (250 if ok else 501)
+
+
+def test_dsn_fields_never_carry_a_line_break() -> None:
+    """RFC 3464 §2.2.1/§2.3.1: whatever an old queue file holds, a DSN field is one line."""
+    env = Envelope.new("a@client.test", [Recipient("b@x.test", orcpt="rfc822;a\r\n\r\n<h1>x</h1>", notify=["FAILURE"])],
+                       b"Subject: x\r\n\r\nbody\r\n", envid="x\r\nX-Injected: yes")
+    env.recipients[0].reason = "550 5.1.1 no\r\nX-Evil: 1"
+    out = dsn.build(env, b"Subject: x\r\n\r\nbody\r\n", env.recipients, action="failed", reporting_mta="mx.test")
+    assert out is not None
+    lines = out.split(b"\r\n")
+    assert not [ln for ln in lines if ln.startswith((b"X-Injected", b"X-Evil", b"<h1>"))]
+    assert b"Original-Envelope-Id: x+0D+0AX-Injected:+20yes" in lines
+    assert b"Original-Recipient: rfc822;a+0D+0A+0D+0A<h1>x</h1>" in lines
+
+
+# --- item 5: no header, a header line without a colon --------------------------------------------------------
+@pytest.mark.parametrize(("raw", "expect"), [
+    (b"just a body line\r\n", b"\r\njust a body line\r\n"),
+    (b"Subject: x\r\nno colon here\r\nmore\r\n", b"Subject: x\r\n\r\nno colon here\r\nmore\r\n"),
+    (b"Subject: x\r\n folded\r\n\r\nbody\r\n", b"Subject: x\r\n folded\r\n\r\nbody\r\n"),
+    (b"Subject: x\r\n", b"Subject: x\r\n\r\n"),
+    (b" starts folded\r\n", b"\r\n starts folded\r\n"),
+    (b"Bad Name: x\r\n\r\n", b"\r\nBad Name: x\r\n\r\n"),
+])
+def test_header_repair_like_postfix_cleanup(raw: bytes, expect: bytes) -> None:
+    assert repair_header(raw) == expect
+
+
+# --- item 6: ASCII parsing, line length, AUTH edge cases, NUL ----------------------------------------------
+def test_commands_are_ascii_only() -> None:
+    with serve(tls=tls_context(Path(__import__("tempfile").mkdtemp()))) as srv, _session(srv.port) as c:
+        assert code(c.cmd("ſTARTTLS".encode())) == 500      # str.upper() would make it STARTTLS
+        assert code(c.cmd("QUıT".encode())) == 500          # ... and QUIT
+        assert code(c.cmd("MAIL FROM:<a@client.test> SIZE=²".encode())) == 501
+        assert code(c.cmd("MAIL FROM:<a@client.test> SIZE=٣".encode())) == 501
+        assert code(c.cmd(b"MAIL FROM:<a@client.test> SIZE=3")) == 250
+        assert code(c.cmd(b"NOOP \x00")) == 501
+        assert code(c.cmd(b"NOOP \xff\xfe")) == 500
+        assert code(c.cmd(b"QUIT")) == 221
+
+
+def test_command_line_limit_is_512_octets() -> None:
+    """RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (more for MAIL/RCPT with extension parameters)."""
+    with serve() as srv, _session(srv.port) as c:
+        assert code(c.cmd(b"NOOP " + b"x" * 505)) == 250            # 512 with CRLF
+        assert code(c.cmd(b"NOOP " + b"x" * 506)) == 500            # 513
+        assert code(c.cmd(b"MAIL FROM:<a@client.test> ENVID=" + b"e" * 100 + b" RET=HDRS SIZE=1000")) == 250
+        assert code(c.cmd(b"RCPT TO:<b@x.test> ORCPT=rfc822;" + b"b" * 480 + b" NOTIFY=FAILURE")) == 250
+        assert code(c.cmd(b"NOOP")) == 250                          # the session goes on
+        c.sock.sendall(b"NOOP " + b"y" * 20000 + b"\r\n")           # beyond what is buffered: closed
+        assert code(c.reply()) == 500
+        assert c.reply() == b""
+    assert "Traceback" not in srv.log.text()
+
+
+def test_auth_login_disconnect_bare_lf_and_long_lines(tmp_path: Path) -> None:
+    ctx = tls_context(tmp_path)
+    with serve(Limits(auth_delay=0), tls=ctx, auth=True) as srv:
+        def authed() -> Client:
+            c = _session(srv.port)
+            assert code(c.cmd(b"STARTTLS")) == 220
+            c.start_tls()
+            assert code(c.cmd(b"EHLO client.test")) == 250
+            assert code(c.cmd(b"AUTH LOGIN")) == 334
+            return c
+        with authed() as c:
+            c.close()                                                  # disconnect after the challenge
+        with authed() as c:
+            c.sock.sendall(b"YWxpY2U=\n")                              # bare LF
+            assert code(c.reply()) == 500
+        with authed() as c:
+            assert code(c.cmd(b"A" * 9000)) == 334                    # a 9,000-byte user name: answered
+            assert code(c.cmd(b"B" * 9001)) == 501                    # 9,001 bytes: not base64
+        with authed() as c:
+            assert code(c.cmd(b"YWxpY2U=")) == 334
+            assert code(c.cmd(b"d29uZGVybGFuZA==")) == 235
+        time.sleep(0.2)
+    assert "Traceback" not in srv.log.text() and "internal error" not in srv.log.text()
+
+
+def test_nul_in_data_is_refused() -> None:
+    with serve() as srv, _session(srv.port) as c:
+        _mail(c)
+        reply = c.cmd(b"Subject: x\r\n\r\n\x00.\r\n.")
+        assert code(reply) == 554 and b"NUL" in reply
+        assert code(c.cmd(b"NOOP")) == 250
+    assert srv.handler.messages == []
+
+
+def test_internal_error_after_data_is_a_4xx_not_a_dropped_connection() -> None:
+    with serve() as srv, _session(srv.port) as c:
+        srv.handler.fail = RuntimeError("boom")
+        _mail(c)
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 451
+        assert code(c.cmd(b"QUIT")) == 221
+
+
+# --- item 7: connections per client from accept, descriptors in reserve --------------------------------------
+def test_implicit_tls_connections_are_counted_before_the_handshake(tmp_path: Path) -> None:
+    ctx = tls_context(tmp_path)
+    lim = Limits(max_sessions_per_client=3, tls_handshake_timeout=1.0)
+    with serve(lim, tls=ctx, implicit_tls=True) as srv:
+        half_open = [socket.create_connection((HOST, srv.port), timeout=10) for _ in range(3)]
+        try:
+            with socket.create_connection((HOST, srv.port), timeout=10) as extra:
+                assert extra.recv(10) == b""           # refused at once, no handshake started
+            for s in half_open:                        # the handshake has a time limit
+                assert s.recv(10) == b""
+            cctx = ssl.create_default_context()
+            cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+            with cctx.wrap_socket(socket.create_connection((HOST, srv.port), timeout=10),
+                                  server_hostname="smtpd.test") as ok:
+                assert ok.recv(100).startswith(b"220")
+        finally:
+            for s in half_open:
+                s.close()
+
+
+def test_descriptors_in_reserve_and_refusals_logged_once() -> None:
+    with serve(Limits(descriptor_reserve=10)) as srv:
+        srv.server.fd_limit = 12 + sum(srv.server.per_client.values())   # room for two sessions
+        keep = [_session(srv.port) for _ in range(2)]
+        try:
+            refused = [Client(srv.port) for _ in range(20)]
+            assert all(r.reply().startswith(b"421 4.7.0") for r in refused)
+            for r in refused:
+                r.close()
+        finally:
+            for k in keep:
+                k.close()
+    assert len([ln for ln in srv.log.lines if "refused a connection" in ln]) == 1
+
+
+# --- item 8: write timeout, DATA deadline ------------------------------------------------------------------
+def test_client_that_never_reads_is_disconnected() -> None:
+    with serve(Limits(command_timeout=1.0)) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((HOST, srv.port))
+        sock.setblocking(False)
+        burst = b"EHLO client.test\r\n" * 2000
+        deadline = time.time() + 60
+        sent = 0
+        while time.time() < deadline and srv.server.sessions == 0:
+            time.sleep(0.01)
+        while time.time() < deadline and srv.server.sessions:
+            try:
+                sent += sock.send(burst)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                break
+        assert srv.server.sessions == 0 and sent > 0
+        sock.close()
+
+
+def test_data_has_an_overall_deadline() -> None:
+    """One byte every 0.2 s never trips a per-read timeout of 1 s; the DATA deadline ends it."""
+    with serve(Limits(data_timeout=1.0, min_data_rate=500)) as srv, _session(srv.port) as c:
+        _mail(c)
+        c.sock.settimeout(0.2)
+        got = b""
+        for _ in range(100):
+            try:
+                c.sock.sendall(b"x")
+                got += c.sock.recv(100)
+                if got:
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        assert got.startswith(b"421 4.4.2")
+
+
+# --- item 9: memory per session ------------------------------------------------------------------------------
+def test_data_is_spilled_to_disk_so_memory_per_session_is_bounded() -> None:
+    lim = Limits(spill_threshold=65536, max_message_size=64 * 1024 * 1024)
+    line = b"x" * 78 + b"\r\n"
+    with serve(lim) as srv, _session(srv.port) as c:
+        _mail(c)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for _ in range(100):
+                c.sock.sendall(line * 1000)                   # 8 MB, not terminated yet
+            c.sock.sendall(b"NOOP-is-data\r\n")
+            time.sleep(0.5)
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert grown < 2 * 1024 * 1024, grown
+        assert code(c.cmd(b".")) == 250
+    [(_, _, data, _)] = srv.handler.messages
+    assert len(data) == 100 * 1000 * len(line) + len(b"NOOP-is-data\r\n") + 2   # and the empty header line
+
+
+# --- item 10: AUTH brute force -------------------------------------------------------------------------------
+FAIL2BAN_POSTFIX_SASL = re.compile(   # fail2ban filter.d/postfix.conf, mode "auth", without the syslog prefix
+    r"warning: [-._\w]+\[(?P<host>[^\]]+)\]: SASL ((?i:LOGIN|PLAIN|(?:CRAM|DIGEST)-MD5)) authentication failed"
+    r"(:[ A-Za-z0-9+/:]*={0,2})?\s*$")
+
+
+def test_auth_failures_slow_down_per_client_and_per_account(tmp_path: Path) -> None:
+    ctx = tls_context(tmp_path)
+    with serve(Limits(auth_delay=0.05, auth_max_delay=0.3), tls=ctx, auth=True) as srv:
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.3", "127.0.0.4"):
+            with _session(srv.port, source=source) as c:
+                assert code(c.cmd(b"STARTTLS")) == 220
+                c.start_tls()
+                assert code(c.cmd(b"EHLO client.test")) == 250
+                assert code(c.cmd(b"AUTH PLAIN AGFsaWNlAHdyb25n")) == 535        # alice / wrong
+    delays = [float(m.group(1)) for m in re.finditer(r"reply delayed ([0-9.]+)s", srv.log.text())]
+    assert delays == [0.05, 0.1, 0.2, 0.3, 0.3]   # growing per client, and per account from other clients
+    hits = [m for ln in srv.log.lines if (m := FAIL2BAN_POSTFIX_SASL.search(ln))]
+    assert [m.group("host") for m in hits] == ["127.0.0.1"] * 3 + ["127.0.0.3", "127.0.0.4"]
+
+
+# --- item 12: configuration ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("limits", "command_timeout", "-1300"), ("limits", "max_sessions", "-1"), ("limits", "max_sessions", "0"),
+    ("limits", "max_sessions_per_client", "0"), ("limits", "data_timeout", "0"), ("limits", "max_recipients", "0"),
+    ("limits", "data_timeout", "inf"), ("limits", "command_timeout", "nan"), ("limits", "spill_threshold", "10"),
+    ("limits", "auth_delay", "-1"), ("queue", "max_backoff", "inf"), ("queue", "max_lifetime", "inf"),
+    ("queue", "min_backoff", "nan"), ("queue", "delay_warning", "inf"), ("prequeue", "grace", "inf"),
+])
+def test_limits_and_lifetimes_are_checked(tmp_path: Path, section: str, key: str, value: str) -> None:
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[server]\nhostname = "x.test"\n\n[{section}]\n{key} = {value}\n')
+    with pytest.raises(configmod.ConfigError, match=rf"^{re.escape(str(p))}:5: \[{section}\] {key}"):
+        configmod.load(p)
+
+
+def test_transport_map_port_must_be_ascii_digits(tmp_path: Path) -> None:
+    p = tmp_path / "transport"
+    p.write_text("example.com smtp:[relay.test]:25\nexample.net smtp:[relay.test]:5²87\n")
+    with pytest.raises(MapError, match=rf"^{re.escape(str(p))}:2: .*bad port"):
+        TransportMap(p)
+    p.write_text("example.net relay.test:٣\n")
+    with pytest.raises(MapError, match=rf"^{re.escape(str(p))}:1: "):
+        TransportMap(p)
+
+
+def test_listener_port_must_be_ascii_digits(tmp_path: Path) -> None:
+    p = tmp_path / "postgate.toml"
+    p.write_text('[server]\nhostname = "x.test"\n\n[[listener]]\nname = "mx"\naddress = "127.0.0.1:٢٥"\ntls = "none"\n')
+    with pytest.raises(configmod.ConfigError, match=rf"^{re.escape(str(p))}:6: \[\[listener\]\] #1 address"):
+        configmod.load(p)
+
+
+def test_finite_defaults_still_load() -> None:
+    cfg = configmod.load(None)
+    assert math.isfinite(cfg.limits.data_timeout) and cfg.limits.min_data_rate == 500
+
+
+def test_accept_errors_are_logged_at_most_once_per_interval() -> None:
+    """At the descriptor limit asyncio reports every failed accept(); 125,000 lines in 10 s became one."""
+    loop = asyncio.new_event_loop()
+    try:
+        collector = LogCollector()
+        logging.getLogger("postgate").addHandler(collector)
+        try:
+            _rate_limit_accept_errors(loop)
+            for _ in range(1000):
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+        finally:
+            logging.getLogger("postgate").removeHandler(collector)
+    finally:
+        loop.close()
+    assert len([ln for ln in collector.lines if ln.startswith("accept failed")]) == 1
