@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
+from postgate.inbound import sieve_filter  # [sieve] (issue 17)
 from postgate.inbound.clientname import client_names
 from postgate.inbound.credentials import Credentials, CredentialsError
 from postgate.inbound.filters import Filter
@@ -29,6 +30,7 @@ from postgate.outbound.delivery import Deliverer
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
+from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
 
 log = logging.getLogger("postgate")
 
@@ -67,6 +69,7 @@ class Daemon:
     # filters after relay control, per listener name (Milter, policy delegation, Sieve plug in here)
     extra_filters: dict[str, list[Filter]] = field(default_factory=dict)
     forwarders: list[asyncio.Task[None]] = field(default_factory=list)
+    sieve: Any = None             # the reloadable Sieve scripts (inbound/sieve_filter.SieveScripts), if any
 
     def build(self, signer: Any = None) -> None:
         cfg = self.cfg
@@ -116,6 +119,7 @@ class Daemon:
             return await client_names(resolver, ip)
         listeners = cfg.listener or [configmod.ListenerSettings(
             name="mx", address="0.0.0.0:25", tls="starttls" if tls else "none")]
+        self._build_sieve([ls.name for ls in listeners])   # [sieve] (issue 17)
         auth = self.credentials.check if self.credentials else None
         for ls in listeners:
             host, _, port = ls.address.rpartition(":")
@@ -226,6 +230,28 @@ class Daemon:
                 log.info("reloaded %s", self.credentials.path)
             except CredentialsError as e:
                 log.error("reload refused, keeping the old credentials: %s", e)
+        self._reload_sieve()   # [sieve] (issue 17)
+
+    # --- [sieve]: Sieve scripts as a stage-hook filter of every listener (docs/sieve.md; issue 17) ---------
+    def _build_sieve(self, listeners: list[str]) -> None:
+        """The global and per-listener scripts, compiled once, as the last filter of every listener."""
+        try:
+            self.sieve = sieve_filter.load(configmod.sieve_settings(self.cfg))
+        except SieveError as e:
+            raise StartupError(f"[sieve] {e}") from e
+        if self.sieve is not None:
+            for name in listeners:
+                self.extra_filters.setdefault(name, []).append(sieve_filter.SieveFilter(self.sieve))
+
+    def _reload_sieve(self) -> None:
+        """SIGHUP: recompile the scripts (one that fails keeps its old version, logged by the holder) and
+        pass the signal on to the worker processes, whose listeners run their own copies."""
+        if self.sieve is not None:
+            self.sieve.reload()
+        for proc in self.children:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+    # --- end [sieve] ---------------------------------------------------------------------------------------
 
 
 async def _forward(proc: asyncio.subprocess.Process, i: int) -> None:

@@ -1,0 +1,179 @@
+"""End to end through the smtpd: Sieve as a stage-hook filter (issue 17, "Must be shown").
+
+In-process (``tests/smtpd_harness.py``, the real SMTPServer on a loopback socket): a data-stage ``reject``
+reaches the client as a 5xx after the end of DATA and nothing is queued (so no bounce); a script's
+per-destination ``tls_policy`` reaches the session's routes for that recipient only; a run-time error
+applies the default action in the session.
+
+The real daemon on the test network (``postgate serve`` with a ``[sieve]`` section): the same reject
+reaches an SMTP client as a 550 and the queue holds no bounce, while other mail is delivered with the
+script's header edit; SIGHUP reloads the script, a broken new version keeps the old one running.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from postgate.inbound.filters import Route
+from postgate.inbound.sieve_filter import SieveFilter, SieveScripts, SieveSettings
+
+from fixtures.pgserve import TRUSTED, PostgateServer
+from fixtures.testnet import TestNet
+from tests.smtpd_harness import Client, code, serve
+
+SCRIPT = """require ["envelope", "reject", "spamtest", "relational", "comparator-i;ascii-numeric",
+         "vnd.postgate", "editheader"];
+if envelope :domain :is "to" "bank.example" { tls_policy "dane-only"; }
+if header :contains "subject" "lottery" { reject text:
+Your message looks like spam.
+Contact postmaster if this is wrong.
+.
+; }
+if envelope :localpart :is "to" "loop" { redirect "loop@x.test"; }
+addheader "X-Sieve" "checked";
+"""
+
+
+def sieve_filter(tmp: Path) -> SieveFilter:
+    f = tmp / "mx.sieve"
+    f.write_text(SCRIPT)
+    return SieveFilter(SieveScripts(SieveSettings(listener_scripts={"mx": str(f)}, hostname="smtpd.test")))
+
+
+def transaction(c: Client, rcpts: list[bytes], subject: bytes) -> list[bytes]:
+    out = [c.cmd(b"MAIL FROM:<alice@client.test>")]
+    out += [c.cmd(b"RCPT TO:<" + r + b">") for r in rcpts]
+    out.append(c.cmd(b"DATA"))
+    out.append(c.cmd(b"From: alice@client.test\r\nSubject: " + subject + b"\r\n\r\nhello\r\n."))
+    return out
+
+
+def test_data_stage_reject_reaches_the_client_as_5xx_and_nothing_is_queued(tmp_path: Path) -> None:
+    with serve(filters=[sieve_filter(tmp_path)]) as srv, Client(srv.port) as c:
+        assert code(c.reply()) == 220
+        assert code(c.cmd(b"EHLO client.test")) == 250
+        replies = transaction(c, [b"bob@x.test"], b"You won the lottery")
+        assert [code(r) for r in replies] == [250, 250, 354, 550]
+        # RFC 5429 §2.1: refused in the session, before the 250, with the script's multi-line reason
+        assert replies[-1].startswith(b"550-5.7.1 Your message looks like spam.\r\n550 ")
+        assert replies[-1].endswith(b"Contact postmaster if this is wrong.\r\n")
+        # (RFC 2034 §4 wants "5.7.1" on the last line too: smtpd's Reply.of drops it on continuation lines;
+        # policy.vocab.Reply.line() repeats it)
+        assert code(c.cmd(b"QUIT")) == 221
+    assert srv.handler.messages == []          # nothing accepted: no bounce can follow
+
+
+def test_per_destination_tls_policy_and_header_edit_reach_the_session(tmp_path: Path) -> None:
+    with serve(filters=[sieve_filter(tmp_path)]) as srv, Client(srv.port) as c:
+        assert code(c.reply()) == 220
+        assert code(c.cmd(b"EHLO client.test")) == 250
+        replies = transaction(c, [b"x@bank.example", b"y@other.test"], b"Hello")
+        assert [code(r) for r in replies] == [250, 250, 250, 354, 250]
+    [(_, rcpts, data, hold)] = srv.handler.messages
+    assert rcpts == ["x@bank.example", "y@other.test"] and hold is None
+    assert b"X-Sieve: checked\r\n" in data
+    [routes] = srv.handler.routes
+    assert Route(("x@bank.example",), tls_level="dane-only") in routes
+    assert all("y@other.test" not in r.recipients for r in routes)
+
+
+def test_runtime_error_tempfails_in_the_session(tmp_path: Path) -> None:
+    with serve(filters=[sieve_filter(tmp_path)]) as srv, Client(srv.port) as c:
+        assert code(c.reply()) == 220
+        assert code(c.cmd(b"EHLO client.test")) == 250
+        assert code(c.cmd(b"MAIL FROM:<alice@client.test>")) == 250
+        # redirect "loop@x.test" for the recipient loop@x.test: a loop, refused → default action tempfail
+        assert c.cmd(b"RCPT TO:<loop@x.test>").startswith(b"451 4.7.1")
+    assert "would loop back" in srv.log.text()
+
+
+# --- the real daemon on the test network -----------------------------------------------------------------
+
+PG_ADDRESS = "127.0.2.17"     # this module's own postgate serve
+DAEMON_SCRIPT = """require ["reject", "editheader", "envelope", "vnd.postgate"];
+if header :contains "subject" "lottery" { reject "Lottery mail is not accepted here"; }
+if envelope :domain :is "to" "dane-ok.test" { tls_policy "dane-only"; }
+addheader "X-Sieve" "v1";
+"""
+
+
+@pytest.fixture(scope="module")
+def pg(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("pgsieve")
+    (d / "global.sieve").write_text(DAEMON_SCRIPT)
+    srv = PostgateServer(testnet, d, address=PG_ADDRESS, sieve={"script": str(d / "global.sieve")})
+    with srv:
+        yield srv
+
+
+def send(subject: str, rcpt: str) -> tuple[int, str]:
+    token = secrets.token_hex(8)
+    body = (f"From: a@client.test\r\nSubject: {subject} {token}\r\nMessage-ID: <{token}@client.test>\r\n\r\n"
+            f"hi {token}\r\n").encode()
+    with smtplib.SMTP(PG_ADDRESS, 25, timeout=30, source_address=(TRUSTED, 0)) as s:
+        s.ehlo("client.test")
+        s.mail("a@client.test")
+        s.rcpt(rcpt)
+        code_, text = s.data(body)
+    return code_, f"{text.decode()} {token}"
+
+
+def queued(pg: PostgateServer) -> list[dict]:  # type: ignore[type-arg]
+    out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list",
+                          "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return list(json.loads(out))
+
+
+def test_daemon_data_stage_reject_is_a_5xx_and_no_bounce(pg: PostgateServer, testnet: TestNet) -> None:
+    code_, text = send("You won the lottery", "bob@dane-ok.test")
+    token = text.split()[-1]
+    assert code_ == 550 and text.startswith("5.7.1 Lottery mail is not accepted here")
+    assert [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]] == []
+    # nothing was accepted, so nothing can bounce: no DSN (null sender) and no copy in the queue
+    assert not [m for m in queued(pg) if m.get("sender") == "" or token in json.dumps(m)]
+    assert "sieve" in pg.log() and "reject: Lottery mail" in pg.log()
+
+
+def test_daemon_other_mail_flows_with_the_header_edit(pg: PostgateServer, testnet: TestNet) -> None:
+    code_, text = send("Quarterly report", "bob@dane-ok.test")
+    token = text.split()[-1]
+    assert code_ == 250, text
+    [m] = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+    assert "X-Sieve: v1\r\n" in m["data"]
+
+
+def wait_for(pg: PostgateServer, needle: str, offset: int) -> None:
+    deadline = time.monotonic() + 20
+    while needle not in pg.log()[offset:]:
+        assert time.monotonic() < deadline, f"no {needle!r} in the log: {pg.log()[offset:][-2000:]}"
+        time.sleep(0.05)
+
+
+def test_daemon_sighup_reloads_and_a_broken_script_keeps_the_old_one(pg: PostgateServer, testnet: TestNet) -> None:
+    script = pg.dir / "global.sieve"
+    assert pg.proc is not None
+    offset = len(pg.log())
+    script.write_text('require "reject";\nif header :contains "subject" "v2" { reject "v2 says no" }\n')  # no ';'
+    pg.proc.send_signal(signal.SIGHUP)
+    wait_for(pg, "keeping the previous version", offset)
+    assert f"{script}:2:" in pg.log()[offset:]
+    code_, text = send("lottery v2", "bob@dane-ok.test")
+    assert code_ == 550 and "Lottery mail" in text          # the old script still runs
+    offset = len(pg.log())
+    script.write_text('require "reject";\nif header :contains "subject" "v2" { reject "v2 says no"; }\n')
+    pg.proc.send_signal(signal.SIGHUP)
+    wait_for(pg, "sieve: scripts reloaded", offset)
+    code_, text = send("lottery v2", "bob@dane-ok.test")
+    assert code_ == 550 and text.startswith("5.7.1 v2 says no")
+    script.write_text(DAEMON_SCRIPT)
+    offset = len(pg.log())
+    pg.proc.send_signal(signal.SIGHUP)
+    wait_for(pg, "sieve: scripts reloaded", offset)
