@@ -3,7 +3,7 @@
 Start: load and check the configuration (a bad one is refused with file, key and reason), take the spool
 lock, recover the spool, start the queue runner, then listen. SIGTERM/SIGINT: stop accepting, let the
 sessions under way finish (a session cut short got no 250, so nothing is lost), stop the queue runner,
-exit 0. SIGHUP: reload the policy and transport maps, the credentials and the DKIM keys.
+exit 0. SIGHUP: reload the policy and transport maps, the credentials, the DKIM keys and the Sieve scripts.
 """
 
 from __future__ import annotations
