@@ -161,6 +161,13 @@ def _dnsfunc(net: TestNet):  # type: ignore[no-untyped-def]
     return f
 
 
+def _verifies(msg: bytes, net: TestNet) -> bool:
+    try:
+        return bool(dkimpy.DKIM(msg).verify(dnsfunc=_dnsfunc(net)))
+    except dkimpy.DKIMException:
+        return False
+
+
 def test_opendkim_signs_and_the_signature_verifies(opendkim: OpenDKIM, testnet: TestNet) -> None:
     msg = message("A signed message.\r\nSecond line.\r\n", "Signed\r\n folded subject")
     s = run(drive([milter(opendkim, "opendkim")], msg))
@@ -169,9 +176,9 @@ def test_opendkim_signs_and_the_signature_verifies(opendkim: OpenDKIM, testnet: 
     assert [e.name for e in edits] == ["DKIM-Signature"], edits
     assert s.message.startswith(b"DKIM-Signature:")
     assert "d=own.test" in edits[0].value and "s=s1" in edits[0].value
-    assert dkimpy.DKIM(s.message).verify(dnsfunc=_dnsfunc(testnet))
+    assert _verifies(s.message, testnet)
     # the signature covers what was sent: a changed body fails
-    assert not dkimpy.DKIM(s.message.replace(b"Second line", b"Second lime")).verify(dnsfunc=_dnsfunc(testnet))
+    assert not _verifies(s.message.replace(b"Second line", b"Second lime"), testnet)
 
 
 def test_clamav_milter_rejects_a_matching_attachment(clamav: ClamavMilter) -> None:
