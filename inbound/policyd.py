@@ -146,6 +146,7 @@ class PolicyService:
         # this only covers a bug in this module.
         self.default_action = Action.TEMPFAIL
         self.idle: list[_Conn] = []
+        self.loop: asyncio.AbstractEventLoop | None = None    # the pool belongs to one event loop
         self.counter = 0
 
     def session(self) -> PolicySession:
@@ -169,6 +170,10 @@ class PolicyService:
     def _take(self) -> _Conn | None:
         s = self.settings
         now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.idle.clear()    # streams of another (finished) event loop cannot be used here
+            self.loop = loop
         while self.idle:
             c = self.idle.pop()
             # smtpd_policy_service_max_idle / max_ttl: an old connection is closed, not reused
