@@ -441,7 +441,7 @@ class MilterSession:
         if self.session_done:
             # libmilter: a verdict at connect or HELO is for the whole session; a reject stays a reject
             v = self._session_verdict
-            return v if v.final or ctx.stage in (Stage.CONNECT, Stage.HELO) and v.action is Action.ACCEPT \
+            return v if v.final or (ctx.stage in (Stage.CONNECT, Stage.HELO) and v.action is Action.ACCEPT) \
                 else CONTINUE
         assert self.neg is not None
         p = self.neg.protocol

@@ -242,6 +242,25 @@ async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: ca
         else:
             out.append(Result("reverse-dns", WARN, f"{addr} has PTR {', '.join(names) or 'none'}, not {host}",
                               f"ask the address owner for: {dns.reversename.from_address(addr)} IN PTR {host}."))
+
+    # --- milters and policy services (issue 16): reachable? An unreachable one gets its default action
+    out.extend(await check_filters(cfg))
+    return out
+
+
+async def check_filters(cfg: configmod.Config) -> list[Result]:
+    from postgate import filtering
+    out = []
+    for kind, name, default, error in await filtering.probe(cfg):
+        if error is None:
+            out.append(Result("filters", PASS, f"{kind} {name} answers"))
+            continue
+        # with default accept mail flows unfiltered (WARN); with a 4xx/5xx default every message is refused
+        unfiltered = default in ("accept", "DUNNO", "OK")
+        out.append(Result("filters", WARN if unfiltered else FAIL,
+                          f"{kind} {name} is unreachable ({error}): "
+                          + ("mail passes unfiltered" if unfiltered else f"every message gets {default!r}"),
+                          f"start {name} or correct its address in the [[{kind.replace(' ', '_')}]] table"))
     return out
 
 

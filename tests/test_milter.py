@@ -17,9 +17,6 @@ import dkim as dkimpy
 import dns.message
 import dns.query
 import pytest
-
-from fixtures.filterd import VIRUS_MARKER, BadMilter, ClamavMilter, OpenDKIM, PyMilter, Rspamd
-from fixtures.testnet import TestNet
 from postgate.inbound.filters import (
     Action,
     Filter,
@@ -33,6 +30,9 @@ from postgate.inbound.filters import (
 )
 from postgate.inbound.milter import MilterFilter, MilterSettings, parse_address, parse_replycode
 from postgate.policy.vocab import Reply
+
+from fixtures.filterd import VIRUS_MARKER, BadMilter, ClamavMilter, OpenDKIM, PyMilter, Rspamd
+from fixtures.testnet import TestNet
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -274,7 +274,7 @@ def test_modifications_from_libmilter(pymilter: PyMilter) -> None:
     s = run(drive([milter(pymilter)], msg, rcpts=("bob@dane-ok.test", "dave@dane-ok.test")))
     assert not s.outcomes["data"].verdict.final
     m = email.message_from_bytes(s.message)
-    assert list(m.keys())[0] == "X-First" and m["X-First"] == "top"
+    assert next(iter(m.keys())) == "X-First" and m["X-First"] == "top"
     assert m["X-Added"] == "yes" and m["Subject"] == "Changed" and "X-Remove" not in m
     assert s.message.endswith(b"\r\n\r\nnew body\r\n")
     assert s.sender == "new@own.test"

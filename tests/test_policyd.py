@@ -11,9 +11,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from fixtures.filterd import Postgrey, Spawn
-from fixtures.testnet import TestNet
 from postgate.inbound.filters import (
     Action,
     FilterChain,
@@ -26,6 +23,9 @@ from postgate.inbound.filters import (
 )
 from postgate.inbound.policyd import PolicyError, PolicyService, PolicySettings, parse_action
 from postgate.policy.vocab import Reply
+
+from fixtures.filterd import Postgrey, Spawn
+from fixtures.testnet import TestNet
 
 
 def rcpt_ctx(client: str = "192.0.2.10", sender: str = "alice@spf.test",
