@@ -12,6 +12,7 @@ import email
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dkim as dkimpy
 import dns.message
@@ -29,10 +30,14 @@ from postgate.inbound.filters import (
     apply_header_edits,
 )
 from postgate.inbound.milter import MilterFilter, MilterSettings, parse_address, parse_replycode
+from postgate.inbound.policyd import PolicyService
 from postgate.policy.vocab import Reply
 
 from fixtures.filterd import VIRUS_MARKER, BadMilter, ClamavMilter, OpenDKIM, PyMilter, Rspamd
 from fixtures.testnet import TestNet
+from postgate import config
+from postgate.check import check_filters
+from postgate.filtering import build_filters
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -388,3 +393,97 @@ def test_replycode_multiline() -> None:
 def test_header_edit_values_get_crlf_folding() -> None:
     out = apply_header_edits(b"A: 1\r\n\r\nb\r\n", [HeaderEdit(HeaderOp.ADD, "X", "a\r\n\tb")])
     assert out == b"A: 1\r\nX: a\r\n\tb\r\n\r\nb\r\n"
+
+
+# --- configuration, build_filters, postgate check ---------------------------------------------------
+CONFIG = """\
+[[listener]]
+name = "mx"
+address = "127.0.0.1:2525"
+tls = "none"
+
+[[listener]]
+name = "submission"
+address = "127.0.0.1:2587"
+tls = "none"
+
+[[milter]]
+name = "rspamd"
+address = "inet:127.0.0.1:11332"
+default_action = "accept"
+
+[[milter]]
+name = "opendkim"
+address = "unix:/run/opendkim/opendkim.sock"
+listeners = ["submission"]
+content_timeout = 60
+
+[[policy_service]]
+name = "postgrey"
+address = "inet:127.0.0.1:10023"
+listeners = ["mx"]
+stages = ["rcpt"]
+timeout = 10
+"""
+
+
+def test_config_and_filters_per_listener(tmp_path: Path) -> None:
+    p = tmp_path / "postgate.toml"
+    p.write_text(CONFIG)
+    cfg = config.load(p)
+    assert [m.name for m in cfg.milter] == ["rspamd", "opendkim"]
+    assert cfg.milter[1].content_timeout == 60.0 and cfg.policy_service[0].stages == ["rcpt"]
+    # Postfix's order: policy services (smtpd restrictions) first, then the milters
+    assert [f.name for f in build_filters(cfg, "mx")] == ["postgrey", "rspamd"]
+    assert [f.name for f in build_filters(cfg, "submission")] == ["rspamd", "opendkim"]
+    mx = build_filters(cfg, "mx")
+    assert mx[1].default_action is Action.ACCEPT
+    assert isinstance(mx[0], PolicyService) and mx[0].settings.stages == (Stage.RCPT,)
+
+
+CONFIG_ERRORS = [
+    ('address = "inet:127.0.0.1:11332"', 'address = "127.0.0.1:11332"', 13, "[[milter]] #1 address"),
+    ('default_action = "accept"', 'default_action = "continue"', 14, "default_action: 'continue'"),
+    ('listeners = ["submission"]', 'listeners = ["relay"]', 19, "no listener named 'relay'"),
+    ('stages = ["rcpt"]', 'stages = ["rcpt", "eom"]', 26, "'eom' is not one of"),
+    ("timeout = 10", "timeout = 0", 27, "[[policy_service]] #1 timeout"),
+    ("content_timeout = 60", "content_timout = 60", 20, "unknown key 'content_timout'"),
+    ('stages = ["rcpt"]', 'stages = ["rcpt"]\ndefault_action = "MAYBE"', 27, "not an access(5) action"),
+]
+
+
+@pytest.mark.parametrize("old,new,line,msg", CONFIG_ERRORS, ids=[e[3] for e in CONFIG_ERRORS])
+def test_config_errors_name_file_and_line(tmp_path: Path, old: str, new: str, line: int, msg: str) -> None:
+    p = tmp_path / "postgate.toml"
+    p.write_text(CONFIG.replace(old, new))
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert str(e.value).startswith(f"{p}:{line}: "), str(e.value)
+    assert msg in str(e.value)
+
+
+def test_check_reports_unreachable_filters(testnet: TestNet, tmp_path: Path) -> None:
+    good = BadMilter("hang", at="X").start()           # never reaches "X": a well-behaved milter
+    try:
+        p = tmp_path / "postgate.toml"
+        p.write_text(f"""
+[[milter]]
+name = "good"
+address = "{good.address}"
+
+[[milter]]
+name = "down"
+address = "inet:127.0.0.1:1"
+
+[[policy_service]]
+name = "optional"
+address = "unix:{tmp_path}/nothing.sock"
+default_action = "DUNNO"
+""")
+        results = asyncio.run(check_filters(config.load(p)))
+        by = {r.message.split(" ")[1]: r for r in results}
+        assert by["good"].status == "PASS"
+        assert by["down"].status == "FAIL" and "tempfail" in by["down"].message and by["down"].fix
+        assert results[2].status == "WARN" and "passes unfiltered" in results[2].message
+    finally:
+        good.stop()
