@@ -433,6 +433,15 @@ class MilterSession:
 
     # --- FilterSession --------------------------------------------------------------------------------
     async def on(self, ctx: StageContext) -> Verdict:
+        v = await self._on(ctx)
+        if v.action is not Action.CONTINUE:
+            # one line per verdict, queue id first (Postfix: "milter-reject: END-OF-MESSAGE from …")
+            log.info("%s: milter %s: %s at %s from %s%s", ctx.queue_id or "NOQUEUE", self.s.name, v.action.value,
+                     ctx.stage.value, ctx.client_address, f": {v.reply}" if v.reply else
+                     (f": {v.quarantine_reason}" if v.quarantine_reason else ""))
+        return v
+
+    async def _on(self, ctx: StageContext) -> Verdict:
         if self.neg is None and not self.session_done:
             await self.open()
             await self._connect(ctx)
