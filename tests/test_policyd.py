@@ -235,3 +235,22 @@ def test_redirect_replaces_the_recipients() -> None:
 def test_unknown_actions_are_errors(bad: str) -> None:
     with pytest.raises(PolicyError):
         parse_action(bad)
+
+
+@pytest.mark.parametrize("settings,connections", [
+    ({}, 1),                          # one connection for every request of the process
+    ({"request_limit": 2}, 2),        # smtpd_policy_service_request_limit
+    ({"max_idle": 0.05}, 4),          # smtpd_policy_service_max_idle: the pause below outlasts it
+    ({"max_ttl": 0.05}, 4),           # smtpd_policy_service_max_ttl
+])
+def test_connection_reuse_limits(settings: dict[str, float], connections: int) -> None:
+    srv = Misbehaving("DUNNO")
+    svc = PolicyService(PolicySettings("reuse", f"inet:127.0.0.1:{srv.port}", **settings))  # type: ignore[arg-type]
+
+    async def four_sessions() -> None:
+        for _ in range(4):
+            await ask_outcomes(svc, rcpt_ctx())
+            await asyncio.sleep(0.1)
+
+    asyncio.run(four_sessions())
+    assert len(srv.requests) == 4 and srv.connections == connections
