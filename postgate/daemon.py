@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
+from postgate.filtering import build_filters
 from postgate.inbound.clientname import client_names
 from postgate.inbound.credentials import Credentials, CredentialsError
 from postgate.inbound.filters import Filter
@@ -127,8 +128,10 @@ class Daemon:
 
     def listener_filters(self, listener: str, relay: RelayPolicy) -> list[Filter]:
         """The stage hooks of a listener (inbound/filters.py), in order: relay control first, then the ones
-        configured for it (Milter, policy delegation, Sieve: ``extra_filters[listener name]``)."""
-        return [RelayFilter(relay), *self.extra_filters.get(listener, [])]
+        configured for it (``extra_filters[listener name]``, then policy delegation and Milter from
+        ``[[policy_service]]`` and ``[[milter]]``: postgate/filtering.py). Relay control always comes first:
+        a listener without it would be an open relay."""
+        return [RelayFilter(relay), *self.extra_filters.get(listener, []), *build_filters(self.cfg, listener)]
 
     async def _tls_reporting(self) -> None:
         await _tls_reporting_loop(self)
