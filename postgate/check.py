@@ -242,6 +242,26 @@ async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: ca
         else:
             out.append(Result("reverse-dns", WARN, f"{addr} has PTR {', '.join(names) or 'none'}, not {host}",
                               f"ask the address owner for: {dns.reversename.from_address(addr)} IN PTR {host}."))
+
+    # --- milters and policy services (issue 16): reachable? An unreachable one gets its default action
+    out.extend(await check_filters(cfg))
+    return out
+
+
+async def check_filters(cfg: configmod.Config) -> list[Result]:
+    from postgate import filtering
+    out = []
+    for kind, name, default, error in await filtering.probe(cfg):
+        if error is None:
+            out.append(Result("filters", PASS, f"{kind} {name} answers"))
+            continue
+        # A WARN, never a FAIL: `serve` runs these checks before it listens, and a milter that starts after
+        # Postgate (boot order) must not keep the MTA down; until it answers, its default action applies.
+        unfiltered = default in ("accept", "DUNNO", "OK")
+        out.append(Result("filters", WARN,
+                          f"{kind} {name} is unreachable ({error}): "
+                          + ("mail passes unfiltered" if unfiltered else f"every message gets {default!r}"),
+                          f"start {name} or correct its address in the [[{kind.replace(' ', '_')}]] table"))
     return out
 
 

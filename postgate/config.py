@@ -17,7 +17,8 @@ from typing import Any
 from postgate.outbound.resolver import ResolverConfigError, parse_server
 
 # The self-checks of `postgate check` (postgate/check.py), named here so the configuration can refer to them.
-CHECKS = ("tls-certificate", "host-dnssec", "tlsa", "dkim", "caps", "submission-srv", "resolver", "reverse-dns")
+CHECKS = ("tls-certificate", "host-dnssec", "tlsa", "dkim", "caps", "submission-srv", "resolver", "reverse-dns",
+          "filters")
 
 
 class ConfigError(Exception):
@@ -139,6 +140,90 @@ class ServerSettings:
     workers: int = 1
 
 
+# --- Milter and policy delegation (issue 16): [[milter]] and [[policy_service]] tables -------------------
+@dataclass
+class MilterConfig:
+    name: str = ""
+    address: str = ""                 # inet:HOST:PORT, inet:PORT@HOST, unix:/path
+    listeners: list[str] = field(default_factory=list)   # empty: every listener
+    connect_timeout: float = 30.0     # Postfix milter_connect_timeout
+    command_timeout: float = 30.0     # Postfix milter_command_timeout
+    content_timeout: float = 300.0    # Postfix milter_content_timeout
+    default_action: str = "tempfail"  # Postfix milter_default_action: accept | tempfail | reject
+
+
+@dataclass
+class PolicyServiceConfig:
+    name: str = ""
+    address: str = ""
+    listeners: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=lambda: ["rcpt"])
+    timeout: float = 100.0            # smtpd_policy_service_timeout
+    max_idle: float = 300.0           # smtpd_policy_service_max_idle
+    max_ttl: float = 1000.0           # smtpd_policy_service_max_ttl
+    request_limit: int = 0            # smtpd_policy_service_request_limit
+    try_limit: int = 2                # smtpd_policy_service_try_limit
+    retry_delay: float = 1.0          # smtpd_policy_service_retry_delay
+    default_action: str = "451 4.3.5 Server configuration problem"  # smtpd_policy_service_default_action
+    policy_context: str = ""          # smtpd_policy_service_policy_context
+
+
+FILTER_SECTIONS: dict[str, type] = {"milter": MilterConfig, "policy_service": PolicyServiceConfig}
+
+
+def _validate_filters(cfg: Config, source: str, text: str) -> None:
+    from collections.abc import Sequence
+
+    from postgate.inbound.milter import parse_address
+    from postgate.inbound.policyd import PolicyError, parse_action
+
+    def err(section: str, key: str, msg: str, index: int) -> ConfigError:
+        line = _line_of(text, section, key, index) if text else 0
+        return ConfigError(f"{source}:{line}: [[{section}]] #{index + 1} {key}: {msg}")
+
+    listeners = {ls.name for ls in cfg.listener} or {ListenerSettings().name}
+    groups: list[tuple[str, Sequence[MilterConfig | PolicyServiceConfig]]] = [
+        ("milter", cfg.milter), ("policy_service", cfg.policy_service)]
+    for section, items in groups:
+        names: set[str] = set()
+        for i, f in enumerate(items):
+            if not f.name:
+                raise err(section, "name", "is required", i)
+            if f.name in names:
+                raise err(section, "name", f"duplicate {section} name {f.name!r}", i)
+            names.add(f.name)
+            if not f.address:
+                raise err(section, "address", "is required (inet:HOST:PORT or unix:/PATH)", i)
+            try:
+                parse_address(f.address)
+            except ValueError as e:
+                raise err(section, "address", str(e), i) from None
+            for ln in f.listeners:
+                if ln not in listeners:
+                    raise err(section, "listeners",
+                              f"no listener named {ln!r} (have {', '.join(sorted(listeners))})", i)
+            timeouts = ("connect_timeout", "command_timeout", "content_timeout") if isinstance(f, MilterConfig) \
+                else ("timeout", "max_idle", "max_ttl", "retry_delay")
+            for key in timeouts:
+                if not 0 < getattr(f, key) <= 3600:
+                    raise err(section, key, "must be between 0 and 3600 seconds", i)
+            if isinstance(f, MilterConfig):
+                if f.default_action not in ("accept", "tempfail", "reject"):
+                    raise err(section, "default_action", f"{f.default_action!r} is not accept, tempfail or reject", i)
+            else:
+                for st in f.stages:
+                    if st not in ("connect", "helo", "mail", "rcpt", "data"):
+                        raise err(section, "stages", f"{st!r} is not one of connect, helo, mail, rcpt, data", i)
+                if not f.stages:
+                    raise err(section, "stages", "needs at least one stage", i)
+                if not 1 <= f.try_limit <= 10:
+                    raise err(section, "try_limit", "must be between 1 and 10", i)
+                if f.request_limit < 0:
+                    raise err(section, "request_limit", "must be 0 (no limit) or positive", i)
+                try:
+                    parse_action(f.default_action)
+                except PolicyError as e:
+                    raise err(section, "default_action", f"not an access(5) action: {e}", i) from None
 # --- [sieve]: Sieve scripts at the SMTP stages (docs/sieve.md; issue 17) ---------------------------------
 @dataclass
 class SieveConfig:
@@ -257,6 +342,8 @@ class Config:
     mta_sts: MtaStsSettings = field(default_factory=lambda: MtaStsSettings())
     tlsrpt: TlsRptSettings = field(default_factory=lambda: TlsRptSettings())
     downgrade: DowngradeSettings = field(default_factory=lambda: DowngradeSettings())
+    milter: list[MilterConfig] = field(default_factory=list)
+    policy_service: list[PolicyServiceConfig] = field(default_factory=list)
     sieve: SieveConfig = field(default_factory=SieveConfig)
 
 
@@ -334,6 +421,14 @@ def load(path: Path | str | None) -> Config:
                 _fill(ls, item, p, text, "listener", i)
                 cfg.listener.append(ls)
             continue
+        if section in FILTER_SECTIONS:
+            if not isinstance(values, list):
+                raise ConfigError(f"{p}:{_line_of(text, section, None)}: [[{section}]] tables, one per filter")
+            for i, item in enumerate(values):
+                fc = FILTER_SECTIONS[section]()
+                _fill(fc, item, p, text, section, i)
+                getattr(cfg, section).append(fc)
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{p}:{_line_of(text, section, None)}: unknown section [{section}]")
         if not isinstance(values, dict):
@@ -385,6 +480,7 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     _validate_server(cfg, source, text)
     _validate_queue(cfg, source, text)
     _validate_inbound(cfg, source, text)
+    _validate_filters(cfg, source, text)
     if cfg.path is not None:
         cfg.dkim.key_directory = _relative(cfg.path, cfg.dkim.key_directory)
         if cfg.server.tls_next_key_file:

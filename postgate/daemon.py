@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
+from postgate.filtering import build_filters
 from postgate.inbound import sieve_filter  # [sieve] (issue 17)
 from postgate.inbound.clientname import client_names
 from postgate.inbound.credentials import Credentials, CredentialsError
@@ -119,7 +120,7 @@ class Daemon:
             return await client_names(resolver, ip)
         listeners = cfg.listener or [configmod.ListenerSettings(
             name="mx", address="0.0.0.0:25", tls="starttls" if tls else "none")]
-        self._build_sieve([ls.name for ls in listeners])   # [sieve] (issue 17)
+        self._build_sieve()   # [sieve] (issue 17)
         auth = self.credentials.check if self.credentials else None
         for ls in listeners:
             host, _, port = ls.address.rpartition(":")
@@ -131,8 +132,11 @@ class Daemon:
 
     def listener_filters(self, listener: str, relay: RelayPolicy) -> list[Filter]:
         """The stage hooks of a listener (inbound/filters.py), in order: relay control first, then the ones
-        configured for it (Milter, policy delegation, Sieve: ``extra_filters[listener name]``)."""
-        return [RelayFilter(relay), *self.extra_filters.get(listener, [])]
+        configured for it (``extra_filters[listener name]``, then policy delegation and Milter from
+        ``[[policy_service]]`` and ``[[milter]]``: postgate/filtering.py), then Sieve (``[sieve]``). Relay
+        control always comes first: a listener without it would be an open relay."""
+        return [RelayFilter(relay), *self.extra_filters.get(listener, []), *build_filters(self.cfg, listener),
+                *self.sieve_filters(listener)]
 
     async def _tls_reporting(self) -> None:
         await _tls_reporting_loop(self)
@@ -233,15 +237,17 @@ class Daemon:
         self._reload_sieve()   # [sieve] (issue 17)
 
     # --- [sieve]: Sieve scripts as a stage-hook filter of every listener (docs/sieve.md; issue 17) ---------
-    def _build_sieve(self, listeners: list[str]) -> None:
-        """The global and per-listener scripts, compiled once, as the last filter of every listener."""
+    def _build_sieve(self) -> None:
+        """The global and per-listener scripts, compiled once per process."""
         try:
             self.sieve = sieve_filter.load(configmod.sieve_settings(self.cfg))
         except SieveError as e:
             raise StartupError(f"[sieve] {e}") from e
-        if self.sieve is not None:
-            for name in listeners:
-                self.extra_filters.setdefault(name, []).append(sieve_filter.SieveFilter(self.sieve))
+
+    def sieve_filters(self, listener: str) -> list[Filter]:
+        """Sieve is the last filter of every listener (docs/sieve.md): it decides after relay control,
+        policy delegation and the milters have had their say."""
+        return [sieve_filter.SieveFilter(self.sieve)] if self.sieve is not None else []
 
     def _reload_sieve(self) -> None:
         """SIGHUP: recompile the scripts (one that fails keeps its old version, logged by the holder) and
