@@ -34,7 +34,18 @@ from dataclasses import dataclass, field, replace
 from email.header import Header
 from pathlib import Path
 
-from postgate.inbound.filters import Action, FilterSession, HeaderEdit, HeaderOp, Route, Stage, StageContext, Verdict
+from postgate.inbound.filters import (
+    Action,
+    Filter,
+    FilterSession,
+    HeaderEdit,
+    HeaderOp,
+    Route,
+    Stage,
+    StageContext,
+    Verdict,
+    apply_header_edits,
+)
 from postgate.policy.sieve import Input, Kind, Limits, Result, Script, SieveError, compile_file, run
 from postgate.policy.sieve.interp import REDIRECT_MARK
 from postgate.policy.sieve.lists import MapLists
@@ -136,6 +147,41 @@ class SieveSession:
         return None
 
 
+class PassEdits:
+    """A filter whose header and body edits the filters after it see (the daemon wraps the policy services
+    and milters in front of Sieve with it): at DATA the verdict's edits are applied to ``ctx.message``, so a
+    script's ``spamtest`` reads the score rspamd's milter has just added (RFC 5235 §3: the score comes from
+    the filter that tested the message). The smtpd applies every filter's edits to its own copy of the
+    message at the end, as before; only the later filters' view changes."""
+
+    def __init__(self, inner: Filter) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.default_action = inner.default_action
+
+    def session(self) -> FilterSession:
+        return _PassEditsSession(self.inner.session())
+
+
+class _PassEditsSession:
+    def __init__(self, inner: FilterSession) -> None:
+        self.inner = inner
+
+    async def on(self, ctx: StageContext) -> Verdict:
+        v = await self.inner.on(ctx)
+        if ctx.stage is Stage.DATA and ctx.message is not None and (v.headers or v.new_body is not None) \
+                and v.action not in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            ctx.message = apply_header_edits(ctx.message, v.headers, v.new_body)
+            ctx.size = len(ctx.message)
+        return v
+
+    async def reset(self) -> None:
+        await self.inner.reset()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def environment(ctx: StageContext, s: SieveSettings) -> dict[str, str]:
     """RFC 5183 §4.1 items, and Postgate's ``vnd.postgate.*`` items (docs/sieve.md)."""
     env = {
@@ -173,8 +219,9 @@ _SCORE = re.compile(r"(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?")
 
 
 def _spam(headers: list[tuple[str, str]] | None, s: SieveSettings) -> tuple[float | None, float]:
-    """The score of ``spam_header`` (``7.5``, ``7.5 / 15``, rspamd's ``default: False [7.50 / 15.00]``)."""
-    for name, value in headers or []:
+    """The score of ``spam_header`` (``7.5``, ``7.5 / 15``, rspamd's ``default: False [7.50 / 15.00]``).
+    The *last* occurrence counts: a milter appends its field, a sender's forged copy comes before it."""
+    for name, value in reversed(headers or []):
         if name.lower() == s.spam_header.lower():
             m = _SCORE.search(value)
             if m:
@@ -183,8 +230,9 @@ def _spam(headers: list[tuple[str, str]] | None, s: SieveSettings) -> tuple[floa
 
 
 def _virus(headers: list[tuple[str, str]] | None, s: SieveSettings) -> int | None:
-    """RFC 5235 §3.2: 1 clean … 5 infected, from e.g. ClamAV's ``X-Virus-Status: Clean|Infected``."""
-    for name, value in headers or []:
+    """RFC 5235 §3.2: 1 clean … 5 infected, from e.g. ClamAV's ``X-Virus-Status: Clean|Infected`` (the
+    last occurrence, as for the spam score)."""
+    for name, value in reversed(headers or []):
         if name.lower() == s.virus_header.lower():
             v = value.strip().lower()
             if v.startswith("clean"):

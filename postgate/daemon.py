@@ -135,8 +135,10 @@ class Daemon:
         configured for it (``extra_filters[listener name]``, then policy delegation and Milter from
         ``[[policy_service]]`` and ``[[milter]]``: postgate/filtering.py), then Sieve (``[sieve]``). Relay
         control always comes first: a listener without it would be an open relay."""
-        return [RelayFilter(relay), *self.extra_filters.get(listener, []), *build_filters(self.cfg, listener),
-                *self.sieve_filters(listener)]
+        filters = build_filters(self.cfg, listener)
+        if self.sieve is not None:   # [sieve]: the script sees the milters' headers (spamtest on rspamd's score)
+            filters = [sieve_filter.PassEdits(f) for f in filters]
+        return [RelayFilter(relay), *self.extra_filters.get(listener, []), *filters, *self.sieve_filters(listener)]
 
     async def _tls_reporting(self) -> None:
         await _tls_reporting_loop(self)

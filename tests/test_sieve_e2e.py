@@ -177,3 +177,65 @@ def test_daemon_sighup_reloads_and_a_broken_script_keeps_the_old_one(pg: Postgat
     offset = len(pg.log())
     pg.proc.send_signal(signal.SIGHUP)
     wait_for(pg, "sieve: scripts reloaded", offset)
+
+
+# --- spamtest on rspamd's score (RFC 5235), through the real rspamd milter ----------------------------
+
+SPAM_SCRIPT = """require ["spamtest", "relational", "comparator-i;ascii-numeric", "vnd.postgate"];
+if spamtest :value "eq" :comparator "i;ascii-numeric" "0" { hold "not scored"; }
+elsif spamtest :value "ge" :comparator "i;ascii-numeric" "1" { hold "scored by rspamd"; }
+"""
+
+
+async def _data_verdict(filters: list[object], msg: bytes) -> object:
+    from postgate.inbound.filters import FilterChain, Stage, StageContext
+    chain = FilterChain(filters)  # type: ignore[arg-type]
+    ctx = StageContext(Stage.CONNECT, "mx", "192.0.2.10", hostname="mx.own.test", local_address="127.0.2.1",
+                       local_port=25)
+    try:
+        for stage in (Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.RCPT):
+            ctx.stage = stage
+            if stage is Stage.HELO:
+                ctx.helo, ctx.esmtp = "client.example", True
+            if stage is Stage.MAIL:
+                ctx.sender, ctx.queue_id = "alice@own.test", "4F1A2B3C4E"
+            if stage is Stage.RCPT:
+                ctx.recipient = "bob@dane-ok.test"
+            assert not (await chain.on(ctx)).verdict.final
+        ctx.recipients, ctx.recipient = ["bob@dane-ok.test"], None
+        ctx.stage, ctx.message, ctx.size = Stage.DATA, msg, len(msg)
+        out = await chain.on(ctx)
+        assert not out.verdict.final, out.verdict
+        return out.hold
+    finally:
+        await chain.close()
+
+
+def test_spamtest_reads_the_score_rspamd_just_added(testnet: TestNet, tmp_path: Path) -> None:
+    """RFC 5235 §3.1 with the score of the filter that tested the message: rspamd (milter) adds
+    X-Spamd-Result before Sieve runs; PassEdits (the daemon wraps the milters with it) lets the script see it."""
+    import asyncio
+
+    from postgate.inbound.filters import Action
+    from postgate.inbound.milter import MilterFilter, MilterSettings
+    from postgate.inbound.sieve_filter import PassEdits
+
+    from fixtures.filterd import Rspamd
+
+    f = tmp_path / "spam.sieve"
+    f.write_text(SPAM_SCRIPT)
+    sieve = SieveFilter(SieveScripts(SieveSettings(script=str(f), spam_header="X-Spamd-Result")))
+    msg = (b"From: Alice <alice@own.test>\r\nTo: Bob <bob@dane-ok.test>\r\nSubject: lunch\r\n"
+           b"Date: Wed, 02 Dec 2026 00:00:00 +0000\r\nMessage-ID: <lunch1@own.test>\r\n\r\nlunch at noon?\r\n")
+    d = Rspamd().start()
+    try:
+        def rspamd() -> MilterFilter:
+            return MilterFilter(MilterSettings("rspamd", d.address, connect_timeout=20, command_timeout=20,
+                                               content_timeout=20, default_action=Action.TEMPFAIL))
+        v = asyncio.run(_data_verdict([PassEdits(rspamd()), sieve], msg))
+        assert v is not None and v.filter == "sieve" and v.quarantine_reason == "scored by rspamd", v  # type: ignore[attr-defined]
+        # without passing the milter's edits on, the script sees the message as received: untested (0)
+        v = asyncio.run(_data_verdict([rspamd(), sieve], msg))
+        assert v is not None and v.quarantine_reason == "not scored", v  # type: ignore[attr-defined]
+    finally:
+        d.stop()
