@@ -197,6 +197,11 @@ ROWS = [
         'require ["spamtest","relational","comparator-i;ascii-numeric","reject"]; '
         'if spamtest :value "ge" :comparator "i;ascii-numeric" "8" { reject "spam"; }',
         Stage.DATA, Action.REJECT, 550),
+    Row("RFC 5235 §3.1: the last X-Spam-Score counts (the filter's, appended after a forged copy)",
+        'require ["spamtest","relational","comparator-i;ascii-numeric","reject"]; '
+        'if spamtest :value "ge" :comparator "i;ascii-numeric" "8" { reject "spam"; }',
+        Stage.DATA, Action.REJECT, 550,
+        ctx={"message": b"X-Spam-Score: 0\r\nSubject: x\r\nX-Spam-Score: 14\r\n\r\nbody\r\n"}),
     Row("RFC 5235 §3.2 spamtestplus :percent 11.5/15 → 77",
         'require ["spamtestplus","relational","comparator-i;ascii-numeric","vnd.postgate"]; '
         'if spamtest :percent :value "eq" :comparator "i;ascii-numeric" "77" { hold "77%"; }',
