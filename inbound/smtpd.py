@@ -161,7 +161,8 @@ class Reply:
 
     @classmethod
     def of(cls, r: VocabReply) -> Reply:
-        return cls(r.code, f"{r.enhanced} {r.text}".strip())
+        # RFC 2034 §4: the enhanced status code on every line of a multi-line reply
+        return cls(r.code, "\n".join(f"{r.enhanced} {ln}".strip() for ln in r.text.split("\n")))
 
 
 class Handler(Protocol):

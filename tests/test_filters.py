@@ -276,3 +276,10 @@ def test_hold_verdict_puts_the_message_on_the_spools_hold_queue(tmp_path: Path) 
     reply = asyncio.run(pq.message(s, b"Subject: x\r\n\r\nbody\r\n"))
     assert reply.code == 250 and "0000000000000AABBCC0" in reply.text
     assert spool.state_of("0000000000000AABBCC0") == "hold"
+
+
+def test_multiline_filter_reply_repeats_the_enhanced_code() -> None:
+    """RFC 2034 §4: each line of a multi-line reply carries the enhanced status code."""
+    from postgate.inbound.smtpd import Reply as WireReply
+    wire = WireReply.of(Reply(550, "5.7.1", "spam\nsee https://example.test/why")).line()
+    assert wire == b"550-5.7.1 spam\r\n550 5.7.1 see https://example.test/why\r\n"
