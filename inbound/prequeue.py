@@ -113,9 +113,9 @@ class PreQueue:
                            requiretls="REQUIRETLS" in params, smtputf8="SMTPUTF8" in params,
                            body=params.get("BODY", "").upper())
         env.id = qid
-        who = f"{qid}: client={s.helo}[{s.peer[0]}]" + (f", sasl_username={s.user}" if s.user else "")
-        log.info("%s, from=<%s>, size=%d, nrcpt=%d, tls=%s", who, s.sender, len(content), len(rcpts),
-                 s.tls_version or "none")
+        log.info("%s: client=%s[%s]%s", qid, s.client_name, s.peer[0], f", sasl_username={s.user}" if s.user else "")
+        logging.getLogger("postgate.queue").info("%s: from=<%s>, size=%d, nrcpt=%d, tls=%s (queue active)", qid,
+                                                 s.sender, len(content), len(rcpts), s.tls_version or "none")
         if self.config.mode == "queue-first":
             return await self._queue(env, content, "queue-first")
         if self.inflight >= self.config.max_inflight:

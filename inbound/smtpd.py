@@ -21,6 +21,7 @@ import base64
 import binascii
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Session:
     sender: str | None = None
     mail_params: dict[str, str] = field(default_factory=dict)
     recipients: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    client_name: str = "unknown"       # the verified reverse DNS name of the peer, as Postfix logs it
 
     @property
     def tls(self) -> bool:
@@ -120,12 +122,17 @@ class SMTPServer:
         self.per_client: dict[str, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.sock: socket.socket | None = None   # a listening socket bound by the daemon (shared with workers)
+        self.reverse: Callable[[str], Awaitable[str]] | None = None  # address -> verified name or "unknown"
 
     async def start(self) -> None:
         ssl_ctx = self.listener.tls if self.listener.implicit_tls else None
-        # SO_REUSEPORT: several worker processes may share the port; the kernel spreads connections
-        self.server = await asyncio.start_server(self._accept, self.listener.host, self.listener.port, ssl=ssl_ctx,
-                                                 limit=MAX_COMMAND * 2, backlog=1024, reuse_port=True,
+        # no SO_REUSEPORT: a port in use by anyone else is an error; Postgate's own workers share the
+        # daemon's listening socket (self.sock, inherited) instead
+        where: dict[str, object] = {"sock": self.sock} if self.sock is not None else \
+            {"host": self.listener.host, "port": self.listener.port}
+        self.server = await asyncio.start_server(self._accept, **where, ssl=ssl_ctx,  # type: ignore[arg-type]
+                                                 limit=MAX_COMMAND * 2, backlog=1024,
                                                  ssl_handshake_timeout=30 if ssl_ctx else None)
 
     async def stop_accepting(self) -> None:
@@ -147,9 +154,13 @@ class SMTPServer:
                 return
             self.sessions += 1
             self.per_client[ip] = self.per_client.get(ip, 0) + 1
+            name = await self.reverse(ip) if self.reverse is not None else "unknown"
+            log.info("connect from %s[%s]", name, ip)
             try:
-                await _Conversation(self, reader, writer, Session(self.listener, (ip, peer[1]))).run()
+                await _Conversation(self, reader, writer, Session(self.listener, (ip, peer[1]),
+                                                                  client_name=name)).run()
             finally:
+                log.info("disconnect from %s[%s]", name, ip)
                 self.sessions -= 1
                 self.per_client[ip] -= 1
                 if not self.per_client[ip]:
@@ -305,10 +316,11 @@ class _Conversation:
             return await self.error(Reply(501, "5.5.2 cannot decode the response"))
         if await self.srv.authenticator(user, password):
             self.s.user = user
-            log.info("%s[%s]: sasl_method=%s, sasl_username=%s", self.s.helo, self.s.peer[0], mech, user)
+            log.info("%s[%s]: sasl_method=%s, sasl_username=%s", self.s.client_name, self.s.peer[0], mech, user)
             await self.send(Reply(235, "2.7.0 authentication successful"))
             return None
-        log.warning("%s[%s]: SASL %s authentication failed for %s", self.s.helo, self.s.peer[0], mech, user)
+        log.warning("%s[%s]: SASL %s authentication failed: authentication failure, sasl_username=%s",
+                    self.s.client_name, self.s.peer[0], mech, user)  # Postfix's words: fail2ban reads them
         await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
         return None
 
@@ -397,8 +409,9 @@ class _Conversation:
             return await self.send(Reply(452, "4.5.3 too many recipients"))
         refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
         if refusal is not None:
-            log.info("%s[%s]: reject: RCPT from <%s> to <%s>: %d %s", self.s.helo, self.s.peer[0], self.s.sender,
-                     addr, refusal.code, refusal.text)
+            log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+                     self.s.client_name, self.s.peer[0], refusal.code, refusal.text, self.s.sender, addr,
+                     "ESMTP" if self.s.esmtp else "SMTP", self.s.helo)
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))
         return await self.send(Reply(250, "2.1.5 Ok"))

@@ -30,6 +30,7 @@ from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, reso
 from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
 from postgate.policy.caps import Caps
+from postgate.policy.logline import delays
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
 from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
 from postgate.policy.vocab import Security, Tlsa
@@ -54,6 +55,7 @@ class RecipientResult:
     tlsa_matched: str | None = None
     suspected_attack: bool = False
     relayed_without_dsn: bool = False     # RFC 3461 §5.2.2: delivered to a server without DSN support
+    port: int | None = None               # the port of ``address`` (for the log's relay=host[addr]:port)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
@@ -227,7 +229,7 @@ class Deliverer:
         """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
         PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
         qid = queue_id or new_queue_id()
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         groups: dict[str, list[str]] = {}
         for r in recipients:
             groups.setdefault(_domain(r), []).append(r)
@@ -239,7 +241,7 @@ class Deliverer:
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
         for res in out:
-            _log_result(qid, res, delay)
+            _log_result(qid, res, delay, start_wall)
             self.counters.inc(f"status_{res.status}")
             if res.suspected_attack:
                 self.counters.inc("suspected_attack")
@@ -280,6 +282,7 @@ class Deliverer:
         status_code = "4.4.1"
         pending = list(rcpts)
         done: list[RecipientResult] = []
+        contacted: tuple[str | None, str | None] = (None, None)  # the last MX address tried, for the log
         for host in nh.hosts:
             if host.unusable:
                 bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
@@ -313,18 +316,22 @@ class Deliverer:
                     results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
                                                    pending, data, mail_options, via_relay, caps, caps_name, dsn)
                 except SessionError as e:
+                    contacted = (_h(host), address)
                     attack |= e.suspected_attack
                     failures.append(e.reason)
                     status_code = e.dsn
                     if e.code >= 500 and not e.temporary:
                         return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
-                                                       mx=_h(host), address=address) for r in pending]
+                                                       mx=_h(host), address=address, port=port) for r in pending]
                     continue
                 # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
+                for res in results:
+                    res.port = port
                 return done + results
         reason = "; ".join(failures) or "no MX host could be tried"
         return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else status_code, reason,
-                                       suspected_attack=attack) for r in pending]
+                                       suspected_attack=attack, mx=contacted[0], address=contacted[1],
+                                       port=port if contacted[1] else None) for r in pending]
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
@@ -450,10 +457,12 @@ def _dsn(code: int, message: str) -> str:
     return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
 
 
-def _log_result(qid: str, r: RecipientResult, delay: float) -> None:
+def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 0.0) -> None:
     status = {DELIVERED: "sent", DEFERRED: "deferred", BOUNCED: "bounced"}[r.status]
-    relay = f"{r.mx}[{r.address}]" if r.mx else "none"
-    line = (f"{qid}: to=<{r.recipient}>, relay={relay}, delay={delay:.2f}, dsn={r.dsn}, "
+    # Postfix: relay=host[addr]:port once an address was contacted; delay= since arrival, delays=a/b/c/d
+    relay = (f"{r.mx or r.address}[{r.address}]" + (f":{r.port}" if r.port else "")) if r.address else "none"
+    times = delays(qid, start_wall or time.time() - delay, (start_wall or time.time() - delay) + delay)
+    line = (f"{qid}: to=<{r.recipient}>, relay={relay}, {times}, dsn={r.dsn}, "
             f"status={status} ({r.reply or r.reason})")
     if r.security:
         line += f" tls={r.security}"

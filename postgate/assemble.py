@@ -1,0 +1,123 @@
+"""From a checked configuration to the running parts: resolver, delivery agent, DKIM signer, credentials.
+
+``postgate serve``, ``postgate check`` and a reload (SIGHUP, ``postgate reload``) all build the parts
+here, so they refuse exactly the same set-ups: an unknown level in a policy map, a bad or group-readable
+credentials file, an unreadable key. :func:`validate` is the whole of serve's validation after the TOML
+file itself (``postgate/config.py``); each problem is one ``file:line: reason`` string.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from postgate import config as configmod
+from postgate.inbound.credentials import Credentials, CredentialsError
+from postgate.outbound import dkim
+from postgate.outbound.delivery import DeliveryConfig
+from postgate.outbound.resolver import Resolver, load_anchors, parse_server
+from postgate.outbound.smtp_client import Timeouts
+from postgate.policy import caps as caps_policy
+from postgate.policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
+from postgate.policy.tls import Level, Policy
+
+
+@dataclass(frozen=True)
+class ResolverOverrides:
+    """Command-line options that override ``[resolver]``."""
+
+    servers: tuple[str, ...] = ()
+    trust_anchor: Path | None = None
+    mode: str | None = None
+
+
+def build_resolver(cfg: configmod.Config, o: ResolverOverrides = ResolverOverrides()) -> Resolver:
+    r = cfg.resolver
+    servers = list(o.servers) or r.servers or configmod.system_resolvers()
+    anchor_path = o.trust_anchor or (Path(r.trust_anchor_file) if r.trust_anchor_file else None)
+    return Resolver(servers=[parse_server(s) for s in servers], anchors=load_anchors(anchor_path),
+                    mode=o.mode or r.mode, timeout=r.timeout, skew=r.clock_skew, cache_size=r.cache_size,
+                    allow_remote_trust_ad=r.allow_remote_trust_ad)
+
+
+def delivery_config(cfg: configmod.Config) -> DeliveryConfig:
+    """The delivery agent's configuration; a bad map is a :class:`configmod.ConfigError` (file:line)."""
+    d = cfg.delivery
+    try:
+        policy_map = TlsPolicyMap(d.policy_map) if d.policy_map else None
+        transport_map = TransportMap(d.transport_map) if d.transport_map else None
+        relay = parse_relay(d.relay, "[delivery] relay") if d.relay else None
+        auth = None
+        if relay is not None and d.relay_auth_file:
+            auth = SaslPasswordMap(d.relay_auth_file).lookup(relay)
+    except MapError as e:
+        raise configmod.ConfigError(str(e)) from e
+    relay_policy = None
+    if d.relay_level:
+        relay_policy = Policy(Level(d.relay_level), tuple(d.relay_match), source="[delivery] relay_level")
+    helo = d.helo or cfg.server.hostname or socket.getfqdn()
+    return DeliveryConfig(
+        helo=helo, default_policy=Policy(Level(d.level), source="[delivery] level"),
+        policy_map=policy_map, transport_map=transport_map, relay=relay, relay_policy=relay_policy,
+        relay_auth=auth, ca_file=d.ca_file or None, reuse_idle=d.connection_reuse_time,
+        timeouts=Timeouts(connect=d.connect_timeout, greeting=d.command_timeout, command=d.command_timeout,
+                          tls=d.tls_timeout, data=d.data_timeout))
+
+
+def build_signer(cfg: configmod.Config) -> dkim.Signer | None:
+    """The DKIM signer, or None when the key directory is unusable (reported by :func:`validate` and the
+    ``dkim`` check)."""
+    try:
+        return dkim.Signer(cfg.dkim.key_directory, cfg.dkim.default_domain or cfg.server.hostname)
+    except dkim.DkimError:
+        return None
+
+
+def build_credentials(cfg: configmod.Config) -> Credentials | None:
+    if not cfg.relay.credentials_file:
+        return None
+    try:
+        return Credentials(cfg.relay.credentials_file)
+    except CredentialsError as e:
+        raise configmod.ConfigError(str(e)) from e
+
+
+def server_tls_context(cfg: configmod.Config) -> ssl.SSLContext | None:
+    s = cfg.server
+    if not s.tls_cert_file:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if s.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise configmod.ConfigError(f"[server] tls_cert_file/tls_key_file: cannot load {s.tls_cert_file}: "
+                                    f"{e}") from e
+    return ctx
+
+
+def own_caps(cfg: configmod.Config) -> caps_policy.Caps:
+    """The capabilities Postgate's inbound smtpd really offers with this configuration (inbound/)."""
+    s = cfg.server
+    return caps_policy.record_for(starttls=bool(s.tls_cert_file), dane=s.publish_dane, tls_min=s.tls_min_version,
+                                  requiretls=s.requiretls, smtputf8=s.smtputf8, eightbitmime=True,
+                                  pipelining=True, chunking=False, size=s.max_message_size)
+
+
+def validate(cfg: configmod.Config) -> list[str]:
+    """Everything ``serve`` refuses beyond the TOML file and the self-checks: maps, credentials, TLS key, user."""
+    problems = []
+    for step in (delivery_config, build_credentials, server_tls_context):
+        try:
+            step(cfg)
+        except configmod.ConfigError as e:
+            problems.append(str(e))
+    if cfg.server.user:
+        import pwd
+        try:
+            pwd.getpwnam(cfg.server.user)
+        except KeyError:
+            problems.append(f"[server] user: no such user {cfg.server.user!r}")
+    return problems
