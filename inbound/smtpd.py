@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from postgate.policy import metrics
+
 log = logging.getLogger("postgate.smtpd")
 
 MAX_COMMAND = 2048          # RFC 5321 §4.5.3.1.4 says 512; extensions (DSN, SMTPUTF8) need more
@@ -156,10 +158,13 @@ class SMTPServer:
             self.per_client[ip] = self.per_client.get(ip, 0) + 1
             name = await self.reverse(ip) if self.reverse is not None else "unknown"
             log.info("connect from %s[%s]", name, ip)
+            metrics.inc("smtpd_connections", listener=self.listener.name)
+            metrics.add("smtpd_sessions", 1, listener=self.listener.name)
             try:
                 await _Conversation(self, reader, writer, Session(self.listener, (ip, peer[1]),
                                                                   client_name=name)).run()
             finally:
+                metrics.add("smtpd_sessions", -1, listener=self.listener.name)
                 log.info("disconnect from %s[%s]", name, ip)
                 self.sessions -= 1
                 self.per_client[ip] -= 1
@@ -321,6 +326,7 @@ class _Conversation:
             return None
         log.warning("%s[%s]: SASL %s authentication failed: authentication failure, sasl_username=%s",
                     self.s.client_name, self.s.peer[0], mech, user)  # Postfix's words: fail2ban reads them
+        metrics.inc("smtpd_auth_failures", listener=self.s.listener.name)
         await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
         return None
 
@@ -412,6 +418,7 @@ class _Conversation:
             log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>",
                      self.s.client_name, self.s.peer[0], refusal.code, refusal.text, self.s.sender, addr,
                      "ESMTP" if self.s.esmtp else "SMTP", self.s.helo)
+            metrics.inc("smtpd_rejects", stage="rcpt", reason=str(refusal.code))
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))
         return await self.send(Reply(250, "2.1.5 Ok"))
@@ -434,6 +441,8 @@ class _Conversation:
             await self.error(problem)
             return None
         reply = await self.srv.handler.message(self.s, data)
+        metrics.inc("messages_received", listener=self.s.listener.name,
+                    outcome="accepted" if reply.code < 400 else ("tempfailed" if reply.code < 500 else "refused"))
         self.s.reset()
         await self.send(reply)
         return None

@@ -29,8 +29,9 @@ from postgate.outbound.crash import crashpoint
 from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
+from postgate.policy import metrics
 from postgate.policy.caps import Caps
-from postgate.policy.logline import delays
+from postgate.policy.logline import arrival_of, delays
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
 from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
 from postgate.policy.vocab import Security, Tlsa
@@ -242,6 +243,7 @@ class Deliverer:
         delay = time.monotonic() - start
         for res in out:
             _log_result(qid, res, delay, start_wall)
+            _count(qid, res, delay)
             self.counters.inc(f"status_{res.status}")
             if res.suspected_attack:
                 self.counters.inc("suspected_attack")
@@ -265,6 +267,7 @@ class Deliverer:
             return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
         rt = await self.route(domain, level)
         nh, port, nexthop_name, policy = rt.nexthop, rt.port, rt.name, rt.policy
+        metrics.inc("dnssec_verdicts", verdict=str(nh.mx_security))
         if nh.failure is Failure.PERMANENT:
             return [RecipientResult(r, BOUNCED, nh.status, nh.reason) for r in rcpts]
         attack = nh.mx_security is Security.BOGUS
@@ -473,6 +476,17 @@ def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 
     if r.suspected_attack:
         line += " suspected_attack=yes"
     (log.warning if r.status != DELIVERED else log.info)(line)
+
+
+def _count(qid: str, r: RecipientResult, attempt: float) -> None:
+    metrics.inc("deliveries", outcome=r.status)
+    metrics.observe("attempt_duration_seconds", attempt, outcome=r.status)
+    arrival = arrival_of(qid)
+    if r.status != DEFERRED and arrival is not None:
+        metrics.observe("delivery_latency_seconds", max(0.0, time.time() - arrival), outcome=r.status)
+    metrics.inc("tls_outcomes", result=r.security or ("none" if r.address else "not-connected"))
+    if r.suspected_attack:
+        metrics.inc("suspected_attacks", kind=r.dsn)  # TODO(vocab): the RFC 8460 result type once results carry it
 
 
 def summarize(results: Iterable[RecipientResult]) -> str:
