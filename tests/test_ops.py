@@ -498,3 +498,82 @@ def test_metrics_with_workers_under_load(testnet: TestNet, tmp_path: Path) -> No
     finally:
         done.set()
         assert pg.stop() == 0
+
+
+# --- pure parts: the log vocabulary, the unit file, the dashboard ------------------------------------------
+
+@pytest.mark.parametrize(("arrival", "start", "end", "connected", "want"), [
+    # (arrival, attempt start, attempt end, connection set up) -> Postfix's delay=, delays=a/b/c/d
+    (1000.0, 1000.0, 1000.41, 1000.2, "delay=0.41, delays=0/0/0.20/0.21"),       # pre-queue: no wait before
+    (1000.0, 1300.0, 1301.5, None, "delay=302, delays=300/0/1.50/0"),           # a retry: delay since arrival
+    (1000.0, 1000.001, 1000.003, None, "delay=0, delays=0/0/0/0"),              # nothing measurable
+    (1000.0, 1012.0, 1013.0, 1012.5, "delay=13.0, delays=12.0/0/0.50/0.50"),
+])
+def test_delay_and_delays(arrival: float, start: float, end: float, connected: float | None, want: str) -> None:
+    from postgate.outbound.queue.envelope import new_queue_id
+    from postgate.policy.logline import arrival_of, delays
+    qid = new_queue_id(arrival)
+    assert arrival_of(qid) == pytest.approx(arrival, abs=1e-6)
+    assert delays(qid, start, end, connected) == want
+    # an id without a time in it: the attempt's start stands for the arrival
+    assert delays("not-a-queue-id", start, end, connected).split(", delays=")[1].startswith("0/0/")
+
+
+@pytest.mark.parametrize(("logger", "level", "message", "want"), [
+    ("postgate.smtpd", "WARNING", "unknown[192.0.2.1]: SASL PLAIN authentication failed: x",
+     "postgate/smtpd[42]: warning: unknown[192.0.2.1]: SASL PLAIN authentication failed: x"),
+    ("postgate.delivery", "WARNING", "0005F2A9C1B7E3A1B2C3: to=<b@example.net>, relay=none, status=deferred (x)",
+     "postgate/smtp[42]: 0005F2A9C1B7E3A1B2C3: to=<b@example.net>, relay=none, status=deferred (x)"),
+    ("postgate.queue", "INFO", "0005F2A9C1B7E3A1B2C3: removed", "postgate/qmgr[42]: 0005F2A9C1B7E3A1B2C3: removed"),
+    ("postgate.smtpd", "INFO", "NOQUEUE: reject: RCPT from unknown[192.0.2.1]: 554 5.7.1 x",
+     "postgate/smtpd[42]: NOQUEUE: reject: RCPT from unknown[192.0.2.1]: 554 5.7.1 x"),
+    ("postgate", "ERROR", "reload refused", "postgate/master[42]: error: reload refused"),
+    ("postgate", "CRITICAL", "refusing to start: x", "postgate/master[42]: fatal: refusing to start: x"),
+    ("postgate.local", "INFO", "x", "postgate/lmtp[42]: x"),
+    ("postgate.something.new", "INFO", "x", "postgate/master[42]: x"),
+])
+def test_postfix_formatter(logger: str, level: str, message: str, want: str) -> None:
+    import logging
+
+    from postgate.logfmt import PostfixFormatter
+    rec = logging.LogRecord(logger, getattr(logging, level), __file__, 1, message, None, None)
+    rec.process = 42
+    rec.created = time.mktime((2026, 12, 2, 3, 4, 5, 0, 0, -1))
+    assert PostfixFormatter(with_header=False).format(rec) == want
+    assert PostfixFormatter(hostname="mail").format(rec) == f"Dec  2 03:04:05 mail {want}"
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (Path(__file__).parent.parent / "packaging" / "systemd" / "postgate.service").read_text()
+    settings = {}
+    for ln in unit.splitlines():
+        if "=" in ln and not ln.startswith("#"):
+            k, _, v = ln.partition("=")
+            settings.setdefault(k, v)
+    assert settings["Type"] == "notify" and settings["ExecReload"].endswith("postgate reload --config "
+                                                                             "/etc/postgate/postgate.toml")
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert "CAP_NET_BIND_SERVICE" in settings["CapabilityBoundingSet"] and int(settings["WatchdogSec"]) > 0
+    assert settings["RestartPreventExitStatus"] == "78"   # a configuration error is not retried
+    # systemd's own checker, with the binary where this test's Postgate is
+    staged = tmp_path / "postgate.service"
+    staged.write_text(unit.replace("/opt/postgate/bin/postgate", str(Path(sys.executable).parent / "postgate")))
+    r = subprocess.run(["systemd-analyze", "verify", str(staged)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+
+
+def test_grafana_dashboard_uses_declared_metrics() -> None:
+    import json
+
+    from postgate.policy.metrics import METRICS
+    dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"postgate_[a-z_]+", e)}
+    known = {"postgate_queue_messages", "postgate_queue_oldest_age_seconds"}
+    for name, m in METRICS.items():
+        known |= {f"postgate_{name}_total"} if m.kind == "counter" else {f"postgate_{name}"}
+        if m.kind == "histogram":
+            known |= {f"postgate_{name}_{s}" for s in ("bucket", "sum", "count")}
+    assert used and used <= known, used - known
+    assert {m.removesuffix("_bucket") for m in used} >= {"postgate_delivery_latency_seconds",
+                                                          "postgate_messages_received_total"}
