@@ -59,7 +59,8 @@ log = logging.getLogger("postgate.smtpd")
 
 
 class LocalDelivery(Protocol):
-    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]: ...
+    async def deliver(self, sender: str, recipients: list[str], data: bytes, *,
+                      queue_id: str = "") -> list[LocalResult]: ...
 
 
 @dataclass
@@ -131,7 +132,7 @@ class PreQueue:
         local = [r for r in env.recipients if self.relay.is_local(r.address)]
         remote = [r for r in env.recipients if not self.relay.is_local(r.address)]
         if local and self.local is not None:
-            for lres in await self.local.deliver(env.sender, [r.address for r in local], content):
+            for lres in await self.local.deliver(env.sender, [r.address for r in local], content, queue_id=env.id):
                 _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
                     BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
                     lres.text, f"{lres.code} {lres.text}", mx="local"))
