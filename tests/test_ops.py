@@ -577,3 +577,29 @@ def test_grafana_dashboard_uses_declared_metrics() -> None:
     assert used and used <= known, used - known
     assert {m.removesuffix("_bucket") for m in used} >= {"postgate_delivery_latency_seconds",
                                                           "postgate_messages_received_total"}
+
+
+# --- the test network from a second shell ----------------------------------------------------------------
+
+def test_testnet_shell_enters_a_running_network(tmp_path: Path) -> None:
+    """`python -m fixtures.testnet shell -- CMD` runs CMD in the namespaces of a running `up` (here one
+    started in a namespace of its own, inside this test's)."""
+    repo = Path(__file__).parent.parent
+    up = subprocess.Popen([sys.executable, "-m", "fixtures.netns", sys.executable, "-m", "fixtures.testnet", "up",
+                           "--state", str(tmp_path / "state")], cwd=repo, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if line.startswith("up;"):
+                break
+        else:
+            pytest.fail("the test network did not come up")
+        assert "fixtures.testnet shell" in line
+        r = subprocess.run([sys.executable, "-m", "fixtures.testnet", "shell", "--", "dig", "@127.0.53.53", "+short",
+                            "mx", "dane-ok.test"], cwd=repo, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "10 mx.dane-ok.test.", r.stdout + r.stderr
+        assert "nsenter --target" in r.stderr
+    finally:
+        up.terminate()
+        up.wait(60)   # the namespace ends with it (unshare --kill-child): nothing survives
