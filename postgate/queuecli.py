@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         x = qs.add_parser(name, help=text)
         x.add_argument("id", help="queue id (20 hexadecimal digits, as logged)")
     qs.add_parser("requeue", help="retry every message now, held ones included")
+    for action in qs.choices.values():  # `postgate queue list --spool DIR` works as well as `queue --spool DIR list`
+        action.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file (TOML)")
+        action.add_argument("--spool", type=Path, default=argparse.SUPPRESS,
+                            help="spool directory (overrides [queue] directory)")
     p.set_defaults(func=cmd_queue)
 
 

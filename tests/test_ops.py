@@ -293,7 +293,7 @@ def test_syslog_target(testnet: TestNet, tmp_path: Path) -> None:
 
 def test_queue_list_never_creates_the_spool(tmp_path: Path) -> None:
     missing = tmp_path / "nonexistent" / "x"
-    r = pg_cmd("queue", "--spool", str(missing), "list")
+    r = pg_cmd("queue", "list", "--spool", str(missing))
     assert r.returncode == 66 and f"{missing}: no such directory" in r.stderr
     assert not (tmp_path / "nonexistent").exists()
     r = pg_cmd("queue", "--spool", str(tmp_path), "list")
