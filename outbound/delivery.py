@@ -57,6 +57,7 @@ class RecipientResult:
     suspected_attack: bool = False
     relayed_without_dsn: bool = False     # RFC 3461 §5.2.2: delivered to a server without DSN support
     port: int | None = None               # the port of ``address`` (for the log's relay=host[addr]:port)
+    last_tried: str | None = None         # a deferral: the last MX contacted, host[addr]:port (for the log)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
@@ -332,9 +333,9 @@ class Deliverer:
                     res.port = port
                 return done + results
         reason = "; ".join(failures) or "no MX host could be tried"
+        tried = f"{contacted[0]}[{contacted[1]}]:{port}" if contacted[1] else None
         return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else status_code, reason,
-                                       suspected_attack=attack, mx=contacted[0], address=contacted[1],
-                                       port=port if contacted[1] else None) for r in pending]
+                                       suspected_attack=attack, last_tried=tried) for r in pending]
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
@@ -463,7 +464,8 @@ def _dsn(code: int, message: str) -> str:
 def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 0.0) -> None:
     status = {DELIVERED: "sent", DEFERRED: "deferred", BOUNCED: "bounced"}[r.status]
     # Postfix: relay=host[addr]:port once an address was contacted; delay= since arrival, delays=a/b/c/d
-    relay = (f"{r.mx or r.address}[{r.address}]" + (f":{r.port}" if r.port else "")) if r.address else "none"
+    relay = (f"{r.mx or r.address}[{r.address}]" + (f":{r.port}" if r.port else "")) if r.address else \
+        (r.last_tried or "none")
     times = delays(qid, start_wall or time.time() - delay, (start_wall or time.time() - delay) + delay)
     line = (f"{qid}: to=<{r.recipient}>, relay={relay}, {times}, dsn={r.dsn}, "
             f"status={status} ({r.reply or r.reason})")
@@ -484,7 +486,7 @@ def _count(qid: str, r: RecipientResult, attempt: float) -> None:
     arrival = arrival_of(qid)
     if r.status != DEFERRED and arrival is not None:
         metrics.observe("delivery_latency_seconds", max(0.0, time.time() - arrival), outcome=r.status)
-    metrics.inc("tls_outcomes", result=r.security or ("none" if r.address else "not-connected"))
+    metrics.inc("tls_outcomes", result=r.security or ("none" if r.address or r.last_tried else "not-connected"))
     if r.suspected_attack:
         metrics.inc("suspected_attacks", kind=r.dsn)  # TODO(vocab): the RFC 8460 result type once results carry it
 
