@@ -221,7 +221,7 @@ class Daemon:
             print("ready", flush=True)  # to the main process, on our stdout pipe
             sys.stdout.close()
             log.info("worker ready")
-            queue_task = asyncio.create_task(self.stopping.wait())  # workers only enqueue; the main process runs it
+            queue_task = asyncio.create_task(self._orphan_watch())  # workers only enqueue; the main process runs it
         else:
             await self._start_workers()
             if self.cfg.metrics.listen:
@@ -269,6 +269,9 @@ class Daemon:
                 child.kill()
                 rc = await child.wait()
             log.info("worker %d exited with %s", i, rc)
+            if self.cfg.metrics.listen:
+                from postgate import metrics
+                metrics.process_gone(child.pid)
         await self.deliverer.close()
         if not self.worker:
             (Path(self.cfg.queue.directory) / PIDFILE).unlink(missing_ok=True)
@@ -284,10 +287,12 @@ class Daemon:
         fds = {srv.listener.name: srv.sock.fileno() for srv in self.servers if srv.sock is not None}
         spec = ",".join(f"{name}={fd}" for name, fd in fds.items())
         for i in range(1, self.cfg.server.workers):
+            env = {k: v for k, v in os.environ.items()  # systemd talks to the main process only
+                   if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "postgate.cli", "serve", "--config", str(self.cfg.path), "--worker", spec,
                 *sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv and "--worker" not in sys.argv
-                else [], stdout=asyncio.subprocess.PIPE, pass_fds=tuple(fds.values()))
+                else [], stdout=asyncio.subprocess.PIPE, pass_fds=tuple(fds.values()), env=env)
             assert proc.stdout is not None
             try:
                 line = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -298,6 +303,19 @@ class Daemon:
                 raise StartupError(f"worker {i} did not start (exit {await proc.wait()})")
             self.children.append(proc)
             log.info("worker %d started (pid %d)", i, proc.pid)
+
+    async def _orphan_watch(self) -> None:
+        """A worker whose main process died stops too (it would hold the port without a queue runner)."""
+        parent = os.getppid()
+        while not self.stopping.is_set():
+            if os.getppid() != parent:
+                log.warning("the main process %d is gone: stopping", parent)
+                self.stopping.set()
+                return
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
+            except TimeoutError:
+                pass
 
     def reload(self) -> None:
         """SIGHUP: re-read the TOML file, the maps, the credentials and the DKIM keys; tell the workers."""

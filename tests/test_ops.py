@@ -148,6 +148,19 @@ def test_a_second_serve_on_a_port_in_use_fails(testnet: TestNet, tmp_path: Path)
         assert f"listener submission on {HERE}:587: in use by another process" in third.log()
 
 
+def test_workers_do_not_outlive_the_main_process(testnet: TestNet, tmp_path: Path) -> None:
+    """SIGKILL of the main process: its worker stops too, so the port is free for the next start."""
+    pg = serve(testnet, tmp_path, server={"workers": 2})
+    assert pg.proc is not None
+    [worker] = [int(p) for p in Path(f"/proc/{pg.proc.pid}/task/{pg.proc.pid}/children").read_text().split()]
+    pg.proc.kill()
+    pg.proc.wait()
+    assert wait_for(lambda: not Path(f"/proc/{worker}").exists() or
+                    _status(worker).get("State", "").strip().startswith("Z"), 30)
+    assert f"[{worker}]: warning: the main process {pg.proc.pid} is gone: stopping" in pg.log()
+    serve(testnet, tmp_path).stop()   # the ports are free again
+
+
 # --- 4. postgate check runs exactly serve's validation first --------------------------------------------
 
 @pytest.mark.parametrize("case", ["map-level", "credentials-line", "credentials-mode"])
@@ -603,3 +616,34 @@ def test_testnet_shell_enters_a_running_network(tmp_path: Path) -> None:
     finally:
         up.terminate()
         up.wait(60)   # the namespace ends with it (unshare --kill-child): nothing survives
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ('[log]\ntarget = "journal"\n', ':2: [log] target: \'journal\' is not stderr or syslog'),
+    ('[log]\nsyslog_facility = "kern"\n', ":2: [log] syslog_facility: 'kern' is not one of mail"),
+    ('[metrics]\nlisten = "localhost:9108"\n', ":2: [metrics] listen: 'localhost:9108' is not ADDRESS:PORT"),
+    ('[server]\nuser = "Bad User"\n', ":2: [server] user: 'Bad User' is not a user name"),
+])
+def test_ops_settings_are_checked(tmp_path: Path, text: str, want: str) -> None:
+    from postgate import config as configmod
+    p = tmp_path / "postgate.toml"
+    p.write_text(text)
+    with pytest.raises(configmod.ConfigError, match=re.escape(f"{p}{want}")):
+        configmod.load(p)
+
+
+def test_sd_notify_abstract_socket() -> None:
+    from postgate import systemd
+    name = f"postgate-test-{secrets.token_hex(4)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        old = os.environ.get("NOTIFY_SOCKET")
+        os.environ["NOTIFY_SOCKET"] = "@" + name
+        try:
+            assert systemd.ready("up")
+            assert s.recv(100) == b"READY=1\nSTATUS=up"
+        finally:
+            os.environ.pop("NOTIFY_SOCKET")
+            if old is not None:
+                os.environ["NOTIFY_SOCKET"] = old
+    assert not systemd.notify("READY=1")   # not run by systemd: nothing, no error
