@@ -8,6 +8,8 @@ file itself (``postgate/config.py``); each problem is one ``file:line: reason`` 
 
 from __future__ import annotations
 
+import grp
+import pwd
 import socket
 import ssl
 from dataclasses import dataclass
@@ -106,6 +108,38 @@ def own_caps(cfg: configmod.Config) -> caps_policy.Caps:
                                   pipelining=True, chunking=False, size=s.max_message_size)
 
 
+def unreadable_by(user: str, cfg: configmod.Config) -> list[str]:
+    """Files a reload re-reads after the switch to ``user`` (the TOML file, maps, credentials, DKIM keys)
+    that this user cannot read, and the spool if it cannot be handed over."""
+    pw = pwd.getpwnam(user)
+    groups = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+
+    def can(path: Path, bits: int) -> bool:  # bits: 4 read, 1 search (owner, group, other, as the kernel does)
+        st = path.stat()
+        if st.st_uid == pw.pw_uid:
+            return bool((st.st_mode >> 6) & bits == bits)
+        if st.st_gid in groups:
+            return bool((st.st_mode >> 3) & bits == bits)
+        return bool(st.st_mode & bits == bits)
+
+    def reachable(path: Path) -> bool:
+        return all(can(p, 1) for p in reversed(path.resolve().parents))
+
+    paths = [Path(p) for p in (cfg.path, cfg.delivery.policy_map, cfg.delivery.transport_map,
+                               cfg.delivery.relay_auth_file, cfg.relay.credentials_file) if p]
+    keydir = Path(cfg.dkim.key_directory)
+    if keydir.is_dir():
+        paths += [keydir, *keydir.iterdir(), *keydir.glob("*/*.private")]
+    out = []
+    for p in paths:
+        try:
+            if not reachable(p) or not can(p, 5 if p.is_dir() else 4):
+                out.append(str(p))
+        except OSError:
+            continue
+    return out
+
+
 def validate(cfg: configmod.Config) -> list[str]:
     """Everything ``serve`` refuses beyond the TOML file and the self-checks: maps, credentials, TLS key, user."""
     problems = []
@@ -115,7 +149,6 @@ def validate(cfg: configmod.Config) -> list[str]:
         except configmod.ConfigError as e:
             problems.append(str(e))
     if cfg.server.user:
-        import pwd
         try:
             pwd.getpwnam(cfg.server.user)
         except KeyError:

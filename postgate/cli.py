@@ -183,6 +183,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     results = [Result("config", FAIL, p) for p in assemble.validate(cfg)]
     if not results:
         results.append(Result("config", PASS_, f"{cfg.path or 'defaults'}: maps, credentials and keys load"))
+    if cfg.server.user and results[0].status != FAIL:
+        bad = assemble.unreadable_by(cfg.server.user, cfg)
+        if bad:
+            results.append(Result("user", WARN, f"{cfg.server.user} cannot read {', '.join(bad)}: a reload after "
+                                  "the switch to that user would keep the old settings",
+                                  f"chown {cfg.server.user} (or chgrp and chmod g+r) those files and their folders"))
     if os.getuid() == 0 and not cfg.server.user:
         results.append(Result("user", WARN, "running as root with no [server] user: the daemon would keep root "
                               "privileges after binding its ports", "set [server] user = \"postgate\" (see "

@@ -196,7 +196,9 @@ def test_check_warns_about_root_without_user(testnet: TestNet, tmp_path: Path) -
     assert r.returncode == 0, r.stdout
     srv = PostgateServer(testnet, tmp_path, address=HERE, server={"user": "nobody"})
     r = pg_cmd("check", "--config", str(srv.config))
-    assert "WARN user" not in r.stdout and "PASS config" in r.stdout
+    assert "WARN user: running as root" not in r.stdout and "PASS config" in r.stdout
+    # pytest's temporary directory is root's (mode 0700): nobody could not re-read anything on a reload
+    assert f"WARN user: nobody cannot read {srv.config}, " in r.stdout
 
 
 # --- 6. logs in Postfix's format, read by fail2ban and pflogsumm ------------------------------------------
@@ -452,6 +454,16 @@ def test_privilege_drop_to_user(testnet: TestNet) -> None:
             assert wait_for(lambda: all(stored(testnet, "mx.dane-ok.test", t) for t in tokens), 60)
             assert (pg.spool / "messages").stat().st_uid == nobody.pw_uid
             assert "running as nobody" in pg.log()
+            # a reload re-reads everything as nobody: check names what nobody cannot read, then it works
+            r = pg_cmd("check", "--config", str(pg.config))
+            assert "WARN user: nobody cannot read" in r.stdout and "credentials" in r.stdout
+            for f in [pg.config, d / "pg" / "credentials", *(d / "pg" / "dkim").rglob("*"), d / "pg" / "dkim"]:
+                os.chown(f, nobody.pw_uid, nobody.pw_gid)
+            r = pg_cmd("check", "--config", str(pg.config))
+            assert "WARN user" not in r.stdout, r.stdout
+            assert pg_cmd("reload", "--config", str(pg.config)).returncode == 0
+            assert wait_for(lambda: len(set(re.findall(r"\[(\d+)\]: reloaded ", pg.log()))) == 2), pg.log()[-2000:]
+            assert "reload refused" not in pg.log() and "unusable" not in pg.log()
         finally:
             assert pg.stop() == 0
     finally:
