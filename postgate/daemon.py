@@ -223,14 +223,17 @@ class Daemon:
             log.info("worker ready")
             queue_task = asyncio.create_task(self._orphan_watch())  # workers only enqueue; the main process runs it
         else:
-            await self._start_workers()
             if self.cfg.metrics.listen:
                 host, _, port = self.cfg.metrics.listen.rpartition(":")
                 from postgate import metrics
                 spool = self.spool
-                self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
-                    lambda: ((st, env.arrival if env else None) for st, _q, env in spool.entries())))
+                try:
+                    self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
+                        lambda: ((st, env.arrival if env else None) for st, _q, env in spool.entries())))
+                except OSError as e:
+                    raise StartupError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror}", EX_OSERR) from e
                 log.info("metrics: http://%s/metrics", self.cfg.metrics.listen)
+            await self._start_workers()
             if user:
                 drop_privileges(user, Path(self.cfg.queue.directory),
                                 tuple(Path(p) for p in [os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")] if p))
