@@ -93,10 +93,12 @@ def drop_privileges(user: str, spool: Path | None, also: tuple[Path, ...] = ()) 
     for path in (*([spool] if spool else []), *also):
         if not path.exists():
             continue
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-        for root, dirs, files in os.walk(path):
+        os.chown(path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+        # relative to each directory's descriptor and never through a symbolic link: the user owns these
+        # folders and could swap one for a link while root walks them
+        for _root, dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
             for n in dirs + files:
-                os.chown(os.path.join(root, n), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+                os.chown(n, pw.pw_uid, pw.pw_gid, dir_fd=dirfd, follow_symlinks=False)
     groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
     os.setgroups(sorted({pw.pw_gid, *groups}))
     os.setgid(pw.pw_gid)
