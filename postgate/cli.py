@@ -168,6 +168,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, resolver, deliverer, signer=build_signer(cfg), caps=own_caps(cfg), worker=args.worker)
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from postgate import settings
+    table = settings.load()
+    if not args.names:
+        for s in table.values():
+            print(f"{s.name} = {s.default.replace('`', '').replace(chr(92) + '|', '|')}")
+        return EX_OK
+    status = EX_OK
+    for name in args.names:
+        found = [s for s in table.values() if s.name == name or s.section == name]
+        if not found:
+            print(f"postgate settings: unknown setting {name!r} (try 'postgate settings' for the list)",
+                  file=sys.stderr)
+            status = EX_USAGE
+        for s in found:
+            print(s.text())
+    return status
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     from postgate.daemon import send_reload
     cfg = configmod.load(args.config)
@@ -326,6 +345,11 @@ def make_parser() -> argparse.ArgumentParser:
                        "and the old one stays. Exit 0: signal sent; 69: no daemon runs.")
     p.add_argument("--config", type=Path, help="configuration file (TOML)")
     p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("settings", help="describe configuration settings (like postconf -d and postconf(5))",
+                       description="Without arguments: every setting with its default, one per line. With "
+                       "SECTION or SECTION.KEY: type, default and meaning, from docs/configuration.md.")
+    p.add_argument("names", nargs="*", metavar="SECTION[.KEY]", help="e.g. server.user, or dkim")
+    p.set_defaults(func=cmd_settings)
     p = sub.add_parser("check", help="check this server's own setup (certificate, TLSA, DNSSEC, DKIM, ...)",
                        description="One line per check: PASS, WARN or FAIL with the fix. Exit 1 on any FAIL. "
                        "'postgate serve' runs the same checks and refuses to start on a FAIL.")

@@ -661,3 +661,20 @@ def test_sd_notify_abstract_socket() -> None:
             if old is not None:
                 os.environ["NOTIFY_SOCKET"] = old
     assert not systemd.notify("READY=1")   # not run by systemd: nothing, no error
+
+
+def test_every_setting_is_documented_once_and_settings_prints_it() -> None:
+    """docs/configuration.md is the one reference: every key the loader knows has its row, and no row
+    names a key the loader does not know; `postgate settings` prints them."""
+    from dataclasses import fields
+
+    from postgate import config as configmod
+    from postgate import settings
+    table = settings.load()
+    known = {f"{name}.{f.name}" for name, cls in configmod.SECTIONS.items() for f in fields(cls)}
+    known |= {f"listener.{f.name}" for f in fields(configmod.ListenerSettings)}
+    assert set(table) == known, (sorted(known - set(table)), sorted(set(table) - known))
+    r = pg_cmd("settings", "server.user", "dkim.required")
+    assert r.returncode == 0 and r.stdout.startswith('server.user = ""\n    type: user name\n')
+    assert "dkim.required = true" in r.stdout
+    assert pg_cmd("settings", "server.nosuch").returncode == 64

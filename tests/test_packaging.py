@@ -56,6 +56,10 @@ def test_the_wheel_is_what_runs(wheel_venv: Path) -> None:
     assert all(Path(f).resolve().is_relative_to(wheel_venv.resolve()) for f in files), files
     r = subprocess.run([wheel_venv / "bin" / "postgate", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("postgate 0.")
+    # the settings reference travels in the wheel (docs/configuration.md)
+    r = subprocess.run([wheel_venv / "bin" / "postgate", "settings", "server.user"], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and "type: user name" in r.stdout, r.stderr
 
 
 def test_the_wheel_serves_and_delivers(wheel_venv: Path, testnet: TestNet, tmp_path: Path) -> None:
