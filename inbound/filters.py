@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from postgate.policy import metrics
 from postgate.policy.vocab import Reply
 
 log = logging.getLogger("postgate.filters")
@@ -281,6 +282,7 @@ class FilterChain:
                 self.failed[i] = v
                 await self._drop(i)
             v = replace(v, filter=f.name)
+            metrics.inc("filter_verdicts", filter=f.name, stage=ctx.stage.value, action=v.action.value)
             if v.action is Action.ACCEPT:
                 self.accepted.add(i)
             if v.headers or v.add_recipients or v.remove_recipients or v.new_sender is not None or \

@@ -1,6 +1,15 @@
 """Local delivery for Postgate's own domains: to an LMTP server (Dovecot's, over a Unix or TCP socket,
 RFC 2033) with one result per recipient, or, without one, into Maildirs.
 
+LMTP differs from SMTP in one rule that matters here (RFC 2033 §4.2): after the final dot the server
+sends one reply **per recipient it accepted at RCPT**, in RCPT order, so one mailbox can take the message
+while another is over quota. Each reply becomes that recipient's :class:`LocalResult`: 2xx delivered,
+4xx deferred (the queue retries only that recipient), 5xx bounced. A recipient refused at RCPT gets the
+RCPT reply; a failure of the whole session (connection, greeting, LHLO, MAIL, DATA) applies to every
+recipient still without a result, as a temporary failure when the server said nothing better.
+Every result is logged like Postfix's lmtp/virtual delivery agents:
+``QUEUEID: to=<bob@example.org>, relay=lmtp[/run/dovecot/lmtp], delay=…, delays=…, dsn=2.0.0, status=sent (250 …)``.
+
 Maildir (the qmail/Dovecot layout): ``<root>/<domain>/<local part>/{tmp,new,cur}``; a message is written
 to ``tmp/``, fsync'd, then renamed into ``new/`` and the directory fsync'd, so it is never seen half
 written and survives a crash once acknowledged.
@@ -9,6 +18,7 @@ written and survives a crash once acknowledged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -18,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postgate.outbound.queue.spool import fsync_dir
+from postgate.policy.logline import delays
+
+log = logging.getLogger("postgate.local")
 
 _SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 
@@ -31,6 +44,28 @@ class LocalResult:
     @property
     def ok(self) -> bool:
         return 200 <= self.code < 300
+
+    @property
+    def status(self) -> str:
+        """Postfix's word for the outcome: sent, deferred (4xx) or bounced (5xx)."""
+        return "sent" if self.ok else ("bounced" if self.code >= 500 else "deferred")
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code of the reply (RFC 3463), or one made from the basic code."""
+        first = self.text.split(" ", 1)[0]
+        parts = first.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(self.code)[0]:
+            return first
+        return f"{str(self.code)[0]}.0.0"
+
+
+def _log(queue_id: str, relay: str, start: float, results: list[LocalResult]) -> None:
+    end = time.time()
+    for r in results:
+        (log.info if r.ok else log.warning)(
+            "%s: to=<%s>, relay=%s, %s, dsn=%s, status=%s (%d %s)", queue_id or "NOQUEUE", r.recipient, relay,
+            delays(queue_id, start, end), r.dsn, r.status, r.code, r.text)
 
 
 class Maildir:
@@ -63,14 +98,17 @@ class Maildir:
         fsync_dir(folder / "new")
         return LocalResult(recipient, 250, f"2.0.0 delivered to maildir as {name}")
 
-    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
+    async def deliver(self, sender: str, recipients: list[str], data: bytes, *,
+                      queue_id: str = "") -> list[LocalResult]:
         loop = asyncio.get_running_loop()
+        start = time.time()
         out = []
         for r in recipients:
             try:
                 out.append(await loop.run_in_executor(None, self._write, r, data))
             except OSError as e:
                 out.append(LocalResult(r, 451, f"4.3.0 maildir write failed: {e.strerror}"))
+        _log(queue_id, "maildir", start, out)
         return out
 
 
@@ -86,11 +124,24 @@ class LMTPClient:
         host, _, port = self.target.rpartition(":")
         return await asyncio.open_connection(host.strip("[]"), int(port))
 
-    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
+    @property
+    def relay(self) -> str:
+        """``relay=`` as Postfix's lmtp logs it: name[address]:port, or lmtp[socket path]."""
+        if self.target.startswith("unix:"):
+            return f"lmtp[{self.target[5:]}]"
+        host, _, port = self.target.rpartition(":")
+        host = host.strip("[]")
+        return f"{host}[{host}]:{port}"
+
+    async def deliver(self, sender: str, recipients: list[str], data: bytes, *,
+                      queue_id: str = "") -> list[LocalResult]:
+        start = time.time()
         try:
-            return await asyncio.wait_for(self._deliver(sender, recipients, data), self.timeout)
+            out = await asyncio.wait_for(self._deliver(sender, recipients, data), self.timeout)
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
-            return [LocalResult(r, 451, f"4.4.1 LMTP {self.target}: {type(e).__name__}: {e}") for r in recipients]
+            out = [LocalResult(r, 451, f"4.4.1 LMTP {self.target}: {type(e).__name__}: {e}") for r in recipients]
+        _log(queue_id, self.relay, start, out)
+        return out
 
     async def _deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]:
         r, w = await self._open()
@@ -141,7 +192,10 @@ class LMTPClient:
                     for rc in accepted:  # RFC 2033 §4.2: one reply per accepted recipient
                         code, text = await reply()
                         results[rc] = LocalResult(rc, code, text)
-            await cmd("QUIT")
+            try:
+                await cmd("QUIT")
+            except (OSError, ConnectionError, asyncio.IncompleteReadError):
+                pass  # every recipient has its reply: a lost QUIT changes nothing (never deliver twice)
             return [results[rc] for rc in recipients]
         finally:
             w.close()

@@ -60,7 +60,8 @@ log = logging.getLogger("postgate.smtpd")
 
 
 class LocalDelivery(Protocol):
-    async def deliver(self, sender: str, recipients: list[str], data: bytes) -> list[LocalResult]: ...
+    async def deliver(self, sender: str, recipients: list[str], data: bytes, *,
+                      queue_id: str = "") -> list[LocalResult]: ...
 
 
 @dataclass
@@ -126,9 +127,9 @@ class PreQueue:
                            requiretls="REQUIRETLS" in params, smtputf8="SMTPUTF8" in params,
                            body=params.get("BODY", "").upper())
         env.id = qid
-        who = f"{qid}: client={s.helo}[{s.peer[0]}]" + (f", sasl_username={s.user}" if s.user else "")
-        log.info("%s, from=<%s>, size=%d, nrcpt=%d, tls=%s", who, s.sender, len(content), len(rcpts),
-                 s.tls_version or "none")
+        log.info("%s: client=%s[%s]%s", qid, s.client_name, s.peer[0], f", sasl_username={s.user}" if s.user else "")
+        logging.getLogger("postgate.queue").info("%s: from=<%s>, size=%d, nrcpt=%d, tls=%s (queue active)", qid,
+                                                 s.sender, len(content), len(rcpts), s.tls_version or "none")
         if s.routes:
             # TODO(routes): the envelope (outbound/queue/envelope.py) has no field for per-message routing yet;
             # the filters' choices are logged, and delivery uses the configured policy
@@ -203,7 +204,7 @@ class PreQueue:
         local = [r for r in env.recipients if self.relay.is_local(r.address) and not r.final]
         if not local or self.local is None:
             return
-        for lres in await self.local.deliver(env.sender, [r.address for r in local], content):
+        for lres in await self.local.deliver(env.sender, [r.address for r in local], content, queue_id=env.id):
             _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
                 BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
                 lres.text, f"{lres.code} {lres.text}", mx="local"))

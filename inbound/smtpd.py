@@ -29,6 +29,7 @@ import binascii
 import logging
 import re
 import resource
+import socket
 import ssl
 import tempfile
 import time
@@ -48,6 +49,7 @@ from postgate.inbound.filters import (
     split_message,
 )
 from postgate.outbound.queue.envelope import new_queue_id
+from postgate.policy import metrics
 from postgate.policy.vocab import Reply as VocabReply
 
 log = logging.getLogger("postgate.smtpd")
@@ -314,6 +316,7 @@ class SMTPServer:
         self.throttle = AuthThrottle(self.limits.auth_delay, self.limits.auth_max_delay, self.limits.auth_window)
         self.fd_limit = 1 << 20
         self._refuse_log = _RateLimitedLog()
+        self.sock: socket.socket | None = None   # a listening socket bound by the daemon (shared with workers)
 
     async def start(self) -> None:
         # implicit TLS (RFC 8314 §3.3): the handshake is done by the session, after the connection is counted
@@ -321,9 +324,12 @@ class SMTPServer:
         self.fd_limit = descriptor_limit()
         loop = asyncio.get_running_loop()
         _rate_limit_accept_errors(loop)
-        # SO_REUSEPORT: several worker processes may share the port; the kernel spreads connections
-        self.server = await asyncio.start_server(self._accept, self.listener.host, self.listener.port,
-                                                 limit=MAX_AUTH + 64, backlog=1024, reuse_port=True)
+        # no SO_REUSEPORT: a port in use by anyone else is an error; Postgate's own workers share the
+        # daemon's listening socket (self.sock, inherited) instead
+        where: dict[str, object] = {"sock": self.sock} if self.sock is not None else \
+            {"host": self.listener.host, "port": self.listener.port}
+        self.server = await asyncio.start_server(self._accept, **where,  # type: ignore[arg-type]
+                                                 limit=MAX_AUTH + 64, backlog=1024)
 
     async def stop_accepting(self) -> None:
         if self.server is not None:
@@ -354,13 +360,18 @@ class SMTPServer:
             self.sessions += 1
             self.per_client[ip] = self.per_client.get(ip, 0) + 1
             counted = True
-            if self.listener.implicit_tls:
-                assert self.listener.tls is not None
-                async with asyncio.timeout(self.limits.tls_handshake_timeout):
-                    await writer.start_tls(self.listener.tls)
-            sock = writer.get_extra_info("sockname") or ("", 0)
-            s = Session(self.listener, (ip, peer[1]), local=(str(sock[0]), int(sock[1])))
-            await _Conversation(self, reader, writer, s).run()
+            metrics.inc("smtpd_connections", listener=self.listener.name)
+            metrics.add("smtpd_sessions", 1, listener=self.listener.name)
+            try:
+                if self.listener.implicit_tls:
+                    assert self.listener.tls is not None
+                    async with asyncio.timeout(self.limits.tls_handshake_timeout):
+                        await writer.start_tls(self.listener.tls)
+                sock = writer.get_extra_info("sockname") or ("", 0)
+                s = Session(self.listener, (ip, peer[1]), local=(str(sock[0]), int(sock[1])))
+                await _Conversation(self, reader, writer, s).run()
+            finally:
+                metrics.add("smtpd_sessions", -1, listener=self.listener.name)
         except (ConnectionError, ssl.SSLError, OSError, TimeoutError):
             pass
         except Exception:
@@ -475,6 +486,13 @@ class _Conversation:
                     self.s.client_name, self.s.reverse_client_name = await self.srv.client_names(self.s.peer[0])
             except Exception:   # a failed or slow lookup: the client stays "unknown" (Postfix does the same)
                 pass
+        log.info("connect from %s", self.who)
+        try:
+            await self._session()
+        finally:
+            log.info("disconnect from %s", self.who)
+
+    async def _session(self) -> None:
         v = await self._ask(Stage.CONNECT)
         if v is not None:
             if v.code < 500:
@@ -644,10 +662,11 @@ class _Conversation:
             await self.send(Reply(235, "2.7.0 authentication successful"))
             return None
         delay = self.srv.throttle.failed(self.s.peer[0], user, time.monotonic())
-        # the line fail2ban's postfix filter (postfix-sasl) matches, then one naming the account
-        log.warning("warning: %s: SASL %s authentication failed: authentication failure", self.who, mech)
-        log.info("%s: SASL %s authentication failed for sasl_username=%s, reply delayed %.2fs", self.who, mech,
-                 user.encode("unicode_escape").decode()[:64], delay)
+        # Postfix's words, the line fail2ban's postfix filter (postfix-sasl, aggressive) matches
+        log.warning("warning: %s: SASL %s authentication failed: authentication failure, sasl_username=%s",
+                    self.who, mech, user.encode("unicode_escape").decode()[:64])
+        log.info("%s: SASL %s authentication failed, reply delayed %.2fs", self.who, mech, delay)
+        metrics.inc("smtpd_auth_failures", listener=self.s.listener.name)
         await asyncio.sleep(delay)   # RFC 4954 §4: a server may delay its reply after a failure
         await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
         return None
@@ -751,8 +770,10 @@ class _Conversation:
         if refusal is None:
             refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
         if refusal is not None:
-            log.info("%s[%s]: reject: RCPT from <%s> to <%s>: %d %s", self.s.helo, self.s.peer[0], self.s.sender,
-                     addr, refusal.code, refusal.text)
+            log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+                     self.s.client_name, self.s.peer[0], refusal.code, refusal.text, self.s.sender, addr,
+                     "ESMTP" if self.s.esmtp else "SMTP", self.s.helo)
+            metrics.inc("smtpd_rejects", stage="rcpt", reason=str(refusal.code))
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))
         return await self.send(Reply(250, "2.1.5 Ok"))
@@ -784,6 +805,8 @@ class _Conversation:
             log.error("%s: internal error after DATA from %s: %s: %s", self.s.queue_id, self.who,
                       type(e).__name__, e)
             reply = Reply(451, "4.3.0 internal error, try again later")
+        metrics.inc("messages_received", listener=self.s.listener.name,
+                    outcome="accepted" if reply.code < 400 else ("tempfailed" if reply.code < 500 else "refused"))
         await self._reset()
         await self.send(reply)
         return None

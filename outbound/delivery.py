@@ -32,8 +32,9 @@ from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
 from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
-from postgate.policy import mtasts
+from postgate.policy import metrics, mtasts
 from postgate.policy.caps import Caps
+from postgate.policy.logline import arrival_of, delays
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
 from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
 from postgate.policy.tlsrpt import Attempt, PolicyType, ResultType
@@ -59,6 +60,8 @@ class RecipientResult:
     tlsa_matched: str | None = None
     suspected_attack: bool = False
     relayed_without_dsn: bool = False     # RFC 3461 §5.2.2: delivered to a server without DSN support
+    port: int | None = None               # the port of ``address`` (for the log's relay=host[addr]:port)
+    last_tried: str | None = None         # a deferral: the last MX contacted, host[addr]:port (for the log)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
@@ -241,7 +244,7 @@ class Deliverer:
         """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
         PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
         qid = queue_id or new_queue_id()
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         _ARRIVAL.set(arrival if arrival is not None else time.time())
         groups: dict[str, list[str]] = {}
         for r in recipients:
@@ -254,7 +257,8 @@ class Deliverer:
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
         for res in out:
-            _log_result(qid, res, delay)
+            _log_result(qid, res, delay, start_wall)
+            _count(qid, res, delay)
             self.counters.inc(f"status_{res.status}")
             if res.suspected_attack:
                 self.counters.inc("suspected_attack")
@@ -278,6 +282,7 @@ class Deliverer:
             return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
         rt = await self.route(domain, level)
         nh, port, nexthop_name, policy = rt.nexthop, rt.port, rt.name, rt.policy
+        metrics.inc("dnssec_verdicts", verdict=str(nh.mx_security))
         if nh.failure is Failure.PERMANENT:
             return [RecipientResult(r, BOUNCED, nh.status, nh.reason) for r in rcpts]
         attack = nh.mx_security is Security.BOGUS
@@ -299,6 +304,7 @@ class Deliverer:
         guard = await self._downgrade(nexthop, nh, sts, via_relay)
         if guard:
             return [RecipientResult(r, DEFERRED, "4.7.5", guard, suspected_attack=True) for r in pending]
+        contacted: tuple[str | None, str | None] = (None, None)  # the last MX address tried, for the log
         for host in nh.hosts:
             if host.unusable:
                 bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
@@ -341,6 +347,7 @@ class Deliverer:
                                                    pending, data, mail_options, via_relay, caps, caps_name, dsn,
                                                    sts=sts)
                 except SessionError as e:
+                    contacted = (_h(host), address)
                     if e.tlsrpt is not None and not via_relay and not e.cleartext_retry:
                         await self._report(nexthop, sts, req, _h(host), address, e.tlsrpt, e.reason)
                     attack |= e.suspected_attack
@@ -348,13 +355,16 @@ class Deliverer:
                     status_code = e.dsn
                     if e.code >= 500 and not e.temporary:
                         return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
-                                                       mx=_h(host), address=address) for r in pending]
+                                                       mx=_h(host), address=address, port=port) for r in pending]
                     continue
                 # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
+                for res in results:
+                    res.port = port
                 return done + results
         reason = "; ".join(failures) or "no MX host could be tried"
+        tried = f"{contacted[0]}[{contacted[1]}]:{port}" if contacted[1] else None
         return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else status_code, reason,
-                                       suspected_attack=attack) for r in pending]
+                                       suspected_attack=attack, last_tried=tried) for r in pending]
 
     async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
                         req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
@@ -576,10 +586,13 @@ def _dsn(code: int, message: str) -> str:
     return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
 
 
-def _log_result(qid: str, r: RecipientResult, delay: float) -> None:
+def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 0.0) -> None:
     status = {DELIVERED: "sent", DEFERRED: "deferred", BOUNCED: "bounced"}[r.status]
-    relay = f"{r.mx}[{r.address}]" if r.mx else "none"
-    line = (f"{qid}: to=<{r.recipient}>, relay={relay}, delay={delay:.2f}, dsn={r.dsn}, "
+    # Postfix: relay=host[addr]:port once an address was contacted; delay= since arrival, delays=a/b/c/d
+    relay = (f"{r.mx or r.address}[{r.address}]" + (f":{r.port}" if r.port else "")) if r.address else \
+        (r.last_tried or "none")
+    times = delays(qid, start_wall or time.time() - delay, (start_wall or time.time() - delay) + delay)
+    line = (f"{qid}: to=<{r.recipient}>, relay={relay}, {times}, dsn={r.dsn}, "
             f"status={status} ({r.reply or r.reason})")
     if r.security:
         line += f" tls={r.security}"
@@ -590,6 +603,17 @@ def _log_result(qid: str, r: RecipientResult, delay: float) -> None:
     if r.suspected_attack:
         line += " suspected_attack=yes"
     (log.warning if r.status != DELIVERED else log.info)(line)
+
+
+def _count(qid: str, r: RecipientResult, attempt: float) -> None:
+    metrics.inc("deliveries", outcome=r.status)
+    metrics.observe("attempt_duration_seconds", attempt, outcome=r.status)
+    arrival = arrival_of(qid)
+    if r.status != DEFERRED and arrival is not None:
+        metrics.observe("delivery_latency_seconds", max(0.0, time.time() - arrival), outcome=r.status)
+    metrics.inc("tls_outcomes", result=r.security or ("none" if r.address or r.last_tried else "not-connected"))
+    if r.suspected_attack:
+        metrics.inc("suspected_attacks", kind=r.dsn)  # TODO(vocab): the RFC 8460 result type once results carry it
 
 
 def summarize(results: Iterable[RecipientResult]) -> str:

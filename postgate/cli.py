@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 import sys
@@ -18,110 +19,51 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from postgate import config as configmod
 from postgate import (
+    assemble,
     queuecli,
     sievecli,  # sieve-check, sieve-test (issue 17)
 )
+from postgate import config as configmod
 from postgate.config import LEVELS
 from postgate.outbound import dkim
 from postgate.outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
 from postgate.outbound.nexthop import Failure, NextHop, parse_domain, resolve_nexthop
-from postgate.outbound.resolver import Resolver, ResolverConfigError, load_anchors, parse_server
-from postgate.outbound.smtp_client import Timeouts
+from postgate.outbound.resolver import Resolver, ResolverConfigError
 from postgate.outbound.tlscheck import tls_check
-from postgate.policy import caps as caps_policy
-from postgate.policy.maps import MapError, SaslPasswordMap, TlsPolicyMap, TransportMap, parse_relay
-from postgate.policy.tls import Level, Policy
+from postgate.policy.tls import Level
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 69, 75, 78
+PASS_ = "PASS"
 
 
-def add_resolver_options(p: argparse.ArgumentParser) -> None:
+def add_resolver_options(p: argparse.ArgumentParser, json_output: bool = True) -> None:
     p.add_argument("--config", type=Path, help="configuration file (TOML)")
     p.add_argument("--resolver", action="append", metavar="ADDR[:PORT]",
                    help="recursive resolver to ask (repeatable); overrides [resolver] servers")
     p.add_argument("--trust-anchor", type=Path, metavar="FILE",
                    help="trust anchors (DS/DNSKEY lines); overrides [resolver] trust_anchor_file")
     p.add_argument("--mode", choices=["validate", "trust-ad"], help="overrides [resolver] mode")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="machine-readable output (JSON on standard output)")
 
 
 def build_resolver(args: argparse.Namespace) -> tuple[configmod.Config, Resolver]:
     cfg = configmod.load(args.config)
-    r = cfg.resolver
-    servers = args.resolver or r.servers or configmod.system_resolvers()
-    anchor_path = args.trust_anchor or (Path(r.trust_anchor_file) if r.trust_anchor_file else None)
-    resolver = Resolver(
-        servers=[parse_server(s) for s in servers],
-        anchors=load_anchors(anchor_path),
-        mode=args.mode or r.mode,
-        timeout=r.timeout,
-        skew=r.clock_skew,
-        cache_size=r.cache_size,
-        allow_remote_trust_ad=r.allow_remote_trust_ad,
-    )
-    return cfg, resolver
+    return cfg, assemble.build_resolver(cfg, assemble.ResolverOverrides(
+        tuple(args.resolver or ()), args.trust_anchor, args.mode))
 
 
 def build_deliverer(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver) -> Deliverer:
-    d = cfg.delivery
-    try:
-        policy_map = TlsPolicyMap(d.policy_map) if d.policy_map else None
-        transport_map = TransportMap(d.transport_map) if d.transport_map else None
-        relay = parse_relay(d.relay, "[delivery] relay") if d.relay else None
-        auth = None
-        if relay is not None and d.relay_auth_file:
-            auth = SaslPasswordMap(d.relay_auth_file).lookup(relay)
-    except MapError as e:
-        raise configmod.ConfigError(str(e)) from e
-    relay_policy = None
-    if d.relay_level:
-        relay_policy = Policy(Level(d.relay_level), tuple(d.relay_match), source="[delivery] relay_level")
-    helo = d.helo or cfg.server.hostname or socket.getfqdn()
-    dc = DeliveryConfig(
-        helo=helo, default_policy=Policy(Level(d.level), source="[delivery] level"),
-        policy_map=policy_map, transport_map=transport_map, relay=relay, relay_policy=relay_policy,
-        relay_auth=auth, ca_file=d.ca_file or None, reuse_idle=d.connection_reuse_time,
-        timeouts=Timeouts(connect=d.connect_timeout, greeting=d.command_timeout, command=d.command_timeout,
-                          tls=d.tls_timeout, data=d.data_timeout))
-    wire_tls_reporting(cfg, resolver, dc)
+    dc = assemble.delivery_config(cfg)
+    assemble.wire_tls_reporting(cfg, resolver, dc)
     return Deliverer(resolver, dc)
-
-
-def wire_tls_reporting(cfg: configmod.Config, resolver: Resolver, dc: DeliveryConfig) -> None:
-    """Issue 18: MTA-STS, the downgrade memory and TLS-RPT collection (docs/mta-sts.md). Their state files
-    live beside the queue; a command run where the queue directory is not writable keeps them in memory."""
-    import os
-
-    from postgate.outbound import downgrade
-    from postgate.outbound.mtasts import StsResolver, StsSettings
-    from postgate.outbound.tlsrptdb import TlsRptStore, collector
-
-    qdir = Path(cfg.queue.directory)
-    persistent = qdir.is_dir() and os.access(qdir, os.W_OK)
-    m, t, g = cfg.mta_sts, cfg.tlsrpt, cfg.downgrade
-    if m.enabled:
-        dc.sts = StsResolver(resolver, StsSettings(
-            ca_file=m.ca_file or cfg.delivery.ca_file or None, cache_file=m.cache_file if persistent else None,
-            fetch_timeout=m.fetch_timeout, max_size=m.max_policy_size, refresh_after=m.refresh_interval))
-    per_domain = tuple((x.lower().rstrip("."), downgrade.Action.DEFER) for x in g.defer_domains) + tuple(
-        (x.lower().rstrip("."), downgrade.Action.LOG) for x in g.log_domains)
-    dc.downgrade = downgrade.DowngradeMemory(downgrade.Settings(
-        action=downgrade.Action(g.action), remember=g.remember, defer_window=g.defer_window,
-        file=g.file if persistent or Path(g.file).is_file() else None, per_domain=per_domain))
-    dc.cleartext_fallback_delay = g.cleartext_fallback_delay
-    if t.enabled and t.reporter == "tlsrpt-reporter":
-        from postgate.outbound.tlsrpt_reporter import ReporterHook
-        dc.tls_report = ReporterHook(t.reporter_socket, resolver)
-    elif t.enabled and persistent:
-        dc.tls_report = collector(TlsRptStore(t.store))
 
 
 async def _sts_and_memory(cfg: configmod.Config, resolver: Resolver, domain: str) -> tuple[str, str]:
     """Issue 18: the MTA-STS policy in force and the downgrade memory of ``domain``, for ``resolve``."""
     dc = DeliveryConfig()
-    wire_tls_reporting(cfg, resolver, dc)
+    assemble.wire_tls_reporting(cfg, resolver, dc)
     sts = (await dc.sts.lookup(domain)).describe() if dc.sts is not None else "MTA-STS disabled"
     m = dc.downgrade.get(domain) if dc.downgrade is not None else None
     return sts, m.describe() if m is not None else ""
@@ -147,8 +89,18 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     # what is sent
     data = re.sub(rb"\r?\n", b"\r\n", data)
     signer = build_signer(cfg)
-    if signer is not None and (signer.keys or cfg.dkim.required):
+    if signer is not None and signer.keys_for(data):
         data = signer.sign(data, args.sender)
+    elif cfg.dkim.required:
+        # the README's promise: every message Postgate sends is DKIM-signed
+        print(f"postgate deliver: no DKIM key for this message's From domain nor for "
+              f"{cfg.dkim.default_domain or cfg.server.hostname or '(no [dkim] default_domain)'} in "
+              f"{cfg.dkim.key_directory}: refusing to send it unsigned (create one with 'postgate dkim keygen "
+              "DOMAIN', or set [dkim] required = false)", file=sys.stderr)
+        return EX_CONFIG
+    else:
+        print("postgate deliver: warning: sending unsigned ([dkim] required = false and no key for this "
+              "message)", file=sys.stderr)
 
     async def run() -> list[RecipientResult]:
         try:
@@ -209,12 +161,7 @@ def cmd_tls_check(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def own_caps(cfg: configmod.Config) -> caps_policy.Caps:
-    """The capabilities Postgate's inbound smtpd really offers with this configuration (inbound/)."""
-    s = cfg.server
-    return caps_policy.record_for(starttls=bool(s.tls_cert_file), dane=s.publish_dane, tls_min=s.tls_min_version,
-                                  requiretls=s.requiretls, smtputf8=s.smtputf8, eightbitmime=True,
-                                  pipelining=True, chunking=False, size=s.max_message_size)
+own_caps = assemble.own_caps
 
 
 def cmd_caps_record(args: argparse.Namespace) -> int:
@@ -230,11 +177,7 @@ def cmd_caps_record(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def build_signer(cfg: configmod.Config) -> dkim.Signer | None:
-    try:
-        return dkim.Signer(cfg.dkim.key_directory, cfg.dkim.default_domain or cfg.server.hostname)
-    except dkim.DkimError:
-        return None  # reported by the dkim check
+build_signer = assemble.build_signer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -244,10 +187,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, resolver, deliverer, signer=build_signer(cfg), caps=own_caps(cfg), worker=args.worker)
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from postgate import settings
+    table = settings.load()
+    if not args.names:
+        for s in table.values():
+            print(f"{s.name} = {s.default.replace('`', '').replace(chr(92) + '|', '|')}")
+        return EX_OK
+    status = EX_OK
+    for name in args.names:
+        found = [s for s in table.values() if s.name == name or s.section == name]
+        if not found:
+            print(f"postgate settings: unknown setting {name!r} (try 'postgate settings' for the list)",
+                  file=sys.stderr)
+            status = EX_USAGE
+        for s in found:
+            print(s.text())
+    return status
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from postgate.daemon import send_reload
+    cfg = configmod.load(args.config)
+    code, text = send_reload(cfg)
+    print(f"postgate reload: {text}", file=sys.stderr)
+    return code
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from postgate.check import FAIL, apply_downgrades, run_checks, to_json
+    from postgate.check import FAIL, WARN, Result, apply_downgrades, run_checks, to_json
     cfg, resolver = build_resolver(args)
-    results = apply_downgrades(asyncio.run(run_checks(cfg, resolver, own_caps(cfg))), cfg.check.downgrade)
+    # exactly serve's validation first: what serve refuses is a FAIL here (never downgraded)
+    results = [Result("config", FAIL, p) for p in assemble.validate(cfg)]
+    if not results:
+        results.append(Result("config", PASS_, f"{cfg.path or 'defaults'}: maps, credentials and keys load"))
+    if cfg.server.user and results[0].status != FAIL:
+        bad = assemble.unreadable_by(cfg.server.user, cfg)
+        if bad:
+            results.append(Result("user", WARN, f"{cfg.server.user} cannot read {', '.join(bad)}: a reload after "
+                                  "the switch to that user would keep the old settings",
+                                  f"chown {cfg.server.user} (or chgrp and chmod g+r) those files and their folders"))
+    if os.getuid() == 0 and not cfg.server.user:
+        results.append(Result("user", WARN, "running as root with no [server] user: the daemon would keep root "
+                              "privileges after binding its ports", "set [server] user = \"postgate\" (see "
+                              "scripts/install)"))
+    results += apply_downgrades(asyncio.run(run_checks(cfg, resolver, own_caps(cfg))), cfg.check.downgrade)
     if args.json:
         json.dump(to_json(results), sys.stdout, indent=2)
         print()
@@ -339,11 +323,12 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="postgate", description="Postgate: a mail transfer agent whose "
                                  "outbound delivery cannot be silently downgraded.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("resolve", help="show the DNSSEC-validated next-hop resolution of a domain",
                        description="Resolve DOMAIN as delivery would (RFC 7672 §2.2): MX hosts in order, "
                        "their addresses and TLSA records, and the DNSSEC verdict of every answer.")
-    p.add_argument("domain")
+    p.add_argument("domain", help="the destination domain, as in an address after the @")
     add_resolver_options(p)
     p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("deliver", help="deliver one message from standard input now",
@@ -358,7 +343,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tls-check", help="connect to each MX as delivery would, without sending mail",
                        description="Like Postfix's posttls-finger: resolve DOMAIN, connect to every address "
                        "of every MX host with the policy's TLS requirement, and report what was seen.")
-    p.add_argument("domain")
+    p.add_argument("domain", help="the destination domain whose MX hosts to check")
     p.add_argument("--level", choices=LEVELS, help="TLS security level to check against")
     add_resolver_options(p)
     p.set_defaults(func=cmd_tls_check)
@@ -374,9 +359,21 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the SMTP listeners and the queue runner",
                        description="Run Postgate: the listeners of the configuration, pre-queue delivery "
                        "and the queue runner. SIGTERM stops it cleanly, SIGHUP reloads maps and credentials.")
-    add_resolver_options(p)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by serve itself
+    add_resolver_options(p, json_output=False)  # serve prints no data: --json is refused as unknown
+    p.add_argument("--worker", metavar="SOCKETS", help=argparse.SUPPRESS)  # started by serve itself: name=fd,…
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("reload", help="make the running daemon re-read its configuration (SIGHUP)",
+                       description="Send SIGHUP to the 'postgate serve' that owns the spool of this "
+                       "configuration (its pid is in <spool>/master.pid): it re-reads the TOML file, the maps, "
+                       "the credentials and the DKIM keys, in every worker. A bad new configuration is logged "
+                       "and the old one stays. Exit 0: signal sent; 69: no daemon runs.")
+    p.add_argument("--config", type=Path, help="configuration file (TOML)")
+    p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("settings", help="describe configuration settings (like postconf -d and postconf(5))",
+                       description="Without arguments: every setting with its default, one per line. With "
+                       "SECTION or SECTION.KEY: type, default and meaning, from docs/configuration.md.")
+    p.add_argument("names", nargs="*", metavar="SECTION[.KEY]", help="e.g. server.user, or dkim")
+    p.set_defaults(func=cmd_settings)
     p = sub.add_parser("check", help="check this server's own setup (certificate, TLSA, DNSSEC, DKIM, ...)",
                        description="One line per check: PASS, WARN or FAIL with the fix. Exit 1 on any FAIL. "
                        "'postgate serve' runs the same checks and refuses to start on a FAIL.")
@@ -385,18 +382,28 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dkim", help="DKIM key management")
     dsub = p.add_subparsers(dest="dkim_action", metavar="ACTION", required=True)
     k = dsub.add_parser("keygen", help="create a DKIM key and print the TXT record to publish")
-    k.add_argument("domain")
-    k.add_argument("--selector", default=time.strftime("pg%Y%m"))
-    k.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    k.add_argument("domain", help="the signing domain (d=)")
+    k.add_argument("--selector", default=time.strftime("pg%Y%m"),
+                   help="the selector (s=); default pgYYYYMM, so a yearly rollover gets a new name")
+    k.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa",
+                   help="rsa (2048 bits, read by every verifier) or ed25519 (RFC 8463); default rsa")
     k.add_argument("--key-directory", help="overrides [dkim] key_directory")
-    k.add_argument("--config", type=Path)
+    k.add_argument("--config", type=Path, help="configuration file (TOML)")
     k.set_defaults(func=cmd_dkim_keygen)
     p = sub.add_parser("passwd", help="print a credentials line for USER (password on standard input)",
                        description="Read a password from standard input and print 'USER:<salted scrypt hash>' "
                        "for the [relay] credentials_file.")
-    p.add_argument("user")
+    p.add_argument("user", help="the SMTP AUTH user name")
     p.set_defaults(func=cmd_passwd)
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("postgate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

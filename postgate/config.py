@@ -138,6 +138,20 @@ class ServerSettings:
     publish_dane: bool = False
     tls_next_key_file: str = ""
     workers: int = 1
+    user: str = ""                 # run as this user after binding the ports (privilege drop)
+
+
+@dataclass
+class LogSettings:
+    target: str = "stderr"         # stderr | syslog
+    syslog_name: str = "postgate"
+    syslog_facility: str = "mail"
+    syslog_socket: str = "/dev/log"
+
+
+@dataclass
+class MetricsSettings:
+    listen: str = ""               # ADDRESS:PORT of the Prometheus /metrics endpoint; empty: off
 
 
 # --- Milter and policy delegation (issue 16): [[milter]] and [[policy_service]] tables -------------------
@@ -345,6 +359,8 @@ class Config:
     milter: list[MilterConfig] = field(default_factory=list)
     policy_service: list[PolicyServiceConfig] = field(default_factory=list)
     sieve: SieveConfig = field(default_factory=SieveConfig)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSettings,
@@ -352,6 +368,7 @@ SECTIONS: dict[str, type] = {"server": ServerSettings, "resolver": ResolverSetti
                              "local": LocalSettings, "prequeue": PrequeueSettings, "limits": LimitSettings,
                              "dkim": DkimSettings, "check": CheckSettings}
 SECTIONS["sieve"] = SieveConfig  # [sieve] block (issue 17)
+SECTIONS.update({"log": LogSettings, "metrics": MetricsSettings})
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure", "caps-required")
 
 
@@ -481,6 +498,7 @@ def _validate(cfg: Config, source: str, text: str) -> None:
     _validate_queue(cfg, source, text)
     _validate_inbound(cfg, source, text)
     _validate_filters(cfg, source, text)
+    _validate_ops(cfg, source, text)
     if cfg.path is not None:
         cfg.dkim.key_directory = _relative(cfg.path, cfg.dkim.key_directory)
         if cfg.server.tls_next_key_file:
@@ -615,6 +633,32 @@ def _validate_server(cfg: Config, source: str, text: str) -> None:
             v = getattr(s, key)
             if v:
                 setattr(s, key, _relative(cfg.path, v))
+
+
+def _validate_ops(cfg: Config, source: str, text: str) -> None:
+    """[log], [metrics] and [server] user."""
+    def err(section: str, key: str, msg: str) -> ConfigError:
+        line = _line_of(text, section, key) if text else 0
+        return ConfigError(f"{source}:{line}: [{section}] {key}: {msg}")
+
+    lg = cfg.log
+    if lg.target not in ("stderr", "syslog"):
+        raise err("log", "target", f"{lg.target!r} is not stderr or syslog")
+    facilities = ("mail", "daemon", *(f"local{i}" for i in range(8)))
+    if lg.syslog_facility not in facilities:
+        raise err("log", "syslog_facility", f"{lg.syslog_facility!r} is not one of {', '.join(facilities)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", lg.syslog_name):
+        raise err("log", "syslog_name", f"{lg.syslog_name!r}: letters, digits, '.', '_' and '-' only")
+    if cfg.metrics.listen:
+        host, _, port = cfg.metrics.listen.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            if not 0 < int(port) < 65536:
+                raise ValueError
+        except ValueError:
+            raise err("metrics", "listen", f"{cfg.metrics.listen!r} is not ADDRESS:PORT") from None
+    if cfg.server.user and not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", cfg.server.user):
+        raise err("server", "user", f"{cfg.server.user!r} is not a user name")
 
 
 def _relative(cfg_path: Path, value: str) -> str:

@@ -1,27 +1,43 @@
-"""``postgate serve``: the listeners, the pre-queue delivery and the queue runner in one process.
+"""``postgate serve``: the listeners, the pre-queue delivery and the queue runner.
 
-Start: load and check the configuration (a bad one is refused with file, key and reason), take the spool
-lock, recover the spool, start the queue runner, then listen. SIGTERM/SIGINT: stop accepting, let the
-sessions under way finish (a session cut short got no 250, so nothing is lost), stop the queue runner,
-exit 0. SIGHUP: reload the policy and transport maps, the credentials, the DKIM keys and the Sieve scripts.
+Start (as Postfix's master does): load and check the configuration (a bad one is refused with file, key
+and reason, exit 78), bind the listening sockets — as root when the ports are privileged — without
+SO_REUSEPORT, so a port someone else holds is an error (exit 71), take the spool lock, start the
+``[server] workers`` - 1 extra listener processes, which inherit the listening sockets (only Postgate's
+own processes share a port), then drop privileges to ``[server] user`` (setgroups, setgid, setuid; the
+spool is handed to that user first), recover the spool, start the queue runner and tell systemd
+``READY=1`` (``postgate/systemd.py``).
+
+SIGTERM/SIGINT: ``STOPPING=1``, stop accepting, let the sessions under way finish (a session cut short got
+no 250, so nothing is lost), stop the queue runner and the workers, exit 0. SIGHUP (``postgate reload``,
+systemd's ExecReload): ``RELOADING=1``, re-read the TOML file and with it the policy and transport maps,
+the credentials, the DKIM keys and the Sieve scripts, pass the signal on to every worker, ``READY=1``; a bad new
+configuration is logged and the old one stays. Listener addresses, workers and user need a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import grp
+import ipaddress
 import logging
+import os
+import pwd
 import signal
+import socket
 import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from postgate import assemble, logfmt, systemd
 from postgate import config as configmod
 from postgate.filtering import build_filters
 from postgate.inbound import sieve_filter  # [sieve] (issue 17)
 from postgate.inbound.clientname import client_names
-from postgate.inbound.credentials import Credentials, CredentialsError
+from postgate.inbound.credentials import Credentials
 from postgate.inbound.filters import Filter
 from postgate.inbound.local import LMTPClient, Maildir
 from postgate.inbound.prequeue import PreQueue, PreQueueConfig
@@ -32,25 +48,91 @@ from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
 from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
+from postgate.policy.vocab import Security
 
 log = logging.getLogger("postgate")
+EX_OSERR, EX_CONFIG = 71, 78
+PIDFILE = "master.pid"   # in the spool directory, as Postfix keeps pid/master.pid in its queue directory
 
 
 class StartupError(Exception):
-    pass
+    def __init__(self, message: str, code: int = EX_CONFIG) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def server_tls_context(cfg: configmod.Config) -> ssl.SSLContext | None:
-    s = cfg.server
-    if not s.tls_cert_file:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if s.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise StartupError(f"[server] tls_cert_file/tls_key_file: cannot load {s.tls_cert_file}: {e}") from e
-    return ctx
+        return assemble.server_tls_context(cfg)
+    except configmod.ConfigError as e:
+        raise StartupError(str(e)) from e
+
+
+def bind(address: str, name: str) -> socket.socket:
+    """A listening socket for ``ADDRESS:PORT`` — no SO_REUSEPORT: a port in use is EADDRINUSE."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only; never a listening port
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, int(port)))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        why = "in use by another process" if e.errno == errno.EADDRINUSE else e.strerror
+        raise StartupError(f"listener {name} on {address}: {why}", EX_OSERR) from e
+    sock.setblocking(False)
+    return sock
+
+
+def drop_privileges(user: str, spool: Path | None, also: tuple[Path, ...] = ()) -> None:
+    """Become ``user`` for good: its groups, its gid, its uid; the spool (and ``also``) handed over first."""
+    pw = pwd.getpwnam(user)
+    if os.getuid() != 0:
+        if os.getuid() == pw.pw_uid:
+            return
+        raise StartupError(f"[server] user = {user!r}: only root can switch users (running as uid {os.getuid()})")
+    for path in (*([spool] if spool else []), *also):
+        if not path.exists():
+            continue
+        os.chown(path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+        # relative to each directory's descriptor and never through a symbolic link: the user owns these
+        # folders and could swap one for a link while root walks them
+        for _root, dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
+            for n in dirs + files:
+                os.chown(n, pw.pw_uid, pw.pw_gid, dir_fd=dirfd, follow_symlinks=False)
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(sorted({pw.pw_gid, *groups}))
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
+        raise StartupError(f"could not become {user}")
+    os.environ["HOME"], os.environ["USER"], os.environ["LOGNAME"] = pw.pw_dir, user, user
+
+
+async def verified_name(resolver: Resolver, ip: str, timeout: float = 10.0) -> str:
+    """The client name Postfix logs: a PTR name whose A/AAAA records lead back to ``ip``, else "unknown"."""
+    import dns.reversename
+
+    async def lookup() -> str:
+        ptr = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
+        if ptr.security is Security.BOGUS:
+            return "unknown"
+        for rd in ptr.records()[:5]:
+            name = rd.target.to_text(omit_final_dot=True)
+            rtype = "AAAA" if ":" in ip else "A"
+            fwd = await resolver.resolve(name, rtype)
+            if fwd.security is not Security.BOGUS and any(
+                    ipaddress.ip_address(r.address) == ipaddress.ip_address(ip) for r in fwd.records()):
+                return str(name.lower())
+        return "unknown"
+    try:
+        return await asyncio.wait_for(lookup(), timeout)
+    except Exception:
+        return "unknown"
 
 
 @dataclass
@@ -66,33 +148,35 @@ class Daemon:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     signer: Any = None
     worker: bool = False          # an extra listener process: no spool ownership, no queue runner
+    inherited: dict[str, int] = field(default_factory=dict)   # worker: listener name -> inherited socket fd
     children: list[asyncio.subprocess.Process] = field(default_factory=list)
     # filters after relay control, per listener name (Milter, policy delegation, Sieve plug in here)
     extra_filters: dict[str, list[Filter]] = field(default_factory=dict)
     forwarders: list[asyncio.Task[None]] = field(default_factory=list)
     sieve: Any = None             # the reloadable Sieve scripts (inbound/sieve_filter.SieveScripts), if any
+    metrics_server: asyncio.Server | None = None
 
-    def build(self, signer: Any = None) -> None:
+    def _sign(self, content: bytes, sender: str) -> bytes:
+        # through self.signer, so that a reload's new signer is used at once
+        return self.signer.sign(content, sender) if self.signer is not None else content
+
+    def build(self) -> None:
         cfg = self.cfg
         hostname = cfg.server.hostname or "localhost"
         self.spool = DirectorySpool(cfg.queue.directory)
-        if not self.worker:
-            if not self.spool.try_lock():
-                raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool")
-            for line in self.spool.recover():
-                log.info("recovery: %s", line)
+        if not self.worker and not self.spool.try_lock():
+            raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool", EX_OSERR)
         q = cfg.queue
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
             destination_backoff=q.destination_backoff, reporting_mta=hostname))
-        if signer is not None:
-            self.scheduler.signer = lambda content: signer(content, "")  # bounces are DKIM-signed too
-        if cfg.relay.credentials_file:
-            try:
-                self.credentials = Credentials(cfg.relay.credentials_file)
-            except CredentialsError as e:
-                raise StartupError(str(e)) from e
+        if self.signer is not None:
+            self.scheduler.signer = lambda content: self._sign(content, "")  # bounces are DKIM-signed too
+        try:
+            self.credentials = assemble.build_credentials(cfg)
+        except configmod.ConfigError as e:
+            raise StartupError(str(e)) from e
         local: Maildir | LMTPClient | None = None
         if cfg.local.lmtp:
             local = LMTPClient(cfg.local.lmtp, lhlo=hostname)
@@ -104,7 +188,8 @@ class Daemon:
             PreQueueConfig(hostname=hostname, mode=pq.mode, budget=pq.budget, max_inflight=pq.max_inflight,
                            grace=pq.grace, local_recipients=frozenset(a.lower() for a in cfg.local.recipients)
                            if cfg.local.recipients else None),
-            relay, self.deliverer, self.spool, self.scheduler, local=local, signer=signer)
+            relay, self.deliverer, self.spool, self.scheduler, local=local,
+            signer=self._sign if self.signer is not None else None)
         tls = server_tls_context(cfg)
         lim = cfg.limits
         limits = Limits(max_message_size=cfg.server.max_message_size, max_recipients=lim.max_recipients,
@@ -114,21 +199,25 @@ class Daemon:
                         spill_threshold=lim.spill_threshold, auth_delay=lim.auth_delay,
                         auth_max_delay=lim.auth_max_delay, client_name_timeout=lim.client_name_timeout,
                         descriptor_reserve=lim.descriptor_reserve)
-        resolver = self.resolver
+
+        async def auth(user: str, password: str) -> bool:
+            return self.credentials is not None and await self.credentials.check(user, password)
 
         async def names(ip: str) -> tuple[str, str]:
-            return await client_names(resolver, ip)
-        listeners = cfg.listener or [configmod.ListenerSettings(
-            name="mx", address="0.0.0.0:25", tls="starttls" if tls else "none")]
+            return await client_names(self.resolver, ip)
+
         self._build_sieve()   # [sieve] (issue 17)
-        auth = self.credentials.check if self.credentials else None
-        for ls in listeners:
+        for ls in listeners(cfg, tls is not None):
             host, _, port = ls.address.rpartition(":")
-            self.servers.append(SMTPServer(
+            srv = SMTPServer(
                 Listener(ls.name, host.strip("[]"), int(port), tls=tls if ls.tls != "none" else None,
                          implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required,
                          filters=self.listener_filters(ls.name, relay)),
-                self.prequeue, hostname=hostname, limits=limits, authenticator=auth, client_names=names))
+                self.prequeue, hostname=hostname, limits=limits, authenticator=auth if self.credentials else None,
+                client_names=names)
+            srv.sock = socket.socket(fileno=self.inherited[ls.name]) if self.worker else bind(ls.address, ls.name)
+            srv.sock.setblocking(False)
+            self.servers.append(srv)
 
     def listener_filters(self, listener: str, relay: RelayPolicy) -> list[Filter]:
         """The stage hooks of a listener (inbound/filters.py), in order: relay control first, then the ones
@@ -144,36 +233,60 @@ class Daemon:
         await _tls_reporting_loop(self)
 
     async def run(self) -> int:
-        assert self.scheduler is not None
+        assert self.scheduler is not None and self.spool is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for srv in self.servers:
-            try:
-                await srv.start()
-            except OSError as e:
-                raise StartupError(f"listener {srv.listener.name} on {srv.listener.host}:{srv.listener.port}: "
-                                   f"{e.strerror}") from e
+            await srv.start()
             log.info("listening: %s on %s:%d (tls=%s, auth=%s)", srv.listener.name, srv.listener.host,
                      srv.listener.port, "implicit" if srv.listener.implicit_tls else
                      ("starttls" if srv.listener.tls else "none"), srv.listener.auth)
         queue_task: asyncio.Task[Any]
+        user = self.cfg.server.user
         if self.worker:
-            print("postgate: worker ready", file=sys.stderr, flush=True)
-            queue_task = asyncio.create_task(self.stopping.wait())  # workers only enqueue; the main process runs it
+            if user:
+                drop_privileges(user, None)  # the main process hands the spool over
+            print("ready", flush=True)  # to the main process, on our stdout pipe
+            sys.stdout.close()
+            log.info("worker ready")
+            queue_task = asyncio.create_task(self._orphan_watch())  # workers only enqueue; the main process runs it
         else:
+            if self.cfg.metrics.listen:
+                host, _, port = self.cfg.metrics.listen.rpartition(":")
+                from postgate import metrics
+                spool = self.spool
+                try:
+                    self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
+                        lambda: ((st, env.arrival if env else None) for st, _q, env in spool.entries())))
+                except OSError as e:
+                    raise StartupError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror}", EX_OSERR) from e
+                log.info("metrics: http://%s/metrics", self.cfg.metrics.listen)
             await self._start_workers()
-            print("postgate: ready", file=sys.stderr, flush=True)
+            if user:
+                drop_privileges(user, Path(self.cfg.queue.directory),
+                                tuple(Path(p) for p in [os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")] if p))
+                log.info("running as %s (uid %d)", user, os.getuid())
+            for line in await loop.run_in_executor(None, self.spool.recover):
+                log.info("recovery: %s", line)
+            (Path(self.cfg.queue.directory) / PIDFILE).write_text(f"{os.getpid()}\n")
+            log.info("ready")
+            systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
             self.forwarders.append(asyncio.create_task(self._tls_reporting()))  # issue 18
+        watchdog = asyncio.create_task(systemd.watchdog(self.stopping))
         await self.stopping.wait()
+        if not self.worker:
+            systemd.stopping()
         log.info("stopping: no new connections; waiting for sessions under way")
         for child in self.children:
             if child.returncode is None:
                 child.terminate()
         for srv in self.servers:
             await srv.stop_accepting()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         tasks = {t for srv in self.servers for t in srv.tasks}
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=self.cfg.limits.shutdown_timeout)
@@ -182,61 +295,105 @@ class Daemon:
         if self.prequeue is not None and self.prequeue.late:
             await asyncio.wait(self.prequeue.late, timeout=self.cfg.limits.shutdown_timeout)
         await queue_task
-        for child in self.children:
+        await watchdog
+        for i, child in enumerate(self.children, 1):
             try:
-                await asyncio.wait_for(child.wait(), self.cfg.limits.shutdown_timeout + 10)
+                rc = await asyncio.wait_for(child.wait(), self.cfg.limits.shutdown_timeout + 10)
             except TimeoutError:
                 child.kill()
+                rc = await child.wait()
+            log.info("worker %d exited with %s", i, rc)
+            if self.cfg.metrics.listen:
+                from postgate import metrics
+                metrics.process_gone(child.pid)
         await self.deliverer.close()
-        if self.spool is not None:
+        if not self.worker:
+            (Path(self.cfg.queue.directory) / PIDFILE).unlink(missing_ok=True)
             self.spool.unlock()
         log.info("stopped")
         return 0
 
     async def _start_workers(self) -> None:
         """``[server] workers`` > 1: start the extra listener processes (same configuration, ``--worker``);
-        they share the ports through SO_REUSEPORT and write to the spool this process runs."""
+        they inherit the listening sockets and write to the spool this process runs."""
         if self.cfg.server.workers <= 1 or self.cfg.path is None:
             return
+        fds = {srv.listener.name: srv.sock.fileno() for srv in self.servers if srv.sock is not None}
+        spec = ",".join(f"{name}={fd}" for name, fd in fds.items())
         for i in range(1, self.cfg.server.workers):
+            env = {k: v for k, v in os.environ.items()  # systemd talks to the main process only
+                   if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "postgate.cli", "serve", "--config", str(self.cfg.path), "--worker",
-                *sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else [],
-                stderr=asyncio.subprocess.PIPE)
-            assert proc.stderr is not None
-            while True:  # forward its log lines; wait until it listens
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
-                    raise StartupError(f"worker {i} exited with {await proc.wait()}")
-                if "worker ready" in line:
-                    break
-                sys.stderr.write(line)
-            self.forwarders.append(asyncio.create_task(_forward(proc, i)))
+                sys.executable, "-m", "postgate.cli", "serve", "--config", str(self.cfg.path), "--worker", spec,
+                *sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv and "--worker" not in sys.argv
+                else [], stdout=asyncio.subprocess.PIPE, pass_fds=tuple(fds.values()), env=env)
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            except TimeoutError:
+                line = b""
+            if line.strip() != b"ready":
+                proc.kill()
+                raise StartupError(f"worker {i} did not start (exit {await proc.wait()})")
             self.children.append(proc)
             log.info("worker %d started (pid %d)", i, proc.pid)
 
+    async def _orphan_watch(self) -> None:
+        """A worker whose main process died stops too (it would hold the port without a queue runner)."""
+        parent = os.getppid()
+        while not self.stopping.is_set():
+            if os.getppid() != parent:
+                log.warning("the main process %d is gone: stopping", parent)
+                self.stopping.set()
+                return
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
+            except TimeoutError:
+                pass
+
     def reload(self) -> None:
-        d = self.deliverer.config
-        for table in (d.policy_map, d.transport_map):
-            if table is not None:
-                try:
-                    if table.reload_if_changed():
-                        log.info("reloaded %s", table.path)
-                except ValueError as e:
-                    log.error("reload refused, keeping the old table: %s", e)
-        if self.signer is not None:
-            try:
-                self.signer.reload()
-                log.info("reloaded DKIM keys from %s", self.signer.keydir)
-            except ValueError as e:
-                log.error("DKIM key reload refused, keeping the old keys: %s", e)
-        if self.credentials is not None:
-            try:
-                self.credentials.load()
-                log.info("reloaded %s", self.credentials.path)
-            except CredentialsError as e:
-                log.error("reload refused, keeping the old credentials: %s", e)
+        """SIGHUP: re-read the TOML file, the maps, the credentials and the DKIM keys; tell the workers."""
+        if not self.worker:
+            systemd.reloading()
+        for child in self.children:
+            if child.returncode is None:
+                child.send_signal(signal.SIGHUP)
+        try:
+            self._reload()
+        finally:
+            if not self.worker:
+                systemd.ready("reloaded")
+
+    def _reload(self) -> None:
+        old = self.cfg
+        try:
+            cfg = configmod.load(old.path) if old.path is not None else old
+            dc = assemble.delivery_config(cfg)
+            credentials = assemble.build_credentials(cfg)
+        except configmod.ConfigError as e:
+            log.error("reload refused, keeping the old configuration: %s", e)
+            return
+        signer = assemble.build_signer(cfg)
+        if signer is None and self.signer is not None:
+            log.error("reload: DKIM keys in %s unusable, keeping the old keys", cfg.dkim.key_directory)
+            signer = self.signer
+        for what in ("listener", "server", "queue", "local"):
+            if getattr(cfg, what) != getattr(old, what):
+                log.warning("reload: changes to [%s] take effect at the next restart", what)
+        old_dc = self.deliverer.config
+        # MTA-STS cache, downgrade memory and TLS-RPT collector are state, not settings: they carry over
+        dc.sts, dc.downgrade, dc.tls_report = old_dc.sts, old_dc.downgrade, old_dc.tls_report
+        dc.cleartext_fallback_delay = cfg.downgrade.cleartext_fallback_delay
+        self.deliverer.config = dc
+        self.credentials = credentials
+        self.signer = signer
+        if self.prequeue is not None:
+            self.prequeue.relay = RelayPolicy.build(cfg.relay.trusted_networks, cfg.relay.local_domains)
+        cfg.listener, cfg.server, cfg.queue, cfg.local = old.listener, old.server, old.queue, old.local
+        self.cfg = cfg
         self._reload_sieve()   # [sieve] (issue 17)
+        log.info("reloaded %s (maps, credentials, DKIM keys: %d domain%s)", cfg.path or "the configuration",
+                 len(signer.keys) if signer else 0, "" if signer and len(signer.keys) == 1 else "s")
 
     # --- [sieve]: Sieve scripts as a stage-hook filter of every listener (docs/sieve.md; issue 17) ---------
     def _build_sieve(self) -> None:
@@ -252,21 +409,16 @@ class Daemon:
         return [sieve_filter.SieveFilter(self.sieve)] if self.sieve is not None else []
 
     def _reload_sieve(self) -> None:
-        """SIGHUP: recompile the scripts (one that fails keeps its old version, logged by the holder) and
-        pass the signal on to the worker processes, whose listeners run their own copies."""
+        """SIGHUP: recompile the scripts (one that fails keeps its old version, logged by the holder); the
+        workers got the signal from :meth:`reload` and recompile their own copies."""
         if self.sieve is not None:
             self.sieve.reload()
-        for proc in self.children:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGHUP)
     # --- end [sieve] ---------------------------------------------------------------------------------------
 
 
-async def _forward(proc: asyncio.subprocess.Process, i: int) -> None:
-    assert proc.stderr is not None
-    async for line in proc.stderr:
-        sys.stderr.write(line.decode(errors="replace").replace("postgate: ", f"postgate[w{i}]: ", 1))
-    log.info("worker %d exited with %s", i, await proc.wait())
+def listeners(cfg: configmod.Config, tls: bool) -> list[configmod.ListenerSettings]:
+    return cfg.listener or [configmod.ListenerSettings(name="mx", address="0.0.0.0:25",
+                                                       tls="starttls" if tls else "none")]
 
 
 def _raise_fd_limit() -> None:
@@ -310,29 +462,64 @@ async def _tls_reporting_loop(d: Daemon) -> None:
             pass
 
 
+def setup_logging(cfg: configmod.Config) -> None:
+    lg = cfg.log
+    logfmt.setup(lg.target, lg.syslog_name, lg.syslog_facility, cfg.server.hostname or None, lg.syslog_socket)
+
+
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
-          caps: Any = None, worker: bool = False) -> int:
+          caps: Any = None, worker: str | None = None) -> int:
+    """Run the daemon; ``worker`` is the inherited socket list (``name=fd,…``) of an extra listener process."""
     _raise_fd_limit()
+    setup_logging(cfg)
+    inherited = {k: int(v) for k, v in (x.split("=", 1) for x in worker.split(",") if x)} if worker else {}
 
     async def main() -> int:
         from postgate.check import FAIL, apply_downgrades, run_checks
         if not worker:  # the main process checked before starting the workers
+            problems = assemble.validate(cfg)
+            if problems:
+                raise StartupError("; ".join(problems))
             results = apply_downgrades(await run_checks(cfg, resolver, caps), cfg.check.downgrade)
             for r in results:
-                print("postgate: check: " + r.line(), file=sys.stderr)
+                (log.warning if r.status != "PASS" else log.info)("check: %s", r.line().replace("\n", ""))
             failed = [r.check for r in results if r.status == FAIL]
             if failed:
                 raise StartupError(f"check(s) failed: {', '.join(dict.fromkeys(failed))} (fix them, or "
                                    "downgrade them by name in [check] downgrade)")
-        d = Daemon(cfg, resolver, deliverer, worker=worker)
+            if cfg.metrics.listen:
+                from postgate import metrics
+                metrics.prepare_directory()
+        if cfg.metrics.listen:
+            from postgate import metrics
+            metrics.enable()
+        d = Daemon(cfg, resolver, deliverer, worker=bool(worker), inherited=inherited)
         d.signer = signer
-        d.build(signer.sign if signer is not None else None)
+        d.build()
         return await d.run()
     try:
         return asyncio.run(main())
     except StartupError as e:
-        print(f"postgate: refusing to start: {e}", file=sys.stderr)
-        return 78
+        log.critical("refusing to start: %s", e)
+        systemd.notify("STATUS=refusing to start", f"ERRNO={e.code}")
+        return e.code
 
 
-__all__ = ["Daemon", "Path", "StartupError", "serve"]
+def send_reload(cfg: configmod.Config) -> tuple[int, str]:
+    """``postgate reload``: SIGHUP to the daemon whose pid file is in this configuration's spool."""
+    pidfile = Path(cfg.queue.directory) / PIDFILE
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return 69, f"no Postgate runs on {cfg.queue.directory} ({pidfile} missing or stale)"
+    if b"postgate" not in cmdline:
+        return 69, f"{pidfile}: process {pid} is not Postgate (stale pid file)"
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        return 69, f"cannot signal process {pid}: {e.strerror}"
+    return 0, f"reload signal sent to process {pid}"
+
+
+__all__ = ["Daemon", "StartupError", "bind", "drop_privileges", "send_reload", "serve", "verified_name"]

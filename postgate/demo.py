@@ -47,8 +47,8 @@ def main() -> int:
             print(f"    SMTP reply to the client: {code} {text.decode()}")
             qid = text.decode().split()[-1]
             for line in pg.log().splitlines():
-                if line.startswith(f"postgate: {qid}: to="):
-                    print("    log: " + line.removeprefix("postgate: ").split(", relay=", 1)[1][:220])
+                if f"]: {qid}: to=" in line:  # postgate/smtp[pid]: QUEUEID: to=<…>, relay=…, … (Postfix's format)
+                    print("    log: relay=" + line.split(", relay=", 1)[1][:220])
             print()
         time.sleep(0.5)
         cmd = [sys.executable, "-m", "postgate.cli", "queue", "--spool", str(pg.spool), "list", "--json"]

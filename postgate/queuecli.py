@@ -31,25 +31,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--config", type=Path, help="configuration file (TOML)")
     p.add_argument("--spool", type=Path, help="spool directory (overrides [queue] directory)")
     qs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = qs.add_parser("list", help="list queued messages")
-    ls.add_argument("--json", action="store_true")
+    ls = qs.add_parser("list", help="list queued messages (like mailq)",
+                       description="One line per message (id, state, size, arrival, sender), then one per "
+                       "recipient with its status and the reason of the last deferral. A message whose first "
+                       "(pre-queue) attempt was deferred is 'deferred', as in Postfix's deferred queue.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON on standard output)")
     sh = qs.add_parser("show", help="show one message's envelope and recipients")
-    sh.add_argument("id")
-    sh.add_argument("--json", action="store_true")
+    sh.add_argument("id", help="queue id (20 hexadecimal digits, as logged)")
+    sh.add_argument("--json", action="store_true", help="machine-readable output (JSON on standard output)")
     fl = qs.add_parser("flush", help="retry deferred messages now (all, one, or one destination)")
-    fl.add_argument("id", nargs="?")
-    fl.add_argument("--domain")
+    fl.add_argument("id", nargs="?", help="retry only this message")
+    fl.add_argument("--domain", help="retry only messages to this destination domain")
     for name, text in (("hold", "put a message on hold"), ("release", "release a held message"),
                        ("delete", "delete a message")):
         x = qs.add_parser(name, help=text)
-        x.add_argument("id")
+        x.add_argument("id", help="queue id (20 hexadecimal digits, as logged)")
     qs.add_parser("requeue", help="retry every message now, held ones included")
+    for action in qs.choices.values():  # `postgate queue list --spool DIR` works as well as `queue --spool DIR list`
+        action.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file (TOML)")
+        action.add_argument("--spool", type=Path, default=argparse.SUPPRESS,
+                            help="spool directory (overrides [queue] directory)")
     p.set_defaults(func=cmd_queue)
+
+
+class NoSpool(Exception):
+    """The spool directory does not exist (or is not a Postgate spool): a queue command never creates it."""
 
 
 def _spool(args: argparse.Namespace) -> DirectorySpool:
     cfg = configmod.load(args.config)
-    return DirectorySpool(args.spool or cfg.queue.directory)
+    root = Path(args.spool or cfg.queue.directory)
+    # only the daemon creates a spool: reading one that is not there is an error, not an empty queue
+    if not (root / "messages").is_dir():
+        why = "no such directory" if not root.exists() else "not a Postgate spool (no messages/ in it)"
+        raise NoSpool(f"{root}: {why}; is this the [queue] directory of a Postgate that has run? (--spool or "
+                      "--config)")
+    return DirectorySpool(root)
+
+
+def _state(state: str, env: Any) -> str:
+    """The state an operator means: a message waiting in incoming/ after a failed pre-queue attempt is
+    deferred (Postfix: the deferred queue holds what had an attempt), not newly incoming."""
+    if state == "incoming" and env is not None and env.attempts:
+        return "deferred"
+    return state
+
+
+def _v(x: object) -> str:
+    return "-" if x is None or x == "" else str(x)
 
 
 def _fmt(t: float) -> str:
@@ -57,14 +86,18 @@ def _fmt(t: float) -> str:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    spool = _spool(args)
+    try:
+        spool = _spool(args)
+    except NoSpool as e:
+        print(f"postgate queue: {e}", file=sys.stderr)
+        return EX_NOINPUT
     if args.action == "list":
         rows: list[dict[str, Any]] = []
         for state, qid, env in spool.entries():
             if env is None:
                 rows.append({"id": qid, "state": state, "error": "unreadable envelope"})
                 continue
-            rows.append({"id": qid, "state": state, "arrival": env.arrival, "size": env.size,
+            rows.append({"id": qid, "state": _state(state, env), "arrival": env.arrival, "size": env.size,
                          "sender": env.sender, "next_attempt": env.next_attempt,
                          "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn,
                                          "reason": r.reason} for r in env.recipients]})
@@ -93,16 +126,18 @@ def cmd_queue(args: argparse.Namespace) -> int:
         env = spool.read_envelope(found, args.id)
         if args.json:
             d = json.loads(env.to_bytes())
-            d["state"] = found
+            d["state"] = _state(found, env)
             json.dump(d, sys.stdout, indent=2)
             print()
         else:
-            print(f"id: {env.id}\nstate: {found}\nsender: <{env.sender}>\narrival: {_fmt(env.arrival)}\n"
+            print(f"id: {env.id}\nstate: {_state(found, env)}\nsender: <{env.sender}>\narrival: {_fmt(env.arrival)}\n"
                   f"size: {env.size}\nnext attempt: {_fmt(env.next_attempt)}\nrequiretls: {env.requiretls}")
             for rcpt in env.recipients:
-                print(f"recipient: <{rcpt.address}> {rcpt.status} {rcpt.dsn} {rcpt.reason}")
+                print(f"recipient: <{rcpt.address}> {rcpt.status} dsn={_v(rcpt.dsn)} {_v(rcpt.reason)}")
             for a in env.attempts:
-                print(f"attempt: {_fmt(a['time'])} delivered={a.get('delivered')} deferred={a.get('deferred')}")
+                kind = "pre-queue" if a.get("prequeue") else "queue"
+                counts = ", ".join(f"{k}={a[k]}" for k in ("delivered", "deferred", "bounced") if k in a)
+                print(f"attempt: {_fmt(a['time'])} ({kind})" + (f" {counts}" if counts else ""))
         return EX_OK
     if args.action in ("hold", "release", "delete", "flush") and getattr(args, "id", None):
         if not valid_queue_id(args.id):

@@ -230,8 +230,11 @@ def postgate(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[byte
                           timeout=120)
 
 
-def test_cli_deliver_json_and_exit_codes(testnet: TestNet) -> None:
-    common = ["--resolver", testnet.resolver, "--trust-anchor", str(testnet.anchor_file), "--json"]
+def test_cli_deliver_json_and_exit_codes(testnet: TestNet, tmp_path: Path) -> None:
+    # every message Postgate sends is DKIM-signed: deliver needs a key (without one it refuses: test_ops.py)
+    (tmp_path / "postgate.toml").write_text(f'[dkim]\nkey_directory = "{testnet.dkim_dir}"\ndefault_domain = "own.test"\n')
+    common = ["--resolver", testnet.resolver, "--trust-anchor", str(testnet.anchor_file), "--json",
+              "--config", str(tmp_path / "postgate.toml")]
     token = secrets.token_hex(8)
     res = postgate("deliver", "--from", "a@client.test", "--to", "b@dane-ok.test", *common, stdin=message(token))
     assert res.returncode == 0, res.stderr
