@@ -9,8 +9,10 @@ never an open relay.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from postgate.policy.vocab import domain_of
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,3 @@ class RelayPolicy:
             return None
         return f"<{recipient}>: Relay access denied"
 
-
-def domain_of(address: str) -> str:
-    return address.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in address else ""
-
-
-def parse_networks(values: Sequence[str]) -> list[str]:
-    """Check each entry is a network (``192.0.2.0/24``, ``::1``); raises ValueError naming the bad one."""
-    for v in values:
-        try:
-            ipaddress.ip_network(v, strict=False)
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not an address or network") from e
-    return list(values)
