@@ -379,6 +379,9 @@ class Deliverer:
                     results = await _transaction(session, sender, rcpts, data, mail_options, dsn, smtputf8)
                 except SessionError as e:
                     await session.close()
+                    if e.code >= 500 and not e.temporary:  # the server's own permanent refusal
+                        return [RecipientResult(r, Outcome.BOUNCED, e.dsn, e.reason, reply=e.reply, mx=a.mx,
+                                                address=a.address) for r in rcpts]
                     attack |= e.suspected_attack
                     failures.append(e.reason)
                     status_code = e.dsn

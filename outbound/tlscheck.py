@@ -33,7 +33,9 @@ def _report(mx: str, address: str | None, **kw: Any) -> dict[str, Any]:
 
 
 def _subject(c: Any) -> str:
-    return str(c.subject.rfc4514_string())
+    """A chain summary line: subject, issuer and validity."""
+    return (f"{c.subject.rfc4514_string()} (issuer {c.issuer.rfc4514_string()}, valid "
+            f"{c.not_valid_before_utc:%Y-%m-%d} to {c.not_valid_after_utc:%Y-%m-%d})")
 
 
 async def tls_check(d: Deliverer, domain: str, level: Level | None = None) -> list[dict[str, Any]]:

@@ -310,3 +310,100 @@ def test_cli_deliver_signs_and_fixes_line_ends(testnet: TestNet, tmp_path: Path)
     assert res.returncode == 0, res.stderr
     [m] = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
     assert m["data"].startswith("DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=own.test;")
+
+
+def test_cli_tls_check_text_shows_what_delivery_would_do(testnet: TestNet) -> None:
+    """Issue 19 item 5: no None; on a TLSA mismatch the presented certificate and the TLSA it would need;
+    a non-existent domain and a null MX fail permanently like `resolve` (5.1.2 / 5.1.10, exit 69)."""
+    common = ["--resolver", testnet.resolver, "--trust-anchor", str(testnet.anchor_file)]
+    res = postgate("tls-check", "mismatch.test", *common)
+    out = res.stdout.decode()
+    assert res.returncode == 75 and "None" not in out, out
+    leaf = testnet.pki.leaves["mx1.mismatch.test"].cert if "mx1.mismatch.test" in testnet.pki.leaves else None
+    assert "mx1.mismatch.test[127.0.1." in out and "tlsa-invalid SUSPECTED ATTACK" in out, out
+    assert "the server presented:\n  cert 0: O=Postgate test network,CN=mx1.mismatch.test (issuer " in out, out
+    needed = [ln for ln in out.splitlines() if "a TLSA record matching it would be: 3 1 1 " in ln]
+    assert len(needed) == 1, out
+    if leaf is not None:
+        from postgate.outbound import dane
+        assert needed[0].endswith(dane.tlsa_for(leaf, 3, 1, 1).text())
+    assert "mx2.mismatch.test[127.0.1." in out and ": ok dane-verified TLSv1." in out, out
+    for domain, code in (("no-such-domain.test", "5.1.2"), ("nullmx.test", "5.1.10")):
+        res = postgate("tls-check", domain, *common)
+        out = res.stdout.decode()
+        assert res.returncode == 69 and f"{domain}: bounced {code}" in out and "None" not in out, out
+        resolve = postgate("resolve", domain, *common)
+        assert resolve.returncode == 69 and code in resolve.stdout.decode()
+    # a host delivery refuses to use (a secure promise of DANE without TLSA) is not reported ok either
+    res = postgate("tls-check", "nodane.caps.test", *common)
+    assert res.returncode == 75 and "dane-required SUSPECTED ATTACK" in res.stdout.decode(), res.stdout
+
+
+def test_smtputf8_delivered_where_offered_bounced_5_6_7_where_not(testnet: TestNet, tmp_path: Path) -> None:
+    """RFC 6531 §3.4: a UTF-8 envelope goes with MAIL FROM … SMTPUTF8 to a hop that offers it; a hop that
+    does not (a real Postfix with smtputf8_enable=no) gets nothing, and the message bounces 5.6.7."""
+    from postgate.policy.maps import parse_relay
+
+    from fixtures.postfix import Postfix
+    token = secrets.token_hex(8)
+    [res] = run(deliverer(testnet, Policy()), ["jörg@dane-ok.test"], message(token))
+    assert (res.status, res.security) == (Outcome.DELIVERED, "dane-verified"), res.text
+    [m] = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+    assert "jörg@dane-ok.test" in json.dumps(m, ensure_ascii=False)
+    for enable, outcome in (("no", Outcome.BOUNCED), ("yes", Outcome.DELIVERED)):
+        with Postfix("127.0.1.54", smtputf8_enable=enable,
+                     smtpd_tls_security_level="none", relay_domains="utf8.example",
+                     transport_maps="", defer_transports="smtp"):
+            d = deliverer(testnet, Policy(), relay=parse_relay("[mx.nocaps.caps.test]:25"), relay_policy=Policy(Level.MAY))
+            [res] = run(d, ["jörg@utf8.example"], message(token))
+        assert res.status is outcome, res.text
+        if outcome is Outcome.BOUNCED:
+            assert res.dsn == "5.6.7" and "SMTPUTF8" in res.reason
+
+
+@pytest.mark.parametrize(("attrs", "check"), [
+    ("protocols=<=TLSv1.2", lambda r: r.tls_version == "TLSv1.2"),
+    ("protocols=!TLSv1.2", lambda r: r.tls_version == "TLSv1.3"),
+    ("protocols=TLSv1.2 ciphers=high exclude=AESGCM", lambda r: r.tls_version == "TLSv1.2" and "GCM" not in r.cipher),
+    ("protocols=TLSv1.2 ciphers=null", lambda r: r.status is Outcome.DEFERRED),
+])
+def test_policy_map_tls_attributes_are_enforced(testnet: TestNet, tmp_path: Path, attrs: str,
+                                                check: object) -> None:
+    """Issue 19 item 3, against a real TLS server: protocols, ciphers and exclude change the handshake."""
+    p = tmp_path / "tls_policy"
+    p.write_text(f"unsigned.test encrypt {attrs}\n")
+    [res] = run(deliverer(testnet, Policy(), policy_map=TlsPolicyMap(p)), ["bob@unsigned.test"],
+                message(secrets.token_hex(8)))
+    assert callable(check) and check(res), (res.status, res.tls_version, res.cipher, res.text)
+
+
+def test_tafile_and_connection_reuse(testnet: TestNet, tmp_path: Path) -> None:
+    """tafile= anchors verify/secure without the CA store (DANE-TA path); connection_reuse=no closes."""
+    root = testnet.state / "pki" / "root.crt"
+    p = tmp_path / "tls_policy"
+    p.write_text(f"dane-ok.test verify tafile={root} connection_reuse=no\nunsigned.test verify tafile={root}\n"
+                 f"nodane.test secure tafile={testnet.state / 'pki' / 'root.crt'}\n")
+    r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+    d = Deliverer(r, DeliveryConfig(helo="client.test", timeouts=FAST, policy_map=TlsPolicyMap(p)))  # no ca_file
+
+    async def go() -> list[RecipientResult]:
+        try:
+            out = await d.deliver("alice@client.test", ["bob@dane-ok.test"], message(secrets.token_hex(8)))
+            assert not d.cache._idle  # connection_reuse=no: not kept
+            return out
+        finally:
+            await d.close()
+    [res] = asyncio.run(go())
+    assert (res.status, res.security) == (Outcome.DELIVERED, "verified"), res.text
+    other = tmp_path / "other.pem"
+    other.write_bytes(testnet.pki.leaves["mx.selfsigned.test"].cert.public_bytes(_pem()))
+    p.write_text(f"dane-ok.test verify tafile={other}\n")
+    [res] = run(deliverer(testnet, Policy(), policy_map=TlsPolicyMap(p)), ["bob@dane-ok.test"],
+                message(secrets.token_hex(8)))
+    assert res.status is Outcome.DEFERRED and "tafile trust anchor" in res.reason, res.text
+    assert res.tls_result == "certificate-not-trusted"
+
+
+def _pem():  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+    return serialization.Encoding.PEM
