@@ -54,3 +54,28 @@ def test_importing_the_dkim_signer_leaves_dkimpy_alone() -> None:
             "with d._fast_dkim():\n    assert dkim.RSASSA_PKCS1_v1_5_sign is d._openssl_rsassa_sign\n"
             "assert (dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body) == a\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_suspected_attack_is_data_from_result_to_envelope_to_dsn() -> None:
+    """RecipientResult → envelope (stored and read back) → DSN, with no text to grep (issue 12)."""
+    from postgate.outbound.delivery import RecipientResult
+    from postgate.outbound.queue import dsn
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.policy.vocab import TlsOutcome
+    env = Envelope.new("alice@client.test", [Recipient("bob@example.net"), Recipient("carol@example.net")],
+                       b"Subject: x\r\n\r\nhi\r\n")
+    res = RecipientResult("bob@example.net", Outcome.DEFERRED, "4.7.5", "TLSA record mismatch",
+                          suspected_attack=True, tls_result=TlsOutcome.TLSA_INVALID)
+    env.recipients[0].record(res)
+    env.recipients[1].record(RecipientResult("carol@example.net", Outcome.BOUNCED, "5.1.1", "",
+                                             reply=Reply(550, "5.1.1", "no such user")))
+    back = Envelope.from_bytes(env.to_bytes())
+    assert [(r.status, r.suspected_attack) for r in back.recipients] == [(Outcome.DEFERRED, True),
+                                                                        (Outcome.BOUNCED, False)]
+    assert back.recipients[1].reason == "550 5.1.1 no such user"
+    report = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", back.recipients, action="delayed",
+                       reporting_mta="mx.test").decode()
+    block = report.split("Final-Recipient: rfc822; bob@example.net", 1)[1].split("\r\n\r\n", 1)[0]
+    assert "X-Postgate-Suspected-Attack: yes" in block
+    other = report.split("Final-Recipient: rfc822; carol@example.net", 1)[1].split("\r\n\r\n", 1)[0]
+    assert "Suspected-Attack" not in other
