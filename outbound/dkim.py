@@ -29,6 +29,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
+from postgate.policy.vocab import domain_of
 
 log = logging.getLogger("postgate.dkim")
 
@@ -202,7 +203,7 @@ def _from_domain(message: bytes) -> str | None:
     if not m:
         return None
     _, addr = email.utils.parseaddr(m.group(1).replace("\r\n", ""))
-    return addr.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in addr else None
+    return domain_of(addr) or None
 
 
 def header_list(message: bytes) -> list[bytes]:

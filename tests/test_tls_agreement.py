@@ -38,8 +38,8 @@ def test_tls_check_agrees_with_delivery(testnet: TestNet, level: Level) -> None:
     async def one(domain: str) -> tuple[RecipientResult, list[dict[str, Any]]]:
         d, c = deliverer(testnet, Policy(level)), deliverer(testnet, Policy(level))
         try:
-            [res] = await d.deliver("alice@client.test", [f"bob@{domain}"], message(token))
-            reports = await tls_check(c, domain)
+            [res], reports = await asyncio.gather(
+                d.deliver("alice@client.test", [f"bob@{domain}"], message(token)), tls_check(c, domain))
         finally:
             await d.close()
             await c.close()
