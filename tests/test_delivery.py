@@ -59,10 +59,17 @@ ROWS = [
     ("optout.n3", "dane", "", Outcome.DELIVERED, "tls-unauthenticated", "mx.optout.n3", NA, "opt-out: insecure"),
     ("cname.test", "dane", "", Outcome.DELIVERED, "tls-unauthenticated", "mx.cname.test", NA,
      "7672 §2.2.2 CNAME through an unsigned zone"),
+    ("alias.cname.test", "dane", "", Outcome.DELIVERED, "dane-verified", "dane-alias.cname.test", NA,
+     "7672 §2.2.2 secure CNAME to an unsigned zone: TLSA at the original name"),
+    ("malformed-tlsa.test", "dane", "", Outcome.DELIVERED, "dane-verified", "mx.malformed-tlsa.test", NA,
+     "7671 §9 a malformed TLSA record is skipped, the well-formed one matches"),
+    ("only.malformed-tlsa.test", "dane", "", Outcome.DELIVERED, "tls-unauthenticated", "mx2.malformed-tlsa.test",
+     NA, "7672 §2.2 only malformed TLSA: TLS mandatory, unauthenticated"),
     # dane-only
     ("dane-ok.test", "dane-only", "", Outcome.DELIVERED, "dane-verified", "mx.dane-ok.test", NA, "dane-only"),
     ("unsigned.test", "dane-only", "", Outcome.DEFERRED, None, None, NA, "dane-only without DANE"),
     ("unusable.test", "dane-only", "", Outcome.DEFERRED, None, None, NA, "dane-only, unusable TLSA"),
+    ("only.malformed-tlsa.test", "dane-only", "", Outcome.DEFERRED, None, None, NA, "dane-only, malformed TLSA"),
     # may, none, encrypt
     ("nostarttls.test", "may", "", Outcome.DELIVERED, "cleartext", "mx.nostarttls.test", NA, "may: cleartext"),
     ("mismatch.test", "may", "", Outcome.DELIVERED, "tls-unauthenticated", "mx1.mismatch.test", NA, "may: no auth"),
