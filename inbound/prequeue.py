@@ -34,27 +34,19 @@ from typing import Protocol
 
 import dkim as dkimpy
 from postgate.inbound.local import LocalResult
-from postgate.inbound.relay import RelayPolicy, domain_of
+from postgate.inbound.relay import RelayPolicy
 from postgate.inbound.smtpd import Reply, Session, xtext_decode
-from postgate.outbound.delivery import BOUNCED, DELIVERED, RecipientResult
+from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.queue import dsn
-from postgate.outbound.queue.envelope import (
-    BOUNCED as R_BOUNCED,
-)
-from postgate.outbound.queue.envelope import (
-    DEFERRED as R_DEFERRED,
-)
-from postgate.outbound.queue.envelope import (
-    DELIVERED as R_DELIVERED,
-)
 from postgate.outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
-    new_queue_id,
 )
 from postgate.outbound.queue.scheduler import DeliversMail, Scheduler
 from postgate.outbound.queue.spool import DirectorySpool
+from postgate.policy import vocab
+from postgate.policy.vocab import Outcome, domain_of, new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
 
@@ -143,9 +135,9 @@ class PreQueue:
             # own MX, that is back here (a loop the hop count would only stop after 50 rounds)
             if self.local is not None and any(self.relay.is_local(r.address) for r in env.recipients):
                 success: list[tuple[str, str]] = []
-                await self._deliver_local(env, content, success)
+                await self._deliver_local(env, content, success, {})
                 await self._notify_success(env, content, success)
-                if not env.pending and not any(r.status == R_BOUNCED for r in env.recipients):
+                if not env.pending and not any(r.status is Outcome.BOUNCED for r in env.recipients):
                     return self._answer_delivered(env)
             return await self._queue(env, content, queue_why)
         self.inflight += 1
@@ -156,12 +148,13 @@ class PreQueue:
 
     async def _prequeue(self, env: Envelope, content: bytes) -> Reply:
         success: list[tuple[str, str]] = []  # recipients owed a success DSN (RFC 3461 NOTIFY=SUCCESS)
+        got: dict[str, RecipientResult] = {}   # each recipient's outcome, with the reply as data
         remote = [r for r in env.recipients if not self.relay.is_local(r.address)]
-        await self._deliver_local(env, content, success)
+        await self._deliver_local(env, content, success, got)
         if remote:
             task = asyncio.create_task(self.deliverer.deliver(env.sender, [r.address for r in remote], content,
                                                               queue_id=env.id, requiretls=env.requiretls,
-                                                              dsn=dsn.params(env)))
+                                                              dsn=dsn.params(env), smtputf8=env.smtputf8))
             done, _ = await asyncio.wait({task}, timeout=self.config.budget)
             if not done:
                 # the budget is spent: queue now, record the late results when they come
@@ -173,41 +166,44 @@ class PreQueue:
                 return reply
             try:
                 for res in task.result():
+                    got[res.recipient] = res
                     _apply(env, res)
                     if res.relayed_without_dsn:
                         success.append((res.recipient, "relayed"))
             except Exception as e:
                 log.exception("%s: delivery failed", env.id)
                 for r in remote:
-                    r.status, r.dsn, r.reason = R_DEFERRED, "4.3.0", f"internal delivery error: {e}"
+                    r.status, r.dsn, r.reason = Outcome.DEFERRED, "4.3.0", f"internal delivery error: {e}"
         await self._notify_success(env, content, success)
         statuses = {r.status for r in env.recipients}
-        if statuses == {R_DELIVERED}:
+        if statuses == {Outcome.DELIVERED}:
             return self._answer_delivered(env)
-        if statuses == {R_BOUNCED}:
+        if statuses == {Outcome.BOUNCED}:
             first = env.recipients[0]
-            code = int(first.reason[:3]) if first.reason[:3].isdigit() and first.reason[0] == "5" else 550
-            text = first.reason[4:] if first.reason[:3].isdigit() else first.reason
-            if text.split(" ", 1)[0].count(".") == 2:
-                text = text.split(" ", 1)[1] if " " in text else text
+            rep = got[first.address].reply if first.address in got else None
+            code = rep.code if rep is not None and rep.permanent else 550
+            text = rep.text if rep is not None and rep.permanent else first.reason
             log.info("%s: outcome=refused (pre-queue, %s)", env.id, first.reason)
             return Reply(code, f"{first.dsn or '5.0.0'} {text}")
         # this was the first attempt: the queue's first retry comes after the first backoff
         now = time.time()
         env.attempts.append({"time": now, "prequeue": True})
         env.next_attempt = now + self.scheduler.backoff(1)
-        return await self._queue(env, content, "mixed or temporary results" if R_DELIVERED in statuses or
-                                 R_BOUNCED in statuses else "temporary failure")
+        return await self._queue(env, content, "mixed or temporary results" if Outcome.DELIVERED in statuses or
+                                 Outcome.BOUNCED in statuses else "temporary failure")
 
-    async def _deliver_local(self, env: Envelope, content: bytes, success: list[tuple[str, str]]) -> None:
+    async def _deliver_local(self, env: Envelope, content: bytes, success: list[tuple[str, str]],
+                             got: dict[str, RecipientResult]) -> None:
         """Deliver the recipients in our own domains (LMTP or Maildir), each with its own result."""
         local = [r for r in env.recipients if self.relay.is_local(r.address) and not r.final]
         if not local or self.local is None:
             return
         for lres in await self.local.deliver(env.sender, [r.address for r in local], content, queue_id=env.id):
-            _apply(env, RecipientResult(lres.recipient, DELIVERED if lres.ok else (
-                BOUNCED if lres.code >= 500 else "deferred"), _dsn_of(lres.text, lres.code),
-                lres.text, f"{lres.code} {lres.text}", mx="local"))
+            lreply = vocab.Reply.parse(lres.code, lres.text)
+            got[lres.recipient] = RecipientResult(lres.recipient, Outcome.DELIVERED if lres.ok else (
+                Outcome.BOUNCED if lres.code >= 500 else Outcome.DEFERRED), lreply.status,
+                lres.text, lreply, mx="local")
+            _apply(env, got[lres.recipient])
             if lres.ok:
                 success.append((lres.recipient, "delivered"))
 
@@ -229,7 +225,7 @@ class PreQueue:
         return s.user is not None or self.relay.trusted(s.peer[0])
 
     async def _queue(self, env: Envelope, content: bytes, why: str, hold: bool = False) -> Reply:
-        bounced = [r for r in env.recipients if r.status == R_BOUNCED]
+        bounced = [r for r in env.recipients if r.status is Outcome.BOUNCED]
         pending = env.pending
         loop = asyncio.get_running_loop()
         try:
@@ -242,7 +238,7 @@ class PreQueue:
         except OSError as e:
             log.error("%s: cannot queue: %s", env.id, e)
             return Reply(451, "4.3.0 queue write failed, try again later")
-        attack = any("suspected attack" in r.reason for r in env.recipients)
+        attack = any(r.suspected_attack for r in env.recipients)
         log.info("%s: outcome=queued (%s)%s", env.id, why, " suspected_attack=yes" if attack else "")
         self.scheduler.wake.set()
         return Reply(250, f"2.0.0 Ok: queued as {env.id}")
@@ -260,7 +256,7 @@ class PreQueue:
             return  # already taken by the queue or the operator: the queue's view wins
         for res in results:
             _apply(env, res)
-        bounced = [r for r in env.recipients if r.status == R_BOUNCED]
+        bounced = [r for r in env.recipients if r.status is Outcome.BOUNCED]
         if bounced:
             self.scheduler.notify(env, content, bounced)
         if not env.pending:
@@ -297,13 +293,6 @@ def _recipient(addr: str, params: dict[str, str]) -> Recipient:
         t, _, x = params["ORCPT"].partition(";")
         orcpt = f"{t};{xtext_decode(x)}"
     return Recipient(addr, orcpt=orcpt, notify=notify)
-
-
-def _dsn_of(text: str, code: int) -> str:
-    first = text.split(" ", 1)[0]
-    if first.count(".") == 2 and first[0] in "245":
-        return first
-    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
 
 
 def _apply(env: Envelope, res: RecipientResult) -> None:

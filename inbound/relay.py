@@ -12,11 +12,11 @@ Postfix's ``reject_unauth_destination`` in ``smtpd_recipient_restrictions``.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from postgate.inbound.filters import Action, Stage, StageContext, Verdict
-from postgate.policy.vocab import Reply
+from postgate.policy.vocab import Reply, domain_of
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,3 @@ class RelayFilter:
     async def close(self) -> None:
         pass
 
-
-def domain_of(address: str) -> str:
-    return address.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in address else ""
-
-
-def parse_networks(values: Sequence[str]) -> list[str]:
-    """Check each entry is a network (``192.0.2.0/24``, ``::1``); raises ValueError naming the bad one."""
-    for v in values:
-        try:
-            ipaddress.ip_network(v, strict=False)
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not an address or network") from e
-    return list(values)

@@ -48,9 +48,9 @@ from postgate.inbound.filters import (
     apply_header_edits,
     split_message,
 )
-from postgate.outbound.queue.envelope import new_queue_id
 from postgate.policy import metrics
 from postgate.policy.vocab import Reply as VocabReply
+from postgate.policy.vocab import new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
 

@@ -11,18 +11,27 @@ from a 5xx reply of the server or a null MX.
 A connection is reused for further messages to the same MX host address, but only under the same
 next-hop domain and the same requirement, so one domain's authentication result never serves another's
 policy.
+
+Which hosts may be used and what TLS each must provide is ``policy.tls.decide`` (the one TLS decision);
+:meth:`Deliverer.attempts` walks the hosts and addresses in order applying it, and both delivery and
+``postgate tls-check`` consume that walk, so tls-check reports exactly what delivery does. Every outcome is
+data: an :class:`~postgate.policy.vocab.Outcome`, the server's :class:`~postgate.policy.vocab.Reply`, the
+TLS result (:class:`~postgate.policy.vocab.TlsOutcome`, RFC 8460's types for failures) and the
+``suspected_attack`` flag.
+
+SMTPUTF8 (RFC 6531): a message flagged SMTPUTF8, or with a non-ASCII envelope address, goes out with
+``MAIL FROM:<…> SMTPUTF8`` and UTF-8 addresses to a hop that offers the extension; to one that does not it
+is bounced with 5.6.7 (RFC 6531 §3.4: the client must not send it there), never sent mangled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiosmtplib
@@ -31,42 +40,59 @@ from postgate.outbound.downgrade import DowngradeMemory, Protection
 from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
 from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from postgate.outbound.resolver import Resolver
-from postgate.outbound.smtp_client import CLEARTEXT, Session, SessionError, Timeouts, open_session
-from postgate.policy import metrics, mtasts
-from postgate.policy.caps import Caps
+from postgate.outbound.smtp_client import Session, SessionError, Timeouts, open_session
+from postgate.policy import metrics, tlsrpt
 from postgate.policy.logline import arrival_of, delays
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
-from postgate.policy.tls import Auth, Level, Policy, Requirement, TLSMode, requirement
-from postgate.policy.tlsrpt import Attempt, PolicyType, ResultType
-from postgate.policy.vocab import Security, Tlsa
+from postgate.policy.tls import (
+    Auth,
+    Decision,
+    HostFacts,
+    Level,
+    Policy,
+    Requirement,
+    Skip,
+    Sts,
+    StsMode,
+    TLSMode,
+    decide,
+)
+from postgate.policy.tlsrpt import PolicyType
+from postgate.policy.vocab import Outcome, QueueId, Reply, Security, Tlsa, TlsOutcome, domain_of, new_queue_id
 
 log = logging.getLogger("postgate.delivery")
-
-DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 
 
 @dataclass
 class RecipientResult:
     recipient: str
-    status: str
+    status: Outcome
     dsn: str
     reason: str = ""
-    reply: str = ""
-    security: str | None = None
+    reply: Reply | None = None            # the server's own reply, when there was one
+    security: TlsOutcome | None = None    # the session's TLS (a success kind)
     mx: str | None = None
     address: str | None = None
     tls_version: str | None = None
     cipher: str | None = None
     tlsa_matched: str | None = None
     suspected_attack: bool = False
+    tls_result: TlsOutcome | None = None  # RFC 8460 result type of the failure that deferred it
     relayed_without_dsn: bool = False     # RFC 3461 §5.2.2: delivered to a server without DSN support
     port: int | None = None               # the port of ``address`` (for the log's relay=host[addr]:port)
     last_tried: str | None = None         # a deferral: the last MX contacted, host[addr]:port (for the log)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
-                                             "tls_version", "cipher", "tlsa_matched", "reply", "reason",
-                                             "suspected_attack")}
+        out = {k: getattr(self, k) for k in ("recipient", "status", "dsn", "security", "mx", "address",
+                                            "tls_version", "cipher", "tlsa_matched", "reason",
+                                            "suspected_attack", "tls_result")}
+        out["reply"] = str(self.reply) if self.reply else ""
+        return out
+
+    @property
+    def text(self) -> str:
+        """The reply if there was one, else the reason: what a log line or DSN diagnostic shows."""
+        return str(self.reply) if self.reply else self.reason
 
 
 def xtext(s: str) -> str:
@@ -102,11 +128,6 @@ class Dsn:
         return out
 
 
-def new_queue_id() -> str:
-    """Sortable by arrival: microseconds since the epoch in hex, then randomness (Postfix long ids)."""
-    return f"{int(time.time() * 1_000_000):014X}{secrets.token_hex(3).upper()}"
-
-
 @dataclass
 class Counters:
     values: Counter[str] = field(default_factory=Counter)
@@ -130,16 +151,8 @@ class DeliveryConfig:
     # issue 18 (docs/mta-sts.md): MTA-STS, the downgrade memory, the TLS-RPT hook, the 'may' fallback delay
     sts: StsResolver | None = None
     downgrade: DowngradeMemory | None = None
-    tls_report: Callable[[Attempt], Awaitable[None]] | None = None
+    tls_report: Callable[[tlsrpt.Attempt], Awaitable[None]] | None = None
     cleartext_fallback_delay: float = 300.0   # 'may': cleartext after a failed handshake only this long after arrival
-
-
-# the arrival time of the message being delivered (deliver(arrival=...)), seen by the 'may' fallback
-_ARRIVAL: ContextVar[float] = ContextVar("arrival", default=0.0)
-
-
-def _domain(addr: str) -> str:
-    return addr.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in addr else ""
 
 
 class ConnectionCache:
@@ -199,8 +212,21 @@ class ConnectionCache:
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
 
-def _req_key(req: Requirement) -> tuple[Any, ...]:
-    return (req.level, req.tls, req.auth, tuple(t.text() for t in req.tlsa), req.names, req.fingerprints)
+@dataclass
+class Attempt:
+    """One step of the walk over a next hop's hosts: a host skipped by the TLS decision, or one address
+    tried — an open session, or the error that prevented it."""
+
+    host: MXHost
+    decision: Decision
+    address: str | None = None
+    session: Session | None = None
+    error: SessionError | None = None
+    fallback: SessionError | None = None   # the failed opportunistic handshake before a cleartext session
+
+    @property
+    def mx(self) -> str:
+        return _h(self.host)
 
 
 class Deliverer:
@@ -240,19 +266,25 @@ class Deliverer:
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *,
                       queue_id: str | None = None, level: Level | None = None,
                       mail_options: Sequence[str] = (), requiretls: bool = False,
-                      dsn: Dsn | None = None, arrival: float | None = None) -> list[RecipientResult]:
+                      dsn: Dsn | None = None, arrival: float | None = None,
+                      smtputf8: bool = False) -> list[RecipientResult]:
         """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
-        PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on."""
-        qid = queue_id or new_queue_id()
+        PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on. ``smtputf8``
+        (RFC 6531): the message needs the SMTPUTF8 extension (also implied by a non-ASCII address).
+        ``arrival``: when the message arrived (POSIX time; None: now), for the 'may' cleartext-fallback delay."""
+        qid = QueueId(queue_id) if queue_id else new_queue_id()
         start, start_wall = time.monotonic(), time.time()
-        _ARRIVAL.set(arrival if arrival is not None else time.time())
+        arrival = arrival if arrival is not None else time.time()
         groups: dict[str, list[str]] = {}
         for r in recipients:
-            groups.setdefault(_domain(r), []).append(r)
+            groups.setdefault(domain_of(r), []).append(r)
         if requiretls:
             mail_options = [*mail_options, "REQUIRETLS"]
+        # RFC 6531 §3.4: an envelope address with non-ASCII characters needs SMTPUTF8 as well
+        smtputf8 = smtputf8 or not all(a.isascii() for a in (sender, *recipients))
+        mail_options = [o for o in mail_options if o.upper() != "SMTPUTF8"]
         results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, level,
-                                                              mail_options, requiretls, dsn)
+                                                              mail_options, requiretls, dsn, smtputf8, arrival)
                                          for d, rcpts in groups.items()))
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
@@ -262,6 +294,8 @@ class Deliverer:
             self.counters.inc(f"status_{res.status}")
             if res.suspected_attack:
                 self.counters.inc("suspected_attack")
+            if res.tls_result is not None:
+                self.counters.inc(f"tls_{res.tls_result}")
         return out
 
     async def route(self, domain: str, level: Level | None = None) -> Route:
@@ -269,235 +303,259 @@ class Deliverer:
         relay = self.relay_for(domain)
         policy = self.policy_for(domain, relay)
         if level is not None:
-            policy = Policy(level, policy.match, policy.protocols, policy.ciphers, "command line")
+            policy = replace(policy, level=level, source="command line")
         if relay is not None:
             nh = await resolve_nexthop(self.resolver, relay.host, port=relay.port, use_mx=relay.mx)
             return Route(relay.host, relay.port, policy, nh, True)
-        return Route(domain, 25, policy, await resolve_nexthop(self.resolver, domain), False)
+        nh, sts = await asyncio.gather(resolve_nexthop(self.resolver, domain), self._sts(domain))
+        return Route(domain, 25, policy, nh, False, sts)
+
+    def decide(self, rt: Route, host: MXHost, requiretls: bool = False) -> Decision:
+        """The one TLS decision (policy/tls.py) for one host of a route, with its MTA-STS policy."""
+        return decide(rt.policy, host_facts(host), nexthop=rt.name, requiretls=requiretls, sts=rt.sts_policy)
+
+    async def attempts(self, qid: str, rt: Route, requiretls: bool = False,
+                       arrival: float | None = None) -> AsyncGenerator[Attempt, None]:
+        """Walk the route's hosts in order (RFC 7672 §2.2: a host that fails is skipped for the next) and
+        each host's addresses, yielding each skip, each failed connection and each open session. The
+        consumer stops when it is done (delivery: at the first success); what it does not take is closed.
+        ``arrival`` (None: now) is when the message arrived, for the 'may' cleartext-fallback delay."""
+        arrival = arrival if arrival is not None else time.time()
+        for host in rt.nexthop.hosts:
+            if host.caps is not None and host.enforced_caps is None and not host.unusable:
+                log.info("%s: %s has an insecure MTA-capability record (%s): not enforced", qid, _h(host),
+                         host.caps.text())
+            d = self.decide(rt, host, requiretls)
+            if isinstance(d, Skip):
+                yield Attempt(host, d)
+                continue
+            for address in host.addresses:
+                try:
+                    session, fallback = await self._connect(rt, host, address, d, arrival)
+                except SessionError as e:
+                    yield Attempt(host, d, address, error=e)
+                    continue
+                yield Attempt(host, d, address, session=session, fallback=fallback)
+
+    async def _connect(self, rt: Route, host: MXHost, address: str, req: Requirement,
+                       arrival: float) -> tuple[Session, SessionError | None]:
+        """An open session under ``req`` (a reused one if allowed), and the failed opportunistic handshake if
+        the session is a cleartext fallback."""
+        key = self._key(rt, host, address, req)
+        session = self.cache.take(key) if req.reuse is not False else None
+        if session is not None:
+            return session, None
+        auth = self.config.relay_auth if rt.via_relay else None
+        try:
+            return await open_session(address, rt.port, _h(host), req, helo=self.config.helo,
+                                      timeouts=self.config.timeouts, ca_file=self.config.ca_file,
+                                      auth=auth), None
+        except SessionError as e:
+            if not e.cleartext_retry:
+                raise
+            # Postfix 'may': a failed opportunistic handshake is retried in cleartext — but not at once
+            # (that hands an active attacker the plaintext), and never to a destination that did TLS
+            self._may_fallback(e, rt.name, _h(host), address, arrival)
+            plain = Requirement(req.level, TLSMode.NONE, req.auth, requiretls=req.requiretls)
+            return await open_session(address, rt.port, _h(host), plain, helo=self.config.helo,
+                                      timeouts=self.config.timeouts), e
+
+    def _key(self, rt: Route, host: MXHost, address: str, req: Requirement) -> tuple[Any, ...]:
+        return (rt.name, _h(host), address, rt.port, req.key())
 
     async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
-                              level: Level | None, mail_options: Sequence[str],
-                              requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]:
+                              level: Level | None, mail_options: Sequence[str], requiretls: bool = False,
+                              dsn: Dsn | None = None, smtputf8: bool = False,
+                              arrival: float | None = None) -> list[RecipientResult]:
         if not domain:
-            return [RecipientResult(r, BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
+            return [RecipientResult(r, Outcome.BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
         rt = await self.route(domain, level)
-        nh, port, nexthop_name, policy = rt.nexthop, rt.port, rt.name, rt.policy
+        nh = rt.nexthop
         metrics.inc("dnssec_verdicts", verdict=str(nh.mx_security))
         if nh.failure is Failure.PERMANENT:
-            return [RecipientResult(r, BOUNCED, nh.status, nh.reason) for r in rcpts]
+            return [RecipientResult(r, Outcome.BOUNCED, nh.status, nh.reason) for r in rcpts]
         attack = nh.mx_security is Security.BOGUS
         if nh.failure is Failure.TEMPORARY and not nh.hosts:
             why = nh.reason + (" — suspected attack" if attack else "")
-            return [RecipientResult(r, DEFERRED, nh.status, why, suspected_attack=attack) for r in rcpts]
-        return await self._try_hosts(qid, sender, nexthop_name, nh, port, policy, rcpts, data, mail_options,
-                                     rt.via_relay, requiretls, dsn)
+            return [RecipientResult(r, Outcome.DEFERRED, nh.status, why, suspected_attack=attack,
+                                    tls_result=TlsOutcome.DNSSEC_INVALID if attack else None) for r in rcpts]
+        return await self._try_hosts(qid, sender, rt, rcpts, data, mail_options, requiretls, dsn, smtputf8,
+                                     arrival)
 
-    async def _try_hosts(self, qid: str, sender: str, nexthop: str, nh: NextHop, port: int, policy: Policy,
-                         rcpts: list[str], data: bytes, mail_options: Sequence[str],
-                         via_relay: bool, requiretls: bool = False, dsn: Dsn | None = None) -> list[RecipientResult]:
+    async def _try_hosts(self, qid: str, sender: str, rt: Route, rcpts: list[str], data: bytes,
+                         mail_options: Sequence[str], requiretls: bool = False, dsn: Dsn | None = None,
+                         smtputf8: bool = False, arrival: float | None = None) -> list[RecipientResult]:
         failures: list[str] = []
         attack = False
         status_code = "4.4.1"
-        pending = list(rcpts)
-        done: list[RecipientResult] = []
-        sts = await self._sts(nexthop, via_relay)
-        guard = await self._downgrade(nexthop, nh, sts, via_relay)
+        tls_result: TlsOutcome | None = None
+        guard = await self._downgrade(rt)
         if guard:
-            return [RecipientResult(r, DEFERRED, "4.7.5", guard, suspected_attack=True) for r in pending]
+            return [RecipientResult(r, Outcome.DEFERRED, "4.7.5", guard, suspected_attack=True) for r in rcpts]
         contacted: tuple[str | None, str | None] = (None, None)  # the last MX address tried, for the log
-        for host in nh.hosts:
-            if host.unusable:
-                bogus = host.address_security is Security.BOGUS or host.tlsa_security is Security.BOGUS
-                attack |= bogus
-                if bogus and not via_relay:  # RFC 8460 §4.3.2.1: DNSSEC validation failed
-                    await self._report(nexthop, sts, host_requirement(policy, host, nexthop), _h(host), "",
-                                       ResultType.DNSSEC_INVALID, host.unusable)
-                failures.append(f"{_h(host)}: {host.unusable}" + (" — suspected attack" if bogus else ""))
-                continue
-            caps = host.enforced_caps
-            caps_name = caps_owner(host.name).to_text(omit_final_dot=True)
-            if host.caps is not None and caps is None:
-                log.info("%s: %s has an insecure MTA-capability record (%s): not enforced", qid, _h(host),
-                         host.caps.text())
-            if policy.level is Level.CAPS_REQUIRED and caps is None:
-                # no connection at all to a host that publishes no secure promise
-                failures.append(f"{_h(host)}: caps-required: no secure MTA-capability record at {caps_name}")
-                continue
-            if caps is not None and caps.dane and not host.dane:
-                attack = True
-                failures.append(f"{_h(host)}: MTA-capability dane promised by {caps_name} but no secure "
-                                "usable TLSA record — suspected attack")
-                continue
-            req = host_requirement(policy, host, nexthop)
-            if req.refuse:
-                failures.append(f"{_h(host)}: {req.refuse}")
-                continue
-            req, sts_refuse = self._apply_sts(sts, req, host, policy)
-            if sts_refuse:  # RFC 8461 §4.1: an MX host the enforced policy does not list is not used
-                failures.append(sts_refuse)
-                await self._report(nexthop, sts, req, _h(host), "", ResultType.VALIDATION_FAILURE, sts_refuse)
-                continue
-            if requiretls and req.auth not in (Auth.DANE, Auth.PKIX):
-                # RFC 8689 §4.2.1: a verified certificate: DANE, else PKIX for the MX host name
-                req = Requirement(req.level, TLSMode.REQUIRED, Auth.PKIX, names=(_h(host),))
-            sni = host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else _h(host)
-            for address in host.addresses:
-                try:
-                    results = await self._send_via(qid, nexthop, host, address, port, req, sni, sender,
-                                                   pending, data, mail_options, via_relay, caps, caps_name, dsn,
-                                                   sts=sts)
-                except SessionError as e:
-                    contacted = (_h(host), address)
-                    if e.tlsrpt is not None and not via_relay and not e.cleartext_retry:
-                        await self._report(nexthop, sts, req, _h(host), address, e.tlsrpt, e.reason)
+        walk = self.attempts(qid, rt, requiretls, arrival)
+        try:
+            async for a in walk:
+                if isinstance(a.decision, Skip):
+                    sk = a.decision
+                    attack |= sk.suspected_attack
+                    failures.append(sk.reason)
+                    status_code = sk.reply.status
+                    tls_result = sk.tls_result or tls_result
+                    if sk.tls_result is not None:  # RFC 8460 §4.3.2: a policy failure for this MX host
+                        await self._report(rt, _dane_records(a.host), a.mx, "", sk.tls_result, sk.reason)
+                    if rt.sts_policy is not None and rt.sts_policy.mode is StsMode.ENFORCE and \
+                            not rt.sts_policy.allows(a.mx):
+                        self.counters.inc("sts_mx_mismatch")
+                    continue
+                assert isinstance(a.decision, Requirement)
+                if a.error is not None:
+                    e = a.error
+                    contacted = (a.mx, a.address)
+                    if e.tls_result is not None:  # RFC 8460 §4.3.1: a failed negotiation
+                        await self._report(rt, _applied_tlsa(a.decision), a.mx, a.address or "", e.tls_result,
+                                           e.reason)
                     attack |= e.suspected_attack
                     failures.append(e.reason)
                     status_code = e.dsn
+                    tls_result = e.tls_result or tls_result
                     if e.code >= 500 and not e.temporary:
-                        return done + [RecipientResult(r, BOUNCED, e.dsn, e.reason, reply=e.reason,
-                                                       mx=_h(host), address=address, port=port) for r in pending]
+                        return [RecipientResult(r, Outcome.BOUNCED, e.dsn, e.reason, reply=e.reply, mx=a.mx,
+                                                address=a.address, port=rt.port) for r in rcpts]
                     continue
+                assert a.session is not None and a.address is not None
+                session = a.session
+                if a.fallback is not None and a.fallback.tls_result is not None:
+                    # the opportunistic handshake failed before this cleartext session (RFC 8460 §4.3.1)
+                    await self._report(rt, (), a.mx, a.address, a.fallback.tls_result, a.fallback.reason)
+                if smtputf8 and not session.supports("smtputf8"):
+                    # RFC 6531 §3.4: a message that needs SMTPUTF8 must not go to a hop without it
+                    await self._release(rt, a, session)
+                    why = f"{a.mx} does not offer SMTPUTF8, required for this message (RFC 6531 §3.4)"
+                    return [RecipientResult(r, Outcome.BOUNCED, "5.6.7", why, mx=a.mx, address=a.address)
+                            for r in rcpts]
+                try:
+                    results = await _transaction(session, sender, rcpts, data, mail_options, dsn, smtputf8)
+                except SessionError as e:
+                    await session.close()
+                    if e.code >= 500 and not e.temporary:  # the server's own permanent refusal
+                        return [RecipientResult(r, Outcome.BOUNCED, e.dsn, e.reason, reply=e.reply, mx=a.mx,
+                                                address=a.address) for r in rcpts]
+                    attack |= e.suspected_attack
+                    failures.append(e.reason)
+                    status_code = e.dsn
+                    continue
+                for res in results:
+                    res.mx, res.address = a.mx, a.address
+                    res.security = session.tls.security
+                    res.tls_version, res.cipher = session.tls.version, session.tls.cipher
+                    res.tlsa_matched = session.tls.tlsa_matched.text() if session.tls.tlsa_matched else None
+                session.messages += 1
+                if session.messages == 1:
+                    await self._session_done(rt, session, a.decision)
+                await self._release(rt, a, session)
                 # the server's own replies are this attempt's outcome; a 4xx recipient waits for a retry
                 for res in results:
-                    res.port = port
-                return done + results
+                    res.port = rt.port
+                return results
+        finally:
+            await walk.aclose()
         reason = "; ".join(failures) or "no MX host could be tried"
-        tried = f"{contacted[0]}[{contacted[1]}]:{port}" if contacted[1] else None
-        return done + [RecipientResult(r, DEFERRED, "4.7.5" if attack else status_code, reason,
-                                       suspected_attack=attack, last_tried=tried) for r in pending]
+        tried = f"{contacted[0]}[{contacted[1]}]:{rt.port}" if contacted[1] else None
+        return [RecipientResult(r, Outcome.DEFERRED, "4.7.5" if attack else status_code, reason,
+                                suspected_attack=attack, tls_result=tls_result, last_tried=tried) for r in rcpts]
 
-    async def _send_via(self, qid: str, nexthop: str, host: MXHost, address: str, port: int,
-                        req: Requirement, sni: str, sender: str, rcpts: list[str], data: bytes,
-                        mail_options: Sequence[str], via_relay: bool, caps: Caps | None = None,
-                        caps_name: str = "", dsn: Dsn | None = None,
-                        sts: StsLookup | None = None) -> list[RecipientResult]:
-        key: tuple[Any, ...] = (nexthop, _h(host), address, port, _req_key(req), caps.text() if caps else "")
-        session = self.cache.take(key)
-        if session is None:
-            try:
-                session = await open_session(address, port, _h(host), req, helo=self.config.helo, sni=sni,
-                                             timeouts=self.config.timeouts, ca_file=self.config.ca_file,
-                                             auth=self.config.relay_auth if via_relay else None,
-                                             caps=caps, caps_name=caps_name)
-            except SessionError as e:
-                if not e.cleartext_retry:
-                    raise
-                # Postfix 'may': a failed opportunistic handshake is retried in cleartext — but not at once
-                # (that hands an active attacker the plaintext), and never to a destination that did TLS
-                await self._may_fallback(e, nexthop, _h(host), address, sts, req, via_relay)
-                plain = Requirement(req.level, TLSMode.NONE, req.auth)
-                session = await open_session(address, port, _h(host), plain, helo=self.config.helo, sni=sni,
-                                             timeouts=self.config.timeouts)
-                key = (*key, "cleartext-fallback")  # one message's fallback never serves a younger message
-        if "REQUIRETLS" in mail_options and not session.supports("requiretls"):
-            await session.close()  # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
-            raise SessionError(f"{_h(host)} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
-        try:
-            results = await _transaction(session, sender, rcpts, data, mail_options, dsn)
-        except SessionError:
+    async def _release(self, rt: Route, a: Attempt, session: Session) -> None:
+        """Keep the session for the next message (same next hop, same requirement), or close it. A cleartext
+        fallback is never kept: one message's fallback never serves a younger message."""
+        assert isinstance(a.decision, Requirement) and a.address is not None
+        if session.alive and a.decision.reuse is not False and a.fallback is None:
+            self.cache.put(self._key(rt, a.host, a.address, a.decision), session)
+        else:
             await session.close()
-            raise
-        for r in results:
-            r.mx, r.address = _h(host), address
-            r.security = session.tls.security
-            r.tls_version, r.cipher = session.tls.version, session.tls.cipher
-            r.tlsa_matched = session.tls.tlsa_matched.text() if session.tls.tlsa_matched else None
-        session.messages += 1
-        if session.alive and key[-1] != "cleartext-fallback":
-            self.cache.put(key, session)
-        elif session.alive:
-            await session.close()
-        if session.messages == 1:
-            await self._session_done(nexthop, session, req, sts, via_relay)
-        return results
 
     # --- issue 18: MTA-STS, the downgrade memory, TLS-RPT (docs/mta-sts.md) ---------------------------
-    async def _sts(self, domain: str, via_relay: bool) -> StsLookup | None:
-        if self.config.sts is None or via_relay:
-            return None  # RFC 8461 applies to MX delivery, not to a configured smart host
+    async def _sts(self, domain: str) -> StsLookup | None:
+        """The MTA-STS policy in force for an MX-delivered domain (RFC 8461 applies to MX delivery, not to
+        a configured smart host: route() asks only for those)."""
+        if self.config.sts is None:
+            return None
         return await self.config.sts.lookup(domain)
 
-    async def _downgrade(self, domain: str, nh: NextHop, sts: StsLookup | None, via_relay: bool) -> str:
+    async def _downgrade(self, rt: Route) -> str:
         """The reason to defer for a suspected downgrade, or ""."""
         mem = self.config.downgrade
-        if mem is None or via_relay:
+        if mem is None or rt.via_relay:
             return ""
-        if any(h.dane and any(Tlsa.from_rdata(t).usable for t in h.tlsa) for h in nh.hosts):
+        sts = rt.sts
+        if any(_dane_records(h) for h in rt.nexthop.hosts):
             current = Protection.DANE
-        elif sts is not None and sts.policy is not None and sts.policy.mode is mtasts.Mode.ENFORCE:
+        elif rt.sts_policy is not None and rt.sts_policy.mode is StsMode.ENFORCE:
             current = Protection.STS
         else:
             current = Protection.NONE
-        verdict = await mem.observe(domain, current, sts_vanished=sts is not None and sts.txt_missing)
+        verdict = await mem.observe(rt.name, current, sts_vanished=sts is not None and sts.txt_missing)
         if verdict.suspected:
             self.counters.inc("downgrade_suspected")
         return verdict.reason if verdict.defer else ""
 
-    def _apply_sts(self, sts: StsLookup | None, req: Requirement, host: MXHost,
-                   policy: Policy) -> tuple[Requirement, str]:
-        """RFC 8461 §4-§5 through policy/mtasts.tighten: an enforced policy makes Web-PKI TLS to a listed MX
-        mandatory and an unlisted MX unusable; DANE and explicit levels are left alone (RFC 8461 §2)."""
-        req, refuse = mtasts.tighten(sts.policy if sts is not None else None, req, _h(host), policy.level)
-        if refuse:
-            self.counters.inc("sts_mx_mismatch")
-        return req, refuse
-
-    async def _may_fallback(self, e: SessionError, domain: str, mx: str, address: str, sts: StsLookup | None,
-                            req: Requirement, via_relay: bool) -> None:
-        """Allow the cleartext retry of a failed opportunistic handshake, or raise a deferral."""
-        if e.tlsrpt is not None and not via_relay:
-            await self._report(domain, sts, req, mx, address, e.tlsrpt, e.reason)
+    def _may_fallback(self, e: SessionError, domain: str, mx: str, address: str, arrival: float) -> None:
+        """Allow the cleartext retry of a failed opportunistic handshake, or raise a deferral that carries
+        the handshake's RFC 8460 result."""
         mem = self.config.downgrade
         if mem is not None and mem.tls_recent(domain):
             self.counters.inc("cleartext_fallback_refused")
             raise SessionError(e.reason + f"; no cleartext fallback: {domain} did TLS before (downgrade memory)"
-                               " — suspected attack", suspected_attack=True, dsn="4.7.5")
-        waited = time.time() - _ARRIVAL.get()
+                               " — suspected attack", suspected_attack=True, dsn="4.7.5", tls_result=e.tls_result,
+                               chain=e.chain)
+        waited = time.time() - arrival
         if waited < self.config.cleartext_fallback_delay:
             self.counters.inc("cleartext_fallback_deferred")
             raise SessionError(e.reason + f"; cleartext fallback only after {self.config.cleartext_fallback_delay:g}s "
-                               f"in the queue (waited {waited:.0f}s)", dsn="4.7.5")
+                               f"in the queue (waited {waited:.0f}s)", dsn="4.7.5", tls_result=e.tls_result,
+                               chain=e.chain)
         self.counters.inc("cleartext_fallback")
         log.warning("%s[%s]: STARTTLS failed, falling back to cleartext after %.0fs — possible downgrade (%s)",
                     mx, address, waited, e.reason)
 
-    async def _session_done(self, domain: str, s: Session, req: Requirement, sts: StsLookup | None,
-                            via_relay: bool) -> None:
+    async def _session_done(self, rt: Route, s: Session, req: Requirement) -> None:
         """A session carried mail: remember TLS, and count it for TLS-RPT."""
-        if via_relay:
+        if rt.via_relay:
             return
-        if s.tls.security != CLEARTEXT and self.config.downgrade is not None:
-            await self.config.downgrade.note_tls(domain)
-        result: ResultType | None = None
+        if s.tls.security is not TlsOutcome.CLEARTEXT and self.config.downgrade is not None:
+            await self.config.downgrade.note_tls(rt.name)
+        result: TlsOutcome | None = None
         detail = ""
-        if s.tls.security == CLEARTEXT:
-            result, detail = ResultType.STARTTLS_NOT_SUPPORTED, "delivered without TLS"
-        elif (sts is not None and sts.policy is not None and sts.policy.mode is mtasts.Mode.TESTING
-              and req.auth is Auth.NONE):
+        sts = rt.sts.policy if rt.sts is not None else None
+        if s.tls.security is TlsOutcome.CLEARTEXT:
+            result, detail = TlsOutcome.STARTTLS_NOT_SUPPORTED, "delivered without TLS"
+        elif sts is not None and sts.mode is StsMode.TESTING and req.auth is Auth.NONE:
             # RFC 8461 §5: testing mode: deliver, but report what enforce would have refused
-            if not sts.policy.matches(s.mx):
-                result, detail = ResultType.VALIDATION_FAILURE, f"{s.mx} matches no mx of the policy"
+            if not sts.matches(s.mx):
+                result, detail = TlsOutcome.VALIDATION_FAILURE, f"{s.mx} matches no mx of the policy"
             else:
                 problem = pkix_problem(s.tls.chain, s.mx, self.config.ca_file)
                 if problem is not None:
                     result, detail = problem
-        await self._report(domain, sts, req, s.mx, s.address, result, detail)
+        await self._report(rt, _applied_tlsa(req), s.mx, s.address, result, detail)
 
-    async def _report(self, domain: str, sts: StsLookup | None, req: Requirement, mx: str, address: str,
-                      result: ResultType | None, detail: str) -> None:
-        """One session's TLS outcome to the TLS-RPT hook (RFC 8460 §4.1; ``when`` is stamped by the hook)."""
+    async def _report(self, rt: Route, tlsa: tuple[Tlsa, ...], mx: str, address: str,
+                      result: TlsOutcome | None, detail: str) -> None:
+        """One session's TLS outcome to the TLS-RPT hook (RFC 8460 §4.1; ``when`` is stamped by the hook).
+        ``tlsa``: the DANE records applied to the host, if any (RFC 8460 §4.4: policy-type tlsa)."""
         hook = self.config.tls_report
-        if hook is None:
+        if hook is None or rt.via_relay:
             return
         strings: tuple[str, ...] = ()
         patterns: tuple[str, ...] = ()
-        if req.auth is Auth.DANE and req.tlsa:
-            ptype, strings = PolicyType.TLSA, tuple(t.text() for t in req.tlsa)
-        elif sts is not None and sts.policy is not None and sts.policy.mode is not mtasts.Mode.NONE:
-            ptype, strings, patterns = PolicyType.STS, tuple(sts.policy.lines()), sts.policy.mx
+        sts = rt.sts.policy if rt.sts is not None else None
+        if tlsa:
+            ptype, strings = PolicyType.TLSA, tuple(t.text() for t in tlsa)
+        elif sts is not None and sts.mode is not StsMode.NONE:
+            ptype, strings, patterns = PolicyType.STS, tuple(sts.lines()), sts.mx
         else:
             ptype = PolicyType.NO_POLICY
-        await hook(Attempt(domain, ptype, result, mx, address, "", strings, patterns, detail[:200]))
+        await hook(tlsrpt.Attempt(rt.name, ptype, result, mx, address, "", strings, patterns, detail[:200]))
 
 
 def _h(host: MXHost) -> str:
@@ -511,46 +569,74 @@ class Route:
     policy: Policy
     nexthop: NextHop
     via_relay: bool
+    sts: StsLookup | None = None   # RFC 8461: the MTA-STS lookup for an MX-delivered domain
+
+    @property
+    def sts_policy(self) -> Sts | None:
+        """The MTA-STS policy in force, as the TLS decision's input."""
+        return self.sts.policy.sts() if self.sts is not None and self.sts.policy is not None else None
 
 
-def host_requirement(policy: Policy, host: MXHost, nexthop: str) -> Requirement:
-    """The TLS requirement for one MX host under ``policy`` (policy/tls.py), from what DNS said of it."""
-    return requirement(policy, mx_host=_h(host), nexthop=nexthop, tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa),
-                       tlsa_security=host.tlsa_security,
-                       reference_names=tuple(n.to_text(omit_final_dot=True) for n in host.reference_names))
+def _dane_records(host: MXHost) -> tuple[Tlsa, ...]:
+    """The host's secure usable TLSA records: where DANE applies (RFC 7672 §2.2, RFC 8461 §2)."""
+    if host.tlsa_security is not Security.SECURE:
+        return ()
+    return tuple(t for t in (Tlsa.from_rdata(r) for r in host.tlsa) if t.usable)
+
+
+def _applied_tlsa(req: Requirement) -> tuple[Tlsa, ...]:
+    """The TLSA records a requirement enforces as DANE (not tafile anchors)."""
+    return req.tlsa if req.auth is Auth.DANE and not req.pkix_names else ()
+
+
+def host_facts(host: MXHost) -> HostFacts:
+    """What DNS said of one MX host, as the TLS decision's input."""
+    return HostFacts(
+        name=_h(host), address_security=host.address_security, tlsa_security=host.tlsa_security,
+        tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa), unusable=host.unusable,
+        reference_names=tuple(n.to_text(omit_final_dot=True) for n in host.reference_names),
+        tlsa_base=host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else "",
+        caps=host.caps, caps_security=host.caps_security,
+        caps_owner=caps_owner(host.name).to_text(omit_final_dot=True))
 
 
 async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,
-                       mail_options: Sequence[str], dsn: Dsn | None = None) -> list[RecipientResult]:
+                       mail_options: Sequence[str], dsn: Dsn | None = None,
+                       smtputf8: bool = False) -> list[RecipientResult]:
     """MAIL, RCPT per recipient, DATA: each recipient's outcome from the server's own replies."""
     smtp = s.smtp
     t = s.timeouts
+    # RFC 6531 §3.4: the SMTPUTF8 parameter on MAIL FROM, then UTF-8 addresses in MAIL and RCPT
+    enc = "utf-8" if smtputf8 else "ascii"
     try:
         if s.messages:
             await smtp.rset(timeout=t.command)
         opts = [o for o in mail_options if smtp.supports_extension(o.split("=")[0].lower())]
+        if smtputf8:
+            opts.append("SMTPUTF8")
         with_dsn = dsn is not None and smtp.supports_extension("dsn")
         if with_dsn:  # RFC 3461 §5.2.1: a DSN-capable next hop gets the parameters
             assert dsn is not None
             opts += dsn.mail_options()
         try:
-            await smtp.mail(sender, options=opts, timeout=t.command)
+            await smtp.mail(sender, options=opts, encoding=enc, timeout=t.command)
         except aiosmtplib.SMTPSenderRefused as e:
-            raise SessionError(f"MAIL FROM refused by {s.mx}: {e.code} {e.message}", code=e.code,
-                               temporary=e.code < 500, dsn=_dsn(e.code, e.message)) from e
+            reply = Reply.parse(e.code, e.message)
+            raise SessionError(f"MAIL FROM refused by {s.mx}: {reply}", code=e.code,
+                               temporary=e.code < 500, dsn=reply.status) from e
         results: list[RecipientResult] = []
         accepted: list[str] = []
         for r in rcpts:
             try:
                 resp = await smtp.rcpt(r, options=dsn.rcpt_options(r) if with_dsn and dsn else [],
-                                       timeout=t.command)
+                                       encoding=enc, timeout=t.command)
                 accepted.append(r)
-                results.append(RecipientResult(r, DELIVERED, "", reply=f"{resp.code} {resp.message}",
+                results.append(RecipientResult(r, Outcome.DELIVERED, "", reply=Reply.parse(resp.code, resp.message),
                                                relayed_without_dsn=dsn is not None and not with_dsn))
             except aiosmtplib.SMTPRecipientRefused as e:
-                status = BOUNCED if e.code >= 500 else DEFERRED
-                results.append(RecipientResult(r, status, _dsn(e.code, e.message), f"{e.code} {e.message}",
-                                               reply=f"{e.code} {e.message}"))
+                reply = Reply.parse(e.code, e.message)
+                status = Outcome.BOUNCED if e.code >= 500 else Outcome.DEFERRED
+                results.append(RecipientResult(r, status, reply.status, str(reply), reply=reply))
         if not accepted:
             await smtp.rset(timeout=t.command)
             return results
@@ -558,62 +644,56 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
         try:
             resp = await smtp.data(data, timeout=t.data)
         except aiosmtplib.SMTPDataError as e:
-            status = BOUNCED if e.code >= 500 else DEFERRED
+            reply = Reply.parse(e.code, e.message)
+            status = Outcome.BOUNCED if e.code >= 500 else Outcome.DEFERRED
             for res in results:
                 if res.recipient in accepted:
-                    res.status, res.dsn = status, _dsn(e.code, e.message)
-                    res.reply = res.reason = f"{e.code} {e.message}"
+                    res.status, res.dsn, res.reply, res.reason = status, reply.status, reply, str(reply)
             return results
+        reply = Reply.parse(resp.code, resp.message)
         for res in results:
             if res.recipient in accepted:
-                res.dsn = _dsn(resp.code, resp.message)
-                res.reply = f"{resp.code} {resp.message}"
+                res.dsn, res.reply = reply.status, reply
         return results
     except aiosmtplib.SMTPResponseException as e:
         raise SessionError(f"{s.mx}[{s.address}] said {e.code} {e.message}", code=e.code,
                            temporary=e.code < 500) from e
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+    except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as e:
         raise SessionError(f"lost connection with {s.mx}[{s.address}] during the transaction: "
                            f"{type(e).__name__}: {e}") from e
 
 
-def _dsn(code: int, message: str) -> str:
-    """The enhanced status code of a reply (RFC 3463), or one derived from the basic code."""
-    first = message.split(" ", 1)[0]
-    parts = first.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
-        return first
-    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
-
-
 def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 0.0) -> None:
-    status = {DELIVERED: "sent", DEFERRED: "deferred", BOUNCED: "bounced"}[r.status]
+    status = "sent" if r.status is Outcome.DELIVERED else str(r.status)
     # Postfix: relay=host[addr]:port once an address was contacted; delay= since arrival, delays=a/b/c/d
     relay = (f"{r.mx or r.address}[{r.address}]" + (f":{r.port}" if r.port else "")) if r.address else \
         (r.last_tried or "none")
     times = delays(qid, start_wall or time.time() - delay, (start_wall or time.time() - delay) + delay)
     line = (f"{qid}: to=<{r.recipient}>, relay={relay}, {times}, dsn={r.dsn}, "
-            f"status={status} ({r.reply or r.reason})")
+            f"status={status} ({r.text})")
     if r.security:
         line += f" tls={r.security}"
         if r.tls_version:
             line += f" tls_version={r.tls_version}"
         if r.tlsa_matched:
             line += f' tlsa="{r.tlsa_matched}"'
+    if r.tls_result is not None:
+        line += f" tls_result={r.tls_result}"
     if r.suspected_attack:
         line += " suspected_attack=yes"
-    (log.warning if r.status != DELIVERED else log.info)(line)
+    (log.warning if r.status is not Outcome.DELIVERED else log.info)(line)
 
 
 def _count(qid: str, r: RecipientResult, attempt: float) -> None:
     metrics.inc("deliveries", outcome=r.status)
     metrics.observe("attempt_duration_seconds", attempt, outcome=r.status)
     arrival = arrival_of(qid)
-    if r.status != DEFERRED and arrival is not None:
+    if r.status is not Outcome.DEFERRED and arrival is not None:
         metrics.observe("delivery_latency_seconds", max(0.0, time.time() - arrival), outcome=r.status)
     metrics.inc("tls_outcomes", result=r.security or ("none" if r.address or r.last_tried else "not-connected"))
     if r.suspected_attack:
-        metrics.inc("suspected_attacks", kind=r.dsn)  # TODO(vocab): the RFC 8460 result type once results carry it
+        # the kind of attack: the RFC 8460 result type of the failure (tlsa-invalid, dnssec-invalid, …)
+        metrics.inc("suspected_attacks", kind=str(r.tls_result) if r.tls_result is not None else r.dsn)
 
 
 def summarize(results: Iterable[RecipientResult]) -> str:
@@ -621,13 +701,10 @@ def summarize(results: Iterable[RecipientResult]) -> str:
 
 
 __all__ = [
-    "BOUNCED",
-    "CLEARTEXT",
-    "DEFERRED",
-    "DELIVERED",
+    "Attempt",
     "Counters",
     "Deliverer",
     "DeliveryConfig",
     "RecipientResult",
-    "new_queue_id",
+    "host_facts",
 ]

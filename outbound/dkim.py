@@ -14,10 +14,13 @@ they occur, §8.15), so none can be added after signing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import logging
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
+from postgate.policy.vocab import domain_of
 
 log = logging.getLogger("postgate.dkim")
 
@@ -34,6 +38,8 @@ log = logging.getLogger("postgate.dkim")
 # pre-queue relay CPU time in bench/README.md). The same RSASSA-PKCS1-v1_5 signature (RFC 8017 §8.2,
 # deterministic, byte-for-byte identical) comes from OpenSSL through cryptography in a tenth of that;
 # dkimpy keeps doing everything else (canonicalization, header hashing, the DKIM-Signature field).
+# Both speed-ups are swapped into dkimpy only while Signer.sign runs (:func:`_fast_dkim`), never for the
+# whole process: anyone else using dkimpy (a verifier, a test) gets dkimpy as shipped.
 _openssl_keys: dict[int, rsa.RSAPrivateKey] = {}
 
 
@@ -50,7 +56,6 @@ def _openssl_rsassa_sign(hash_: Any, private_key: dict[str, int]) -> bytes:
     return key.sign(hash_.digest(), padding.PKCS1v15(), utils.Prehashed(algo))
 
 
-dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsassa_sign
 
 # Both signatures of a message (RSA and Ed25519, both relaxed, both SHA-256) hash the same canonical body;
 # dkimpy canonicalizes it anew for each. A one-entry cache keyed on the body object (one DKIM object signs
@@ -75,7 +80,23 @@ def _canonicalize_body_once(self: Any, body: bytes) -> bytes:
     return out
 
 
-dkim.CanonicalizationPolicy.canonicalize_body = _canonicalize_body_once
+_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fast_dkim() -> Iterator[None]:
+    """dkimpy with OpenSSL's RSA signing and the one-entry body cache, for the duration of one signing.
+    A lock keeps signers in other threads from restoring the originals under each other; the results are
+    byte-for-byte those of plain dkimpy, so a concurrent verifier sees no difference either."""
+    with _patch_lock:
+        saved = dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body
+        dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsassa_sign
+        dkim.CanonicalizationPolicy.canonicalize_body = _canonicalize_body_once
+        try:
+            yield
+        finally:
+            dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body = saved
+            _last_body[:] = [None, None, b""]  # do not keep the body alive
 
 # RFC 6376 §5.4.1
 RECOMMENDED = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from", "resent-to",
@@ -182,7 +203,7 @@ def _from_domain(message: bytes) -> str | None:
     if not m:
         return None
     _, addr = email.utils.parseaddr(m.group(1).replace("\r\n", ""))
-    return addr.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in addr else None
+    return domain_of(addr) or None
 
 
 def header_list(message: bytes) -> list[bytes]:
@@ -221,12 +242,12 @@ class Signer:
         hdrs = header_list(message)
         sigs = []
         d = dkim.DKIM(message)
-        for k in keys:
-            try:
-                sigs.append(d.sign(k.selector.encode(), k.domain.encode(), k.private,
-                                   canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=k.signature_algorithm,
-                                   include_headers=hdrs))
-            except dkim.DKIMException as e:
-                log.error("DKIM signing with %s failed: %s", k.owner(), e)
-        _last_body[:] = [None, None, b""]  # do not keep the body alive
+        with _fast_dkim():
+            for k in keys:
+                try:
+                    sigs.append(d.sign(k.selector.encode(), k.domain.encode(), k.private,
+                                       canonicalize=(b"relaxed", b"relaxed"),
+                                       signature_algorithm=k.signature_algorithm, include_headers=hdrs))
+                except dkim.DKIMException as e:
+                    log.error("DKIM signing with %s failed: %s", k.owner(), e)
         return b"".join(sigs) + message

@@ -1,6 +1,7 @@
 """One SMTP client session to one address of an MX host, with the TLS its requirement demands.
 
-The session connects, reads the greeting, sends EHLO, and then per :class:`policy.tls.Requirement`:
+The session connects, reads the greeting, sends EHLO, and then per :class:`policy.tls.Requirement` (made by
+``policy.tls.decide``; this module enforces it and decides nothing of its own):
 STARTTLS with SNI set to the TLSA base domain (RFC 7672 §8.1), and authenticates the server *after* the
 handshake and *before* any mail command, from the chain it presented (DANE per RFC 7672 §3, PKIX, or a
 fingerprint). Any failure where TLS or authentication is required raises :class:`SessionError` and the
@@ -22,11 +23,10 @@ from cryptography import x509
 from postgate.outbound import dane
 from postgate.policy import caps as capsmod
 from postgate.policy.tls import Auth, Requirement, TLSMode
-from postgate.policy.tlsrpt import ResultType
-from postgate.policy.vocab import Tlsa
+from postgate.policy.vocab import DANE_EE, SHA256, SPKI, Reply, Tlsa, TlsOutcome
 
-CLEARTEXT, UNAUTHENTICATED, VERIFIED, DANE_VERIFIED = (
-    "cleartext", "tls-unauthenticated", "verified", "dane-verified")
+# RFC 8996 and the policy's protocols=: ssl's names for the versions Postgate may negotiate
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ class Timeouts:
 
 class SessionError(Exception):
     """A session failed. ``temporary``: 4xx-like; ``suspected_attack``: a DANE/TLS downgrade sign;
-    ``cleartext_retry``: opportunistic TLS failed and Postfix-style plaintext retry is allowed."""
+    ``cleartext_retry``: opportunistic TLS failed and Postfix-style plaintext retry is allowed;
+    ``tls_result``: the RFC 8460 result type of a TLS failure; ``chain``: what the server presented."""
 
     def __init__(self, reason: str, *, temporary: bool = True, suspected_attack: bool = False,
                  code: int = 0, dsn: str = "", cleartext_retry: bool = False,
-                 tlsrpt: ResultType | None = None) -> None:
+                 tls_result: TlsOutcome | None = None, chain: Sequence[x509.Certificate] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
@@ -52,12 +53,17 @@ class SessionError(Exception):
         self.code = code
         self.dsn = dsn or ("4.4.2" if temporary else "5.4.0")
         self.cleartext_retry = cleartext_retry
-        self.tlsrpt = tlsrpt  # RFC 8460 §4.3 result type of a TLS failure, for TLS-RPT
+        self.tls_result = tls_result
+        self.chain = list(chain)
+
+    @property
+    def reply(self) -> Reply:
+        return Reply(self.code or (451 if self.temporary else 554), self.dsn, self.reason)
 
 
 @dataclass
 class TLSState:
-    security: str = CLEARTEXT
+    security: TlsOutcome = TlsOutcome.CLEARTEXT
     version: str | None = None
     cipher: str | None = None
     chain: list[x509.Certificate] = field(default_factory=list)
@@ -91,7 +97,14 @@ def peer_chain(smtp: aiosmtplib.SMTP) -> list[x509.Certificate]:
 
 def client_context(req: Requirement, ca_file: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # RFC 8996: never below TLS 1.2; the policy's protocols= narrows further (policy/maps.py checked it)
+    versions = [_VERSIONS[v] for v in req.params.protocols if v in _VERSIONS] or [ssl.TLSVersion.TLSv1_2,
+                                                                                   ssl.TLSVersion.TLSv1_3]
+    ctx.minimum_version = min(versions)
+    ctx.maximum_version = max(versions)
+    ciphers = req.params.cipherlist()
+    if ciphers:
+        ctx.set_ciphers(ciphers)  # Postfix grade + exclude=, for TLS 1.2 (TLS 1.3 suites are not affected)
     ctx.check_hostname = False  # names are checked by Postgate per RFC 7672 §3.2.2 / the policy
     if req.auth is Auth.PKIX:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -151,13 +164,13 @@ class Session:
 
 
 async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
-                       sni: str | None, timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
-                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None,
-                       caps: capsmod.Caps | None = None, caps_name: str = "") -> Session:
+                       timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
+                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None) -> Session:
     """Connect and establish what ``req`` demands, or raise SessionError.
 
-    ``caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
+    ``req.caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
     one raises SessionError as a suspected attack (docs/mta-caps.md §5)."""
+    caps, caps_name, sni = req.caps, req.caps_owner, req.sni
     smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=timeouts.command,
                            use_tls=False, start_tls=False, validate_certs=False)
     try:
@@ -177,8 +190,6 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
             missing = capsmod.broken_before_tls(caps, smtp.supports_extension("starttls"))
             if missing:
                 raise _caps_error(missing, mx, address, caps_name)
-            if caps.needs_tls and req.tls is TLSMode.OPTIONAL:
-                req = Requirement(req.level, TLSMode.REQUIRED, req.auth, req.tlsa, req.names, req.fingerprints)
         if req.tls is not TLSMode.NONE:
             if not smtp.supports_extension("starttls"):
                 if req.tls is TLSMode.REQUIRED:
@@ -187,7 +198,7 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                         f"STARTTLS not offered by {mx}[{address}] where TLS is required"
                         + (" (TLSA records exist) — suspected attack" if dane_required else ""),
                         suspected_attack=dane_required, dsn="4.7.4" if not dane_required else "4.7.5",
-                        tlsrpt=ResultType.STARTTLS_NOT_SUPPORTED)
+                        tls_result=TlsOutcome.STARTTLS_NOT_SUPPORTED)
             else:
                 ctx = client_context(req, ca_file)
                 try:
@@ -197,10 +208,10 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
                     msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
                     if req.tls is TLSMode.OPTIONAL:
-                        raise SessionError(msg, cleartext_retry=True, tlsrpt=handshake_result(e)) from e
+                        raise SessionError(msg, cleartext_retry=True, tls_result=handshake_result(e)) from e
                     raise SessionError(msg + (" — suspected attack" if dane_required else ""),
                                        suspected_attack=dane_required, dsn="4.7.5",
-                                       tlsrpt=handshake_result(e)) from e
+                                       tls_result=handshake_result(e)) from e
                 obj = smtp.get_transport_info("ssl_object")
                 tls.version = obj.version() if obj else None
                 tls.cipher = obj.cipher()[0] if obj and obj.cipher() else None
@@ -210,14 +221,17 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                 if caps is not None:
                     ext = smtp.esmtp_extensions
                     size = ext.get("size", "")
-                    seen = capsmod.Observed(True, tls.version, tls.security == DANE_VERIFIED,
+                    seen = capsmod.Observed(True, tls.version, tls.security is TlsOutcome.DANE_VERIFIED,
                                             frozenset(k.upper() for k in ext),
                                             int(size) if size.isdigit() else None)
                     missing = capsmod.broken(caps, seen)
                     if missing:
                         raise _caps_error(missing, mx, address, caps_name)
+        if req.requiretls and not smtp.supports_extension("requiretls"):
+            # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
+            raise SessionError(f"{mx} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
         if auth is not None:
-            if tls.security == CLEARTEXT:
+            if tls.security is TlsOutcome.CLEARTEXT:
                 raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
             try:
                 # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
@@ -243,45 +257,69 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
 
 def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> SessionError:
     names = ", ".join(missing)
+    result = TlsOutcome.STARTTLS_NOT_SUPPORTED if missing == ["starttls"] else TlsOutcome.VALIDATION_FAILURE
     return SessionError(f"MTA-capability {names} promised by {owner or 'a secure record'} but not shown by "
-                        f"{mx}[{address}] — suspected attack", suspected_attack=True, dsn="4.7.5")
+                        f"{mx}[{address}] — suspected attack", suspected_attack=True, dsn="4.7.5",
+                        tls_result=result)
+
+
+def handshake_result(e: BaseException) -> TlsOutcome:
+    """RFC 8460 §4.3.1: the result type of a failed TLS handshake (a PKIX verification error says which)."""
+    while not isinstance(e, ssl.SSLCertVerificationError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # aiosmtplib may wrap the ssl error
+    if isinstance(e, ssl.SSLCertVerificationError):
+        code = getattr(e, "verify_code", 0)
+        if code == 10:   # X509_V_ERR_CERT_HAS_EXPIRED
+            return TlsOutcome.CERTIFICATE_EXPIRED
+        if code == 62:   # X509_V_ERR_HOSTNAME_MISMATCH
+            return TlsOutcome.CERTIFICATE_HOST_MISMATCH
+        return TlsOutcome.CERTIFICATE_NOT_TRUSTED
+    return TlsOutcome.VALIDATION_FAILURE
+
+
+def needed_tlsa(chain: Sequence[x509.Certificate]) -> str:
+    """The DANE-EE record that would match what the server presented (``3 1 1 …``), for diagnostics."""
+    return dane.tlsa_for(chain[0], DANE_EE, SPKI, SHA256).text() if chain else ""
 
 
 def _authenticate(tls: TLSState, req: Requirement, mx: str, address: str, now: dt.datetime | None) -> None:
     """Decide the session's security from the presented chain, or raise (before any mail command)."""
+    if req.auth is Auth.DANE and req.pkix_names:
+        # tafile= (verify/secure): the anchors as DANE-TA records, the names by Postfix's match rules
+        if not pkix_name_ok(tls.chain, req.pkix_names):
+            names = ", ".join(dane.cert_names(tls.chain[0])) if tls.chain else "none"
+            raise SessionError(f"certificate of {mx} names {names}, none matching {', '.join(req.pkix_names)}",
+                               dsn="4.7.5", tls_result=TlsOutcome.CERTIFICATE_HOST_MISMATCH, chain=tls.chain)
+        res = dane.verify(req.tlsa, tls.chain, dane.cert_names(tls.chain[0]), now)
+        if res.status is not dane.DaneStatus.VERIFIED:
+            raise SessionError(f"certificate of {mx} does not chain to a tafile trust anchor ({res.reason})",
+                               dsn="4.7.5", tls_result=TlsOutcome.CERTIFICATE_NOT_TRUSTED, chain=tls.chain)
+        tls.security, tls.detail = TlsOutcome.VERIFIED, "tafile trust anchor"
+        return
     if req.auth is Auth.DANE:
         res = dane.verify(req.tlsa, tls.chain, req.names, now)
         if res.status is dane.DaneStatus.VERIFIED:
-            tls.security, tls.tlsa_matched, tls.detail = DANE_VERIFIED, res.matched, res.reason
+            tls.security, tls.tlsa_matched, tls.detail = TlsOutcome.DANE_VERIFIED, res.matched, res.reason
             return
         if res.status is dane.DaneStatus.NO_USABLE:
-            tls.security = UNAUTHENTICATED
+            tls.security = TlsOutcome.UNAUTHENTICATED
             return
+        # RFC 8460 §4.3.2.1: no record of the TLSA RRset matched
         raise SessionError(f"TLSA record mismatch for {mx} — suspected attack ({res.reason})",
-                           suspected_attack=True, dsn="4.7.5", tlsrpt=ResultType.TLSA_INVALID)
+                           suspected_attack=True, dsn="4.7.5", tls_result=TlsOutcome.TLSA_INVALID,
+                           chain=tls.chain)
     if req.auth is Auth.PKIX:
         if not pkix_name_ok(tls.chain, req.names):
             names = ", ".join(dane.cert_names(tls.chain[0])) if tls.chain else "none"
             raise SessionError(f"certificate of {mx} names {names}, none matching {', '.join(req.names)}",
-                               dsn="4.7.5", tlsrpt=ResultType.CERTIFICATE_HOST_MISMATCH)
-        tls.security = VERIFIED
+                               dsn="4.7.5", tls_result=TlsOutcome.CERTIFICATE_HOST_MISMATCH, chain=tls.chain)
+        tls.security = TlsOutcome.VERIFIED
         return
     if req.auth is Auth.FINGERPRINT:
         fp = dane.fingerprint_matches(tls.chain, req.fingerprints)
         if fp is None:
             raise SessionError(f"certificate fingerprint of {mx} matches no configured fingerprint",
-                               dsn="4.7.5")
-        tls.security, tls.detail = VERIFIED, f"fingerprint {fp}"
+                               dsn="4.7.5", tls_result=TlsOutcome.CERTIFICATE_NOT_TRUSTED, chain=tls.chain)
+        tls.security, tls.detail = TlsOutcome.VERIFIED, f"fingerprint {fp}"
         return
-    tls.security = UNAUTHENTICATED
-
-
-def handshake_result(e: BaseException) -> ResultType:
-    """RFC 8460 §4.3.1: the result type of a failed TLS handshake (a PKIX verification error says which)."""
-    while not isinstance(e, ssl.SSLCertVerificationError) and (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # aiosmtplib may wrap the ssl error
-    if isinstance(e, ssl.SSLCertVerificationError):
-        # OpenSSL X509_V_ERR_CERT_HAS_EXPIRED = 10, X509_V_ERR_HOSTNAME_MISMATCH = 62
-        return {10: ResultType.CERTIFICATE_EXPIRED, 62: ResultType.CERTIFICATE_HOST_MISMATCH}.get(
-            e.verify_code, ResultType.CERTIFICATE_NOT_TRUSTED)
-    return ResultType.VALIDATION_FAILURE
+    tls.security = TlsOutcome.UNAUTHENTICATED

@@ -19,12 +19,12 @@ it — that is what protects the *first* delivery after an attacker strips the T
 
 Where DANE applies (secure TLSA records for the MX host), DANE decides and MTA-STS is not consulted for
 that host (§2: "senders who implement MTA-STS and DANE SHOULD validate with DANE first"). Everything here
-is pure: parsing, matching and the decision; the fetch and the cache live in ``outbound/mtasts*.py``.
+is pure: parsing and matching; what a policy demands of one MX host is part of the one TLS decision,
+``policy.tls.decide(…, sts=policy.sts())``; the fetch and the cache live in ``outbound/mtasts*.py``.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 
@@ -38,10 +38,8 @@ MEDIA_TYPE = "text/plain"           # RFC 8461 §3.2: the policy is served as te
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")  # RFC 8461 §3.1: sts-id = 1*32(ALPHA / DIGIT)
 
 
-class Mode(enum.Enum):
-    ENFORCE = "enforce"
-    TESTING = "testing"
-    NONE = "none"
+# RFC 8461 §5: the policy modes; one enum with the TLS decision's (policy/tls.py), which takes the policy
+Mode = tls.StsMode
 
 
 class StsError(ValueError):
@@ -110,7 +108,11 @@ class Policy:
         return [ln for ln in self.text.replace("\r\n", "\n").split("\n") if ln.strip()]
 
     def matches(self, mx_host: str) -> bool:
-        return any(mx_matches(p, mx_host) for p in self.mx)
+        return self.sts().allows(mx_host)
+
+    def sts(self) -> tls.Sts:
+        """The policy as the TLS decision's input (``policy.tls.decide(…, sts=)``)."""
+        return tls.Sts(self.mode, self.mx)
 
 
 def parse_policy(text: str) -> Policy:
@@ -167,66 +169,10 @@ def _valid_pattern(p: str) -> bool:
 def mx_matches(pattern: str, mx_host: str) -> bool:
     """RFC 8461 §4.1: an MX name matches a pattern literally, or ``*.`` matches exactly one leftmost label
     (``*.example.com`` matches ``mx1.example.com``, not ``example.com`` nor ``a.b.example.com``).
-    Case-insensitive, trailing dots ignored."""
-    p = pattern.lower().rstrip(".")
-    h = mx_host.lower().rstrip(".")
-    if p.startswith("*."):
-        first, dot, rest = h.partition(".")
-        return bool(first) and bool(dot) and rest == p[2:]
-    return h == p
-
-
-class Action(enum.Enum):
-    """What MTA-STS demands of one MX host."""
-
-    NONE = "none"              # no policy, mode none, or DANE applies to this host: STS says nothing
-    REPORT = "report"          # testing mode: deliver as usual, report what enforce would have refused
-    VERIFY = "verify"          # enforce, MX matches: TLS with Web-PKI validation of the MX name
-    REFUSE = "refuse"          # enforce, MX does not match: do not use this host
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    reason: str = ""
-    matched: bool = True       # the MX host matched the policy (for testing-mode reports)
-
-
-def decide(policy: Policy | None, mx_host: str, *, dane: bool) -> Decision:
-    """What the policy in force requires for ``mx_host``.
-
-    ``dane``: secure usable TLSA records apply to this host, so DANE decides (RFC 8461 §2)."""
-    if policy is None or policy.mode is Mode.NONE:
-        return Decision(Action.NONE)
-    if dane:
-        return Decision(Action.NONE, "DANE applies (RFC 8461 §2)")
-    matched = policy.matches(mx_host)
-    if policy.mode is Mode.TESTING:
-        return Decision(Action.REPORT, "" if matched else f"{mx_host} matches no mx of the policy (testing)",
-                        matched)
-    if not matched:
-        # RFC 8461 §4.1/§5: a host not among the policy's mx patterns must not be used
-        return Decision(Action.REFUSE, f"MTA-STS: {mx_host} matches no mx pattern of the enforced policy "
-                        f"({', '.join(policy.mx)})", False)
-    return Decision(Action.VERIFY, "MTA-STS enforce")
+    Case-insensitive, trailing dots ignored. The one matcher is ``policy.tls.Sts.allows``."""
+    return tls.Sts(Mode.ENFORCE, (pattern,)).allows(mx_host)
 
 
 def policy_url(domain: str) -> str:
     """RFC 8461 §3.3: ``https://mta-sts.<domain>/.well-known/mta-sts.txt``."""
     return f"https://mta-sts.{domain.rstrip('.').lower()}{WELL_KNOWN}"
-
-
-def tighten(policy: Policy | None, req: tls.Requirement, mx_host: str,
-            level: tls.Level) -> tuple[tls.Requirement, str]:
-    """The MTA-STS input to the TLS decision: ``req`` as the policy in force changes it, and a reason to
-    refuse the host ("" if usable). DANE (``req.auth`` DANE), an explicit authenticated level and the level
-    ``none`` are left alone (RFC 8461 §2); MTA-STS tightens only unauthenticated, opportunistic levels."""
-    if policy is None or req.auth is not tls.Auth.NONE or level is tls.Level.NONE:
-        return req, ""
-    d = decide(policy, mx_host, dane=False)
-    if d.action is Action.REFUSE:
-        return req, f"{mx_host}: {d.reason}"
-    if d.action is Action.VERIFY:  # RFC 8461 §4.2: TLS with a Web-PKI certificate for the MX host name
-        return tls.Requirement(req.level, tls.TLSMode.REQUIRED, tls.Auth.PKIX, names=(mx_host.rstrip(".").lower(),),
-                               caps_required=req.caps_required, notes=("MTA-STS enforce",)), ""
-    return req, ""

@@ -17,6 +17,8 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
+from postgate.policy.vocab import TlsOutcome
+
 MEDIA_TYPE_GZIP = "application/tlsrpt+gzip"   # RFC 8460 §6.4
 MEDIA_TYPE_JSON = "application/tlsrpt+json"   # RFC 8460 §6.4
 
@@ -29,20 +31,9 @@ class PolicyType(enum.Enum):
     NO_POLICY = "no-policy-found"
 
 
-class ResultType(enum.Enum):
-    """RFC 8460 §4.3 result types (§4.3.1 negotiation, §4.3.2 policy; §4.3.2.1-§4.3.2.2 DANE and STS)."""
-
-    STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
-    CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
-    CERTIFICATE_EXPIRED = "certificate-expired"
-    CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
-    VALIDATION_FAILURE = "validation-failure"
-    TLSA_INVALID = "tlsa-invalid"
-    DNSSEC_INVALID = "dnssec-invalid"
-    DANE_REQUIRED = "dane-required"
-    STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
-    STS_POLICY_INVALID = "sts-policy-invalid"
-    STS_WEBPKI_INVALID = "sts-webpki-invalid"
+# RFC 8460 §4.3 result types: the shared vocabulary's TlsOutcome (policy/vocab.py) is the one enum; a
+# report's ``result-type`` is a failed attempt's TlsOutcome (its success kinds never appear in a report)
+ResultType = TlsOutcome
 
 
 class RecordError(ValueError):
@@ -105,7 +96,7 @@ class Attempt:
 
     policy_domain: str
     policy_type: PolicyType
-    result: ResultType | None            # None: the session succeeded
+    result: TlsOutcome | None            # None (or a success kind): the session succeeded
     mx_host: str = ""
     receiving_ip: str = ""
     sending_ip: str = ""
@@ -137,7 +128,7 @@ class PolicyCounts:
             self.policy_strings = a.policy_strings
         if a.mx_patterns:
             self.mx_patterns = a.mx_patterns
-        if a.result is None:
+        if a.result is None or a.result.success:  # a success kind (cleartext … dane-verified) is no failure
             self.successes += 1
             return
         if self.failures is None:

@@ -4,12 +4,86 @@ Policy is the bottom layer, so the words that DNS, DANE, delivery, the queue and
 here, as enums and frozen dataclasses, never as strings to grep. A DNSSEC verdict is a :class:`Security`
 (RFC 4035 §4.3: secure, insecure, bogus, indeterminate); a TLSA record is a :class:`Tlsa` (RFC 6698 §2.1:
 certificate usage, selector, matching type, association data).
+
+What happened to a recipient is an :class:`Outcome` (delivered, deferred, bounced; RFC 3464 §2.3.3's
+actions); what a delivery attempt's TLS came to is a :class:`TlsOutcome` — a success kind, or one of
+RFC 8460 §4.3's result types, the same value logged, counted and (later) reported in TLS-RPT. A server's
+answer is a :class:`Reply`, parsed once where it arrives (:meth:`Reply.parse`). A suspected attack is a
+``suspected_attack`` boolean carried beside these, never a phrase in a text. Queue ids are
+:data:`QueueId` (:func:`new_queue_id`), and :func:`domain_of` is the one way to take an address's domain.
 """
 
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from dataclasses import dataclass
+from typing import NewType
+
+
+class Outcome(enum.StrEnum):
+    """A recipient's state. A delivery attempt ends DELIVERED, DEFERRED (4xx or no usable host: retried)
+    or BOUNCED (5xx or null MX: returned to the sender, RFC 3464 §2.3.3 "failed"). PENDING is queue state
+    only: not attempted yet."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+    @property
+    def final(self) -> bool:
+        return self in (Outcome.DELIVERED, Outcome.BOUNCED)
+
+
+class TlsOutcome(enum.StrEnum):
+    """One attempt's TLS result. The first four are successes (the session's security); the rest are
+    RFC 8460 §4.3 result types of a failed attempt, by their registered names."""
+
+    CLEARTEXT = "cleartext"                         # no TLS (policy none/may, or no STARTTLS under may)
+    UNAUTHENTICATED = "tls-unauthenticated"         # TLS, certificate not checked
+    VERIFIED = "verified"                           # PKIX or fingerprint match
+    DANE_VERIFIED = "dane-verified"                 # RFC 7672 §3: a usable TLSA record matched
+    # RFC 8460 §4.3.1: negotiation failures
+    STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
+    CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
+    CERTIFICATE_EXPIRED = "certificate-expired"
+    CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
+    VALIDATION_FAILURE = "validation-failure"
+    # RFC 8460 §4.3.2.1: DANE policy failures
+    TLSA_INVALID = "tlsa-invalid"
+    DNSSEC_INVALID = "dnssec-invalid"
+    DANE_REQUIRED = "dane-required"
+    # RFC 8460 §4.3.2.2: MTA-STS policy failures
+    STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
+    STS_POLICY_INVALID = "sts-policy-invalid"
+    STS_WEBPKI_INVALID = "sts-webpki-invalid"
+
+    @property
+    def success(self) -> bool:
+        return self in (TlsOutcome.CLEARTEXT, TlsOutcome.UNAUTHENTICATED, TlsOutcome.VERIFIED,
+                        TlsOutcome.DANE_VERIFIED)
+
+
+QueueId = NewType("QueueId", str)
+
+
+def new_queue_id(now: float | None = None) -> QueueId:
+    """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits, in
+    the spirit of Postfix's long queue ids."""
+    t = time.time() if now is None else now
+    return QueueId(f"{int(t * 1_000_000):014X}{secrets.token_hex(3).upper()}")
+
+
+def valid_queue_id(qid: str) -> bool:
+    return len(qid) == 20 and all(c in "0123456789ABCDEF" for c in qid)
+
+
+def domain_of(address: str) -> str:
+    """The domain of ``local@domain``, lower case, without a trailing dot (RFC 5321 §2.3.5: an FQDN written
+    with or without its final dot is the same domain); "" when there is none (``postmaster``, ``<>``)."""
+    return address.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in address else ""
 
 
 @dataclass(frozen=True)
@@ -31,6 +105,23 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}"
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        """A reply as it arrives (code, then text that may start with an RFC 3463 enhanced code, RFC 2034
+        §4): the enhanced code split off, else derived from the basic code's class (RFC 3463 §3.1)."""
+        first, _, rest = message.partition(" ")
+        parts = first.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code)[:1] and parts[0] in "245":
+            return cls(code, first, rest)
+        return cls(code, "", message)
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code, or the generic one of the reply's class (RFC 3463 §3.1: X.0.0)."""
+        if self.enhanced:
+            return self.enhanced
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
 
     @property
     def permanent(self) -> bool:

@@ -27,11 +27,12 @@ from postgate import (
 from postgate import config as configmod
 from postgate.config import LEVELS
 from postgate.outbound import dkim
-from postgate.outbound.delivery import BOUNCED, DEFERRED, Deliverer, DeliveryConfig, RecipientResult
+from postgate.outbound.delivery import Deliverer, DeliveryConfig, RecipientResult
 from postgate.outbound.nexthop import Failure, NextHop, parse_domain, resolve_nexthop
 from postgate.outbound.resolver import Resolver, ResolverConfigError
 from postgate.outbound.tlscheck import tls_check
 from postgate.policy.tls import Level
+from postgate.policy.vocab import Outcome
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 69, 75, 78
 PASS_ = "PASS"
@@ -70,9 +71,9 @@ async def _sts_and_memory(cfg: configmod.Config, resolver: Resolver, domain: str
 
 
 def _exit_for(results: list[RecipientResult]) -> int:
-    if any(r.status == DEFERRED for r in results):
+    if any(r.status is Outcome.DEFERRED for r in results):
         return EX_TEMPFAIL
-    if any(r.status == BOUNCED for r in results):
+    if any(r.status is Outcome.BOUNCED for r in results):
         return EX_UNAVAILABLE
     return EX_OK
 
@@ -118,7 +119,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
             sec = f" {r.security}" if r.security else ""
             tlsa = f" tlsa=\"{r.tlsa_matched}\"" if r.tlsa_matched else ""
             attack = " SUSPECTED ATTACK" if r.suspected_attack else ""
-            print(f"{r.recipient}: {r.status} {r.dsn}{where}{sec}{tlsa}{attack}: {r.reply or r.reason}")
+            print(f"{r.recipient}: {r.status} {r.dsn}{where}{sec}{tlsa}{attack}: {r.text}")
     return _exit_for(results)
 
 
@@ -148,20 +149,42 @@ def cmd_tls_check(args: argparse.Namespace) -> int:
         print()
     else:
         for rep in reports:
-            print(f"{rep['mx']}[{rep['address']}]: {rep['status']} security={rep['security']} "
-                  f"tls={rep['tls_version']} cipher={rep['cipher']}"
-                  + (f" tlsa=\"{rep['tlsa_matched']}\"" if rep["tlsa_matched"] else "")
-                  + (" SUSPECTED ATTACK" if rep["suspected_attack"] else ""))
-            for i, subj in enumerate(rep["chain"]):
-                print(f"  cert {i}: {subj}")
-            if rep["reason"]:
-                print(f"  {rep['reason']}")
+            print(_tls_report_text(rep))
+    if any(r["status"] == "bounced" for r in reports):
+        return EX_UNAVAILABLE  # as delivery and `resolve`: the destination does not take mail (5.1.2, 5.1.10)
     if not reports or any(r["status"] != "ok" for r in reports):
         return EX_TEMPFAIL
     return EX_OK
 
 
 own_caps = assemble.own_caps
+
+
+def _tls_report_text(rep: dict[str, object]) -> str:
+    """One tls-check report for a terminal: only what is known, never a ``None``."""
+    where = f"{rep['mx']}[{rep['address']}]" if rep["address"] else str(rep["mx"])
+    if rep["status"] == "ok":
+        head = f"{where}: ok {rep['security']}"
+        head += "".join(f" {v}" for v in (rep["tls_version"], rep["cipher"]) if v)
+        if rep["tlsa_matched"]:
+            head += f' tlsa="{rep["tlsa_matched"]}"'
+    else:
+        head = f"{where}: {rep['status']}" + "".join(f" {rep[k]}" for k in ("dsn", "tls_result") if rep[k])
+    if rep["suspected_attack"]:
+        head += " SUSPECTED ATTACK"
+    lines = [head]
+    if rep["reason"]:
+        lines.append(f"  {rep['reason']}")
+    chain = rep["chain"]
+    assert isinstance(chain, list)
+    if chain and rep["status"] != "ok":
+        lines.append("  the server presented:")
+    lines += [f"  cert {i}: {subj}" for i, subj in enumerate(chain)]
+    if rep["needed_tlsa"]:
+        lines.append(f"  a TLSA record matching it would be: {rep['needed_tlsa']}")
+    if rep["requirement"]:
+        lines.append(f"  requirement: {rep['requirement']}")
+    return "\n".join(lines)
 
 
 def cmd_caps_record(args: argparse.Namespace) -> int:

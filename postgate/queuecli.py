@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
-from postgate.outbound.queue.envelope import valid_queue_id
 from postgate.outbound.queue.scheduler import Scheduler
 from postgate.outbound.queue.spool import DirectorySpool
+from postgate.policy.vocab import valid_queue_id
 
 EX_OK, EX_USAGE, EX_NOINPUT = 0, 64, 66
 

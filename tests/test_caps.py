@@ -9,9 +9,9 @@ import ssl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from postgate.outbound.delivery import DEFERRED, DELIVERED
 from postgate.policy import caps
 from postgate.policy.tls import Level, Policy
+from postgate.policy.vocab import Outcome
 
 from fixtures.testnet import TestNet
 from tests.mitm import Mitm
@@ -75,7 +75,7 @@ def test_select_rules() -> None:
 def test_honest_server_keeps_every_promise(testnet: TestNet) -> None:
     token = secrets.token_hex(8)
     [r] = run(deliverer(testnet, Policy()), ["bob@honest.caps.test"], message(token))
-    assert (r.status, r.security) == (DELIVERED, "dane-verified"), r.reason
+    assert (r.status, r.security) == (Outcome.DELIVERED, "dane-verified"), r.reason
     assert stored(testnet, token) == ["mx.honest.caps.test"]
 
 
@@ -84,7 +84,7 @@ def test_stripped_starttls_is_deferred_naming_the_capability(testnet: TestNet) -
     with Mitm("127.0.1.51", BACKEND, "strip", strip=("STARTTLS",)) as m:
         [r] = run(deliverer(testnet, Policy()), ["bob@strip.caps.test"], message(token))
         assert m.connections == 1
-    assert r.status == DEFERRED and r.suspected_attack and "starttls" in r.reason, r.reason
+    assert r.status == Outcome.DEFERRED and r.suspected_attack and "starttls" in r.reason, r.reason
     assert stored(testnet, token) == []
 
 
@@ -93,7 +93,7 @@ def test_stripped_ehlo_keyword_is_deferred(testnet: TestNet, keyword: str) -> No
     token = secrets.token_hex(8)
     with Mitm("127.0.1.52", BACKEND, "terminate", strip=(keyword,)):
         [r] = run(deliverer(testnet, Policy()), ["bob@ext.caps.test"], message(token))
-    assert r.status == DEFERRED and r.suspected_attack and keyword.lower() in r.reason, r.reason
+    assert r.status == Outcome.DEFERRED and r.suspected_attack and keyword.lower() in r.reason, r.reason
     assert stored(testnet, token) == []
 
 
@@ -102,7 +102,7 @@ def test_honest_terminating_relay_delivers(testnet: TestNet) -> None:
     token = secrets.token_hex(8)
     with Mitm("127.0.1.52", BACKEND, "terminate"):
         [r] = run(deliverer(testnet, Policy()), ["bob@ext.caps.test"], message(token))
-    assert r.status == DELIVERED, r.reason
+    assert r.status == Outcome.DELIVERED, r.reason
     assert stored(testnet, token) == ["mx.honest.caps.test"]
 
 
@@ -110,13 +110,13 @@ def test_forced_tls12_where_13_promised(testnet: TestNet) -> None:
     token = secrets.token_hex(8)
     with Mitm("127.0.1.53", BACKEND, "terminate", tls_max=ssl.TLSVersion.TLSv1_2):
         [r] = run(deliverer(testnet, Policy()), ["bob@tls13.caps.test"], message(token))
-    assert r.status == DEFERRED and r.suspected_attack and "tls-min" in r.reason, r.reason
+    assert r.status == Outcome.DEFERRED and r.suspected_attack and "tls-min" in r.reason, r.reason
 
 
 def test_dane_promised_without_tlsa(testnet: TestNet) -> None:
     token = secrets.token_hex(8)
     [r] = run(deliverer(testnet, Policy()), ["bob@nodane.caps.test"], message(token))
-    assert r.status == DEFERRED and r.suspected_attack and "dane" in r.reason
+    assert r.status == Outcome.DEFERRED and r.suspected_attack and "dane" in r.reason
     assert stored(testnet, token) == []
 
 
@@ -124,25 +124,25 @@ def test_caps_required_makes_no_connection_without_a_record(testnet: TestNet) ->
     with Mitm("127.0.1.54", BACKEND, "plain") as m:
         [r] = run(deliverer(testnet, Policy(Level.CAPS_REQUIRED)), ["bob@nocaps.caps.test"],
                   message(secrets.token_hex(8)))
-        assert r.status == DEFERRED and "caps-required" in r.reason
+        assert r.status == Outcome.DEFERRED and "caps-required" in r.reason
         assert m.connections == 0
         [r] = run(deliverer(testnet, Policy()), ["bob@nocaps.caps.test"], message(secrets.token_hex(8)))
-        assert r.status == DELIVERED and m.connections == 1  # control: the host is reachable
+        assert r.status == Outcome.DELIVERED and m.connections == 1  # control: the host is reachable
     [r] = run(deliverer(testnet, Policy(Level.CAPS_REQUIRED)), ["bob@honest.caps.test"],
               message(secrets.token_hex(8)))
-    assert r.status == DELIVERED and r.security == "dane-verified"
+    assert r.status == Outcome.DELIVERED and r.security == "dane-verified"
 
 
 def test_insecure_record_is_only_logged(testnet: TestNet, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="postgate.delivery")
     [r] = run(deliverer(testnet, Policy()), ["bob@capsless.test"], message(secrets.token_hex(8)))
-    assert r.status == DELIVERED  # promises tls-min=1.3 and chunking it does not keep: not enforced
+    assert r.status == Outcome.DELIVERED  # promises tls-min=1.3 and chunking it does not keep: not enforced
     assert "insecure MTA-capability record" in caplog.text
 
 
 def test_two_records_are_ignored(testnet: TestNet) -> None:
     [r] = run(deliverer(testnet, Policy()), ["bob@twice.caps.test"], message(secrets.token_hex(8)))
-    assert r.status == DELIVERED
+    assert r.status == Outcome.DELIVERED
 
 
 def test_caps_record_command(tmp_path) -> None:  # type: ignore[no-untyped-def]

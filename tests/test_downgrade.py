@@ -14,11 +14,12 @@ import secrets
 import time
 from pathlib import Path
 
-from postgate.outbound.delivery import DEFERRED, DELIVERED, Counters, Deliverer, DeliveryConfig, RecipientResult
+from postgate.outbound.delivery import Counters, Deliverer, DeliveryConfig, RecipientResult
 from postgate.outbound.downgrade import Action, DowngradeMemory, Protection, Settings
 from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
 from postgate.policy.tls import Level, Policy
+from postgate.policy.vocab import Outcome
 
 from fixtures.testnet import TestNet
 
@@ -48,12 +49,12 @@ def _deliver(net: TestNet, rcpt: str, *, level: Level = Level.DANE, arrival: flo
 def test_may_handshake_failure_defers_first_then_cleartext_after_the_delay(testnet: TestNet) -> None:
     c = Counters()
     res, arrived = _deliver(testnet, "bob@tls10.sts.test", level=Level.MAY, counters=c)
-    assert res.status == DEFERRED and "cleartext fallback only after 300s" in res.reason, res
+    assert res.status == Outcome.DEFERRED and "cleartext fallback only after 300s" in res.reason, res
     assert arrived == [] and c.values["cleartext_fallback_deferred"] == 1
     res, arrived = _deliver(testnet, "bob@tls10.sts.test", level=Level.MAY, arrival=time.time() - 299, counters=c)
-    assert res.status == DEFERRED and arrived == []
+    assert res.status == Outcome.DEFERRED and arrived == []
     res, arrived = _deliver(testnet, "bob@tls10.sts.test", level=Level.MAY, arrival=time.time() - 301, counters=c)
-    assert res.status == DELIVERED and res.security == "cleartext", res
+    assert res.status == Outcome.DELIVERED and res.security == "cleartext", res
     # RFC 8996: the TLS 1.0-only server was never used with TLS
     assert [m["tls"]["version"] for m in arrived] == [None]  # type: ignore[index]
     assert c.values["cleartext_fallback"] == 1
@@ -65,14 +66,14 @@ def test_no_cleartext_fallback_for_a_destination_that_did_tls(testnet: TestNet, 
     mem = DowngradeMemory(Settings(file=str(tmp_path / "memory.json")))  # and it survives a restart
     res, arrived = _deliver(testnet, "bob@tls10.sts.test", level=Level.MAY, arrival=time.time() - 86400,
                             memory=mem)
-    assert res.status == DEFERRED and res.suspected_attack and "did TLS before" in res.reason, res
+    assert res.status == Outcome.DEFERRED and res.suspected_attack and "did TLS before" in res.reason, res
     assert arrived == []
 
 
 def test_tls_delivery_is_remembered(testnet: TestNet) -> None:
     mem = DowngradeMemory()
     res, _ = _deliver(testnet, "bob@dane-ok.test", memory=mem)
-    assert res.status == DELIVERED
+    assert res.status == Outcome.DELIVERED
     m = mem.get("dane-ok.test")
     assert m is not None and m.tls_seen > 0 and m.best == Protection.DANE and mem.tls_recent("dane-ok.test")
 
@@ -81,13 +82,13 @@ def test_ds_withdrawn_is_a_suspected_downgrade_and_defer_holds_mail(testnet: Tes
     dg = next(z for z in testnet.scenarios.zones if z.name == "dg.test.")
     mem = DowngradeMemory(Settings(action=Action.DEFER, defer_window=3600, file=str(tmp_path / "memory.json")))
     res, arrived = _deliver(testnet, "bob@dg.test", memory=mem)
-    assert res.status == DELIVERED and res.security == "dane-verified" and len(arrived) == 1
+    assert res.status == Outcome.DELIVERED and res.security == "dane-verified" and len(arrived) == 1
     try:
         dg.ds_withdrawn = True  # the parent drops the DS: dg.test. is now provably insecure
         testnet.resign("test.")
         c = Counters()
         res, arrived = _deliver(testnet, "bob@dg.test", memory=mem, counters=c)
-        assert res.status == DEFERRED and res.suspected_attack and "suspected downgrade of dg.test" in res.reason
+        assert res.status == Outcome.DEFERRED and res.suspected_attack and "suspected downgrade of dg.test" in res.reason
         assert "was dane, now none" in res.reason and arrived == []
         assert c.values["downgrade_suspected"] == 1
         m = mem.get("dg.test")
@@ -95,13 +96,13 @@ def test_ds_withdrawn_is_a_suspected_downgrade_and_defer_holds_mail(testnet: Tes
         # log only: delivered (opportunistic TLS, as DNS now says) but still flagged and counted
         logmem = DowngradeMemory(Settings(action=Action.LOG, file=str(tmp_path / "memory.json")))
         res, arrived = _deliver(testnet, "bob@dg.test", memory=logmem, counters=c)
-        assert res.status == DELIVERED and res.security == "tls-unauthenticated" and len(arrived) == 1
+        assert res.status == Outcome.DELIVERED and res.security == "tls-unauthenticated" and len(arrived) == 1
         assert c.values["downgrade_suspected"] == 2
     finally:
         dg.ds_withdrawn = False
         testnet.resign("test.")
     res, arrived = _deliver(testnet, "bob@dg.test", memory=mem)  # DS back: delivery resumes at once
-    assert res.status == DELIVERED and res.security == "dane-verified" and len(arrived) == 1
+    assert res.status == Outcome.DELIVERED and res.security == "dane-verified" and len(arrived) == 1
     m = mem.get("dg.test")
     assert m is not None and m.flagged == 0 and m.best == Protection.DANE
 
@@ -172,16 +173,16 @@ def test_sts_record_vanishing_before_max_age_is_a_suspected_downgrade(testnet: T
 
     mem = DowngradeMemory(Settings(action=Action.DEFER, file=str(tmp_path / "memory.json")))
     res, arrived = deliver(mem)
-    assert res.status == DELIVERED and res.security == "verified" and arrived
+    assert res.status == Outcome.DELIVERED and res.security == "verified" and arrived
     old = list(zone.records)
     try:  # the attacker strips the TXT record: the cached policy still applies (RFC 8461 §10.2), and it is flagged
         zone.records = [r for r in old if not r.startswith("_mta-sts.cached ")]
         testnet.resign("sts.test.")
         res, arrived = deliver(mem)
-        assert res.status == DEFERRED and res.suspected_attack and "MTA-STS TXT record gone" in res.reason, res
+        assert res.status == Outcome.DEFERRED and res.suspected_attack and "MTA-STS TXT record gone" in res.reason, res
         assert not arrived
     finally:
         zone.records = old
         testnet.resign("sts.test.")
     res, arrived = deliver(mem)
-    assert res.status == DELIVERED and arrived
+    assert res.status == Outcome.DELIVERED and arrived

@@ -11,14 +11,15 @@ import secrets
 from pathlib import Path
 
 import pytest
-from postgate.outbound.delivery import DEFERRED, DELIVERED, Deliverer, DeliveryConfig, RecipientResult
+from postgate.outbound.delivery import Deliverer, DeliveryConfig, RecipientResult
 from postgate.outbound.mtasts import FetchError, Source, StsResolver, StsSettings, fetch
 from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
 from postgate.policy import mtasts
-from postgate.policy.mtasts import Action, Mode, StsError
-from postgate.policy.tls import Level, Policy
+from postgate.policy.mtasts import Mode, StsError
+from postgate.policy.tls import HostFacts, Level, Policy, Requirement, decide
 from postgate.policy.tlsrpt import Attempt, PolicyType, ResultType
+from postgate.policy.vocab import Outcome, Security, Tlsa
 
 from fixtures.testnet import TestNet
 
@@ -97,19 +98,30 @@ def test_mx_matching(pattern: str, host: str, ok: bool) -> None:
 
 
 def test_decision_table() -> None:
+    # the policy is one input of the one TLS decision (policy.tls.decide, golden file tests/golden/tls_decision.txt)
     enforce = mtasts.parse_policy("version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n")
     testing = mtasts.parse_policy("version: STSv1\nmode: testing\nmx: *.example.com\nmax_age: 86400\n")
     none = mtasts.parse_policy("version: STSv1\nmode: none\nmax_age: 86400\n")
-    rows = [  # (policy, mx, DANE applies, action, RFC section)
-        (None, "mx.example.com", False, Action.NONE, "no policy"),
-        (none, "mx.example.com", False, Action.NONE, "§8.3 mode none"),
-        (enforce, "mx.example.com", False, Action.VERIFY, "§4.2 enforce, MX matches: Web-PKI TLS"),
-        (enforce, "mx.example.net", False, Action.REFUSE, "§4.1 enforce, MX does not match: not used"),
-        (enforce, "mx.example.net", True, Action.NONE, "§2 DANE first"),
-        (testing, "mx.example.net", False, Action.REPORT, "§5 testing: report only"),
+    dane = (Tlsa(3, 1, 1, b"\x01" * 32),)
+    pkix = "require tls=required auth=pkix names={mx} sts=enforce sni={mx}"
+    rows = [  # (policy, mx, secure TLSA, level, decision, RFC section)
+        (None, "mx.example.com", (), Level.DANE, "require tls=optional auth=none sni={mx}", "no policy"),
+        (none, "mx.example.com", (), Level.DANE, "require tls=optional auth=none sni={mx}", "§8.3 mode none"),
+        (enforce, "mx.example.com", (), Level.DANE, pkix, "§4.2 enforce, MX matches: Web-PKI TLS"),
+        (enforce, "mx.example.com", (), Level.MAY, pkix, "§4.2 enforce tightens may"),
+        (enforce, "mx.example.net", (), Level.MAY, "skip 4.7.5 validation-failure: {mx}: MTA-STS: matches no "
+         "mx pattern of the enforced policy of example.com (*.example.com)", "§4.1 enforce, MX does not match"),
+        (enforce, "mx.example.net", dane, Level.DANE, "require tls=required auth=dane tlsa=1 names={mx} sni={mx}",
+         "§2 DANE first"),
+        (enforce, "mx.example.net", (), Level.NONE, "require tls=none auth=none", "the operator's explicit none"),
+        (testing, "mx.example.net", (), Level.DANE, "require tls=optional auth=none sni={mx}",
+         "§5 testing: report only"),
     ]
-    for policy, mx, dane, action, rule in rows:
-        assert mtasts.decide(policy, mx, dane=dane).action is action, rule
+    for policy, mx, tlsa, level, want, rule in rows:
+        host = HostFacts(mx, tlsa_security=Security.SECURE, tlsa=tlsa, reference_names=(mx,))
+        d = decide(Policy(level), host, nexthop="example.com", sts=policy.sts() if policy else None)
+        got = ("require " + d.text()) if isinstance(d, Requirement) else d.text()
+        assert got == want.format(mx=mx), rule
 
 
 # --- on the test network -----------------------------------------------------------------------------
@@ -179,7 +191,7 @@ def test_enforce_with_matching_mx_delivers_verified(testnet: TestNet) -> None:
     reports: list[Attempt] = []
     res, token = _send(_deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet)), reports),
                        "bob@enforce.sts.test")
-    assert res.status == DELIVERED and res.security == "verified", res
+    assert res.status == Outcome.DELIVERED and res.security == "verified", res
     assert [m["receiver"] for m in _arrived(testnet, token)] == ["mx.enforce.sts.test"]
     assert [(a.policy_type, a.result) for a in reports] == [(PolicyType.STS, None)]
 
@@ -195,7 +207,7 @@ def test_enforce_failures_defer_without_cleartext(testnet: TestNet, domain: str,
         d = _deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet)), reports, level)
         d.config.cleartext_fallback_delay = 0
         res, token = _send(d, f"bob@{domain}")
-        assert res.status == DEFERRED and why in res.reason, res
+        assert res.status == Outcome.DEFERRED and why in res.reason, res
         assert _arrived(testnet, token) == []
         assert reports and all(a.result is not None and a.policy_type is PolicyType.STS for a in reports)
 
@@ -204,7 +216,7 @@ def test_testing_mode_delivers_and_reports(testnet: TestNet) -> None:
     reports: list[Attempt] = []
     res, token = _send(_deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet)), reports),
                        "bob@testing.sts.test")
-    assert res.status == DELIVERED and res.security == "tls-unauthenticated", res
+    assert res.status == Outcome.DELIVERED and res.security == "tls-unauthenticated", res
     assert len(_arrived(testnet, token)) == 1
     # RFC 8461 §5: testing: delivered, and what enforce would have refused is reported (self-signed)
     assert [(a.policy_type, a.result) for a in reports] == [(PolicyType.STS, ResultType.CERTIFICATE_NOT_TRUSTED)]
@@ -214,7 +226,7 @@ def test_dane_decides_when_both_apply(testnet: TestNet) -> None:
     # danests.sts.test: secure TLSA for its MX, and an enforced policy naming another MX. RFC 8461 §2: DANE
     res, token = _send(_deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet))),
                        "bob@danests.sts.test")
-    assert res.status == DELIVERED and res.security == "dane-verified", res
+    assert res.status == Outcome.DELIVERED and res.security == "dane-verified", res
     assert len(_arrived(testnet, token)) == 1
 
 
@@ -233,7 +245,7 @@ def test_fetch_failure_uses_the_cached_policy(testnet: TestNet, tmp_path: Path) 
         assert again.source is Source.CACHED_FALLBACK and again.failure is not None
         assert again.policy == first.policy
         res, _ = _send(_deliverer(testnet, sts2), "bob@cached.sts.test")
-        assert res.status == DELIVERED and res.security == "verified", res  # the cached policy is enforced
+        assert res.status == Outcome.DELIVERED and res.security == "verified", res  # the cached policy is enforced
         clock.now += 6 * 86400  # max_age over: no policy any more
         assert asyncio.run(sts2.lookup("cached.sts.test")).policy is None
     finally:
@@ -282,21 +294,7 @@ def test_cli_resolve_and_tls_check_show_the_policy(testnet: TestNet, tmp_path: P
     r = pg("tls-check", "mismatch.sts.test")
     assert r.returncode == 75 and "matches no mx pattern" in r.stdout, r  # tls-check says what delivery does
     r = pg("tls-check", "enforce.sts.test")
-    assert r.returncode == 0 and "security=verified" in r.stdout and "MTA-STS: mode=enforce" in r.stdout, r
-
-
-def test_tighten_is_the_sts_input_to_the_tls_decision() -> None:
-    from postgate.policy import tls
-    enforce = mtasts.parse_policy("version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n")
-    opportunistic = tls.Requirement(tls.Level.DANE, tls.TLSMode.OPTIONAL, tls.Auth.NONE)
-    dane = tls.Requirement(tls.Level.DANE, tls.TLSMode.REQUIRED, tls.Auth.DANE)
-    req, refuse = mtasts.tighten(enforce, opportunistic, "mx.example.com", tls.Level.DANE)
-    assert (req.tls, req.auth, req.names, refuse) == (tls.TLSMode.REQUIRED, tls.Auth.PKIX, ("mx.example.com",), "")
-    assert mtasts.tighten(enforce, opportunistic, "mx.example.org", tls.Level.MAY)[1]  # unlisted MX refused
-    assert mtasts.tighten(enforce, dane, "mx.example.org", tls.Level.DANE) == (dane, "")  # RFC 8461 §2
-    none = tls.Requirement(tls.Level.NONE, tls.TLSMode.NONE, tls.Auth.NONE)
-    assert mtasts.tighten(enforce, none, "mx.example.org", tls.Level.NONE) == (none, "")  # operator's choice
-    assert mtasts.tighten(None, opportunistic, "mx.example.org", tls.Level.DANE) == (opportunistic, "")
+    assert r.returncode == 0 and ": ok verified" in r.stdout and "MTA-STS: mode=enforce" in r.stdout, r
 
 
 @pytest.mark.parametrize(("text", "error"), [

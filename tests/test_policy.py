@@ -109,6 +109,19 @@ def test_postfix_policy_map_loads_and_looks_up(tmp_path: Path) -> None:
     ("example.com", "has no value"),
     ("example.com dane\nexample.com may", "duplicate key"),
     ("  continuation first", "continuation line"),
+    # issue 19 item 3: every attribute enforced as Postfix does, or refused here with file:line
+    ("example.com encrypt protocols=!TLSv1.2:!TLSv1.3", "leaves no protocol"),
+    ("example.com encrypt protocols=>=TLSv1.4", "unknown protocol '>=TLSv1.4'"),
+    ("example.com encrypt protocols=TLSv1:TLSv1.1", "RFC 8996"),
+    ("example.com encrypt protocols=<=TLSv1.1", "leaves no protocol"),
+    ("example.com encrypt ciphers=bogus", "unknown grade 'bogus'"),
+    ("example.com encrypt exclude=AES;rm", "not an OpenSSL cipher name"),
+    ("example.com encrypt servername=bad..name", "servername"),
+    ("example.com encrypt connection_reuse=maybe", "expected yes or no"),
+    ("example.com verify tafile=/nonexistent/ta.pem", "tafile /nonexistent/ta.pem: No such file"),
+    ("example.com dane tafile=/etc/hostname", "applies only to verify and secure"),
+    ("example.com verify tafile=/etc/hostname", "no PEM certificate"),
+    ("example.com encrypt enable_rpk=yes", "not supported"),
 ])
 def test_policy_map_errors_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
     p = tmp_path / "tls_policy"
@@ -117,6 +130,67 @@ def test_policy_map_errors_name_file_and_line(tmp_path: Path, line: str, message
         TlsPolicyMap(p)
     assert str(e.value).startswith(f"{p}:3") or str(e.value).startswith(f"{p}:4")
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("attrs", "versions"), [
+    ("", ("TLSv1.2", "TLSv1.3")),
+    ("protocols=!SSLv2,!SSLv3,!TLSv1,!TLSv1.1", ("TLSv1.2", "TLSv1.3")),   # Postfix's default, as written
+    ("protocols=!TLSv1.3", ("TLSv1.2",)),
+    ("protocols=>=TLSv1.3", ("TLSv1.3",)),
+    ("protocols=TLSv1.2", ("TLSv1.2",)),
+    ("protocols=>=TLSv1:<=TLSv1.2", ("TLSv1.2",)),                         # RFC 8996: never below 1.2
+    ("protocols=tlsv1.3", ("TLSv1.3",)),
+])
+def test_protocols_attribute(tmp_path: Path, attrs: str, versions: tuple[str, ...]) -> None:
+    p = tmp_path / "tls_policy"
+    p.write_text(f"example.com encrypt {attrs}\n")
+    pol = TlsPolicyMap(p).lookup("example.com")
+    assert pol is not None and pol.params.protocols == versions
+
+
+def test_cipher_and_other_attributes_reach_the_requirement(tmp_path: Path) -> None:
+    from postgate.policy.tls import HostFacts, Requirement, decide
+    p = tmp_path / "tls_policy"
+    p.write_text("example.com encrypt ciphers=HIGH exclude=AESGCM,CHACHA20 servername=nexthop "
+                 "connection_reuse=no\n.example.com encrypt servername=sni.example.org\n")
+    m = TlsPolicyMap(p)
+    pol = m.lookup("example.com")
+    assert pol is not None
+    req = decide(pol, HostFacts("mx.example.net", tlsa_base="mx.example.net"), nexthop="example.com")
+    assert isinstance(req, Requirement)
+    assert req.params.cipherlist() == "aNULL:-aNULL:HIGH:@STRENGTH:!AESGCM:!CHACHA20"
+    assert (req.sni, req.reuse) == ("example.com", False)
+    sub = m.lookup("a.example.com")
+    assert sub is not None
+    req = decide(sub, HostFacts("mx.example.net"), nexthop="a.example.com")
+    assert isinstance(req, Requirement) and req.sni == "sni.example.org" and req.reuse is None
+
+
+def test_tafile_anchors_become_dane_ta_records(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from postgate.policy.tls import HostFacts, Requirement, decide
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anchor")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    ta = tmp_path / "ta.pem"
+    ta.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    p = tmp_path / "tls_policy"
+    p.write_text(f"example.com secure tafile={ta}\n")
+    pol = TlsPolicyMap(p).lookup("example.com")
+    assert pol is not None
+    assert [(t.usage, t.selector, t.mtype) for t in pol.tafile] == [(2, 0, 0), (2, 1, 0)]
+    req = decide(pol, HostFacts("mx.example.com"), nexthop="example.com")
+    assert isinstance(req, Requirement)
+    assert (req.auth, req.tlsa, req.pkix_names) == (Auth.DANE, pol.tafile, ("example.com", ".example.com"))
 
 
 def test_policy_map_reloads_without_restart_and_keeps_old_on_error(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from postgate.outbound.delivery import Deliverer, DeliveryConfig
-from postgate.outbound.queue.envelope import DELIVERED, Envelope, Recipient
+from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
+from postgate.policy.vocab import Outcome
 
 from fixtures.testnet import TestNet
 from tests.queue_child import body
@@ -166,7 +167,7 @@ def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Pa
     assert waits[:6] == [300, 600, 1200, 2400, 4000, 4000]   # 5 min doubling to 4000 s
     # the delivered recipient stays delivered and is never retried
     e = spool.read_envelope("deferred", env.id)
-    assert [r.status for r in e.recipients] == ["deferred", DELIVERED]
+    assert [r.status for r in e.recipients] == [Outcome.DEFERRED, Outcome.DELIVERED]
     ok_copies = [m for m in testnet.received("mx.dane-ok.test") if "ok@dane-ok.test" in m["rcpt_tos"]
                  and "will expire" in m["data"]]
     assert len(ok_copies) == 1

@@ -14,7 +14,7 @@ import jsonschema
 import parsedmarc
 import pytest
 from postgate.outbound import dkim, tlsrptsend
-from postgate.outbound.delivery import DELIVERED, Deliverer, DeliveryConfig
+from postgate.outbound.delivery import Deliverer, DeliveryConfig
 from postgate.outbound.mtasts import StsResolver, StsSettings
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.scheduler import Scheduler
@@ -25,6 +25,7 @@ from postgate.outbound.tlsrptdb import TlsRptStore, collector
 from postgate.policy import tlsrpt
 from postgate.policy.tls import Level, Policy
 from postgate.policy.tlsrpt import PolicyType, ResultType
+from postgate.policy.vocab import Outcome
 
 from fixtures.testnet import TestNet
 
@@ -192,7 +193,7 @@ def test_delivered_is_counted_once_per_session(testnet: TestNet, tmp_path: Path)
         try:
             for _ in range(2):  # the second message reuses the session
                 [r] = await d.deliver("alice@client.test", ["bob@dane-ok.test"], _message("bob@dane-ok.test"))
-                assert r.status == DELIVERED
+                assert r.status == Outcome.DELIVERED
         finally:
             await d.close()
     asyncio.run(go())

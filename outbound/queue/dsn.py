@@ -134,6 +134,8 @@ def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, act
             diag = _line(r.reason)
             kind_ = "smtp" if diag[:3].isdigit() else "X-Postgate"
             f.append(f"Diagnostic-Code: {kind_}; {diag}")
+        if r.suspected_attack:  # RFC 3464 §3.3 extension field: the deferral was a suspected attack
+            f.append("X-Postgate-Suspected-Attack: yes")
         if r.time:
             f.append(f"Last-Attempt-Date: {_date(r.time)}")
         if action == "delayed" and retry_until:

@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from postgate.policy.vocab import Outcome, new_queue_id, valid_queue_id
+
 FORMAT = 1
-PENDING, DELIVERED, BOUNCED, DEFERRED = "pending", "delivered", "bounced", "deferred"
 
 
 class EnvelopeError(ValueError):
     """The stored envelope cannot be trusted: unparseable, incomplete or inconsistent."""
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits."""
-    t = time.time() if now is None else now
-    return f"{int(t * 1_000_000):014X}{secrets.token_hex(3).upper()}"
-
-
-def valid_queue_id(qid: str) -> bool:
-    return len(qid) == 20 and all(c in "0123456789ABCDEF" for c in qid)
 
 
 @dataclass
@@ -37,23 +27,27 @@ class Recipient:
     address: str
     orcpt: str | None = None              # RFC 3461 §4.2 ORCPT, "type;address"
     notify: list[str] | None = None       # RFC 3461 §4.1: NEVER, or SUCCESS/FAILURE/DELAY
-    status: str = PENDING
+    status: Outcome = Outcome.PENDING
     dsn: str = ""
     reason: str = ""
     remote: str = ""                      # the MX that gave the reply
     time: float = 0.0
+    suspected_attack: bool = False        # the last attempt was deferred as a suspected attack
+
+    def __post_init__(self) -> None:
+        self.status = Outcome(self.status)  # as stored: the enum's value
 
     @property
     def final(self) -> bool:
-        return self.status in (DELIVERED, BOUNCED)
+        return self.status.final
 
     def record(self, result: Any, when: float | None = None) -> None:
-        """Take a delivery attempt's outcome (an outbound.delivery.RecipientResult, whose status names
-        are the same as ours)."""
-        self.status = result.status if result.status in (DELIVERED, BOUNCED) else DEFERRED
+        """Take a delivery attempt's outcome (an outbound.delivery.RecipientResult)."""
+        self.status = result.status if result.status.final else Outcome.DEFERRED
         self.dsn = result.dsn
-        self.reason = result.reply or result.reason
+        self.reason = str(result.reply) if result.reply else result.reason
         self.remote = result.mx or ""
+        self.suspected_attack = result.suspected_attack
         self.time = time.time() if when is None else when
 
     def wants(self, kind: str) -> bool:
@@ -108,7 +102,7 @@ class Envelope:
         try:
             rcpts = [Recipient(**r) for r in d.pop("recipients")]
             env = cls(recipients=rcpts, **d)
-        except (TypeError, KeyError) as e:
+        except (TypeError, KeyError, ValueError) as e:
             raise EnvelopeError(f"incomplete envelope: {e}") from e
         if not valid_queue_id(env.id) or not rcpts or not isinstance(env.sender, str):
             raise EnvelopeError("inconsistent envelope")

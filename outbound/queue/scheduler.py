@@ -26,17 +26,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from postgate.outbound.crash import crashpoint
-from postgate.outbound.delivery import BOUNCED, DELIVERED, Dsn, RecipientResult
+from postgate.outbound.delivery import Dsn, RecipientResult
 from postgate.outbound.queue import dsn
-from postgate.outbound.queue.envelope import (
-    BOUNCED as R_BOUNCED,
-)
 from postgate.outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
 )
 from postgate.outbound.queue.spool import DirectorySpool, Lease
+from postgate.policy.vocab import Outcome, domain_of
 
 log = logging.getLogger("postgate.queue")
 
@@ -46,7 +44,7 @@ class DeliversMail(Protocol):
 
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
                       requiretls: bool = False, dsn: Dsn | None = None,
-                      arrival: float | None = None) -> list[RecipientResult]: ...
+                      arrival: float | None = None, smtputf8: bool = False) -> list[RecipientResult]: ...
 
 
 @dataclass
@@ -60,10 +58,6 @@ class SchedulerConfig:
     batch: int = 200
     lease_time: float = 3600.0
     reporting_mta: str = "localhost"
-
-
-def _domain(addr: str) -> str:
-    return addr.rsplit("@", 1)[-1].lower()
 
 
 @dataclass
@@ -95,7 +89,7 @@ class Scheduler:
                                          self.config.batch)
         by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
         for lease, env in leased:
-            dest = _domain(env.pending[0].address) if env.pending else ""
+            dest = domain_of(env.pending[0].address) if env.pending else ""
             by_dest[dest].append((lease, env))
         await asyncio.gather(*(self._run_destination(items) for items in by_dest.values()))
         return len(leased)
@@ -146,14 +140,15 @@ class Scheduler:
             self.spool.quarantine(env.id, "active", str(e))
             return
         pending = env.pending
-        ready = [r for r in pending if self._dead_until.get(_domain(r.address), 0) <= now]
+        ready = [r for r in pending if self._dead_until.get(domain_of(r.address), 0) <= now]
         results: list[RecipientResult] = []
         if ready:
-            dest = _domain(ready[0].address)
+            dest = domain_of(ready[0].address)
             async with self._sems[dest]:
                 results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
                                                        queue_id=env.id, requiretls=env.requiretls,
-                                                       dsn=dsn.params(env), arrival=env.arrival)
+                                                       dsn=dsn.params(env), arrival=env.arrival,
+                                                       smtputf8=env.smtputf8)
             crashpoint("queue-after-remote-reply")
         now = self.clock()
         by_addr = {r.recipient: r for r in results}
@@ -166,10 +161,10 @@ class Scheduler:
         for rcpt in pending:
             if rcpt not in ready:
                 rcpt.reason = rcpt.reason or "destination is backing off after failures"
-        env.attempts.append({"time": now, "delivered": sum(r.status == DELIVERED for r in results),
-                             "deferred": sum(r.status not in (DELIVERED, BOUNCED) for r in results)})
-        bounced_now = [r for r in ready if r.status == R_BOUNCED]
-        relayed = [r for r in ready if r.status == DELIVERED and by_addr.get(r.address) is not None
+        env.attempts.append({"time": now, "delivered": sum(r.status is Outcome.DELIVERED for r in results),
+                             "deferred": sum(not r.status.final for r in results)})
+        bounced_now = [r for r in ready if r.status is Outcome.BOUNCED]
+        relayed = [r for r in ready if r.status is Outcome.DELIVERED and by_addr.get(r.address) is not None
                    and by_addr[r.address].relayed_without_dsn]
         if relayed:  # RFC 3461 §5.2.2: NOTIFY=SUCCESS and a next hop without DSN: we report "relayed"
             await asyncio.to_thread(self.notify, env, content, relayed, "relayed")
@@ -189,7 +184,7 @@ class Scheduler:
         if now - env.arrival >= self.config.max_lifetime:
             expired = env.pending
             for r in expired:
-                r.status = R_BOUNCED
+                r.status = Outcome.BOUNCED
                 r.dsn = "4.4.7" if r.dsn.startswith("4") or not r.dsn else r.dsn
                 r.reason = f"message expired after {self.config.max_lifetime / 86400:g} days in queue: " + (
                     r.reason or "no attempt succeeded")
@@ -208,10 +203,10 @@ class Scheduler:
     def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
         for r in results:
-            by[_domain(r.recipient)].append(r)
+            by[domain_of(r.recipient)].append(r)
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
-            if rs and all(r.status not in (DELIVERED, BOUNCED) and not r.reply for r in rs):
+            if rs and all(not r.status.final and not r.reply for r in rs):
                 self._dead_until[dest] = now + self.config.destination_backoff
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
                          rs[0].reason)
@@ -251,7 +246,7 @@ class Scheduler:
                 for state, qid, env in list(self.spool.entries()):
                     if env is None:
                         continue
-                    if action == "flush-domain" and not any(_domain(r.address) == arg.lower() for r in env.pending):
+                    if action == "flush-domain" and not any(domain_of(r.address) == arg.lower() for r in env.pending):
                         continue
                     if action == "requeue" and state == "hold":
                         self.spool.release_hold(qid, now)

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Protocol
 
 from postgate.outbound.crash import crashpoint
-from postgate.outbound.queue.envelope import Envelope, EnvelopeError, valid_queue_id
+from postgate.outbound.queue.envelope import Envelope, EnvelopeError
+from postgate.policy.vocab import valid_queue_id
 
 log = logging.getLogger("postgate.queue")
 

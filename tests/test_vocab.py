@@ -1,0 +1,81 @@
+"""The shared vocabulary (policy/vocab.py): one domain_of, one queue id, replies parsed once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from postgate.policy.vocab import Outcome, Reply, TlsOutcome, domain_of, new_queue_id, valid_queue_id
+
+
+@pytest.mark.parametrize(("address", "domain"), [
+    ("bob@Example.COM", "example.com"),
+    ("bob@example.com.", "example.com"),          # RFC 5321 §2.3.5: the same domain, with its final dot
+    ("a@b@example.com", "example.com"),
+    ("postmaster", ""),
+    ("", ""),
+])
+def test_domain_of(address: str, domain: str) -> None:
+    assert domain_of(address) == domain
+
+
+def test_queue_ids_sort_by_arrival_and_validate() -> None:
+    a, b = new_queue_id(1_000_000.0), new_queue_id(1_000_000.5)
+    assert a < b and valid_queue_id(a) and valid_queue_id(b)
+    assert not valid_queue_id("../etc/passwd") and not valid_queue_id(a.lower())
+
+
+@pytest.mark.parametrize(("code", "message", "reply", "status"), [
+    (250, "2.0.0 Ok: queued as X", Reply(250, "2.0.0", "Ok: queued as X"), "2.0.0"),
+    (550, "5.1.1 <a@b>: user unknown", Reply(550, "5.1.1", "<a@b>: user unknown"), "5.1.1"),
+    (451, "try again later", Reply(451, "", "try again later"), "4.0.0"),       # RFC 3463 §3.1: class
+    (550, "4.1.1 inconsistent", Reply(550, "", "4.1.1 inconsistent"), "5.0.0"),  # enhanced must match
+    (554, "", Reply(554, "", ""), "5.0.0"),
+])
+def test_reply_parsed_once(code: int, message: str, reply: Reply, status: str) -> None:
+    got = Reply.parse(code, message)
+    assert got == reply and got.status == status
+
+
+def test_outcomes_are_enums_with_the_rfc_8460_names() -> None:
+    assert [o.value for o in Outcome] == ["pending", "delivered", "deferred", "bounced"]
+    failures = {t.value for t in TlsOutcome if not t.success}
+    assert failures == {"starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+                        "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+                        "dane-required", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"}
+
+
+def test_importing_the_dkim_signer_leaves_dkimpy_alone() -> None:
+    """outbound/dkim.py swaps its speed-ups into dkimpy only while it signs (issue 12)."""
+    code = ("import dkim; a = dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body\n"
+            "import postgate.outbound.dkim as d\n"
+            "assert (dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body) == a\n"
+            "with d._fast_dkim():\n    assert dkim.RSASSA_PKCS1_v1_5_sign is d._openssl_rsassa_sign\n"
+            "assert (dkim.RSASSA_PKCS1_v1_5_sign, dkim.CanonicalizationPolicy.canonicalize_body) == a\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_suspected_attack_is_data_from_result_to_envelope_to_dsn() -> None:
+    """RecipientResult → envelope (stored and read back) → DSN, with no text to grep (issue 12)."""
+    from postgate.outbound.delivery import RecipientResult
+    from postgate.outbound.queue import dsn
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.policy.vocab import TlsOutcome
+    env = Envelope.new("alice@client.test", [Recipient("bob@example.net"), Recipient("carol@example.net")],
+                       b"Subject: x\r\n\r\nhi\r\n")
+    res = RecipientResult("bob@example.net", Outcome.DEFERRED, "4.7.5", "TLSA record mismatch",
+                          suspected_attack=True, tls_result=TlsOutcome.TLSA_INVALID)
+    env.recipients[0].record(res)
+    env.recipients[1].record(RecipientResult("carol@example.net", Outcome.BOUNCED, "5.1.1", "",
+                                             reply=Reply(550, "5.1.1", "no such user")))
+    back = Envelope.from_bytes(env.to_bytes())
+    assert [(r.status, r.suspected_attack) for r in back.recipients] == [(Outcome.DEFERRED, True),
+                                                                        (Outcome.BOUNCED, False)]
+    assert back.recipients[1].reason == "550 5.1.1 no such user"
+    report = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", back.recipients, action="delayed",
+                       reporting_mta="mx.test").decode()
+    block = report.split("Final-Recipient: rfc822; bob@example.net", 1)[1].split("\r\n\r\n", 1)[0]
+    assert "X-Postgate-Suspected-Attack: yes" in block
+    other = report.split("Final-Recipient: rfc822; carol@example.net", 1)[1].split("\r\n\r\n", 1)[0]
+    assert "Suspected-Attack" not in other
