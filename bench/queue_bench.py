@@ -75,11 +75,14 @@ def main() -> int:
                         f"{measure(runs, writers, size, max_batch=1)} |")
     rows.append(f"| 2 KB | 50 | group commit, **without fsync** (for scale only, not safe) | "
                 f"{measure(runs, 50, 2_000, fsync=False)} |")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     fs = subprocess.run(["df", "-T", os.environ.get("BENCH_DIR") or tempfile.gettempdir()], capture_output=True,
                         text=True).stdout.splitlines()[-1]
     write_section("queue-bench", "Durable enqueue (local queue)", [
         f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}, file system: `{' '.join(fs.split()[:2])}`.",
-        f"Command: `scripts/bench queue` ({runs} runs of 3 s per row; median and min–max of the runs)",
+        f"Command: `scripts/bench queue` ({runs} runs of 3 s per row; median and min–max of the runs). "
+        f"Load average at the end (1/5/15 min): {load} — the machine and its disk are shared, so the "
+        "spread matters as much as the median.",
         "",
         "| message size | concurrent writers | write path | enqueues/s (median) | spread | messages per batch |",
         "|---:|---:|---|---:|---:|---:|",
