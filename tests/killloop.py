@@ -34,7 +34,7 @@ class Report:
     delivered: int = 0
     lost: list[str] = field(default_factory=list)
     duplicates: int = 0
-    refused: int = 0               # transactions that got no 250 (the kill came first): never counted as lost
+    refused: int = 0               # client tries that got no 250 (server down or killed first): not lost
     corrupt_files: int = 0
     tracebacks: int = 0
     seconds: float = 0.0
@@ -43,7 +43,7 @@ class Report:
 
     def line(self) -> str:
         return (f"mode={self.mode} kills={self.kills} acked={self.acked} delivered={self.delivered} "
-                f"lost={len(self.lost)} duplicates={self.duplicates} unacknowledged={self.refused} "
+                f"lost={len(self.lost)} duplicates={self.duplicates} failed_client_tries={self.refused} "
                 f"corrupt_files={self.corrupt_files} tracebacks={self.tracebacks} seconds={self.seconds:.0f} "
                 f"(last client error: {self.last_client_error or 'none'})")
 
