@@ -9,8 +9,10 @@ import contextlib
 import errno
 import logging
 import os
+import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
 
-from fixtures.pgserve import PostgateServer
+from fixtures.pgserve import TRUSTED, PostgateServer
 from fixtures.testnet import TestNet
 
 T0 = 1_800_000_000.0
@@ -180,3 +182,31 @@ def test_read_only_spool_is_refused_with_exit_78(testnet: TestNet, tmp_path: Pat
     assert res.returncode == 78, res.stderr
     assert "refusing to start: [queue] directory:" in res.stderr and "Read-only file system" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_full_disk_gives_451_and_leaves_nothing_then_accepts_again(testnet: TestNet, tmp_path: Path) -> None:
+    """End to end: a full spool disk is no reason not to start; mail gets 451 (never a 250 it cannot keep)
+    and leaves no file behind; once space returns the same server accepts and delivers without restart."""
+    pg = PostgateServer(testnet, tmp_path / "pg", address="127.0.2.2", prequeue={"mode": "queue-first"})
+    with _tmpfs(pg.spool):
+        filler = _fill(pg.spool)
+        with pg:
+            spool = pg.spool
+            with smtplib.SMTP("127.0.2.2", 25, timeout=30, source_address=(TRUSTED, 0)) as s:
+                s.ehlo("client.test")
+                s.mail("alice@client.test")
+                s.rcpt("bob@dane-ok.test")
+                code, text = s.data(_msg("full-disk-1"))
+                assert code == 451, text
+                assert os.listdir(spool / "tmp") == [] and os.listdir(spool / "messages") == []
+                assert os.listdir(spool / "incoming") == []
+                os.unlink(filler)
+                s.mail("alice@client.test")
+                s.rcpt("bob@dane-ok.test")
+                code, text = s.data(_msg("full-disk-2"))
+                assert code == 250, text
+            deadline = time.monotonic() + 30
+            while _copies(testnet, "full-disk-2") == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _copies(testnet, "full-disk-2") == 1 and _copies(testnet, "full-disk-1") == 0
+            assert "Traceback" not in pg.log()

@@ -136,6 +136,12 @@ class SpoolFiles:
             os.unlink(probe)
         except OSError as e:
             _unlink_quietly(probe)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # full, not broken: start anyway, so the queue can deliver (and free space); new mail
+                # gets 451 until there is room again
+                log.warning("%s: the spool's file system is full; new mail is refused (451) until space "
+                            "returns", self.root)
+                return
             why = "read-only file system" if e.errno == errno.EROFS else e.strerror or str(e)
             raise SpoolUnavailable(f"{self.root}: the spool is not writable ({why})") from e
 
