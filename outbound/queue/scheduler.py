@@ -195,7 +195,8 @@ class Scheduler:
             self._unsaved.pop(env.id, None)  # taken back meanwhile: the spool's state wins
         except Exception as e:
             self.counters.inc("release_error")
-            log.error("%s: cannot record the deferral (%s); retrying at every queue pass", env.id, e)
+            if env.id not in self._unsaved:  # one line per message, not one per pass while the disk is full
+                log.error("%s: cannot record the deferral (%s); retrying at every queue pass", env.id, e)
             self._unsaved[env.id] = (lease, env)
 
     async def _save_unsaved(self) -> None:
