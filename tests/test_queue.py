@@ -116,6 +116,20 @@ def test_corrupt_files_go_to_corrupt_and_crash_leftovers_are_cleaned(tmp_path: P
     assert s2.files.content(unindexed.id) == b"u"
 
 
+def test_spool_written_before_group_commit_is_still_delivered_whole(tmp_path: Path) -> None:
+    """A message file without the envelope line (the layout before group commit) is all content."""
+    s = DirectorySpool(tmp_path)
+    content = b"Subject: old\r\n\r\nwritten by the previous version\r\n"
+    env = Envelope.new("a@x.test", [Recipient("b@y.test")], content)
+    (tmp_path / "messages" / env.id).write_bytes(content)
+    s.files._write(s.files.path("incoming", env.id), env.to_bytes())
+    assert s.files.try_lock()
+    s.files.recover()
+    assert os.listdir(tmp_path / "corrupt") == []
+    [(_, leased)] = s.files.lease_due(env.next_attempt + 1, "t", 60, 10)
+    assert leased.id == env.id and s.files.content(env.id) == content
+
+
 def test_second_owner_is_refused(tmp_path: Path) -> None:
     a, b = DirectorySpool(tmp_path), DirectorySpool(tmp_path)
     assert a.files.try_lock() and not b.files.try_lock()

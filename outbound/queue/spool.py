@@ -17,7 +17,8 @@ Layout of a spool directory::
 written in *batches*: every message that arrives while the previous batch is being made durable joins the
 next one (a committer thread per process), and one batch costs one journal commit, whatever its size::
 
-    write each message to messages/<id>: its envelope as accepted (one JSON line), then the content
+    write each message to messages/<id>: "POSTGATE-ENVELOPE " and its envelope as accepted (one JSON
+                                                          line), then the content
     fsync those files and messages/, all at once        (the file system commits them together)
     -- acknowledgement point: every message of the batch may get its 250 --
     write each envelope to incoming/<id>                 (an index: no fsync, recovery can rebuild it)
@@ -72,6 +73,7 @@ from postgate.outbound.queue.protocol import (
 log = logging.getLogger("postgate.queue")
 
 STATES = tuple(s.value for s in State)
+MAGIC = b"POSTGATE-ENVELOPE "   # starts a message file's first line: the envelope as accepted
 T = TypeVar("T")
 
 
@@ -219,7 +221,7 @@ class SpoolFiles:
                 # the first line holds the envelope as accepted (JSON has no raw newline), then the content
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    _write_all(fd, env.to_bytes() + b"\n" + content)
+                    _write_all(fd, MAGIC + env.to_bytes() + b"\n" + content)
                 finally:
                     os.close(fd)
             except OSError as e:  # ENOSPC, EDQUOT, EIO: this message is refused, and leaves nothing
@@ -283,12 +285,15 @@ class SpoolFiles:
     def content(self, qid: str) -> bytes:
         return self._message(qid)[1]
 
-    def _message(self, qid: str) -> tuple[bytes, bytes]:
-        """The envelope as accepted (first line) and the content of a message file."""
+    def _message(self, qid: str) -> tuple[bytes | None, bytes]:
+        """The envelope as accepted (first line) and the content of a message file. A file without the
+        envelope line was written by a Postgate before group commit: all of it is content."""
         data = (self.root / "messages" / qid).read_bytes()
-        head, sep, content = data.partition(b"\n")
+        if not data.startswith(MAGIC):
+            return None, data
+        head, sep, content = data[len(MAGIC):].partition(b"\n")
         if not sep:
-            raise EnvelopeError(f"message file of {qid} has no envelope line (truncated)")
+            raise EnvelopeError(f"message file of {qid} has no complete envelope line (truncated)")
         return head, content
 
     # --- delivery ----------------------------------------------------------------------------------------
@@ -483,6 +488,8 @@ class SpoolFiles:
         """Rebuild incoming/<id> from the envelope line of a complete message file."""
         try:
             head, content = self._message(qid)
+            if head is None:  # the layout before group commit removed the envelope first: a leftover
+                return False
             env = Envelope.from_bytes(head)
             env.check_content(content)
         except (EnvelopeError, OSError):
