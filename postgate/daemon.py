@@ -44,6 +44,7 @@ from postgate.inbound.prequeue import PreQueue, PreQueueConfig
 from postgate.inbound.relay import RelayFilter, RelayPolicy
 from postgate.inbound.smtpd import Limits, Listener, SMTPServer
 from postgate.outbound.delivery import Deliverer
+from postgate.outbound.queue.protocol import Spool, SpoolError, SpoolUnavailable
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
@@ -141,7 +142,7 @@ class Daemon:
     resolver: Resolver
     deliverer: Deliverer
     servers: list[SMTPServer] = field(default_factory=list)
-    spool: DirectorySpool | None = None
+    spool: Spool | None = None
     scheduler: Scheduler | None = None
     credentials: Credentials | None = None
     prequeue: PreQueue | None = None
@@ -163,9 +164,8 @@ class Daemon:
     def build(self) -> None:
         cfg = self.cfg
         hostname = cfg.server.hostname or "localhost"
-        self.spool = DirectorySpool(cfg.queue.directory)
-        if not self.worker and not self.spool.try_lock():
-            raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool", EX_OSERR)
+        if self.spool is None:
+            raise StartupError("the spool is not open (open_spool() before build())")
         q = cfg.queue
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
@@ -232,6 +232,22 @@ class Daemon:
     async def _tls_reporting(self) -> None:
         await _tls_reporting_loop(self)
 
+    async def open_spool(self) -> None:
+        """The queue part of the start: a spool mail can be written to (else a clear refusal, exit 78),
+        owned by this process (not a worker). Recovery from the previous run comes in :meth:`run`, after
+        the privilege drop, so what it writes belongs to ``[server] user``."""
+        directory = self.cfg.queue.directory
+        spool = DirectorySpool(directory)
+        try:
+            await spool.check()
+            if not self.worker and not await spool.try_lock():
+                raise StartupError(f"{directory}: another Postgate owns this spool", EX_OSERR)
+        except SpoolUnavailable as e:
+            raise StartupError(f"[queue] directory: {e}") from e
+        except (OSError, SpoolError) as e:
+            raise StartupError(f"[queue] directory: {directory}: cannot recover the spool: {e}") from e
+        self.spool = spool
+
     async def run(self) -> int:
         assert self.scheduler is not None and self.spool is not None
         loop = asyncio.get_running_loop()
@@ -257,9 +273,14 @@ class Daemon:
                 host, _, port = self.cfg.metrics.listen.rpartition(":")
                 from postgate import metrics
                 spool = self.spool
+
+                def queue_entries() -> list[tuple[str, float | None]]:
+                    # called in the HTTP server's render thread: the (async) spool is asked on the loop
+                    entries = asyncio.run_coroutine_threadsafe(spool.entries(), loop).result(30)
+                    return [(str(e.state), e.envelope.arrival if e.envelope else None) for e in entries]
                 try:
                     self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
-                        lambda: ((st, env.arrival if env else None) for st, _q, env in spool.entries())))
+                        queue_entries))
                 except OSError as e:
                     raise StartupError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror}", EX_OSERR) from e
                 log.info("metrics: http://%s/metrics", self.cfg.metrics.listen)
@@ -268,8 +289,11 @@ class Daemon:
                 drop_privileges(user, Path(self.cfg.queue.directory),
                                 tuple(Path(p) for p in [os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")] if p))
                 log.info("running as %s (uid %d)", user, os.getuid())
-            for line in await loop.run_in_executor(None, self.spool.recover):
-                log.info("recovery: %s", line)
+            try:
+                for line in await self.spool.recover():
+                    log.info("recovery: %s", line)
+            except (OSError, SpoolError) as e:
+                raise StartupError(f"[queue]: cannot recover the spool: {e}") from e
             (Path(self.cfg.queue.directory) / PIDFILE).write_text(f"{os.getpid()}\n")
             log.info("ready")
             systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
@@ -309,7 +333,8 @@ class Daemon:
         await self.deliverer.close()
         if not self.worker:
             (Path(self.cfg.queue.directory) / PIDFILE).unlink(missing_ok=True)
-            self.spool.unlock()
+        if self.spool is not None:
+            await self.spool.unlock()
         log.info("stopped")
         return 0
 
@@ -444,8 +469,7 @@ async def _tls_reporting_loop(d: Daemon) -> None:
     async def submit(sender: str, rcpts: list[str], content: bytes) -> None:
         assert d.spool is not None
         body = d.signer.sign(content, sender) if d.signer is not None else content
-        await asyncio.to_thread(d.spool.enqueue, Envelope.new(sender, [Recipient(r, notify=["NEVER"]) for r in rcpts],
-                                                              body), body)
+        await d.spool.enqueue(Envelope.new(sender, [Recipient(r, notify=["NEVER"]) for r in rcpts], body), body)
         if d.scheduler is not None:
             d.scheduler.wake.set()
     while not d.stopping.is_set():
@@ -495,6 +519,7 @@ def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signe
             metrics.enable()
         d = Daemon(cfg, resolver, deliverer, worker=bool(worker), inherited=inherited)
         d.signer = signer
+        await d.open_spool()
         d.build()
         return await d.run()
     try:

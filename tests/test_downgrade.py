@@ -134,8 +134,8 @@ def test_the_queue_passes_the_arrival_time(testnet: TestNet, tmp_path: Path) -> 
     for age in (0, 600):  # one message just arrived, one waited ten minutes
         tokens[age] = secrets.token_hex(8)
         data = f"From: a@client.test\r\nSubject: {tokens[age]}\r\n\r\n{tokens[age]}\r\n".encode()
-        spool.enqueue(Envelope.new("a@client.test", [Recipient("bob@tls10.sts.test")], data,
-                                   now=time.time() - age), data)
+        env = Envelope.new("a@client.test", [Recipient("bob@tls10.sts.test")], data, now=time.time() - age)
+        asyncio.run(spool.enqueue(env, data))
     r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
     d = Deliverer(r, DeliveryConfig(helo="client.test", default_policy=Policy(Level.MAY), timeouts=FAST))
 

@@ -275,7 +275,7 @@ def test_hold_verdict_puts_the_message_on_the_spools_hold_queue(tmp_path: Path) 
                 recipients=[("b@remote.test", {})], queue_id="0000000000000AABBCC0", hold="milter: suspicious")
     reply = asyncio.run(pq.message(s, b"Subject: x\r\n\r\nbody\r\n"))
     assert reply.code == 250 and "0000000000000AABBCC0" in reply.text
-    assert spool.state_of("0000000000000AABBCC0") == "hold"
+    assert spool.files.state_of("0000000000000AABBCC0") == "hold"
 
 
 def test_multiline_filter_reply_repeats_the_enhanced_code() -> None:

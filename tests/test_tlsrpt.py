@@ -114,7 +114,7 @@ def test_a_day_of_attempts_is_reported_and_parsed_by_parsedmarc(testnet: TestNet
 
     async def submit(sender: str, rcpts: list[str], content: bytes) -> None:
         body = signer.sign(content)
-        spool.enqueue(Envelope.new(sender, [Recipient(r) for r in rcpts], body, now=clock()), body)
+        await spool.enqueue(Envelope.new(sender, [Recipient(r) for r in rcpts], body, now=clock()), body)
 
     async def send() -> list[tuple[str, str, str]]:
         sent = await tlsrptsend.send_due(store, sts.resolver, settings, submit, now=clock())
