@@ -52,8 +52,8 @@ from postgate.outbound.queue.envelope import (
     Recipient,
     new_queue_id,
 )
+from postgate.outbound.queue.protocol import Spool, SpoolError, State
 from postgate.outbound.queue.scheduler import DeliversMail, Scheduler
-from postgate.outbound.queue.spool import DirectorySpool
 
 log = logging.getLogger("postgate.smtpd")
 
@@ -77,7 +77,7 @@ class PreQueue:
     config: PreQueueConfig
     relay: RelayPolicy
     deliverer: DeliversMail
-    spool: DirectorySpool
+    spool: Spool
     scheduler: Scheduler
     local: LocalDelivery | None = None
     signer: Callable[[bytes, str], bytes] | None = None
@@ -163,8 +163,7 @@ class PreQueue:
             owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
                     and r.notify is not None]
             if owed:
-                await asyncio.get_running_loop().run_in_executor(None, self.scheduler.notify, env, content, owed,
-                                                                 action)
+                await self.scheduler.notify(env, content, owed, action)
         statuses = {r.status for r in env.recipients}
         if statuses == {R_DELIVERED}:
             log.info("%s: outcome=delivered (pre-queue)", env.id)
@@ -187,13 +186,12 @@ class PreQueue:
     async def _queue(self, env: Envelope, content: bytes, why: str) -> Reply:
         bounced = [r for r in env.recipients if r.status == R_BOUNCED]
         pending = env.pending
-        loop = asyncio.get_running_loop()
         try:
             if pending:
-                await loop.run_in_executor(None, self.spool.enqueue, env, content)
+                await self.spool.enqueue(env, content)
             if bounced:
-                await loop.run_in_executor(None, self.scheduler.notify, env, content, bounced)
-        except OSError as e:
+                await self.scheduler.notify(env, content, bounced)
+        except (OSError, SpoolError) as e:
             log.error("%s: cannot queue: %s", env.id, e)
             return Reply(451, "4.3.0 queue write failed, try again later")
         attack = any("suspected attack" in r.reason for r in env.recipients)
@@ -208,22 +206,26 @@ class PreQueue:
             log.exception("%s: late delivery failed; the queue retries it", qid)
             return
         try:
-            env = self.spool.read_envelope("incoming", qid)
-            content = self.spool.content(qid)
-        except (OSError, EnvelopeError):
-            return  # already taken by the queue or the operator: the queue's view wins
-        for res in results:
-            _apply(env, res)
-        bounced = [r for r in env.recipients if r.status == R_BOUNCED]
-        if bounced:
-            self.scheduler.notify(env, content, bounced)
-        if not env.pending:
-            self.spool.delete(qid, "incoming")
-            log.info("%s: late results recorded, removed", qid)
-        else:
-            env.next_attempt = time.time() + self.scheduler.backoff(1)
-            self.spool.update(qid, "incoming", env)
-            log.info("%s: late results recorded", qid)
+            found = await self.spool.get(qid)
+            if found is None or found[0] != State.INCOMING:
+                return  # already taken by the queue or the operator: the queue's view wins
+            env = found[1]
+            content = await self.spool.content(qid)
+            for res in results:
+                _apply(env, res)
+            bounced = [r for r in env.recipients if r.status == R_BOUNCED]
+            if bounced:
+                await self.scheduler.notify(env, content, bounced)
+            if not env.pending:
+                await self.spool.delete(qid, State.INCOMING)
+                log.info("%s: late results recorded, removed", qid)
+            else:
+                env.next_attempt = time.time() + self.scheduler.backoff(1)
+                await self.spool.update(qid, State.INCOMING, env)
+                log.info("%s: late results recorded", qid)
+        except (OSError, SpoolError, EnvelopeError) as e:
+            # the queued copy stays as it was and is retried by the queue (a duplicate, never a loss)
+            log.error("%s: late results not recorded (%s); the queue retries the message", qid, e)
 
     def _received(self, s: Session, qid: str, now: float) -> bytes:
         """RFC 5321 §4.4 trace field, with the protocol names of RFC 3848 and RFC 6531 §3.7.3."""

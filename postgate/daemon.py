@@ -24,6 +24,7 @@ from postgate.inbound.prequeue import PreQueue, PreQueueConfig
 from postgate.inbound.relay import RelayPolicy
 from postgate.inbound.smtpd import Limits, Listener, SMTPServer
 from postgate.outbound.delivery import Deliverer
+from postgate.outbound.queue.protocol import Spool, SpoolError, SpoolUnavailable
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
@@ -54,7 +55,7 @@ class Daemon:
     resolver: Resolver
     deliverer: Deliverer
     servers: list[SMTPServer] = field(default_factory=list)
-    spool: DirectorySpool | None = None
+    spool: Spool | None = None
     scheduler: Scheduler | None = None
     credentials: Credentials | None = None
     prequeue: PreQueue | None = None
@@ -67,12 +68,8 @@ class Daemon:
     def build(self, signer: Any = None) -> None:
         cfg = self.cfg
         hostname = cfg.server.hostname or "localhost"
-        self.spool = DirectorySpool(cfg.queue.directory)
-        if not self.worker:
-            if not self.spool.try_lock():
-                raise StartupError(f"{cfg.queue.directory}: another Postgate owns this spool")
-            for line in self.spool.recover():
-                log.info("recovery: %s", line)
+        if self.spool is None:
+            raise StartupError("the spool is not open (open_spool() before build())")
         q = cfg.queue
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
@@ -111,6 +108,24 @@ class Daemon:
                 Listener(ls.name, host.strip("[]"), int(port), tls=tls if ls.tls != "none" else None,
                          implicit_tls=ls.tls == "implicit", auth=ls.auth, auth_required=ls.auth_required),
                 self.prequeue, hostname=hostname, limits=limits, authenticator=auth))
+
+    async def open_spool(self) -> None:
+        """The queue part of the start: a spool mail can be written to (else a clear refusal, exit 78),
+        owned by this process (not a worker), recovered from the previous run."""
+        directory = self.cfg.queue.directory
+        spool = DirectorySpool(directory)
+        try:
+            await spool.check()
+            if not self.worker:
+                if not await spool.try_lock():
+                    raise StartupError(f"{directory}: another Postgate owns this spool")
+                for line in await spool.recover():
+                    log.info("recovery: %s", line)
+        except SpoolUnavailable as e:
+            raise StartupError(f"[queue] directory: {e}") from e
+        except (OSError, SpoolError) as e:
+            raise StartupError(f"[queue] directory: {directory}: cannot recover the spool: {e}") from e
+        self.spool = spool
 
     async def run(self) -> int:
         assert self.scheduler is not None
@@ -157,7 +172,7 @@ class Daemon:
                 child.kill()
         await self.deliverer.close()
         if self.spool is not None:
-            self.spool.unlock()
+            await self.spool.unlock()
         log.info("stopped")
         return 0
 
@@ -237,6 +252,7 @@ def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signe
                                    "downgrade them by name in [check] downgrade)")
         d = Daemon(cfg, resolver, deliverer, worker=worker)
         d.signer = signer
+        await d.open_spool()
         d.build(signer.sign if signer is not None else None)
         return await d.run()
     try:

@@ -9,6 +9,7 @@ the spool lock and applies its request itself.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import sys
@@ -18,10 +19,11 @@ from typing import Any
 
 from postgate import config as configmod
 from postgate.outbound.queue.envelope import valid_queue_id
+from postgate.outbound.queue.protocol import Spool, SpoolError
 from postgate.outbound.queue.scheduler import Scheduler
 from postgate.outbound.queue.spool import DirectorySpool
 
-EX_OK, EX_USAGE, EX_NOINPUT = 0, 64, 66
+EX_OK, EX_USAGE, EX_NOINPUT, EX_IOERR = 0, 64, 66, 74
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,16 +60,28 @@ def _fmt(t: float) -> str:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     spool = _spool(args)
+    try:
+        return asyncio.run(_queue(args, spool))
+    except (OSError, SpoolError) as e:
+        print(f"postgate queue: {spool.root}: {e}", file=sys.stderr)
+        return EX_IOERR
+
+
+async def _queue(args: argparse.Namespace, spool: Spool) -> int:
     if args.action == "list":
         rows: list[dict[str, Any]] = []
-        for state, qid, env in spool.entries():
+        for e in await spool.entries():
+            env = e.envelope
             if env is None:
-                rows.append({"id": qid, "state": state, "error": "unreadable envelope"})
+                rows.append({"id": e.id, "state": e.state, "error": "unreadable envelope"})
                 continue
-            rows.append({"id": qid, "state": state, "arrival": env.arrival, "size": env.size,
-                         "sender": env.sender, "next_attempt": env.next_attempt,
-                         "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn,
-                                         "reason": r.reason} for r in env.recipients]})
+            row = {"id": e.id, "state": e.state, "arrival": env.arrival, "size": env.size,
+                   "sender": env.sender, "next_attempt": env.next_attempt,
+                   "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn,
+                                   "reason": r.reason} for r in env.recipients]}
+            if e.lease is not None:
+                row["lease"] = {"owner": e.lease.owner, "until": e.lease.until}
+            rows.append(row)
         if args.json:
             json.dump(rows, sys.stdout, indent=2)
             print()
@@ -86,11 +100,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
         if not valid_queue_id(args.id):
             print(f"postgate queue: {args.id!r} is not a queue id", file=sys.stderr)
             return EX_USAGE
-        found = spool.state_of(args.id)
-        if found is None:
+        got = await spool.get(args.id)
+        if got is None:
             print(f"postgate queue: {args.id}: no such message", file=sys.stderr)
             return EX_NOINPUT
-        env = spool.read_envelope(found, args.id)
+        found, env = got
         if args.json:
             d = json.loads(env.to_bytes())
             d["state"] = found
@@ -108,20 +122,20 @@ def cmd_queue(args: argparse.Namespace) -> int:
         if not valid_queue_id(args.id):
             print(f"postgate queue: {args.id!r} is not a queue id", file=sys.stderr)
             return EX_USAGE
-        if spool.state_of(args.id) is None:
+        if await spool.get(args.id) is None:
             print(f"postgate queue: {args.id}: no such message", file=sys.stderr)
             return EX_NOINPUT
-        spool.request(args.action, args.id)
+        await spool.request(args.action, args.id)
     elif args.action == "flush":
-        spool.request("flush-domain", args.domain) if args.domain else spool.request("flush-all")
+        await (spool.request("flush-domain", args.domain) if args.domain else spool.request("flush-all"))
     elif args.action == "requeue":
-        spool.request("requeue")
-    if spool.try_lock():  # no daemon: apply it ourselves
+        await spool.request("requeue")
+    if await spool.try_lock():  # no daemon: apply it ourselves
         try:
-            for line in Scheduler(spool, _NoDelivery(), clock=time.time).apply_requests():
+            for line in await Scheduler(spool, _NoDelivery(), clock=time.time).apply_requests():
                 print(line)
         finally:
-            spool.unlock()
+            await spool.unlock()
     else:
         print("request queued for the running daemon")
     return EX_OK

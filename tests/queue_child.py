@@ -1,9 +1,10 @@
 """Child process for the crash-safety tests: enqueue messages and run the queue against the test network.
 
-    python -m tests.queue_child MANIFEST SPOOL enqueue-and-run N DOMAIN
+    python -m tests.queue_child MANIFEST SPOOL enqueue-and-run N DOMAIN [WAVE]
     python -m tests.queue_child MANIFEST SPOOL run
 
-Prints ``ACK <queue id> <token>`` the moment a message is durably enqueued (the point where an SMTP
+WAVE messages are enqueued at once (one group-commit batch), wave after wave. Prints
+``ACK <queue id> <token>`` the moment a message is durably enqueued (the point where an SMTP
 server would answer 250). ``POSTGATE_CRASH_AT`` makes it SIGKILL itself at a chosen point.
 """
 
@@ -13,7 +14,6 @@ import asyncio
 import json
 import secrets
 import sys
-import time
 from pathlib import Path
 
 from postgate.outbound.delivery import Deliverer, DeliveryConfig
@@ -32,35 +32,45 @@ def body(token: str) -> bytes:
 async def run_queue(spool: DirectorySpool, manifest: dict[str, str]) -> None:
     r = Resolver([(manifest["resolver"], 53)], load_anchors(Path(manifest["trust_anchor_file"])), timeout=3)
     d = Deliverer(r, DeliveryConfig(helo="crash.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
-    s = Scheduler(spool, d, SchedulerConfig(reporting_mta="crash.test"))
+    # one delivery at a time, so a crash point names one message (no other one is in flight)
+    s = Scheduler(spool, d, SchedulerConfig(reporting_mta="crash.test", destination_concurrency=1))
     try:
         for _ in range(50):
             await s.run_once()
-            if not any(st in ("incoming", "deferred", "active") for st, _, _ in spool.entries()):
+            if not any(e.state in ("incoming", "deferred", "active") for e in await spool.entries()):
                 return
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
     finally:
         await d.close()
 
 
-def main() -> int:
-    manifest = json.loads(Path(sys.argv[1]).read_text())
-    spool = DirectorySpool(sys.argv[2])
-    if not spool.try_lock():
+async def amain(manifest: dict[str, str], spool: DirectorySpool, argv: list[str]) -> int:
+    if not await spool.try_lock():
         print("spool locked", file=sys.stderr)
         return 1
-    spool.recover()
-    if sys.argv[3] == "enqueue-and-run":
-        n, domain = int(sys.argv[4]), sys.argv[5]
-        for _ in range(n):
+    await spool.recover()
+    if argv[0] == "enqueue-and-run":
+        # waves of concurrent enqueues, so the group commit writes several messages per batch
+        n, domain, wave = int(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else 1
+
+        async def one() -> None:
             token = secrets.token_hex(8)
             content = body(token)
             env = Envelope.new("sender@crash.test", [Recipient(f"bob@{domain}")], content)
-            spool.enqueue(env, content)
+            await spool.enqueue(env, content)
             print(f"ACK {env.id} {token}", flush=True)
-    asyncio.run(run_queue(spool, manifest))
+
+        for start in range(0, n, wave):
+            await asyncio.gather(*(one() for _ in range(min(wave, n - start))))
+    await run_queue(spool, manifest)
+    await spool.unlock()
     print("DONE", flush=True)
     return 0
+
+
+def main() -> int:
+    manifest = json.loads(Path(sys.argv[1]).read_text())
+    return asyncio.run(amain(manifest, DirectorySpool(sys.argv[2]), sys.argv[3:]))
 
 
 if __name__ == "__main__":

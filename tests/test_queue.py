@@ -27,14 +27,17 @@ from tests.queue_child import body
 # --- crash safety --------------------------------------------------------------------------------------
 
 CRASH_POINTS = [
-    # (crash point, n-th pass, duplicates allowed)
-    ("spool-before-fsync", 1, False),    # first content file written, not yet fsync'd
-    ("spool-before-fsync", 4, False),    # second message's envelope
-    ("spool-after-rename", 3, False),    # second message's content renamed, envelope not yet written
-    ("spool-enqueued", 2, False),        # right after the second acknowledgement point
-    ("delivery-before-data", 1, False),  # connected, recipients accepted, DATA not sent
-    ("queue-after-remote-reply", 1, True),  # the remote said 250, the result is not yet recorded
-    ("queue-after-record", 2, False),    # the results are durable (a fully delivered message: removed)
+    # (crash point, n-th pass, duplicates allowed). Six messages are enqueued in waves of three, so the
+    # group commit writes batches of several messages (outbound/queue/spool.py).
+    ("spool-batch-written", 1, False),            # first batch in tmp/, nothing fsync'd
+    ("spool-batch-synced", 2, False),             # second batch fsync'd in tmp/, not yet renamed
+    ("spool-batch-contents-renamed", 2, False),   # contents in messages/, envelopes still in tmp/
+    ("spool-batch-envelopes-renamed", 1, False),  # envelopes renamed, incoming/ not yet fsync'd
+    ("spool-enqueued", 2, False),                 # right after the second batch's acknowledgement point
+    ("delivery-before-data", 1, False),           # connected, recipients accepted, DATA not sent
+    ("queue-after-remote-reply", 1, True),        # the remote said 250, the result is not yet recorded
+    ("queue-after-record", 2, False),             # the results are durable (delivered: removed)
+    ("spool-deleted-envelope", 3, False),         # a delivered message's envelope removed, content not yet
 ]
 
 
@@ -51,7 +54,7 @@ def _child(net: TestNet, spool: Path, *args: str, crash: str = "") -> subprocess
 def test_sigkill_loses_nothing_acknowledged(testnet: TestNet, tmp_path: Path, point: str, nth: int,
                                             dupes: bool) -> None:
     spool = tmp_path / "spool"
-    first = _child(testnet, spool, "enqueue-and-run", "3", "dane-ok.test", crash=f"{point}:{nth}")
+    first = _child(testnet, spool, "enqueue-and-run", "6", "dane-ok.test", "3", crash=f"{point}:{nth}")
     assert first.returncode == -signal.SIGKILL, first.stderr
     acked = [line.split()[2] for line in first.stdout.splitlines() if line.startswith("ACK ")]
     second = _child(testnet, spool, "run")
@@ -66,43 +69,51 @@ def test_sigkill_loses_nothing_acknowledged(testnet: TestNet, tmp_path: Path, po
     # whatever was not acknowledged was either never delivered or delivered whole, and the queue is empty
     left = {d: os.listdir(spool / d) for d in ("incoming", "deferred", "active", "hold", "messages", "tmp")}
     assert all(not v for v in left.values()), left
+    # a crash is not corruption: its leftovers are cleaned silently (issue 13 item 11)
+    assert os.listdir(spool / "corrupt") == [] and "status=corrupt" not in second.stderr, second.stderr
 
 
 # --- spool files ---------------------------------------------------------------------------------------
 
-def test_corrupt_and_partial_files_go_to_corrupt_with_a_log_line(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_files_go_to_corrupt_and_crash_leftovers_are_cleaned(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     s = DirectorySpool(tmp_path)
     good = Envelope.new("a@x.test", [Recipient("b@y.test")], b"Subject: ok\r\n\r\nok\r\n")
-    s.enqueue(good, b"Subject: ok\r\n\r\nok\r\n")
+    s.files.enqueue(good, b"Subject: ok\r\n\r\nok\r\n")
     trunc = Envelope.new("a@x.test", [Recipient("b@y.test")], b"Subject: t\r\n\r\nlong body\r\n")
-    s.enqueue(trunc, b"Subject: t\r\n\r\nlong body\r\n")
+    s.files.enqueue(trunc, b"Subject: t\r\n\r\nlong body\r\n")
     (tmp_path / "messages" / trunc.id).write_bytes(b"Subject: t\r\n")      # truncated content
     garbage = Envelope.new("a@x.test", [Recipient("b@y.test")], b"x")
-    s.enqueue(garbage, b"x")
+    s.files.enqueue(garbage, b"x")
     (tmp_path / "deferred" / garbage.id).write_bytes(b'{"format": 1, "id": ')  # half-written envelope
     os.unlink(tmp_path / "incoming" / garbage.id)
-    (tmp_path / "tmp" / "0660FB0000000000AAAA.1234").write_bytes(b"partial")
+    lost = Envelope.new("a@x.test", [Recipient("b@y.test")], b"gone")
+    s.files.enqueue(lost, b"gone")
+    os.unlink(tmp_path / "messages" / lost.id)                                # envelope without content
+    # what a kill leaves: an unfinished write, and the content of a finished (or never acknowledged)
+    # message whose envelope was already removed — not corruption (issue 13 item 11)
+    (tmp_path / "tmp" / "0660FB0000000000AAAA.msg.1234").write_bytes(b"partial")
     orphan = Envelope.new("a@x.test", [Recipient("b@y.test")], b"o")
     (tmp_path / "messages" / orphan.id).write_bytes(b"o")
-    caplog.set_level(logging.ERROR, logger="postgate.queue")
+    caplog.set_level(logging.INFO, logger="postgate.queue")
     s2 = DirectorySpool(tmp_path)
-    assert s2.try_lock()
-    s2.recover()
+    assert s2.files.try_lock()
+    s2.files.recover()
     corrupt = sorted(os.listdir(tmp_path / "corrupt"))
-    assert trunc.id in corrupt and garbage.id in corrupt and f"{trunc.id}.content" in corrupt
-    assert f"{orphan.id}.orphan" in corrupt and "partial-0660FB0000000000AAAA.1234" in corrupt
+    assert corrupt == sorted([trunc.id, f"{trunc.id}.content", garbage.id, f"{garbage.id}.content", lost.id])
+    assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "messages" / orphan.id).exists()
     assert os.listdir(tmp_path / "incoming") == [good.id]
-    assert caplog.text.count("status=corrupt") >= 4
-    leased = s2.lease_due(good.next_attempt + 1, "t", 60, 10)
+    assert caplog.text.count("status=corrupt") == 3
+    assert orphan.id not in caplog.text.replace(f"{orphan.id}: leftover", "")  # no corrupt line for it
+    leased = s2.files.lease_due(good.next_attempt + 1, "t", 60, 10)
     assert [env.id for _, env in leased] == [good.id]  # only the good one is ever offered for delivery
 
 
 def test_second_owner_is_refused(tmp_path: Path) -> None:
     a, b = DirectorySpool(tmp_path), DirectorySpool(tmp_path)
-    assert a.try_lock() and not b.try_lock()
-    a.unlock()
-    assert b.try_lock()
+    assert a.files.try_lock() and not b.files.try_lock()
+    a.files.unlock()
+    assert b.files.try_lock()
 
 
 # --- scheduling with a controllable clock, real delivery ------------------------------------------------
@@ -133,15 +144,15 @@ def _run(s: Scheduler, d: Deliverer) -> int:
 def _enqueue(spool: DirectorySpool, clock: Clock, sender: str, rcpts: list[Recipient], content: bytes,
              **kw: object) -> Envelope:
     env = Envelope.new(sender, rcpts, content, now=clock.t, **kw)  # type: ignore[arg-type]
-    spool.enqueue(env, content)
+    spool.files.enqueue(env, content)
     return env
 
 
 def _bounces(spool: DirectorySpool) -> list[tuple[Envelope, email.message.Message]]:
     out = []
-    for _state, qid, env in spool.entries():
-        if env is not None and env.is_bounce:
-            out.append((env, email.message_from_bytes(spool.content(qid), policy=email.policy.default)))
+    for e in spool.files.entries():
+        if e.envelope is not None and e.envelope.is_bounce:
+            out.append((e.envelope, email.message_from_bytes(spool.files.content(e.id), policy=email.policy.default)))
     return out
 
 
@@ -157,7 +168,7 @@ def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Pa
     waits = []
     for _ in range(12):
         assert _run(*_scheduler_pair(s, testnet, spool, clock)) == 1
-        e = spool.read_envelope("deferred", env.id)
+        e = spool.files.read_envelope("deferred", env.id)
         waits.append(e.next_attempt - clock.t)
         assert _run(*_scheduler_pair(s, testnet, spool, clock)) == 0  # not due yet
         clock.t = e.next_attempt
@@ -165,7 +176,7 @@ def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Pa
             break
     assert waits[:6] == [300, 600, 1200, 2400, 4000, 4000]   # 5 min doubling to 4000 s
     # the delivered recipient stays delivered and is never retried
-    e = spool.read_envelope("deferred", env.id)
+    e = spool.files.read_envelope("deferred", env.id)
     assert [r.status for r in e.recipients] == ["deferred", DELIVERED]
     ok_copies = [m for m in testnet.received("mx.dane-ok.test") if "ok@dane-ok.test" in m["rcpt_tos"]
                  and "will expire" in m["data"]]
@@ -173,9 +184,9 @@ def test_retry_timing_expiry_and_bounce_structure(testnet: TestNet, tmp_path: Pa
     # past the maximal lifetime: bounced with the delivery's reason
     clock.t = start + 5 * 86400 + 1
     e.next_attempt = clock.t
-    spool._write(spool._path("deferred", env.id), e.to_bytes())
+    spool.files._write(spool.files.path("deferred", env.id), e.to_bytes())
     _run(*_scheduler_pair(s, testnet, spool, clock))
-    assert spool.state_of(env.id) is None
+    assert spool.files.state_of(env.id) is None
     [(benv, msg)] = _bounces(spool)
     assert benv.sender == "" and [r.address for r in benv.recipients] == ["alice@client.test"]
     assert msg.get_content_type() == "multipart/report"
@@ -239,7 +250,7 @@ def test_delay_warning_once(testnet: TestNet, tmp_path: Path) -> None:
     msg = email.message_from_string(notices[0]["data"], policy=email.policy.default)
     per_rcpt = list(msg.iter_parts())[1].get_payload()[1]
     assert per_rcpt["Action"] == "delayed" and "Will-Retry-Until" in per_rcpt
-    assert spool.read_envelope("deferred", env.id).delay_warned
+    assert spool.files.read_envelope("deferred", env.id).delay_warned
 
 
 def test_dead_destination_is_not_hammered(testnet: TestNet, tmp_path: Path) -> None:
@@ -278,25 +289,25 @@ def _cli(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_queue_cli(tmp_path: Path) -> None:
     spool = DirectorySpool(tmp_path)
     a = Envelope.new("a@x.test", [Recipient("b@y.test")], b"one")
-    spool.enqueue(a, b"one")
+    spool.files.enqueue(a, b"one")
     b = Envelope.new("a@x.test", [Recipient("c@z.test")], b"two")
-    spool.enqueue(b, b"two")
+    spool.files.enqueue(b, b"two")
     rows = json.loads(_cli(tmp_path, "list", "--json").stdout)
     assert [(r["id"], r["state"]) for r in rows] == [(a.id, "incoming"), (b.id, "incoming")]
     assert _cli(tmp_path, "hold", a.id).returncode == 0
-    assert spool.state_of(a.id) == "hold"
+    assert spool.files.state_of(a.id) == "hold"
     shown = json.loads(_cli(tmp_path, "show", a.id, "--json").stdout)
     assert shown["state"] == "hold" and shown["recipients"][0]["address"] == "b@y.test"
-    assert _cli(tmp_path, "release", a.id).returncode == 0 and spool.state_of(a.id) == "deferred"
-    assert _cli(tmp_path, "delete", b.id).returncode == 0 and spool.state_of(b.id) is None
+    assert _cli(tmp_path, "release", a.id).returncode == 0 and spool.files.state_of(a.id) == "deferred"
+    assert _cli(tmp_path, "delete", b.id).returncode == 0 and spool.files.state_of(b.id) is None
     assert not (tmp_path / "messages" / b.id).exists()
     assert _cli(tmp_path, "show", "NOTANID").returncode == 64
     assert _cli(tmp_path, "show", b.id).returncode == 66
     # while a daemon owns the spool, changes wait for it: nothing is touched behind its back
-    assert spool.try_lock()
+    assert spool.files.try_lock()
     res = _cli(tmp_path, "hold", a.id)
-    assert "running daemon" in res.stdout and spool.state_of(a.id) == "deferred"
-    Scheduler(spool, Deliverer.__new__(Deliverer)).apply_requests()
-    assert spool.state_of(a.id) == "hold"
-    spool.unlock()
+    assert "running daemon" in res.stdout and spool.files.state_of(a.id) == "deferred"
+    asyncio.run(Scheduler(spool, Deliverer.__new__(Deliverer)).apply_requests())
+    assert spool.files.state_of(a.id) == "hold"
+    spool.files.unlock()
     assert "1 message" in _cli(tmp_path, "list").stdout

@@ -26,17 +26,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from postgate.outbound.crash import crashpoint
-from postgate.outbound.delivery import BOUNCED, DELIVERED, Dsn, RecipientResult
-from postgate.outbound.queue import dsn
+from postgate.outbound.delivery import BOUNCED, DELIVERED, Counters, Dsn, RecipientResult
+from postgate.outbound.queue import dsn, retry
 from postgate.outbound.queue.envelope import (
     BOUNCED as R_BOUNCED,
+)
+from postgate.outbound.queue.envelope import (
+    DEFERRED as R_DEFERRED,
 )
 from postgate.outbound.queue.envelope import (
     Envelope,
     EnvelopeError,
     Recipient,
 )
-from postgate.outbound.queue.spool import DirectorySpool, Lease
+from postgate.outbound.queue.protocol import WAITING, Lease, LeaseLost, Spool, State
+from postgate.outbound.queue.retry import Attempt, Expire, Retry, RetryPolicy
 
 log = logging.getLogger("postgate.queue")
 
@@ -67,31 +71,42 @@ def _domain(addr: str) -> str:
 
 @dataclass
 class Scheduler:
-    spool: DirectorySpool
+    spool: Spool
     deliverer: DeliversMail
     config: SchedulerConfig = field(default_factory=SchedulerConfig)
     clock: Callable[[], float] = time.time
     owner: str = "local"
 
     signer: Callable[[bytes], bytes] | None = None   # DKIM for the DSNs this scheduler writes
+    counters: Counters = field(default_factory=Counters)
 
     def __post_init__(self) -> None:
         self._dead_until: dict[str, float] = {}
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.config.destination_concurrency))
         self.wake = asyncio.Event()
+        # deferrals the spool could not write yet (disk full): written again at every pass
+        self._unsaved: dict[str, tuple[Lease, Envelope]] = {}
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        c = self.config
+        return RetryPolicy(c.min_backoff, c.max_backoff, c.max_lifetime)
 
     def backoff(self, attempts: int) -> float:
-        return float(min(self.config.max_backoff, self.config.min_backoff * 2 ** max(0, attempts - 1)))
+        return retry.backoff(attempts, self.retry_policy)
 
     # --- one pass ----------------------------------------------------------------------------------------
     async def run_once(self) -> int:
-        """Apply operator requests, then deliver every due message once. Returns messages attempted."""
-        self.apply_requests()
+        """Apply operator requests, take back stranded leases, then deliver every due message once.
+        Returns messages attempted."""
+        await self.apply_requests()
         now = self.clock()
-        # spool I/O (fsync) runs in worker threads, so deliveries overlap with it
-        leased = await asyncio.to_thread(self.spool.lease_due, now, self.owner, self.config.lease_time,
-                                         self.config.batch)
+        await self._save_unsaved()
+        for qid in await self.spool.reclaim(now):
+            self.counters.inc("lease_reclaimed")
+            log.warning("%s: lease taken back (expired or its result was never written); due again", qid)
+        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch)
         by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
         for lease, env in leased:
             dest = _domain(env.pending[0].address) if env.pending else ""
@@ -106,7 +121,8 @@ class Scheduler:
             try:
                 done = await self.run_once()
             except Exception:
-                log.exception("queue run failed")
+                self.counters.inc("run_error")
+                log.exception("queue run failed; retrying in %gs", tick)
             if done >= self.config.batch or self.wake.is_set():
                 continue  # more may be due already (a full batch, or new mail arrived during the pass)
             try:
@@ -137,12 +153,54 @@ class Scheduler:
             await asyncio.gather(*(worker(rest[i::workers]) for i in range(workers)))
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
+        """One delivery attempt. No exception leaves it: whatever goes wrong becomes a deferral with backoff
+        (logged with the queue id and counted), so no message is ever stranded in ``active``."""
+        try:
+            await self._deliver(lease, env)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the rule: no exception may strand a message
+            self.counters.inc("attempt_error")
+            log.error("%s: status=deferred (internal error during the delivery attempt: %s: %s)", env.id,
+                      type(e).__name__, e, exc_info=True)
+            await self._defer_after_error(lease, env, e)
+
+    async def _defer_after_error(self, lease: Lease, env: Envelope, err: Exception) -> None:
+        now = self.clock()
+        for r in env.pending:
+            r.status, r.dsn = R_DEFERRED, "4.3.0"
+            r.reason = f"internal error during delivery: {type(err).__name__}: {err}"[:500]
+        if not env.attempts or env.attempts[-1].get("time") != now:
+            env.attempts.append({"time": now, "delivered": 0, "deferred": len(env.pending), "error": True})
+        decision = retry.next_attempt(env, Attempt.ERROR, now, self.retry_policy)
+        # an error is no reason to give up early; at the end of the lifetime, expiry is tried next time
+        env.next_attempt = decision.at if isinstance(decision, Retry) else now + self.config.min_backoff
+        await self._release(lease, env)
+
+    async def _release(self, lease: Lease, env: Envelope) -> None:
+        """End the lease with a deferral; if the spool cannot write it now (disk full), keep it and try again
+        at every pass, so the message is back in deferred/ as soon as the disk allows."""
+        try:
+            await self.spool.release(lease, env)
+            self._unsaved.pop(env.id, None)
+        except LeaseLost:
+            self._unsaved.pop(env.id, None)  # taken back meanwhile: the spool's state wins
+        except Exception as e:
+            self.counters.inc("release_error")
+            log.error("%s: cannot record the deferral (%s); retrying at every queue pass", env.id, e)
+            self._unsaved[env.id] = (lease, env)
+
+    async def _save_unsaved(self) -> None:
+        for lease, env in list(self._unsaved.values()):
+            await self._release(lease, env)
+
+    async def _deliver(self, lease: Lease, env: Envelope) -> None:
         now = self.clock()
         try:
-            content = await asyncio.to_thread(self.spool.content, env.id)
+            content = await self.spool.content(env.id)
             env.check_content(content)
-        except (OSError, EnvelopeError) as e:
-            self.spool.quarantine(env.id, "active", str(e))
+        except (FileNotFoundError, EnvelopeError) as e:
+            await self.spool.quarantine(env.id, State.ACTIVE, str(e))
             return
         pending = env.pending
         ready = [r for r in pending if self._dead_until.get(_domain(r.address), 0) <= now]
@@ -171,21 +229,23 @@ class Scheduler:
         relayed = [r for r in ready if r.status == DELIVERED and by_addr.get(r.address) is not None
                    and by_addr[r.address].relayed_without_dsn]
         if relayed:  # RFC 3461 §5.2.2: NOTIFY=SUCCESS and a next hop without DSN: we report "relayed"
-            await asyncio.to_thread(self.notify, env, content, relayed, "relayed")
+            await self._notify_or_defer(env, content, relayed, "relayed")
+        if bounced_now:
+            # RFC 3464: the sender learns of the failure; if the report cannot be queued, the recipients
+            # are deferred instead, so the next attempt bounces them again (never a silent loss)
+            await self._notify_or_defer(env, content, bounced_now, "failed")
         if not env.pending:
             # every recipient is final: the bounce (if any) is queued durably, then the message removed;
             # recording the results first would only add an fsync
-            if bounced_now:
-                await asyncio.to_thread(self.notify, env, content, bounced_now, "failed")
-            await asyncio.to_thread(self.spool.finish, lease)
+            await self.spool.finish(lease)
             crashpoint("queue-after-record")
             log.info("%s: removed", env.id)
             return
-        await asyncio.to_thread(self.spool.record, lease, env)  # per-recipient results are durable
+        await self.spool.record(lease, env)  # per-recipient results are durable
         crashpoint("queue-after-record")
-        if bounced_now:
-            self.notify(env, content, bounced_now, "failed")
-        if now - env.arrival >= self.config.max_lifetime:
+        decision = retry.next_attempt(env, Attempt.DEFERRED if ready else Attempt.NOT_TRIED, now,
+                                      self.retry_policy)
+        if isinstance(decision, Expire):
             expired = env.pending
             for r in expired:
                 r.status = R_BOUNCED
@@ -194,15 +254,32 @@ class Scheduler:
                     r.reason or "no attempt succeeded")
                 log.warning("%s: to=<%s>, dsn=%s, status=expired, returned to sender (%s)", env.id, r.address,
                             r.dsn, r.reason)
-            self.spool.record(lease, env)
-            self.notify(env, content, expired, "failed")
-            self.spool.finish(lease)
-            return
+            await self._notify_or_defer(env, content, expired, "failed")
+            if not env.pending:
+                await self.spool.finish(lease)
+                return
+            decision = Retry(now + self.config.min_backoff)  # the report could not be queued: expire later
         if self.config.delay_warning and not env.delay_warned and now - env.arrival >= self.config.delay_warning:
-            env.delay_warned = True
-            self.notify(env, content, env.pending, "delayed")
-        env.next_attempt = now + self.backoff(len(env.attempts))
-        await asyncio.to_thread(self.spool.release, lease, env)
+            try:
+                await self.notify(env, content, env.pending, "delayed")
+                env.delay_warned = True
+            except Exception as e:  # a warning that cannot be queued is tried next time
+                self.counters.inc("notify_error")
+                log.error("%s: cannot queue the delay warning (%s); trying again next attempt", env.id, e)
+        env.next_attempt = decision.at
+        await self._release(lease, env)
+
+    async def _notify_or_defer(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str) -> None:
+        try:
+            await self.notify(env, content, rcpts, action)
+        except Exception as e:
+            if action != "failed":
+                raise
+            self.counters.inc("notify_error")
+            log.error("%s: cannot queue the non-delivery report (%s); recipients deferred to bounce later",
+                      env.id, e)
+            for r in rcpts:
+                r.status = R_DEFERRED
 
     def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
@@ -217,50 +294,65 @@ class Scheduler:
             else:
                 self._dead_until.pop(dest, None)
 
-    def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
-        """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due."""
+    async def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
+        """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due. Raises if it
+        cannot be queued (the caller decides what that means for the recipients)."""
         retry_until = env.arrival + self.config.max_lifetime
-        body = dsn.build(env, content, rcpts, action=action, reporting_mta=self.config.reporting_mta,
-                         now=self.clock(), retry_until=retry_until)
+        now = self.clock()
+
+        def build() -> bytes | None:  # CPU work (MIME, DKIM signature): off the event loop
+            body = dsn.build(env, content, rcpts, action=action, reporting_mta=self.config.reporting_mta,
+                             now=now, retry_until=retry_until)
+            if body is not None and self.signer is not None:
+                body = self.signer(body)
+            return body
+
+        body = await asyncio.to_thread(build)
         if body is None:
             return
-        if self.signer is not None:
-            body = self.signer(body)
-        bounce = Envelope.new("", [Recipient(env.sender, notify=["NEVER"])], body, now=self.clock(),
-                              is_bounce=True)
-        self.spool.enqueue(bounce, body)
+        bounce = Envelope.new("", [Recipient(env.sender, notify=["NEVER"])], body, now=now, is_bounce=True)
+        await self.spool.enqueue(bounce, body)
         log.info("%s: sender %s notification: %s", env.id, "non-delivery" if action == "failed" else "delay",
                  bounce.id)
 
     # --- operator requests --------------------------------------------------------------------------------
-    def apply_requests(self) -> list[str]:
+    async def apply_requests(self) -> list[str]:
         done = []
         now = self.clock()
-        for action, arg in self.spool.take_requests():
-            ok = False
-            if action == "hold":
-                ok = self.spool.hold(arg)
-            elif action == "release":
-                ok = self.spool.release_hold(arg, now)
-            elif action == "delete":
-                ok = self.spool.delete(arg)
-            elif action == "flush":
-                ok = self.spool.reschedule(arg, now)
-            elif action in ("flush-all", "flush-domain", "requeue"):
-                for state, qid, env in list(self.spool.entries()):
-                    if env is None:
-                        continue
-                    if action == "flush-domain" and not any(_domain(r.address) == arg.lower() for r in env.pending):
-                        continue
-                    if action == "requeue" and state == "hold":
-                        self.spool.release_hold(qid, now)
-                    elif state in ("incoming", "deferred"):
-                        self.spool.reschedule(qid, now)
-                if action == "flush-domain":
-                    self._dead_until.pop(arg.lower(), None)
-                else:
-                    self._dead_until.clear()
-                ok = True
+        for action, arg in await self.spool.take_requests():
+            try:
+                ok = await self._apply(action, arg, now)
+            except Exception as e:  # one bad request never stops the queue
+                log.error("queue request %s %s failed: %s", action, arg, e)
+                done.append(f"{action} {arg}: failed ({e})")
+                continue
             done.append(f"{action} {arg}: {'done' if ok else 'nothing to do'}")
             log.info("queue request %s %s: %s", action, arg, "done" if ok else "nothing to do")
         return done
+
+    async def _apply(self, action: str, arg: str, now: float) -> bool:
+        if action == "hold":
+            return await self.spool.hold(arg)
+        if action == "release":
+            return await self.spool.release_hold(arg, now)
+        if action == "delete":
+            return await self.spool.delete(arg)
+        if action == "flush":
+            return await self.spool.reschedule(arg, now)
+        if action in ("flush-all", "flush-domain", "requeue"):
+            for e in await self.spool.entries():
+                if e.envelope is None:
+                    continue
+                if action == "flush-domain" and not any(_domain(r.address) == arg.lower()
+                                                        for r in e.envelope.pending):
+                    continue
+                if action == "requeue" and e.state == State.HOLD:
+                    await self.spool.release_hold(e.id, now)
+                elif e.state in WAITING:
+                    await self.spool.reschedule(e.id, now)
+            if action == "flush-domain":
+                self._dead_until.pop(arg.lower(), None)
+            else:
+                self._dead_until.clear()
+            return True
+        return False
