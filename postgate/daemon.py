@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -75,6 +77,11 @@ class Daemon:
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
             destination_backoff=q.destination_backoff, reporting_mta=hostname))
+        if q.backend == "postgresql":
+            self.scheduler.config.lease_time = q.lease_time
+        if q.backend == "postgresql":
+            # the lease owner: unique per running node, so a restarted node never writes under an old lease
+            self.scheduler.owner = q.node_name or f"{socket.gethostname()}:{os.getpid()}"
         if signer is not None:
             self.scheduler.signer = lambda content: signer(content, "")  # bounces are DKIM-signed too
         if cfg.relay.credentials_file:
@@ -112,8 +119,19 @@ class Daemon:
     async def open_spool(self) -> None:
         """The queue part of the start: a spool mail can be written to (else a clear refusal, exit 78),
         owned by this process (not a worker), recovered from the previous run."""
-        directory = self.cfg.queue.directory
-        spool = DirectorySpool(directory)
+        q = self.cfg.queue
+        directory = q.directory
+        spool: Spool
+        where = "[queue] directory"
+        if q.backend == "postgresql":
+            from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+            spool = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout,
+                                             object_store=q.object_store or None,
+                                             access_key=q.object_store_access_key or None,
+                                             secret_key=q.object_store_secret_key or None))
+            directory, where = "the shared queue", "[queue]"
+        else:
+            spool = DirectorySpool(directory)
         try:
             await spool.check()
             if not self.worker:
@@ -122,9 +140,9 @@ class Daemon:
                 for line in await spool.recover():
                     log.info("recovery: %s", line)
         except SpoolUnavailable as e:
-            raise StartupError(f"[queue] directory: {e}") from e
+            raise StartupError(f"{where}: {e}") from e
         except (OSError, SpoolError) as e:
-            raise StartupError(f"[queue] directory: {directory}: cannot recover the spool: {e}") from e
+            raise StartupError(f"{where}: {directory}: cannot recover the spool: {e}") from e
         self.spool = spool
 
     async def run(self) -> int:
