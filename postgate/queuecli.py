@@ -49,9 +49,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=cmd_queue)
 
 
-def _spool(args: argparse.Namespace) -> DirectorySpool:
+def _spool(args: argparse.Namespace) -> Spool:
     cfg = configmod.load(args.config)
-    return DirectorySpool(args.spool or cfg.queue.directory)
+    q = cfg.queue
+    if q.backend == "postgresql" and not args.spool:
+        # the shared queue: any node's configuration reaches the same queue
+        from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+        return PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout, object_store=q.object_store or None,
+                                        access_key=q.object_store_access_key or None,
+                                        secret_key=q.object_store_secret_key or None))
+    return DirectorySpool(args.spool or q.directory)
+
+
+async def _close(spool: Spool) -> None:
+    close = getattr(spool, "close", None)
+    if close is not None:
+        res = close()
+        if asyncio.iscoroutine(res):
+            await res
 
 
 def _fmt(t: float) -> str:
@@ -60,10 +75,16 @@ def _fmt(t: float) -> str:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     spool = _spool(args)
+
+    async def run() -> int:
+        try:
+            return await _queue(args, spool)
+        finally:
+            await _close(spool)
     try:
-        return asyncio.run(_queue(args, spool))
+        return asyncio.run(run())
     except (OSError, SpoolError) as e:
-        print(f"postgate queue: {spool.root}: {e}", file=sys.stderr)
+        print(f"postgate queue: {getattr(spool, 'root', 'the shared queue')}: {e}", file=sys.stderr)
         return EX_IOERR
 
 
@@ -91,6 +112,8 @@ async def _queue(args: argparse.Namespace, spool: Spool) -> int:
                     print(f"{r['id']} {r['state']:8} ({r['error']})")
                     continue
                 print(f"{r['id']} {r['state']:8} {r['size']:>8} {_fmt(r['arrival'])}  <{r['sender']}>")
+                if "lease" in r:
+                    print(f"{'':30}leased by {r['lease']['owner']} until {_fmt(r['lease']['until'])}")
                 for rc in r["recipients"]:
                     why = f" ({rc['reason']})" if rc["reason"] else ""
                     print(f"{'':30}<{rc['address']}> {rc['status']}{why}")
