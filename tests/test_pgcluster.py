@@ -182,3 +182,73 @@ def test_queue_list_shows_the_lease_holder_and_a_dead_holder_is_taken_over(
         print(f"\ntakeover after {time.monotonic() - t0:.1f}s (lease {2 * LEASE:g}s, node start included)")
     finally:
         b.stop()
+
+
+def send_code(address: str, token: str) -> int:
+    """The reply code to the end of DATA (or to whatever refused the message first); 0: no session."""
+    try:
+        with smtplib.SMTP(address, 25, timeout=15, source_address=(CLIENT, 0)) as s:
+            s.ehlo("client.test")
+            s.sendmail("load@cluster.test", [f"bob+{token}@dane-ok.test"],
+                       f"Subject: {token}\r\nMessage-ID: <{token}@cluster.test>\r\n\r\n{token}\r\n")
+            return 250
+    except smtplib.SMTPDataError as e:
+        return e.smtp_code
+    except smtplib.SMTPRecipientsRefused as e:
+        return next(iter(e.recipients.values()))[0]
+    except (OSError, smtplib.SMTPException):
+        return 0
+
+
+def test_primary_killed_standby_promoted_under_load(testnet: TestNet, tmp_path: Path) -> None:
+    c = Cluster(port=29432, standby=True).start()
+    s3 = SeaweedS3(port=29333).start()
+    nodes = [node(testnet, tmp_path, a, c, s3).start() for a in NODES[:2]]
+    acked: list[str] = []
+    after: list[str] = []
+    promoted = threading.Event()
+    stop = threading.Event()
+
+    def load() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            token = f"f{n:05d}"
+            if send_code(NODES[n % 2], token) == 250:
+                acked.append(token)
+                if promoted.is_set():
+                    after.append(token)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(acked) < 100 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        c.primary.kill()                 # the primary dies under load …
+        assert c.standby is not None
+        c.standby.promote()              # … the standby is promoted (Patroni's job in production)
+        promoted.set()
+        deadline = time.monotonic() + 60
+        while len(after) < 50 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(30)
+    try:
+        assert len(after) >= 50, "acceptance did not resume on the promoted standby"
+        want = set(acked)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not want <= set(delivered(testnet)):
+            time.sleep(0.5)
+        lost = want - set(delivered(testnet))
+        print(f"\nfailover: {len(acked)} acknowledged ({len(after)} after the promotion), lost {len(lost)}")
+        assert not lost, sorted(lost)[:10]
+        # object store down: new mail is refused with 451 (no 250 without its body stored)
+        s3.stop()
+        assert send_code(NODES[0], "nobody") == 451
+    finally:
+        for n in nodes:
+            n.stop()
+        s3.stop(cleanup=True)
+        c.stop()
