@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fixtures.postgres import Cluster
-from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
 
 from bench.report import identity, write_section
+from fixtures.postgres import Cluster
+from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 RUNS = 3
 
