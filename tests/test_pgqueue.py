@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
-from postgate.outbound.queue.protocol import LeaseLost, SpoolError, State
+from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
 
 from fixtures.postgres import Cluster
 from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from tests.test_spool_contract import _lifecycle, _operator
 
 pytestmark = pytest.mark.cluster
 
@@ -194,3 +195,21 @@ def test_failover_to_the_promoted_standby_loses_nothing_acknowledged() -> None:
         asyncio.run(run())
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("case", [_lifecycle, _operator], ids=["lifecycle", "operator"])
+def test_spool_contract_on_postgresql(case: Callable[[Spool], Awaitable[None]], cluster: Cluster,
+                                      s3: SeaweedS3) -> None:
+    """The same table of behaviours the directory spool passes (tests/test_spool_contract.py)."""
+    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
+
+    async def go() -> None:
+        sp = spool_for(cluster, s3)
+        await sp.check()
+        assert await sp.try_lock()
+        try:
+            await sp.recover()
+            await case(sp)
+        finally:
+            await sp.unlock()
+    asyncio.run(go())

@@ -29,15 +29,16 @@ from tests.queue_child import body
 CRASH_POINTS = [
     # (crash point, n-th pass, duplicates allowed). Six messages are enqueued in waves of three, so the
     # group commit writes batches of several messages (outbound/queue/spool.py).
-    ("spool-batch-written", 1, False),            # first batch in tmp/, nothing fsync'd
-    ("spool-batch-synced", 2, False),             # second batch fsync'd in tmp/, not yet renamed
-    ("spool-batch-contents-renamed", 2, False),   # contents in messages/, envelopes still in tmp/
-    ("spool-batch-envelopes-renamed", 1, False),  # envelopes renamed, incoming/ not yet fsync'd
+    ("spool-batch-written", 1, False),            # first batch written, nothing fsync'd
+    ("spool-batch-written", 2, False),            # second batch written, the first acknowledged
+    ("spool-batch-synced", 1, False),             # first batch durable, envelope index not yet written
+    ("spool-batch-synced", 2, False),
+    ("spool-write-after-rename", 2, False),       # in the middle of writing a batch's envelope index
     ("spool-enqueued", 2, False),                 # right after the second batch's acknowledgement point
     ("delivery-before-data", 1, False),           # connected, recipients accepted, DATA not sent
     ("queue-after-remote-reply", 1, True),        # the remote said 250, the result is not yet recorded
     ("queue-after-record", 2, False),             # the results are durable (delivered: removed)
-    ("spool-deleted-envelope", 3, False),         # a delivered message's envelope removed, content not yet
+    ("spool-deleted-message", 3, False),          # a delivered message's file removed, envelope not yet
 ]
 
 
@@ -87,26 +88,32 @@ def test_corrupt_files_go_to_corrupt_and_crash_leftovers_are_cleaned(tmp_path: P
     s.files.enqueue(garbage, b"x")
     (tmp_path / "deferred" / garbage.id).write_bytes(b'{"format": 1, "id": ')  # half-written envelope
     os.unlink(tmp_path / "incoming" / garbage.id)
-    lost = Envelope.new("a@x.test", [Recipient("b@y.test")], b"gone")
-    s.files.enqueue(lost, b"gone")
-    os.unlink(tmp_path / "messages" / lost.id)                                # envelope without content
-    # what a kill leaves: an unfinished write, and the content of a finished (or never acknowledged)
-    # message whose envelope was already removed — not corruption (issue 13 item 11)
-    (tmp_path / "tmp" / "0660FB0000000000AAAA.msg.1234").write_bytes(b"partial")
-    orphan = Envelope.new("a@x.test", [Recipient("b@y.test")], b"o")
-    (tmp_path / "messages" / orphan.id).write_bytes(b"o")
+    # what a kill leaves is not corruption (issue 13 item 11): an unfinished envelope update, the envelope
+    # of a delivered message whose message file was already removed, a torn message file of a batch that
+    # was never acknowledged, and a complete message file whose envelope index was not yet written
+    (tmp_path / "tmp" / "0660FB0000000000AAAA.1234").write_bytes(b"partial")
+    done = Envelope.new("a@x.test", [Recipient("b@y.test")], b"gone")
+    s.files.enqueue(done, b"gone")
+    os.unlink(tmp_path / "messages" / done.id)
+    torn = Envelope.new("a@x.test", [Recipient("b@y.test")], b"o")
+    (tmp_path / "messages" / torn.id).write_bytes(torn.to_bytes()[:30])
+    unindexed = Envelope.new("a@x.test", [Recipient("b@y.test")], b"u")
+    s.files.enqueue(unindexed, b"u")
+    os.unlink(tmp_path / "incoming" / unindexed.id)
     caplog.set_level(logging.INFO, logger="postgate.queue")
     s2 = DirectorySpool(tmp_path)
     assert s2.files.try_lock()
     s2.files.recover()
     corrupt = sorted(os.listdir(tmp_path / "corrupt"))
-    assert corrupt == sorted([trunc.id, f"{trunc.id}.content", garbage.id, f"{garbage.id}.content", lost.id])
-    assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "messages" / orphan.id).exists()
-    assert os.listdir(tmp_path / "incoming") == [good.id]
-    assert caplog.text.count("status=corrupt") == 3
-    assert orphan.id not in caplog.text.replace(f"{orphan.id}: leftover", "")  # no corrupt line for it
+    assert corrupt == sorted([trunc.id, f"{trunc.id}.content", garbage.id, f"{garbage.id}.content"])
+    assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "messages" / torn.id).exists()
+    assert not (tmp_path / "incoming" / done.id).exists()
+    assert sorted(os.listdir(tmp_path / "incoming")) == sorted([good.id, unindexed.id])
+    assert caplog.text.count("status=corrupt") == 2
     leased = s2.files.lease_due(good.next_attempt + 1, "t", 60, 10)
-    assert [env.id for _, env in leased] == [good.id]  # only the good one is ever offered for delivery
+    # only the good ones are ever offered for delivery, whole
+    assert sorted(env.id for _, env in leased) == sorted([good.id, unindexed.id])
+    assert s2.files.content(unindexed.id) == b"u"
 
 
 def test_second_owner_is_refused(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Any number of ``postgate serve`` nodes share one such queue. Each message is one
 its envelope (the same JSON the directory spool writes), its state, its due time and its lease. Work is
 handed out with row locks that never wait (``SELECT … FOR UPDATE SKIP LOCKED``), so two nodes never lease
 the same message; the lease has an expiry, after which any node takes the message back (:meth:`reclaim`)
-and delivers it. Every lease bumps ``lease_token``, a *fencing token*: a result is written only
+and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing token*: a result is written only
 ``WHERE lease_token = <the token of the lease it was obtained under>``, so a node that lost its lease —
 paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
 :class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
@@ -75,6 +75,8 @@ SCHEMA = [
     """CREATE INDEX IF NOT EXISTS pg_messages_due ON pg_messages (next_attempt)
         WHERE state IN ('incoming', 'deferred')""",
     """CREATE INDEX IF NOT EXISTS pg_messages_leases ON pg_messages (lease_until) WHERE state = 'active'""",
+    # fencing tokens: one sequence, so a token names one lease of one message, never reused
+    """CREATE SEQUENCE IF NOT EXISTS pg_lease_tokens""",
     """CREATE TABLE IF NOT EXISTS pg_requests (
         n       bigserial PRIMARY KEY,
         action  text NOT NULL,
@@ -86,6 +88,13 @@ T = TypeVar("T")
 
 # libpq's WARNING when a wait for synchronous replication was cancelled: committed locally only
 _NOT_REPLICATED = "might not have been replicated"
+
+
+def _envelope(data: bytes, next_attempt: float) -> Envelope:
+    """The stored envelope with its due time from the row (operator actions change only the column)."""
+    env = Envelope.from_bytes(data)
+    env.next_attempt = next_attempt
+    return env
 
 
 class ObjectStore:
@@ -343,19 +352,19 @@ class PostgresSpool:
 
     # --- delivery -------------------------------------------------------------------------------------------
     async def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int]]:
+        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float]]:
             await cur.execute(
                 "UPDATE pg_messages SET state = 'active', lease_owner = %s, lease_until = %s, "
-                "lease_token = lease_token + 1 WHERE id IN (SELECT id FROM pg_messages "
+                "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pg_messages "
                 "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s ORDER BY next_attempt "
-                "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token",
+                "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token, next_attempt",
                 (owner, now + duration, now, limit))
-            return [(r[0], bytes(r[1]), r[2]) for r in await cur.fetchall()]
+            return [(r[0], bytes(r[1]), r[2], r[3]) for r in await cur.fetchall()]
 
         out: list[tuple[Lease, Envelope]] = []
-        for qid, data, token in await self._tx(lease):
+        for qid, data, token, due in await self._tx(lease):
             try:
-                env = Envelope.from_bytes(data)
+                env = _envelope(data, due)
             except EnvelopeError as e:
                 await self.quarantine(qid, State.ACTIVE, str(e))
                 continue
@@ -413,7 +422,7 @@ class PostgresSpool:
     async def reclaim(self, now: float) -> list[str]:
         async def run(cur: psycopg.AsyncCursor[Any]) -> list[str]:
             await cur.execute("UPDATE pg_messages SET state = 'deferred', lease_owner = NULL, lease_until = NULL "
-                              "WHERE state = 'active' AND lease_until < %s RETURNING id", (now,))
+                              "WHERE state = 'active' AND lease_until <= %s RETURNING id", (now,))
             return [r[0] for r in await cur.fetchall()]
         return await self._tx(run)
 
@@ -426,27 +435,27 @@ class PostgresSpool:
 
     # --- reading -------------------------------------------------------------------------------------------
     async def get(self, qid: str) -> tuple[State, Envelope] | None:
-        async def run(cur: psycopg.AsyncCursor[Any]) -> tuple[str, bytes] | None:
-            await cur.execute("SELECT state, envelope FROM pg_messages WHERE id = %s", (qid,))
+        async def run(cur: psycopg.AsyncCursor[Any]) -> tuple[str, bytes, float] | None:
+            await cur.execute("SELECT state, envelope, next_attempt FROM pg_messages WHERE id = %s", (qid,))
             row = await cur.fetchone()
-            return (row[0], bytes(row[1])) if row else None
+            return (row[0], bytes(row[1]), row[2]) if row else None
         row = await self._tx(run, write=False)
         if row is None:
             return None
         try:
-            return State(row[0]), Envelope.from_bytes(row[1])
+            return State(row[0]), _envelope(row[1], row[2])
         except EnvelopeError:
             return None
 
     async def entries(self) -> list[Entry]:
         async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[Any, ...]]:
-            await cur.execute("SELECT state, id, envelope, lease_owner, lease_until, lease_token FROM pg_messages "
-                              "ORDER BY arrival, id")
+            await cur.execute("SELECT state, id, envelope, lease_owner, lease_until, lease_token, next_attempt "
+                              "FROM pg_messages ORDER BY arrival, id")
             return list(await cur.fetchall())
         out = []
-        for state, qid, data, owner, until, token in await self._tx(run, write=False):
+        for state, qid, data, owner, until, token, due in await self._tx(run, write=False):
             try:
-                env: Envelope | None = Envelope.from_bytes(bytes(data))
+                env: Envelope | None = _envelope(bytes(data), due)
             except EnvelopeError:
                 env = None
             lease = Lease(qid, owner, until, token) if state == State.ACTIVE and owner else None

@@ -11,6 +11,12 @@ result durably, and decides what happens next.
   ``destination_backoff`` seconds, so a dead or hostile site is not hammered.
 - Messages to the same destination are delivered one after the other, so they share one connection
   (the delivery agent's connection cache).
+- No exception may strand a message: an unexpected error in an attempt (a bug, an encoding error deep in
+  the SMTP client, a full disk) becomes a deferral with the normal backoff, logged as
+  ``status=deferred (internal error …)`` with the queue id and counted (``attempt_error``). A deferral
+  the spool cannot write (disk full) is kept and written again at every pass, and a lease not ended in
+  time is taken back (``Spool.reclaim``), so nothing stays in ``active`` until a restart.
+- When to retry is the pure function ``retry.next_attempt``; the spool is any ``Spool`` (protocol.py).
 
 The clock is injectable, so tests can move time.
 """
@@ -155,6 +161,7 @@ class Scheduler:
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
         """One delivery attempt. No exception leaves it: whatever goes wrong becomes a deferral with backoff
         (logged with the queue id and counted), so no message is ever stranded in ``active``."""
+        attempts = len(env.attempts)
         try:
             await self._deliver(lease, env)
         except asyncio.CancelledError:
@@ -163,14 +170,15 @@ class Scheduler:
             self.counters.inc("attempt_error")
             log.error("%s: status=deferred (internal error during the delivery attempt: %s: %s)", env.id,
                       type(e).__name__, e, exc_info=True)
-            await self._defer_after_error(lease, env, e)
+            await self._defer_after_error(lease, env, e, counted=len(env.attempts) > attempts)
 
-    async def _defer_after_error(self, lease: Lease, env: Envelope, err: Exception) -> None:
+    async def _defer_after_error(self, lease: Lease, env: Envelope, err: Exception, counted: bool) -> None:
         now = self.clock()
         for r in env.pending:
             r.status, r.dsn = R_DEFERRED, "4.3.0"
-            r.reason = f"internal error during delivery: {type(err).__name__}: {err}"[:500]
-        if not env.attempts or env.attempts[-1].get("time") != now:
+            r.reason = r.reason if counted and r.reason else \
+                f"internal error during delivery: {type(err).__name__}: {err}"[:500]
+        if not counted:
             env.attempts.append({"time": now, "delivered": 0, "deferred": len(env.pending), "error": True})
         decision = retry.next_attempt(env, Attempt.ERROR, now, self.retry_policy)
         # an error is no reason to give up early; at the end of the lifetime, expiry is tried next time

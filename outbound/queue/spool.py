@@ -3,7 +3,7 @@ interface, Postfix-style, on one local file system.
 
 Layout of a spool directory::
 
-    messages/<id>     the content, written once; it never moves
+    messages/<id>     the envelope as accepted (first line) and the content, written once; it never moves
     incoming/<id>     envelope of a new message           \\
     deferred/<id>     envelope waiting for its next attempt | the envelope moves between these by
     active/<id>       envelope leased for delivery         | one atomic rename
@@ -13,31 +13,27 @@ Layout of a spool directory::
     tmp/              files being written
     lock              flock'd by the process that owns the spool (the daemon, or a CLI when none runs)
 
-**Durability, with group commit.** A message is acknowledged only once its content and envelope are on
-disk under their final names. New messages are written in *batches*: every message that arrives while the
-previous batch is being made durable joins the next one (a committer thread per process), and one batch
-costs, whatever its size::
+**Durability, with group commit.** A message is acknowledged only once it is on disk. New messages are
+written in *batches*: every message that arrives while the previous batch is being made durable joins the
+next one (a committer thread per process), and one batch costs one journal commit, whatever its size::
 
-    write every content and envelope to tmp/     (no fsync yet)
-    fsync those files                            (issued in parallel: the file system's journal
-                                                  commits them together)
-    rename the contents to messages/, fsync messages/      <- the content is durable first ...
-    rename the envelopes to incoming/, fsync incoming/     <- ... so an envelope never lacks its content
-    acknowledge every message of the batch
+    write each message to messages/<id>: its envelope as accepted (one JSON line), then the content
+    fsync those files and messages/, all at once        (the file system commits them together)
+    -- acknowledgement point: every message of the batch may get its 250 --
+    write each envelope to incoming/<id>                 (an index: no fsync, recovery can rebuild it)
 
-instead of two fsync'd files and two directory fsyncs per message. A crash at any point leaves, for the
-unacknowledged messages only: files in tmp/ (removed at start), content without an envelope (removed at
-start), or a whole message (content and envelope durable: it is delivered although the client got no
-250 — RFC 5321 §6.1 prefers a duplicate to a loss).
+instead of two fsync'd files and two directory fsyncs per message (``scripts/bench queue`` compares).
+A crash before the acknowledgement point leaves a torn or complete message file without an envelope:
+complete ones are restored and delivered (RFC 5321 §6.1 prefers a duplicate to a loss), torn ones
+removed. Every later envelope change (results, hold, reschedule) is a new file renamed over the old one,
+then fsync'd, so recipients already delivered stay recorded across a crash.
 
-Every later envelope change (results, hold, reschedule) is a new file renamed over the old one, then
-fsync'd, so recipients already delivered stay recorded across a crash.
-
-**What recovery calls corrupt.** Removing a message unlinks its envelope (durably) first, then its
-content; so content without an envelope is what a finished message or an unacknowledged one leaves after
-a kill, and is cleaned silently. An envelope without its content, a content that does not match its
-envelope's size and SHA-256, or an unparseable envelope cannot come from a crash: that is corruption,
-moved to ``corrupt/`` with a ``status=corrupt`` log line, never delivered and never deleted.
+**What recovery calls corrupt.** Removing a message unlinks its message file (durably) first, then its
+envelope; so an envelope without its message file is what a delivered or deleted message leaves after a
+kill, and is cleaned silently, like a torn message file of an unacknowledged batch. An envelope or message
+file that does not parse, or a content that does not match its envelope's size and SHA-256, cannot come
+from a crash: that is corruption, moved to ``corrupt/`` with a ``status=corrupt`` log line, never
+delivered and never deleted.
 
 **The event loop never waits for the disk**: every method of :class:`DirectorySpool` runs its file work
 in a worker thread (:class:`SpoolFiles` holds the synchronous code).
@@ -163,15 +159,16 @@ class SpoolFiles:
             self._lock_fd = None
 
     # --- low level -------------------------------------------------------------------------------------
-    def _write(self, target: Path, data: bytes) -> None:
-        """Write ``data`` to ``target`` atomically and durably; on failure nothing is left in tmp/."""
+    def _write(self, target: Path, data: bytes, durable: bool = True) -> None:
+        """Write ``data`` to ``target`` atomically and (unless told otherwise) durably; on failure nothing
+        is left in tmp/."""
         tmp = self.root / "tmp" / f"{target.name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _write_all(fd, data)
                 crashpoint("spool-write-before-fsync")
-                if self.fsync:
+                if self.fsync and durable:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -180,7 +177,7 @@ class SpoolFiles:
             _unlink_quietly(tmp)
             raise
         crashpoint("spool-write-after-rename")
-        if self.fsync:
+        if self.fsync and durable:
             fsync_dir(target.parent)
 
     def path(self, state: str, qid: str) -> Path:
@@ -209,53 +206,43 @@ class SpoolFiles:
         """Durably store several new messages with one round of fsyncs (see the module docstring). Returns,
         per message, None (stored: it may be acknowledged) or the error (nothing of it is left)."""
         errors: list[BaseException | None] = [None] * len(items)
-        files: list[tuple[int, Path, Path]] = []     # (index, tmp content, tmp envelope)
+        written: list[int] = []
         for i, (env, content) in enumerate(items):
-            tc = self.root / "tmp" / f"{env.id}.msg.{secrets.token_hex(3)}"
-            te = self.root / "tmp" / f"{env.id}.env.{secrets.token_hex(3)}"
+            path = self.root / "messages" / env.id
             try:
-                for path, data in ((tc, content), (te, env.to_bytes())):
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    try:
-                        _write_all(fd, data)
-                    finally:
-                        os.close(fd)
+                # the first line holds the envelope as accepted (JSON has no raw newline), then the content
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, env.to_bytes() + b"\n" + content)
+                finally:
+                    os.close(fd)
             except OSError as e:  # ENOSPC, EDQUOT, EIO: this message is refused, and leaves nothing
-                _unlink_quietly(tc)
-                _unlink_quietly(te)
+                _unlink_quietly(path)
                 errors[i] = e
                 continue
-            files.append((i, tc, te))
+            written.append(i)
         crashpoint("spool-batch-written")
-        if self.fsync and files:
-            paths = [p for _, tc, te in files for p in (tc, te)]
-            failed = set(self._fsync_files(paths))
-            for i, tc, te in files:
-                if tc in failed or te in failed:
+        if self.fsync and written:
+            # one journal commit for the whole batch: the files and the directory entries together
+            paths = [self.root / "messages" / items[i][0].id for i in written]
+            failed = set(self._fsync_files([*paths, self.root / "messages"]))
+            if self.root / "messages" in failed:
+                failed = set(paths)
+            for i in written:
+                if self.root / "messages" / items[i][0].id in failed:
                     errors[i] = OSError(errno.EIO, f"fsync failed for {items[i][0].id}")
-                    _unlink_quietly(tc)
-                    _unlink_quietly(te)
-            files = [f for f in files if errors[f[0]] is None]
+                    _unlink_quietly(self.root / "messages" / items[i][0].id)
+            written = [i for i in written if errors[i] is None]
         crashpoint("spool-batch-synced")
-        try:
-            # the contents first, made durable, then the envelopes: an envelope never lacks its content
-            for i, tc, _te in files:
-                os.rename(tc, self.root / "messages" / items[i][0].id)
-            crashpoint("spool-batch-contents-renamed")
-            if self.fsync and files:
-                fsync_dir(self.root / "messages")
-            for i, _tc, te in files:
-                os.rename(te, self.path("incoming", items[i][0].id))
-            crashpoint("spool-batch-envelopes-renamed")
-            if self.fsync and files:
-                fsync_dir(self.root / "incoming")
-        except OSError as e:  # the directory could not be made durable: nobody of the batch is acknowledged
-            for i, tc, te in files:
-                qid = items[i][0].id
-                for p in (tc, te, self.path("incoming", qid), self.root / "messages" / qid):
-                    _unlink_quietly(p)
+        # the acknowledgement point is passed: every message of the batch is durable in messages/. Its
+        # envelope file in incoming/ is an index recovery can rebuild, so it needs no fsync of its own.
+        for i in written:
+            env = items[i][0]
+            try:
+                self._write(self.path("incoming", env.id), env.to_bytes(), durable=False)
+            except OSError as e:  # not acknowledged after all (a crash now would deliver it: no loss)
+                _unlink_quietly(self.root / "messages" / env.id)
                 errors[i] = e
-            return errors
         crashpoint("spool-enqueued")
         return errors
 
@@ -276,7 +263,7 @@ class SpoolFiles:
             results = [one(p) for p in paths]
         else:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="spool-fsync")
+                self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="spool-fsync")
             results = list(self._pool.map(one, paths))
         return [p for p in results if p is not None]
 
@@ -288,7 +275,15 @@ class SpoolFiles:
         return env.id
 
     def content(self, qid: str) -> bytes:
-        return (self.root / "messages" / qid).read_bytes()
+        return self._message(qid)[1]
+
+    def _message(self, qid: str) -> tuple[bytes, bytes]:
+        """The envelope as accepted (first line) and the content of a message file."""
+        data = (self.root / "messages" / qid).read_bytes()
+        head, sep, content = data.partition(b"\n")
+        if not sep:
+            raise EnvelopeError(f"message file of {qid} has no envelope line (truncated)")
+        return head, content
 
     # --- delivery ----------------------------------------------------------------------------------------
     def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
@@ -364,17 +359,18 @@ class SpoolFiles:
     def delete(self, qid: str, state: str | None = None) -> bool:
         with self._mutex:
             state = state or self.state_of(qid)
-            if state is None:
+            if state is None or not self.path(state, qid).exists():
                 return False
+            # the message file goes first, durably: an envelope left without it by a crash is recognised
+            # as a removed message's leftover (a message file alone would be restored and delivered)
             try:
-                os.unlink(self.path(state, qid))
+                os.unlink(self.root / "messages" / qid)
             except FileNotFoundError:
-                return False
+                pass
             if self.fsync:
-                fsync_dir(self.root / state)
-            # the envelope is gone for good: what follows is cleanup a crash may leave to recover()
-            crashpoint("spool-deleted-envelope")
-            _unlink_quietly(self.root / "messages" / qid)
+                fsync_dir(self.root / "messages")
+            crashpoint("spool-deleted-message")
+            _unlink_quietly(self.path(state, qid))
             self._leases.pop(qid, None)
             return True
 
@@ -429,37 +425,66 @@ class SpoolFiles:
 
     def recover(self) -> list[str]:
         """At start, as owner: leases of a dead process go back to incoming/; what an interrupted write or
-        removal left is cleaned; real corruption moves to corrupt/. Returns what it did, one line each."""
+        removal left is cleaned or restored; real corruption moves to corrupt/. Returns what it did."""
         done = []
         for qid in os.listdir(self.root / "active"):
             self._move(qid, "active", "incoming")
             done.append(f"{qid}: lease of a previous run returned to incoming")
         for name in os.listdir(self.root / "tmp"):
-            # a write that never completed: its message was never acknowledged (or an envelope update
-            # whose old version is still in place)
+            # a write that never completed: an envelope update whose old version is still in place
             _unlink_quietly(self.root / "tmp" / name)
             done.append(f"{name}: unfinished write of a previous run removed")
-        known = {q for s in ("incoming", "deferred", "hold") for q in os.listdir(self.root / s)}
-        for qid in os.listdir(self.root / "messages"):
-            if qid not in known:
-                # the envelope is removed first: a finished (or never acknowledged) message's leftover
-                _unlink_quietly(self.root / "messages" / qid)
-                done.append(f"{qid}: leftover content of a finished or unacknowledged message removed")
         for state in ("incoming", "deferred", "hold"):
             for qid in os.listdir(self.root / state):
                 if not valid_queue_id(qid):
                     self.quarantine(qid, state, "not a queue file name")
                     continue
+                if not (self.root / "messages" / qid).exists():
+                    # the message file is removed first: this is a delivered or deleted message's leftover
+                    _unlink_quietly(self.path(state, qid))
+                    done.append(f"{qid}: leftover envelope of a removed message cleaned")
+                    continue
                 try:
                     env = self.read_envelope(state, qid)
+                except (EnvelopeError, OSError) as e:
+                    if state == "incoming" and self._restore(qid):
+                        done.append(f"{qid}: envelope restored from the message file")
+                        continue
+                    self.quarantine(qid, state, str(e))
+                    done.append(f"{qid}: corrupt")
+                    continue
+                try:
                     env.check_content(self.content(qid))
                 except (EnvelopeError, OSError) as e:
                     self.quarantine(qid, state, str(e))
                     done.append(f"{qid}: corrupt")
+        known = {q for s in ("incoming", "deferred", "hold", "corrupt") for q in os.listdir(self.root / s)}
+        for qid in os.listdir(self.root / "messages"):
+            if qid not in known:
+                # accepted (or being accepted) when the process died, before its envelope index was written
+                if self._restore(qid):
+                    done.append(f"{qid}: envelope restored from the message file")
+                else:
+                    # torn: the batch it belonged to never reached its acknowledgement point
+                    _unlink_quietly(self.root / "messages" / qid)
+                    done.append(f"{qid}: unfinished write of a never acknowledged message removed")
         if self.fsync:
-            for d in ("tmp", "messages"):
+            for d in ("tmp", "messages", "incoming", "deferred", "hold"):
                 fsync_dir(self.root / d)
         return done
+
+    def _restore(self, qid: str) -> bool:
+        """Rebuild incoming/<id> from the envelope line of a complete message file."""
+        try:
+            head, content = self._message(qid)
+            env = Envelope.from_bytes(head)
+            env.check_content(content)
+        except (EnvelopeError, OSError):
+            return False
+        if env.id != qid:
+            return False
+        self._write(self.path("incoming", qid), env.to_bytes())
+        return True
 
     # --- listing ----------------------------------------------------------------------------------------
     def entries(self) -> Iterator[Entry]:
