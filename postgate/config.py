@@ -63,6 +63,15 @@ class QueueSettings:
     delay_warning: float = 14400.0
     destination_concurrency: int = 20
     destination_backoff: float = 300.0
+    # the shared queue (docs/configuration.md [queue]; outbound/queue/pgspool.py)
+    backend: str = "directory"           # directory | postgresql
+    dsn: str = ""                        # libpq URI/keywords; several hosts + target_session_attrs=read-write
+    object_store: str = ""               # s3://bucket[/prefix]?endpoint=…&region=…; empty: bodies in PostgreSQL
+    object_store_access_key: str = ""
+    object_store_secret_key: str = ""
+    lease_time: float = 300.0            # a dead node's messages are taken over after this
+    commit_timeout: float = 10.0         # bound on a write incl. the synchronous standby's confirmation
+    node_name: str = ""                  # lease owner; default host name and process id
 
 
 @dataclass
@@ -604,6 +613,19 @@ def _validate_queue(cfg: Config, source: str, text: str) -> None:
         raise err("delay_warning", "must be 0 (off) or positive")
     if not 1 <= q.destination_concurrency <= 1000:
         raise err("destination_concurrency", "must be between 1 and 1000")
+    if q.backend not in ("directory", "postgresql"):
+        raise err("backend", f"{q.backend!r} must be directory or postgresql")
+    if q.backend == "postgresql" and not q.dsn:
+        raise err("dsn", "backend = postgresql needs a dsn (e.g. postgresql://user@db1,db2/postgate"
+                         "?target_session_attrs=read-write)")
+    if q.object_store and not q.object_store.startswith("s3://"):
+        raise err("object_store", "must be s3://bucket[/prefix]?endpoint=…")
+    if q.object_store and q.backend != "postgresql":
+        raise err("object_store", "needs backend = postgresql")
+    for key in ("lease_time", "commit_timeout"):
+        v = getattr(q, key)
+        if not (isinstance(v, (int, float)) and 1 <= v <= 86400):  # also refuses nan and inf
+            raise err(key, "must be between 1 and 86400 seconds")
     if cfg.path is not None:
         q.directory = _relative(cfg.path, q.directory)
 

@@ -171,6 +171,10 @@ class Daemon:
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
             destination_backoff=q.destination_backoff, reporting_mta=hostname))
+        if q.backend == "postgresql":
+            self.scheduler.config.lease_time = q.lease_time
+            # the lease owner: unique per running node, so a restarted node never writes under an old lease
+            self.scheduler.owner = q.node_name or f"{socket.gethostname()}:{os.getpid()}"
         if self.signer is not None:
             self.scheduler.signer = lambda content: self._sign(content, "")  # bounces are DKIM-signed too
         try:
@@ -236,16 +240,27 @@ class Daemon:
         """The queue part of the start: a spool mail can be written to (else a clear refusal, exit 78),
         owned by this process (not a worker). Recovery from the previous run comes in :meth:`run`, after
         the privilege drop, so what it writes belongs to ``[server] user``."""
-        directory = self.cfg.queue.directory
-        spool = DirectorySpool(directory)
+        q = self.cfg.queue
+        directory = q.directory
+        spool: Spool
+        where = "[queue] directory"
+        if q.backend == "postgresql":
+            from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+            spool = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout,
+                                             object_store=q.object_store or None,
+                                             access_key=q.object_store_access_key or None,
+                                             secret_key=q.object_store_secret_key or None))
+            directory, where = "the shared queue", "[queue]"
+        else:
+            spool = DirectorySpool(directory)
         try:
             await spool.check()
             if not self.worker and not await spool.try_lock():
                 raise StartupError(f"{directory}: another Postgate owns this spool", EX_OSERR)
         except SpoolUnavailable as e:
-            raise StartupError(f"[queue] directory: {e}") from e
+            raise StartupError(f"{where}: {e}") from e
         except (OSError, SpoolError) as e:
-            raise StartupError(f"[queue] directory: {directory}: cannot recover the spool: {e}") from e
+            raise StartupError(f"{where}: {directory}: cannot recover the spool: {e}") from e
         self.spool = spool
 
     async def run(self) -> int:
@@ -294,7 +309,9 @@ class Daemon:
                     log.info("recovery: %s", line)
             except (OSError, SpoolError) as e:
                 raise StartupError(f"[queue]: cannot recover the spool: {e}") from e
-            (Path(self.cfg.queue.directory) / PIDFILE).write_text(f"{os.getpid()}\n")
+            piddir = Path(self.cfg.queue.directory)   # with a shared queue: only the pid file and state live here
+            piddir.mkdir(parents=True, exist_ok=True)
+            (piddir / PIDFILE).write_text(f"{os.getpid()}\n")
             log.info("ready")
             systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))

@@ -60,9 +60,16 @@ class NoSpool(Exception):
     """The spool directory does not exist (or is not a Postgate spool): a queue command never creates it."""
 
 
-def _spool(args: argparse.Namespace) -> DirectorySpool:
+def _spool(args: argparse.Namespace) -> Spool:
     cfg = configmod.load(args.config)
-    root = Path(args.spool or cfg.queue.directory)
+    q = cfg.queue
+    if q.backend == "postgresql" and not args.spool:
+        # the shared queue: any node's configuration reaches the same queue
+        from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+        return PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout, object_store=q.object_store or None,
+                                        access_key=q.object_store_access_key or None,
+                                        secret_key=q.object_store_secret_key or None))
+    root = Path(args.spool or q.directory)
     # only the daemon creates a spool: reading one that is not there is an error, not an empty queue
     if not (root / "messages").is_dir():
         why = "no such directory" if not root.exists() else "not a Postgate spool (no messages/ in it)"
@@ -83,6 +90,14 @@ def _v(x: object) -> str:
     return "-" if x is None or x == "" else str(x)
 
 
+async def _close(spool: Spool) -> None:
+    close = getattr(spool, "close", None)
+    if close is not None:
+        res = close()
+        if asyncio.iscoroutine(res):
+            await res
+
+
 def _fmt(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -93,8 +108,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
     except NoSpool as e:
         print(f"postgate queue: {e}", file=sys.stderr)
         return EX_NOINPUT
+
+    async def run() -> int:
+        try:
+            return await _queue(args, spool)
+        finally:
+            await _close(spool)
     try:
-        return asyncio.run(_queue(args, spool))
+        return asyncio.run(run())
     except (OSError, SpoolError) as e:
         print(f"postgate queue: {getattr(spool, 'root', 'the shared queue')}: {e}", file=sys.stderr)
         return EX_IOERR
@@ -124,6 +145,8 @@ async def _queue(args: argparse.Namespace, spool: Spool) -> int:
                     print(f"{r['id']} {r['state']:8} ({r['error']})")
                     continue
                 print(f"{r['id']} {r['state']:8} {r['size']:>8} {_fmt(r['arrival'])}  <{r['sender']}>")
+                if "lease" in r:
+                    print(f"{'':30}leased by {r['lease']['owner']} until {_fmt(r['lease']['until'])}")
                 for rc in r["recipients"]:
                     why = f" ({rc['reason']})" if rc["reason"] else ""
                     print(f"{'':30}<{rc['address']}> {rc['status']}{why}")

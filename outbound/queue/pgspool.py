@@ -1,0 +1,505 @@
+"""A queue that outlives its server: the :class:`~postgate.outbound.queue.protocol.Spool` on PostgreSQL, with
+message bodies in S3-compatible object storage (or in PostgreSQL when none is configured).
+
+Any number of ``postgate serve`` nodes share one such queue. Each message is one row of ``pg_messages``:
+its envelope (the same JSON the directory spool writes), its state, its due time and its lease. Work is
+handed out with row locks that never wait (``SELECT … FOR UPDATE SKIP LOCKED``), so two nodes never lease
+the same message; the lease has an expiry, after which any node takes the message back (:meth:`reclaim`)
+and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing token*: a result is written only
+``WHERE lease_token = <the token of the lease it was obtained under>``, so a node that lost its lease —
+paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
+:class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
+
+**Acceptance and durability.** ``enqueue`` writes the body first (to the object store, key = queue id),
+then commits the row; a body without a row is garbage (collected by :meth:`recover`), never a row without
+its body. The commit returns only when a synchronous standby has the WAL (the server's
+``synchronous_commit``/``synchronous_standby_names``): a 250 is given only after that. Three traps of
+PostgreSQL's synchronous replication are handled here:
+
+- a call that raised (the connection died at the commit) may still have committed and replicated: every
+  write is idempotent — the queue id is made by the client and ``INSERT … ON CONFLICT (id) DO NOTHING`` —
+  so the retried enqueue never makes a second message;
+- with the synchronous standby gone, a commit waits for ever (``statement_timeout`` does not end the wait);
+  cancelling it makes PostgreSQL report *success* with a WARNING although nothing reached a standby. The
+  wait is bounded here (``commit_timeout``), the connection is cancelled and discarded, and such a WARNING
+  is treated as a failure: :class:`SpoolError`, the client gets 451, no 250;
+- a network partition hangs an open connection unless TCP keepalives and ``tcp_user_timeout`` are set:
+  they are, on every connection.
+
+Failover is the engines' business: the DSN names every server (libpq multi-host) with
+``target_session_attrs=read-write``, so after the standby is promoted new connections find it. The
+connection pool (psycopg 3) replaces connections that died.
+
+Driver: psycopg 3 with psycopg_pool. It speaks through libpq, so every libpq connection parameter
+(multi-host, target_session_attrs, keepalives, tcp_user_timeout) works as documented, and it reports
+NOTICE/WARNING messages to a handler, which the synchronous-commit trap needs. Object store: obstore (the
+Rust object_store crate), one small dependency that speaks every S3 dialect (AWS, Ceph RGW, MinIO, Garage,
+SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from postgate.outbound.queue.envelope import Envelope, EnvelopeError
+from postgate.outbound.queue.protocol import WAITING, Entry, Lease, LeaseLost, SpoolError, SpoolUnavailable, State
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("postgate.queue")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS pg_queue_schema (version integer NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS pg_messages (
+        id            text PRIMARY KEY,
+        state         text NOT NULL,
+        envelope      bytea NOT NULL,
+        next_attempt  double precision NOT NULL,
+        arrival       double precision NOT NULL,
+        lease_owner   text,
+        lease_until   double precision,
+        lease_token   bigint NOT NULL DEFAULT 0,
+        body          bytea,            -- NULL: the body is in the object store under key = id
+        why           text
+    )""",
+    """CREATE INDEX IF NOT EXISTS pg_messages_due ON pg_messages (next_attempt)
+        WHERE state IN ('incoming', 'deferred')""",
+    """CREATE INDEX IF NOT EXISTS pg_messages_leases ON pg_messages (lease_until) WHERE state = 'active'""",
+    # fencing tokens: one sequence, so a token names one lease of one message, never reused
+    """CREATE SEQUENCE IF NOT EXISTS pg_lease_tokens""",
+    """CREATE TABLE IF NOT EXISTS pg_requests (
+        n       bigserial PRIMARY KEY,
+        action  text NOT NULL,
+        arg     text NOT NULL DEFAULT ''
+    )""",
+]
+
+T = TypeVar("T")
+
+# libpq's WARNING when a wait for synchronous replication was cancelled: committed locally only
+_NOT_REPLICATED = "might not have been replicated"
+
+
+def _envelope(data: bytes, next_attempt: float) -> Envelope:
+    """The stored envelope with its due time from the row (operator actions change only the column)."""
+    env = Envelope.from_bytes(data)
+    env.next_attempt = next_attempt
+    return env
+
+
+class ObjectStore:
+    """Message bodies in S3-compatible storage. URL form (configuration ``[queue] object_store``)::
+
+        s3://BUCKET[/PREFIX]?endpoint=https://s3.example:9000&region=us-east-1[&allow_http=true]
+
+    Credentials from ``access_key``/``secret_key`` (configuration) or the usual AWS environment variables.
+    """
+
+    def __init__(self, url: str, access_key: str | None = None, secret_key: str | None = None,
+                 timeout: float = 10.0) -> None:
+        from obstore.store import S3Store
+
+        u = urllib.parse.urlsplit(url)
+        if u.scheme != "s3" or not u.netloc:
+            raise ValueError(f"object store URL must be s3://bucket[/prefix]?endpoint=…: {url!r}")
+        q = dict(urllib.parse.parse_qsl(u.query))
+        self.prefix = u.path.strip("/")
+        kw: dict[str, Any] = {"region": q.get("region", "us-east-1")}
+        if "endpoint" in q:
+            kw["endpoint"] = q["endpoint"]
+            kw["virtual_hosted_style_request"] = False
+        if access_key:
+            kw["access_key_id"] = access_key
+        if secret_key:
+            kw["secret_access_key"] = secret_key
+        self.timeout = timeout
+        self.store = S3Store(u.netloc, client_options={"allow_http": q.get("allow_http") == "true",
+                                                       "timeout": f"{int(timeout)}s",
+                                                       "connect_timeout": "3s"},
+                             retry_config={"max_retries": 1,
+                                           "backoff": {"init_backoff": timedelta(milliseconds=100),
+                                                       "max_backoff": timedelta(seconds=1), "base": 2},
+                                           "retry_timeout": timedelta(seconds=max(timeout, 1.0))}, **kw)
+
+    def key(self, qid: str) -> str:
+        return f"{self.prefix}/{qid}" if self.prefix else qid
+
+    async def put(self, qid: str, data: bytes) -> None:
+        import obstore
+        await asyncio.wait_for(obstore.put_async(self.store, self.key(qid), data), self.timeout)
+
+    async def get(self, qid: str) -> bytes:
+        import obstore
+        res = await asyncio.wait_for(obstore.get_async(self.store, self.key(qid)), self.timeout)
+        return bytes(await res.bytes_async())
+
+    async def delete(self, qid: str) -> None:
+        import obstore
+        await asyncio.wait_for(obstore.delete_async(self.store, self.key(qid)), self.timeout)
+
+    async def keys(self) -> list[tuple[str, float]]:
+        """Every stored body: (queue id, last-modified epoch seconds)."""
+        import obstore
+        out: list[tuple[str, float]] = []
+        stream = obstore.list(self.store, prefix=self.prefix or None)
+        async for batch in stream:
+            for meta in batch:
+                path = str(meta["path"])
+                out.append((path.rsplit("/", 1)[-1], meta["last_modified"].timestamp()))
+        return out
+
+
+@dataclass
+class PgSettings:
+    dsn: str
+    commit_timeout: float = 10.0         # bound on one write, incl. the wait for the synchronous standby
+    connect_timeout: float = 5.0
+    pool_size: int = 8
+    object_store: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    orphan_age: float = 3600.0           # bodies without a row older than this are removed by recover()
+
+
+class PostgresSpool:
+    """The shared queue. Every node may run the queue (``try_lock`` is always True)."""
+
+    def __init__(self, settings: PgSettings) -> None:
+        self.settings = settings
+        self.store = ObjectStore(settings.object_store, settings.access_key, settings.secret_key) \
+            if settings.object_store else None
+        self.pool: AsyncConnectionPool | None = None
+        self._lock = asyncio.Lock()
+
+    # --- connections ---------------------------------------------------------------------------------------
+    def _conninfo(self) -> dict[str, Any]:
+        # a partition must not hang a connection: keepalives and tcp_user_timeout (libpq, PostgreSQL 12+)
+        return {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                "tcp_user_timeout": int(self.settings.commit_timeout * 1000),
+                "connect_timeout": max(1, int(self.settings.connect_timeout)),
+                "application_name": "postgate"}
+
+    async def _pool(self) -> AsyncConnectionPool:
+        async with self._lock:
+            if self.pool is None:
+                pool = AsyncConnectionPool(self.settings.dsn, min_size=1, max_size=self.settings.pool_size,
+                                           kwargs=self._conninfo(), open=False, timeout=self.settings.connect_timeout,
+                                           check=AsyncConnectionPool.check_connection, reconnect_timeout=3600)
+                await pool.open(wait=False)
+                self.pool = pool
+            return self.pool
+
+    async def _tx(self, fn: Callable[[psycopg.AsyncCursor[Any]], Awaitable[T]], *, write: bool = True) -> T:
+        """Run ``fn`` in one transaction, bounded by ``commit_timeout``; a commit that PostgreSQL reports
+        as not replicated (cancelled synchronous wait) is a failure."""
+        pool = await self._pool()
+        warnings: list[str] = []
+        try:
+            conn = await pool.getconn(timeout=self.settings.connect_timeout)
+        except Exception as e:
+            raise SpoolError(f"PostgreSQL unreachable: {e}") from e
+        ok = False
+
+        def notice(diag: psycopg.errors.Diagnostic) -> None:
+            warnings.append(f"{diag.severity}: {diag.message_primary}")
+
+        conn.add_notice_handler(notice)
+        try:
+            async def run() -> T:
+                async with conn.cursor(row_factory=tuple_row) as cur:
+                    res = await fn(cur)
+                await conn.commit()
+                return res
+            try:
+                res = await asyncio.wait_for(run(), self.settings.commit_timeout)
+            except TimeoutError as e:
+                # the wait for a synchronous standby cannot be ended by statement_timeout: end it here
+                try:
+                    await conn.cancel_safe(timeout=2.0)
+                except Exception:
+                    pass
+                raise SpoolError(f"PostgreSQL write not confirmed within {self.settings.commit_timeout:g}s "
+                                 "(synchronous standby unreachable?)") from e
+            if write and any(_NOT_REPLICATED in w for w in warnings):
+                raise SpoolError("PostgreSQL committed locally but not on a synchronous standby: " +
+                                 "; ".join(warnings))
+            ok = True
+            return res
+        except psycopg.Error as e:
+            raise SpoolError(f"PostgreSQL: {str(e).strip() or type(e).__name__}") from e
+        finally:
+            conn.remove_notice_handler(notice)
+            if ok:
+                await pool.putconn(conn)
+            else:
+                # a connection that failed or timed out in a transaction is not given back for reuse
+                try:
+                    await conn.close()
+                except Exception:
+                    pass
+                await pool.putconn(conn)
+
+    # --- ownership and start-up -----------------------------------------------------------------------------
+    async def check(self) -> None:
+        try:
+            conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(self.settings.dsn, **self._conninfo()),
+                                          self.settings.connect_timeout + 1)
+        except (psycopg.Error, OSError, TimeoutError) as e:
+            raise SpoolUnavailable(f"[queue] dsn: cannot reach PostgreSQL: {str(e).strip() or 'timeout'}") from e
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT to_regclass('pg_queue_schema')")
+                row = await cur.fetchone()
+                if row is None or row[0] is None:
+                    for stmt in SCHEMA:
+                        await cur.execute(stmt)
+                    await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+                    await conn.commit()
+                    log.info("queue: created schema version %d", SCHEMA_VERSION)
+                else:
+                    await cur.execute("SELECT max(version) FROM pg_queue_schema")
+                    row = await cur.fetchone()
+                    version = row[0] if row else None
+                    if version != SCHEMA_VERSION:
+                        raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
+                                               f"{SCHEMA_VERSION}")
+                await cur.execute("SELECT pg_is_in_recovery()")
+                row = await cur.fetchone()
+                if row and row[0]:
+                    raise SpoolUnavailable("[queue] dsn: the server is a read-only standby "
+                                           "(add target_session_attrs=read-write and the primary to the DSN)")
+        except psycopg.Error as e:
+            raise SpoolUnavailable(f"[queue] dsn: {str(e).strip()}") from e
+        finally:
+            await conn.close()
+        if self.store is not None:
+            probe = "postgate-probe"
+            try:
+                await self.store.put(probe, b"probe")
+                await self.store.delete(probe)
+            except Exception as e:
+                raise SpoolUnavailable(f"[queue] object_store: cannot write: {e}") from e
+
+    async def try_lock(self) -> bool:
+        return True     # a shared queue: every node runs it; leases keep them apart
+
+    async def unlock(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def close(self) -> None:
+        await self.unlock()
+
+    async def recover(self) -> list[str]:
+        """At start: expired leases back to deferred, and bodies in the object store that no row names
+        (a crash between the body's upload and the row's commit) removed once they are old enough."""
+        out = [f"{qid}: lease expired, taken back" for qid in await self.reclaim(time.time())]
+        if self.store is not None:
+            try:
+                stored = await self.store.keys()
+            except Exception as e:
+                return [*out, f"object store not listed: {e}"]
+            old = [k for k, mtime in stored if time.time() - mtime > self.settings.orphan_age]
+            if old:
+                async def known(cur: psycopg.AsyncCursor[Any]) -> set[str]:
+                    await cur.execute("SELECT id FROM pg_messages WHERE id = ANY(%s)", (old,))
+                    return {r[0] for r in await cur.fetchall()}
+                have = await self._tx(known, write=False)
+                for k in old:
+                    if k not in have and k != "postgate-probe":
+                        await self.store.delete(k)
+                        out.append(f"{k}: body without envelope removed")
+        return out
+
+    # --- acceptance ------------------------------------------------------------------------------------------
+    async def enqueue(self, env: Envelope, content: bytes) -> str:
+        if self.store is not None:
+            try:
+                await self.store.put(env.id, content)       # the body first …
+            except Exception as e:
+                raise SpoolError(f"{env.id}: object store: {e}") from e
+        body = None if self.store is not None else content
+
+        async def insert(cur: psycopg.AsyncCursor[Any]) -> None:
+            # … then the row; idempotent, so a retry after an ambiguous failure makes no second message
+            await cur.execute(
+                "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body) "
+                "VALUES (%s, 'incoming', %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (env.id, env.to_bytes(), env.next_attempt, env.arrival, body))
+
+        last: SpoolError | None = None
+        for _ in range(2):
+            try:
+                await self._tx(insert)
+                return env.id
+            except SpoolError as e:
+                last = e
+                if "not on a synchronous standby" in str(e) or "not confirmed" in str(e):
+                    break    # the standby is away: retrying only waits again
+        assert last is not None
+        raise last
+
+    # --- delivery -------------------------------------------------------------------------------------------
+    async def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
+        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float]]:
+            await cur.execute(
+                "UPDATE pg_messages SET state = 'active', lease_owner = %s, lease_until = %s, "
+                "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pg_messages "
+                "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s ORDER BY next_attempt "
+                "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token, next_attempt",
+                (owner, now + duration, now, limit))
+            return [(r[0], bytes(r[1]), r[2], r[3]) for r in await cur.fetchall()]
+
+        out: list[tuple[Lease, Envelope]] = []
+        for qid, data, token, due in await self._tx(lease):
+            try:
+                env = _envelope(data, due)
+            except EnvelopeError as e:
+                await self.quarantine(qid, State.ACTIVE, str(e))
+                continue
+            out.append((Lease(qid, owner, now + duration, token), env))
+        return out
+
+    async def content(self, qid: str) -> bytes:
+        async def body(cur: psycopg.AsyncCursor[Any]) -> bytes | None:
+            await cur.execute("SELECT body FROM pg_messages WHERE id = %s", (qid,))
+            row = await cur.fetchone()
+            if row is None:
+                raise SpoolError(f"{qid}: not queued")
+            return bytes(row[0]) if row[0] is not None else None
+        data = await self._tx(body, write=False)
+        if data is not None:
+            return data
+        if self.store is None:
+            raise SpoolError(f"{qid}: body in an object store, but none is configured")
+        try:
+            return await self.store.get(qid)
+        except Exception as e:
+            raise SpoolError(f"{qid}: object store: {e}") from e
+
+    async def _fenced(self, lease: Lease, sql: str, args: tuple[Any, ...]) -> None:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> int:
+            await cur.execute(sql + " WHERE id = %s AND state = 'active' AND lease_token = %s AND lease_owner = %s",
+                              (*args, lease.id, lease.token, lease.owner))
+            return cur.rowcount
+        if await self._tx(run) != 1:
+            raise LeaseLost(f"{lease.id}: lease {lease.token} of {lease.owner} was taken back")
+
+    async def record(self, lease: Lease, env: Envelope) -> None:
+        await self._fenced(lease, "UPDATE pg_messages SET envelope = %s", (env.to_bytes(),))
+
+    async def release(self, lease: Lease, env: Envelope) -> None:
+        await self._fenced(lease, "UPDATE pg_messages SET state = 'deferred', envelope = %s, next_attempt = %s, "
+                                  "lease_owner = NULL, lease_until = NULL", (env.to_bytes(), env.next_attempt))
+
+    async def finish(self, lease: Lease) -> None:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> int:
+            await cur.execute("DELETE FROM pg_messages WHERE id = %s AND state = 'active' AND lease_token = %s "
+                              "AND lease_owner = %s", (lease.id, lease.token, lease.owner))
+            return cur.rowcount
+        if await self._tx(run) != 1:
+            raise LeaseLost(f"{lease.id}: lease {lease.token} of {lease.owner} was taken back")
+        await self._drop_body(lease.id)
+
+    async def _drop_body(self, qid: str) -> None:
+        if self.store is not None:
+            try:
+                await self.store.delete(qid)
+            except Exception as e:
+                log.warning("%s: body not removed from the object store: %s", qid, e)
+
+    async def reclaim(self, now: float) -> list[str]:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> list[str]:
+            await cur.execute("UPDATE pg_messages SET state = 'deferred', lease_owner = NULL, lease_until = NULL "
+                              "WHERE state = 'active' AND lease_until <= %s RETURNING id", (now,))
+            return [r[0] for r in await cur.fetchall()]
+        return await self._tx(run)
+
+    async def quarantine(self, qid: str, state: State, why: str) -> None:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> None:
+            await cur.execute("UPDATE pg_messages SET state = 'corrupt', why = %s, lease_owner = NULL "
+                              "WHERE id = %s", (why, qid))
+        await self._tx(run)
+        log.warning("%s: status=corrupt (%s)", qid, why)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    async def get(self, qid: str) -> tuple[State, Envelope] | None:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> tuple[str, bytes, float] | None:
+            await cur.execute("SELECT state, envelope, next_attempt FROM pg_messages WHERE id = %s", (qid,))
+            row = await cur.fetchone()
+            return (row[0], bytes(row[1]), row[2]) if row else None
+        row = await self._tx(run, write=False)
+        if row is None:
+            return None
+        try:
+            return State(row[0]), _envelope(row[1], row[2])
+        except EnvelopeError:
+            return None
+
+    async def entries(self) -> list[Entry]:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[Any, ...]]:
+            await cur.execute("SELECT state, id, envelope, lease_owner, lease_until, lease_token, next_attempt "
+                              "FROM pg_messages ORDER BY arrival, id")
+            return list(await cur.fetchall())
+        out = []
+        for state, qid, data, owner, until, token, due in await self._tx(run, write=False):
+            try:
+                env: Envelope | None = _envelope(bytes(data), due)
+            except EnvelopeError:
+                env = None
+            lease = Lease(qid, owner, until, token) if state == State.ACTIVE and owner else None
+            out.append(Entry(State(state), qid, env, lease))
+        return out
+
+    # --- changes by an operator or a late pre-queue result ----------------------------------------------------
+    async def _one(self, sql: str, args: tuple[Any, ...]) -> bool:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> int:
+            await cur.execute(sql, args)
+            return cur.rowcount
+        return await self._tx(run) == 1
+
+    async def update(self, qid: str, state: State, env: Envelope) -> bool:
+        return await self._one("UPDATE pg_messages SET envelope = %s, next_attempt = %s WHERE id = %s AND state = %s",
+                               (env.to_bytes(), env.next_attempt, qid, str(state)))
+
+    async def delete(self, qid: str, state: State | None = None) -> bool:
+        if state is None:
+            done = await self._one("DELETE FROM pg_messages WHERE id = %s", (qid,))
+        else:
+            done = await self._one("DELETE FROM pg_messages WHERE id = %s AND state = %s", (qid, str(state)))
+        if done:
+            await self._drop_body(qid)
+        return done
+
+    async def hold(self, qid: str) -> bool:
+        return await self._one("UPDATE pg_messages SET state = 'hold' WHERE id = %s AND state IN "
+                               "('incoming', 'deferred')", (qid,))
+
+    async def release_hold(self, qid: str, now: float) -> bool:
+        return await self._one("UPDATE pg_messages SET state = 'deferred', next_attempt = %s WHERE id = %s "
+                               "AND state = 'hold'", (now, qid))
+
+    async def reschedule(self, qid: str, when: float) -> bool:
+        return await self._one("UPDATE pg_messages SET next_attempt = %s WHERE id = %s AND state = ANY(%s)",
+                               (when, qid, [str(s) for s in WAITING]))
+
+    async def request(self, action: str, arg: str = "") -> None:
+        await self._one("INSERT INTO pg_requests (action, arg) VALUES (%s, %s)", (action, arg))
+
+    async def take_requests(self) -> list[tuple[str, str]]:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, str]]:
+            await cur.execute("DELETE FROM pg_requests WHERE n IN (SELECT n FROM pg_requests ORDER BY n "
+                              "FOR UPDATE SKIP LOCKED LIMIT 100) RETURNING action, arg")
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+        return await self._tx(run)

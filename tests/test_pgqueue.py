@@ -1,0 +1,215 @@
+"""The shared queue (outbound/queue/pgspool.py) against a real PostgreSQL 15 primary with a synchronous
+streaming standby and a real S3 server (SeaweedFS), both started inside the test namespace.
+
+Each test gets its own cluster where it breaks one (kills, promotion); the others share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from postgate.outbound.queue.envelope import Envelope, Recipient
+from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
+
+from fixtures.postgres import Cluster
+from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from tests.test_spool_contract import _lifecycle, _operator
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[SeaweedS3]:
+    srv = SeaweedS3(port=18333).start()
+    try:
+        yield srv
+    finally:
+        srv.stop(cleanup=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(port=25432).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def spool_for(c: Cluster, s3: SeaweedS3 | None = None, **kw: float) -> PostgresSpool:
+    return PostgresSpool(PgSettings(dsn=c.dsn(), object_store=s3.url if s3 else None,
+                                    access_key=ACCESS_KEY, secret_key=SECRET_KEY, **kw))  # type: ignore[arg-type]
+
+
+def message(n: int = 0, size: int = 2000) -> tuple[Envelope, bytes]:
+    content = (f"Subject: {n}\r\nMessage-ID: <{n}.{time.time()}@test>\r\n\r\n".encode() +
+               b"x" * size + b"\r\n")
+    return Envelope.new("a@x.test", [Recipient(f"r{n}@y.test")], content), content
+
+
+def test_leases_fencing_and_idempotent_enqueue(cluster: Cluster, s3: SeaweedS3) -> None:
+    async def run() -> None:
+        sp = spool_for(cluster, s3)
+        await sp.check()
+        env, content = message(1)
+        assert await sp.enqueue(env, content) == env.id
+        # an enqueue retried after an ambiguous failure makes no second message (client-made id)
+        assert await sp.enqueue(env, content) == env.id
+        assert [e.id for e in await sp.entries()].count(env.id) == 1
+        assert await sp.content(env.id) == content               # the body came back from S3
+
+        now = time.time()
+        (lease_a, got), = await sp.lease_due(now, "node-a", 1.0, 10)
+        assert got.id == env.id
+        assert await sp.lease_due(now, "node-b", 1.0, 10) == []      # leased: nobody else gets it
+        # node-a is paused past its lease: node-b takes the message over
+        assert await sp.reclaim(now + 2) == [env.id]
+        (lease_b, _), = await sp.lease_due(now + 2, "node-b", 60.0, 10)
+        assert lease_b.token > lease_a.token
+        got.recipients[0].status = "delivered"
+        # node-a wakes up: its result must not overwrite node-b's (fencing token)
+        with pytest.raises(LeaseLost):
+            await sp.record(lease_a, got)
+        with pytest.raises(LeaseLost):
+            await sp.finish(lease_a)
+        await sp.record(lease_b, got)
+        await sp.finish(lease_b)
+        assert await sp.get(env.id) is None
+        await sp.close()
+    asyncio.run(run())
+
+
+def test_operator_actions_and_requests(cluster: Cluster) -> None:
+    async def run() -> None:
+        sp = spool_for(cluster)               # bodies in PostgreSQL
+        await sp.check()
+        env, content = message(2)
+        await sp.enqueue(env, content)
+        assert await sp.content(env.id) == content
+        assert await sp.hold(env.id)
+        assert await sp.lease_due(time.time(), "n", 5, 10) == []     # held mail is never leased
+        assert (await sp.get(env.id))[0] is State.HOLD  # type: ignore[index]
+        assert await sp.release_hold(env.id, time.time())
+        assert await sp.reschedule(env.id, time.time() + 3600)
+        assert await sp.lease_due(time.time(), "n", 5, 10) == []
+        await sp.request("flush", "")
+        await sp.request("delete", env.id)
+        assert await sp.take_requests() == [("flush", ""), ("delete", env.id)]
+        assert await sp.take_requests() == []
+        assert await sp.delete(env.id)
+        assert not await sp.delete(env.id)
+        await sp.close()
+    asyncio.run(run())
+
+
+def test_object_store_down_refuses_new_mail_and_queued_mail_waits(cluster: Cluster) -> None:
+    srv = SeaweedS3(port=19333).start()
+    try:
+        async def run() -> None:
+            sp = spool_for(cluster, srv)
+            await sp.check()
+            env, content = message(3)
+            await sp.enqueue(env, content)
+            srv.stop()
+            new, new_content = message(4)
+            with pytest.raises(SpoolError):
+                await sp.enqueue(new, new_content)         # no 250 without the body stored
+            assert await sp.get(new.id) is None            # and no envelope without its body
+            (lease, _), = await sp.lease_due(time.time(), "n", 30, 10)
+            with pytest.raises(SpoolError):
+                await sp.content(env.id)                   # queued mail can't be read now: it waits
+            await sp.release(lease, env)
+            assert (await sp.get(env.id))[0] is State.DEFERRED  # type: ignore[index]
+            srv.start()
+            deadline = time.monotonic() + 60
+            while True:              # once the store is back (its volume server registered), the body is there
+                try:
+                    assert await sp.content(env.id) == content
+                    break
+                except SpoolError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            await sp.delete(env.id)
+            await sp.close()
+        asyncio.run(run())
+    finally:
+        srv.stop(cleanup=True)
+
+
+def test_standby_gone_no_acknowledgement_without_replication() -> None:
+    """With the synchronous standby gone, a commit waits for ever on the primary: the spool bounds the wait
+    and refuses (the client gets 451), and never reports the message as queued."""
+    c = Cluster(port=26432).start()
+    try:
+        async def run() -> None:
+            sp = spool_for(c, commit_timeout=2.0)
+            await sp.check()
+            env, content = message(5)
+            await sp.enqueue(env, content)
+            assert c.standby is not None
+            c.standby.kill()
+            new, new_content = message(6)
+            t = time.monotonic()
+            with pytest.raises(SpoolError):
+                await sp.enqueue(new, new_content)
+            assert time.monotonic() - t < 15          # bounded, not a hang (a bound, not a timing claim)
+            await sp.close()
+        asyncio.run(run())
+    finally:
+        c.stop()
+
+
+def test_failover_to_the_promoted_standby_loses_nothing_acknowledged() -> None:
+    c = Cluster(port=27432).start()
+    try:
+        async def run() -> None:
+            sp = spool_for(c)
+            await sp.check()
+            acked = []
+            for n in range(20):
+                env, content = message(100 + n)
+                await sp.enqueue(env, content)
+                acked.append(env.id)
+            c.primary.kill()                       # power loss of the primary ...
+            assert c.standby is not None
+            c.standby.promote()                    # ... and the standby takes over (Patroni's job in production)
+            deadline = time.monotonic() + 30
+            while True:                            # the pool reconnects to the new primary (multi-host DSN)
+                try:
+                    env, content = message(200)
+                    await sp.enqueue(env, content)
+                    break
+                except SpoolError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            ids = {e.id for e in await sp.entries()}
+            assert set(acked) <= ids               # every acknowledged message is on the new primary
+            assert env.id in ids
+            await sp.close()
+        asyncio.run(run())
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("case", [_lifecycle, _operator], ids=["lifecycle", "operator"])
+def test_spool_contract_on_postgresql(case: Callable[[Spool], Awaitable[None]], cluster: Cluster,
+                                      s3: SeaweedS3) -> None:
+    """The same table of behaviours the directory spool passes (tests/test_spool_contract.py)."""
+    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
+
+    async def go() -> None:
+        sp = spool_for(cluster, s3)
+        await sp.check()
+        assert await sp.try_lock()
+        try:
+            await sp.recover()
+            await case(sp)
+        finally:
+            await sp.unlock()
+    asyncio.run(go())
