@@ -537,8 +537,8 @@ def test_metrics_with_workers_under_load(testnet: TestNet, tmp_path: Path) -> No
     (1000.0, 1012.0, 1013.0, 1012.5, "delay=13.0, delays=12.0/0/0.50/0.50"),
 ])
 def test_delay_and_delays(arrival: float, start: float, end: float, connected: float | None, want: str) -> None:
-    from postgate.outbound.queue.envelope import new_queue_id
     from postgate.policy.logline import arrival_of, delays
+    from postgate.policy.vocab import new_queue_id
     qid = new_queue_id(arrival)
     assert arrival_of(qid) == pytest.approx(arrival, abs=1e-6)
     assert delays(qid, start, end, connected) == want

@@ -14,6 +14,7 @@ import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
 from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
+from postgate.policy.vocab import Outcome
 
 from fixtures.postgres import Cluster
 from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
@@ -70,7 +71,7 @@ def test_leases_fencing_and_idempotent_enqueue(cluster: Cluster, s3: SeaweedS3) 
         assert await sp.reclaim(now + 2) == [env.id]
         (lease_b, _), = await sp.lease_due(now + 2, "node-b", 60.0, 10)
         assert lease_b.token > lease_a.token
-        got.recipients[0].status = "delivered"
+        got.recipients[0].status = Outcome.DELIVERED
         # node-a wakes up: its result must not overwrite node-b's (fencing token)
         with pytest.raises(LeaseLost):
             await sp.record(lease_a, got)

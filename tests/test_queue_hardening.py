@@ -19,15 +19,18 @@ from pathlib import Path
 import pytest
 from postgate.outbound import crash
 from postgate.outbound.delivery import Deliverer, DeliveryConfig
-from postgate.outbound.queue.envelope import DELIVERED, Envelope, Recipient
+from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.protocol import SpoolError, State
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
+from postgate.policy.vocab import Outcome
 
 from fixtures.pgserve import TRUSTED, PostgateServer
 from fixtures.testnet import TestNet
+
+DELIVERED = Outcome.DELIVERED
 
 T0 = 1_800_000_000.0
 

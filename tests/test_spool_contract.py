@@ -8,9 +8,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from postgate.outbound.queue.envelope import DELIVERED, Envelope, Recipient
+from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.protocol import LeaseLost, Spool, State
 from postgate.outbound.queue.spool import DirectorySpool
+from postgate.policy.vocab import Outcome
+
+DELIVERED = Outcome.DELIVERED
 
 T0 = 1_800_000_000.0
 
