@@ -28,11 +28,12 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import dkim as dkimpy
+from postgate.inbound.filters import Route
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy
 from postgate.inbound.smtpd import Reply, Session, xtext_decode
@@ -44,11 +45,35 @@ from postgate.outbound.queue.envelope import (
     Recipient,
 )
 from postgate.outbound.queue.protocol import Spool, SpoolError, State
-from postgate.outbound.queue.scheduler import DeliversMail, Scheduler
+from postgate.outbound.queue.scheduler import DeliversMail, Scheduler, routes_of
 from postgate.policy import vocab
 from postgate.policy.vocab import Outcome, domain_of, new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
+
+
+def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
+    """Store the filters' delivery choices (inbound/filters.Route, e.g. Sieve ``vnd.postgate``) on the
+    envelope, in chain order (a later filter's choice wins): per recipient the TLS level and the transport,
+    per message the queue lifetime. The DKIM signer and the queue priority are logged, not applied yet."""
+    for rt in routes:
+        wanted = {a.lower() for a in rt.recipients}
+        for r in env.recipients:
+            if wanted and r.address.lower() not in wanted:
+                continue
+            if rt.tls_level is not None:
+                r.tls_level = rt.tls_level
+            if rt.transport is not None:
+                r.transport = rt.transport
+        if rt.lifetime is not None:
+            env.lifetime = rt.lifetime
+        if rt.dkim_domain or rt.dkim_selector or rt.priority is not None:
+            log.info("%s: route dkim=%s/%s priority=%s: not applied (signing happens before routing)", env.id,
+                     rt.dkim_domain, rt.dkim_selector, rt.priority)
+    for r in env.recipients:
+        if r.tls_level or r.transport:
+            log.info("%s: to=<%s>: route tls_level=%s transport=%s (filter)", env.id, r.address,
+                     r.tls_level or "-", r.transport or "-")
 
 
 class LocalDelivery(Protocol):
@@ -123,9 +148,7 @@ class PreQueue:
         logging.getLogger("postgate.queue").info("%s: from=<%s>, size=%d, nrcpt=%d, tls=%s (queue active)", qid,
                                                  s.sender, len(content), len(rcpts), s.tls_version or "none")
         if s.routes:
-            # TODO(routes): the envelope (outbound/queue/envelope.py) has no field for per-message routing yet;
-            # the filters' choices are logged, and delivery uses the configured policy
-            log.info("%s: filter routes not applied yet: %s", qid, s.routes)
+            apply_routes(env, s.routes)
         if s.hold is not None:
             return await self._queue(env, content, f"hold: {s.hold}", hold=True)
         queue_why = "queue-first" if self.config.mode == "queue-first" else \
@@ -154,7 +177,8 @@ class PreQueue:
         if remote:
             task = asyncio.create_task(self.deliverer.deliver(env.sender, [r.address for r in remote], content,
                                                               queue_id=env.id, requiretls=env.requiretls,
-                                                              dsn=dsn.params(env), smtputf8=env.smtputf8))
+                                                              dsn=dsn.params(env), smtputf8=env.smtputf8,
+                                                              routes=routes_of(remote)))
             done, _ = await asyncio.wait({task}, timeout=self.config.budget)
             if not done:
                 # the budget is spent: queue now, record the late results when they come

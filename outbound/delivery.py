@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +43,7 @@ from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import Session, SessionError, Timeouts, open_session
 from postgate.policy import metrics, tlsrpt
 from postgate.policy.logline import arrival_of, delays
-from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap
+from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap, parse_relay
 from postgate.policy.tls import (
     Auth,
     Decision,
@@ -126,6 +126,20 @@ class Dsn:
             kind, _, addr = self.orcpt[rcpt].partition(";")
             out.append(f"ORCPT={kind};{xtext(addr)}")
         return out
+
+
+@dataclass(frozen=True)
+class RecipientRoute:
+    """One recipient's delivery choices made by an inbound filter (Sieve ``vnd.postgate``, issue 17)."""
+
+    level: Level | None = None
+    relay: Relay | None = None
+
+    @classmethod
+    def parse(cls, tls_level: str | None, transport: str | None) -> RecipientRoute:
+        """From the stored strings; a bad one is a ValueError (checked when the filter set it)."""
+        return cls(Level(tls_level) if tls_level else None,
+                   parse_relay(transport, "route") if transport else None)
 
 
 @dataclass
@@ -267,25 +281,31 @@ class Deliverer:
                       queue_id: str | None = None, level: Level | None = None,
                       mail_options: Sequence[str] = (), requiretls: bool = False,
                       dsn: Dsn | None = None, arrival: float | None = None,
-                      smtputf8: bool = False) -> list[RecipientResult]:
-        """Deliver now. ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
+                      smtputf8: bool = False, routes: Mapping[str, RecipientRoute] | None = None,
+                      ) -> list[RecipientResult]:
+        """Deliver now. ``routes``: per-recipient choices of an inbound filter (Sieve ``vnd.postgate``): a
+        TLS level in place of the policy map's, a transport in place of the transport map's.
+        ``requiretls`` (RFC 8689): only over TLS with a verified certificate (DANE, or
         PKIX for the MX host name) to a server that offers REQUIRETLS, which is passed on. ``smtputf8``
         (RFC 6531): the message needs the SMTPUTF8 extension (also implied by a non-ASCII address).
         ``arrival``: when the message arrived (POSIX time; None: now), for the 'may' cleartext-fallback delay."""
         qid = QueueId(queue_id) if queue_id else new_queue_id()
         start, start_wall = time.monotonic(), time.time()
         arrival = arrival if arrival is not None else time.time()
-        groups: dict[str, list[str]] = {}
+        groups: dict[tuple[str, Level | None, Relay | None], list[str]] = {}
         for r in recipients:
-            groups.setdefault(domain_of(r), []).append(r)
+            rr = (routes or {}).get(r)
+            lv = rr.level if rr is not None and rr.level is not None else level
+            groups.setdefault((domain_of(r), lv, rr.relay if rr is not None else None), []).append(r)
         if requiretls:
             mail_options = [*mail_options, "REQUIRETLS"]
         # RFC 6531 §3.4: an envelope address with non-ASCII characters needs SMTPUTF8 as well
         smtputf8 = smtputf8 or not all(a.isascii() for a in (sender, *recipients))
         mail_options = [o for o in mail_options if o.upper() != "SMTPUTF8"]
-        results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, level,
-                                                              mail_options, requiretls, dsn, smtputf8, arrival)
-                                         for d, rcpts in groups.items()))
+        results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, lv,
+                                                              mail_options, requiretls, dsn, smtputf8, arrival,
+                                                              relay=rl)
+                                         for (d, lv, rl), rcpts in groups.items()))
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
         for res in out:
@@ -298,12 +318,13 @@ class Deliverer:
                 self.counters.inc(f"tls_{res.tls_result}")
         return out
 
-    async def route(self, domain: str, level: Level | None = None) -> Route:
-        """Where mail for ``domain`` goes (smart host or MX) and under which TLS policy."""
-        relay = self.relay_for(domain)
+    async def route(self, domain: str, level: Level | None = None, relay: Relay | None = None) -> Route:
+        """Where mail for ``domain`` goes (smart host or MX) and under which TLS policy. ``level`` and
+        ``relay`` override the policy and transport maps (the command line, or an inbound filter's route)."""
+        relay = relay or self.relay_for(domain)
         policy = self.policy_for(domain, relay)
         if level is not None:
-            policy = replace(policy, level=level, source="command line")
+            policy = replace(policy, level=level, source="override")
         if relay is not None:
             nh = await resolve_nexthop(self.resolver, relay.host, port=relay.port, use_mx=relay.mx)
             return Route(relay.host, relay.port, policy, nh, True)
@@ -366,10 +387,10 @@ class Deliverer:
     async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
                               level: Level | None, mail_options: Sequence[str], requiretls: bool = False,
                               dsn: Dsn | None = None, smtputf8: bool = False,
-                              arrival: float | None = None) -> list[RecipientResult]:
+                              arrival: float | None = None, relay: Relay | None = None) -> list[RecipientResult]:
         if not domain:
             return [RecipientResult(r, Outcome.BOUNCED, "5.1.3", "recipient address has no domain") for r in rcpts]
-        rt = await self.route(domain, level)
+        rt = await self.route(domain, level, relay)
         nh = rt.nexthop
         metrics.inc("dnssec_verdicts", verdict=str(nh.mx_security))
         if nh.failure is Failure.PERMANENT:

@@ -245,7 +245,30 @@ async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: ca
 
     # --- milters and policy services (issue 16): reachable? An unreachable one gets its default action
     out.extend(await check_filters(cfg))
+    out.extend(await check_queue(cfg))
     return out
+
+
+async def check_queue(cfg: configmod.Config) -> list[Result]:
+    """The shared queue (``[queue] backend = "postgresql"``): PostgreSQL reachable, a writable primary,
+    the schema version this Postgate needs, the object store writable. The directory spool is checked by
+    serve's own validation (it must exist or be creatable, and be writable)."""
+    q = cfg.queue
+    if q.backend != "postgresql":
+        return []
+    from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+    from postgate.outbound.queue.protocol import SpoolUnavailable
+    sp = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout, object_store=q.object_store or None,
+                                  access_key=q.object_store_access_key or None,
+                                  secret_key=q.object_store_secret_key or None))
+    try:
+        await sp.check(create=False)
+    except SpoolUnavailable as e:
+        return [Result("queue", FAIL, str(e), "start PostgreSQL (and the object store), or correct [queue] dsn; "
+                       "a new database gets its schema from the first postgate serve")]
+    finally:
+        await sp.close()
+    return [Result("queue", PASS, f"shared queue reachable: {sp.found}")]
 
 
 async def check_filters(cfg: configmod.Config) -> list[Result]:

@@ -18,7 +18,7 @@ from postgate.outbound.resolver import ResolverConfigError, parse_server
 
 # The self-checks of `postgate check` (postgate/check.py), named here so the configuration can refer to them.
 CHECKS = ("tls-certificate", "host-dnssec", "tlsa", "dkim", "caps", "submission-srv", "resolver", "reverse-dns",
-          "filters")
+          "filters", "queue")
 
 
 class ConfigError(Exception):

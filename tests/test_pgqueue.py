@@ -214,3 +214,27 @@ def test_spool_contract_on_postgresql(case: Callable[[Spool], Awaitable[None]], 
         finally:
             await sp.unlock()
     asyncio.run(go())
+
+
+def test_postgate_check_reports_the_shared_queue(cluster: Cluster) -> None:
+    """postgate check (issue 15): reach, a writable primary and the schema version; it never creates the
+    schema itself (serve does)."""
+    from postgate import config as configmod
+    from postgate.check import FAIL, PASS, check_queue
+
+    def cfg(dsn: str) -> configmod.Config:
+        c = configmod.Config()
+        c.queue.backend, c.queue.dsn = "postgresql", dsn
+        return c
+
+    cluster.primary.psql("DROP DATABASE IF EXISTS fresh")
+    cluster.primary.psql(f"CREATE DATABASE fresh OWNER {cluster.user}")
+    [fresh] = asyncio.run(check_queue(cfg(cluster.dsn().replace("/postgate?", "/fresh?"))))
+    assert fresh.status == FAIL and "no Postgate queue schema" in fresh.message
+    asyncio.run(spool_for(cluster).check())                         # what serve does at start
+    [ok] = asyncio.run(check_queue(cfg(cluster.dsn())))
+    assert ok.status == PASS and "schema version 1" in ok.message, ok
+    [down] = asyncio.run(check_queue(cfg(cluster.dsn().replace(f":{cluster.primary.port}", ":1")
+                                         .replace(f",{cluster.primary.host}:{cluster.standby.port}"  # type: ignore[union-attr]
+                                                  if cluster.standby else "", ""))))
+    assert down.status == FAIL and "cannot reach PostgreSQL" in down.message

@@ -33,6 +33,9 @@ class Recipient:
     remote: str = ""                      # the MX that gave the reply
     time: float = 0.0
     suspected_attack: bool = False        # the last attempt was deferred as a suspected attack
+    # an inbound filter's route (Sieve vnd.postgate, inbound/filters.Route): None = the configured maps
+    tls_level: str | None = None          # a policy/tls.Level value, in place of the policy map's
+    transport: str | None = None          # smtp:[host]:port, in place of the transport map's
 
     def __post_init__(self) -> None:
         self.status = Outcome(self.status)  # as stored: the enum's value
@@ -74,6 +77,7 @@ class Envelope:
     next_attempt: float = 0.0
     delay_warned: bool = False
     is_bounce: bool = False
+    lifetime: float | None = None         # seconds in the queue before a bounce; None: [queue] max_lifetime
 
     @classmethod
     def new(cls, sender: str, recipients: list[Recipient], content: bytes, now: float | None = None,

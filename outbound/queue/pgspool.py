@@ -179,6 +179,7 @@ class PostgresSpool:
         self.store = ObjectStore(settings.object_store, settings.access_key, settings.secret_key) \
             if settings.object_store else None
         self.pool: AsyncConnectionPool | None = None
+        self.found = ""                   # what check() found, for postgate check
         self._lock = asyncio.Lock()
 
     # --- connections ---------------------------------------------------------------------------------------
@@ -250,7 +251,10 @@ class PostgresSpool:
                 await pool.putconn(conn)
 
     # --- ownership and start-up -----------------------------------------------------------------------------
-    async def check(self) -> None:
+    async def check(self, create: bool = True) -> None:
+        """Reach, schema version, a writable primary and the object store. ``create``: make the schema if
+        the database has none (``serve``); ``postgate check`` only reports. What was found: ``self.found``."""
+        found = ""
         try:
             conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(self.settings.dsn, **self._conninfo()),
                                           self.settings.connect_timeout + 1)
@@ -261,11 +265,15 @@ class PostgresSpool:
                 await cur.execute("SELECT to_regclass('pg_queue_schema')")
                 row = await cur.fetchone()
                 if row is None or row[0] is None:
+                    if not create:
+                        raise SpoolUnavailable("[queue] dsn: the database has no Postgate queue schema yet "
+                                               "(postgate serve creates it)")
                     for stmt in SCHEMA:
                         await cur.execute(stmt)
                     await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
                     await conn.commit()
                     log.info("queue: created schema version %d", SCHEMA_VERSION)
+                    found = f"schema version {SCHEMA_VERSION} created"
                 else:
                     await cur.execute("SELECT max(version) FROM pg_queue_schema")
                     row = await cur.fetchone()
@@ -273,6 +281,7 @@ class PostgresSpool:
                     if version != SCHEMA_VERSION:
                         raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
                                                f"{SCHEMA_VERSION}")
+                    found = f"schema version {version}"
                 await cur.execute("SELECT pg_is_in_recovery()")
                 row = await cur.fetchone()
                 if row and row[0]:
@@ -289,6 +298,7 @@ class PostgresSpool:
                 await self.store.delete(probe)
             except Exception as e:
                 raise SpoolUnavailable(f"[queue] object_store: cannot write: {e}") from e
+        self.found = found + (", object store writable" if self.store is not None else ", bodies in PostgreSQL")
 
     async def try_lock(self) -> bool:
         return True     # a shared queue: every node runs it; leases keep them apart

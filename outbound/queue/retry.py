@@ -59,7 +59,7 @@ def next_attempt(env: Envelope, outcome: Attempt, now: float, policy: RetryPolic
     rule per outcome stays a change to this function alone."""
     del outcome
     age = now - env.arrival
-    if age >= policy.max_lifetime:
+    if age >= (env.lifetime if env.lifetime is not None else policy.max_lifetime):  # a filter's queue_lifetime
         return Expire(age)
     wait = backoff(max(1, len(env.attempts)), policy)
     return Retry(now + wait)

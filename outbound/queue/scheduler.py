@@ -27,12 +27,12 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from postgate.outbound.crash import crashpoint
-from postgate.outbound.delivery import Counters, Dsn, RecipientResult
+from postgate.outbound.delivery import Counters, Dsn, RecipientResult, RecipientRoute
 from postgate.outbound.queue import dsn, retry
 from postgate.outbound.queue.envelope import (
     Envelope,
@@ -51,7 +51,13 @@ class DeliversMail(Protocol):
 
     async def deliver(self, sender: str, recipients: Sequence[str], data: bytes, *, queue_id: str | None = None,
                       requiretls: bool = False, dsn: Dsn | None = None,
-                      arrival: float | None = None, smtputf8: bool = False) -> list[RecipientResult]: ...
+                      arrival: float | None = None, smtputf8: bool = False,
+                      routes: Mapping[str, RecipientRoute] | None = None) -> list[RecipientResult]: ...
+
+
+def routes_of(rcpts: Sequence[Recipient]) -> dict[str, RecipientRoute]:
+    """The per-recipient routes an inbound filter stored on the envelope (Sieve vnd.postgate)."""
+    return {r.address: RecipientRoute.parse(r.tls_level, r.transport) for r in rcpts if r.tls_level or r.transport}
 
 
 @dataclass
@@ -212,7 +218,7 @@ class Scheduler:
                 results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
                                                        queue_id=env.id, requiretls=env.requiretls,
                                                        dsn=dsn.params(env), arrival=env.arrival,
-                                                       smtputf8=env.smtputf8)
+                                                       smtputf8=env.smtputf8, routes=routes_of(ready))
             crashpoint("queue-after-remote-reply")
         now = self.clock()
         by_addr = {r.recipient: r for r in results}
@@ -252,7 +258,8 @@ class Scheduler:
             for r in expired:
                 r.status = Outcome.BOUNCED
                 r.dsn = "4.4.7" if r.dsn.startswith("4") or not r.dsn else r.dsn
-                r.reason = f"message expired after {self.config.max_lifetime / 86400:g} days in queue: " + (
+                life = env.lifetime if env.lifetime is not None else self.config.max_lifetime
+                r.reason = f"message expired after {life / 86400:g} days in queue: " + (
                     r.reason or "no attempt succeeded")
                 log.warning("%s: to=<%s>, dsn=%s, status=expired, returned to sender (%s)", env.id, r.address,
                             r.dsn, r.reason)
@@ -299,7 +306,7 @@ class Scheduler:
     async def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
         """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due. Raises if it
         cannot be queued (the caller decides what that means for the recipients)."""
-        retry_until = env.arrival + self.config.max_lifetime
+        retry_until = env.arrival + (env.lifetime if env.lifetime is not None else self.config.max_lifetime)
         now = self.clock()
 
         def build() -> bytes | None:  # CPU work (MIME, DKIM signature): off the event loop
