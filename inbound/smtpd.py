@@ -336,11 +336,16 @@ class SMTPServer:
             self.server.close()
             await self.server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        global _open_connections
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # the session runs in a task of our own, not in the one asyncio.start_server would make of a coroutine:
+        # that one's done-callback (Python 3.11 streams.py) calls task.exception(), which raises on a task
+        # cancelled at shutdown and prints a traceback for what is an ordinary end of a session
+        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        global _open_connections
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = peer[0]
         _open_connections += 1
@@ -383,7 +388,6 @@ class SMTPServer:
                 self.per_client[ip] -= 1
                 if not self.per_client[ip]:
                     del self.per_client[ip]
-            self.tasks.discard(task)
             writer.close()
 
 
@@ -415,6 +419,7 @@ class _Conversation:
         self.limits = srv.limits
         self.chain = FilterChain(s.listener.filters)
         self.refused: Reply | None = None   # a filter refused the connection: only QUIT is accepted
+        self.refused_by = ""                # which filter refused the last RCPT (for the one NOQUEUE line)
         self._tls_info()
 
     def _tls_info(self) -> None:
@@ -554,6 +559,9 @@ class _Conversation:
         self.s.edits += out.edits
         if v.action in (Action.REJECT, Action.TEMPFAIL):
             assert v.reply is not None
+            if stage is Stage.RCPT:   # cmd_RCPT logs Postfix's one "NOQUEUE: reject: RCPT from …" line
+                self.refused_by = f" filter={v.filter}" + (f" ({v.reason})" if v.reason else "")
+                return Reply.of(v.reply)
             log.info("%s: %s: %s from %s: %s; filter=%s%s", self.s.queue_id or "NOQUEUE",
                      "reject" if v.action is Action.REJECT else "tempfail", stage.value.upper(), self.who, v.reply,
                      v.filter, f" ({v.reason})" if v.reason else "")
@@ -766,13 +774,15 @@ class _Conversation:
             return await self.error(Reply(553, "5.6.7 non-ASCII address needs SMTPUTF8"))
         if len(self.s.recipients) >= self.limits.max_recipients:
             return await self.send(Reply(452, "4.5.3 too many recipients"))
+        self.refused_by = ""
         refusal = await self._ask(Stage.RCPT, recipient=addr, rcpt_params=dict(params))
         if refusal is None:
             refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
         if refusal is not None:
-            log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+            # one line per refused recipient, Postfix's (pflogsumm and fail2ban count them), then the filter
+            log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>%s",
                      self.s.client_name, self.s.peer[0], refusal.code, refusal.text, self.s.sender, addr,
-                     "ESMTP" if self.s.esmtp else "SMTP", self.s.helo)
+                     "ESMTP" if self.s.esmtp else "SMTP", self.s.helo, self.refused_by)
             metrics.inc("smtpd_rejects", stage="rcpt", reason=str(refusal.code))
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))

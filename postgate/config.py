@@ -25,6 +25,14 @@ class ConfigError(Exception):
     """A configuration problem, already phrased as ``file:line: reason``."""
 
 
+class SieveScriptError(ConfigError):
+    """A ``[sieve]`` script that does not compile (a reload keeps the previous version running)."""
+
+    def __init__(self, message: str, script: str) -> None:
+        super().__init__(message)
+        self.script = script
+
+
 @dataclass
 class ResolverSettings:
     mode: str = "validate"
@@ -321,7 +329,7 @@ def _validate_sieve(cfg: Config, source: str, text: str) -> None:
             try:
                 compile_file(path)
             except SieveError as e:
-                raise err(key, str(e)) from e
+                raise SieveScriptError(str(err(key, str(e))), path) from e
     for _, path in lists:
         try:
             ListTable(path)

@@ -412,6 +412,10 @@ class Daemon:
             cfg = configmod.load(old.path) if old.path is not None else old
             dc = assemble.delivery_config(cfg)
             credentials = assemble.build_credentials(cfg)
+        except configmod.SieveScriptError as e:
+            log.error("reload refused: the Sieve script %s does not compile, its previous version keeps running "
+                      "(and the old configuration stays): %s", e.script, e)
+            return
         except configmod.ConfigError as e:
             log.error("reload refused, keeping the old configuration: %s", e)
             return
@@ -451,7 +455,8 @@ class Daemon:
         return [sieve_filter.SieveFilter(self.sieve)] if self.sieve is not None else []
 
     def _reload_sieve(self) -> None:
-        """SIGHUP: recompile the scripts (one that fails keeps its old version, logged by the holder); the
+        """SIGHUP: recompile the scripts (the configuration check in :meth:`_reload` compiled them already and
+        refused the reload if one fails; the holder still keeps an old version if a script changed since); the
         workers got the signal from :meth:`reload` and recompile their own copies."""
         if self.sieve is not None:
             self.sieve.reload()

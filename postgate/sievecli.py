@@ -118,27 +118,35 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("sieve-check", help="compile Sieve scripts and report errors as file:line:col",
                        description="Compile each Sieve script (docs/sieve.md). Exit 0: all compile; "
                        "65: a script has an error (printed as file:line:col: reason); 66: cannot read one.")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="a Sieve script to compile (one or more)")
     p.set_defaults(func=cmd_sieve_check)
     p = sub.add_parser("sieve-test", help="show what a Sieve script would do at one SMTP stage",
                        description="Evaluate FILE for one SMTP stage as the smtpd would and print its "
                        "actions and the resulting verdict (at --stage data the message is read from standard "
                        "input). Nothing is sent.")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--stage", choices=["connect", "ehlo", "helo", "mail", "rcpt", "data"], default="data")
+    p.add_argument("file", metavar="FILE", help="the Sieve script to evaluate")
+    p.add_argument("--stage", choices=["connect", "ehlo", "helo", "mail", "rcpt", "data"], default="data",
+                   help="the SMTP stage the script is run at (default: data)")
     p.add_argument("--from", dest="sender", default="", metavar="ADDRESS", help="envelope sender ('' = <>)")
     p.add_argument("--to", action="append", metavar="ADDRESS",
                    help="recipient (repeatable; at --stage rcpt the last one is being judged)")
-    p.add_argument("--listener", default="mx")
-    p.add_argument("--client-ip", default="192.0.2.1")
-    p.add_argument("--client-name", default="")
-    p.add_argument("--helo", default="client.example")
+    p.add_argument("--listener", default="mx", metavar="NAME",
+                   help="the [[listener]] the mail came in on (environment \"vnd.postgate.listener\"; default: mx)")
+    p.add_argument("--client-ip", default="192.0.2.1", metavar="ADDRESS",
+                   help="the client's IP address (default: 192.0.2.1)")
+    p.add_argument("--client-name", default="", metavar="NAME",
+                   help="the client's forward-confirmed host name (default: unknown, as after a failed lookup)")
+    p.add_argument("--helo", default="client.example", metavar="NAME",
+                   help="the name the client gave in EHLO/HELO (default: client.example)")
     p.add_argument("--hostname", default="mx.example.org", help="our host name (environment \"host\")")
     p.add_argument("--tls", metavar="VERSION", help="the session used TLS (e.g. TLSv1.3)")
     p.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
     p.add_argument("--env", action="append", metavar="NAME=VALUE", help="set an environment item")
     p.add_argument("--spam-score", type=float, help="spamtest score (default: from the X-Spam-Score field)")
-    p.add_argument("--spam-max", type=float, default=15.0)
+    p.add_argument("--spam-max", type=float, default=15.0, metavar="SCORE",
+                   help="the score that counts as spamtest 10 ([sieve] spam_max; default: 15.0)")
     p.add_argument("--list", action="append", metavar="NAME=PATH", help="an RFC 6134 list (Postfix table)")
-    p.add_argument("--default-action", choices=["tempfail", "reject", "accept"], default="tempfail")
+    p.add_argument("--default-action", choices=["tempfail", "reject", "accept"], default="tempfail",
+                   help="the verdict on a run-time error or exceeded limit ([sieve] default_action; "
+                   "default: tempfail)")
     p.set_defaults(func=cmd_sieve_test)
