@@ -128,6 +128,28 @@ def _canonicalize_body_once(self: Any, body: bytes) -> bytes:
 
 dkim.CanonicalizationPolicy.canonicalize_body = _canonicalize_body_once
 
+# dkimpy's rfc822_parse splits the WHOLE message into lines with a regular expression and joins the body
+# back together: 13 ms per MB, most of the DKIM cost of large messages. Only the header section needs
+# parsing: when every line ends in CRLF (RFC 5321 §2.3.8, what the smtpd accepts), the body is the octets
+# after the first empty line, exactly what dkimpy would rebuild (property-tested equal).
+_rfc822_parse = dkim.rfc822_parse
+
+
+def _rfc822_parse_bulk(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        return _rfc822_parse(message)  # type: ignore[no-any-return]  # LF-only input: dkimpy's own way
+    if message.startswith(b"\r\n"):
+        return [], message[2:]
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return _rfc822_parse(message)  # type: ignore[no-any-return]
+    headers, _ = _rfc822_parse(message[:end + 2])
+    return headers, message[end + 4:]
+
+
+dkim.rfc822_parse = _rfc822_parse_bulk
+
 # RFC 6376 §5.4.1
 RECOMMENDED = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from", "resent-to",
                "resent-cc", "in-reply-to", "references", "list-id", "list-help", "list-unsubscribe",
@@ -227,8 +249,14 @@ def load_keys(keydir: Path) -> dict[str, list[Key]]:
     return out
 
 
+def _head(message: bytes) -> bytes:
+    """The header section, without copying the body."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end]
+
+
 def _from_domain(message: bytes) -> str | None:
-    head = message.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    head = _head(message).decode("utf-8", "replace")
     m = re.search(r"(?im)^from:(.*(?:\r\n[ \t].*)*)", head)
     if not m:
         return None
@@ -238,7 +266,7 @@ def _from_domain(message: bytes) -> str | None:
 
 def header_list(message: bytes) -> list[bytes]:
     """The h= list: recommended headers as often as they occur, over-signed ones once more."""
-    head = message.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    head = _head(message).decode("utf-8", "replace")
     names = [ln.split(":", 1)[0].strip().lower() for ln in head.split("\r\n")
              if ln and ln[0] not in " \t" and ":" in ln]
     out = []

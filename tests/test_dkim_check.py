@@ -251,3 +251,18 @@ def test_key_objects_are_cached_and_sign_like_dkimpy(testnet: TestNet, tmp_path:
         signed = signer.sign(MESSAGES["plain"])
         d = dkimpy.DKIM(signed)
         assert d.verify(idx=0, dnsfunc=_dnsfunc(testnet)) and d.verify(idx=1, dnsfunc=_dnsfunc(testnet))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"From: a", b"Subject: b", b" folded", b"\tx", b"", b"\r\n", b"\n", b"body",
+                                 b"From x", b"a:b", b" ", b"."]), max_size=30))
+def test_header_parse_without_splitting_the_body_equals_dkimpy(parts: list[bytes]) -> None:
+    """outbound/dkim.py reads only the header section; the result is dkimpy's rfc822_parse's."""
+    message = b"\r\n".join(parts)
+    try:
+        want = dkim._rfc822_parse(message)
+    except (dkimpy.MessageFormatError, IndexError) as e:  # dkimpy's errors stay dkimpy's
+        with pytest.raises(type(e)):
+            dkimpy.rfc822_parse(message)
+        return
+    assert dkimpy.rfc822_parse(message) == want
