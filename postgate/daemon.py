@@ -277,7 +277,8 @@ def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signe
         d.build(signer.sign if signer is not None else None)
         return await d.run()
     try:
-        return asyncio.run(main())
+        from postgate import eventloop
+        return eventloop.run(main(), cfg.server.event_loop)  # issue 20: uvloop or asyncio
     except StartupError as e:
         print(f"postgate: refusing to start: {e}", file=sys.stderr)
         return 78
