@@ -89,3 +89,46 @@ def test_one_megabyte_binaryish_body_is_relayed_byte_for_byte(testnet: TestNet, 
         return b"".join(s for rr in r.answer for rd in rr for s in rd.strings)
     d = dkimpy.DKIM(got)
     assert d.verify(idx=0, dnsfunc=txt) and d.verify(idx=1, dnsfunc=txt)
+
+
+def test_one_megabyte_through_postfix_with_a_refused_recipient(testnet: TestNet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Against Postfix as the next hop: a refused recipient gets its own reply, the accepted one the message,
+    whose 1 MB body (dots, tabs) arrives unchanged (Postfix's hold queue keeps it for postcat); a second
+    message reuses the connection."""
+    import subprocess
+    import time
+
+    from fixtures.postfix import Postfix
+
+    assert testnet.pki is not None
+    chain, key = testnet.pki.paths("mx.bench.test")
+    token = secrets.token_hex(8)
+    body = b"".join(b"." * (i % 3) + b"line %d of the body, \t with a tab\r\n" % i for i in range(25_000))
+    message = (f"From: a@own.test\r\nTo: held@bench.test\r\nSubject: {token}\r\n"
+               f"Message-ID: <{token}@own.test>\r\n\r\n").encode() + body
+    sink = Postfix("127.0.1.60", myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
+                   smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key), smtpd_tls_security_level="may",
+                   message_size_limit=50_000_000, local_transport="discard:",
+                   smtpd_recipient_restrictions="check_recipient_access inline:{{held@bench.test=HOLD}, "
+                   "{reject-me@bench.test=REJECT no such user}}, permit_mynetworks, reject")
+    with sink, PostgateServer(testnet, tmp_path / "pg", address="127.0.2.2"):
+        with tls(client(address="127.0.2.2")) as s:
+            s.mail("a@own.test")
+            s.rcpt("held@bench.test")
+            s.rcpt("reject-me@bench.test")
+            code, text = s.data(message)
+            assert code == 250, text  # pre-queue: delivered to one, the other refused and reported by DSN
+            second = s.sendmail("a@own.test", ["other@bench.test"], b"Subject: second\r\n\r\nsecond\r\n")
+            assert second == {}
+        deadline = time.time() + 30
+        while time.time() < deadline and "status=sent" not in sink.log():
+            time.sleep(0.2)
+        log = sink.log()
+        assert "reject-me@bench.test>: Recipient address rejected: no such user" in log
+        # the fixture's readiness probe, then Postgate: both messages over one connection
+        assert log.count("]: connect from") == 2, log
+        held = subprocess.run(["postqueue", "-c", str(sink.dir), "-j"], capture_output=True, text=True).stdout
+        [qid] = [ln.split('"queue_id": "')[1].split('"')[0] for ln in held.splitlines() if '"hold"' in ln]
+        got = subprocess.run(["postcat", "-c", str(sink.dir), "-b", "-q", qid], capture_output=True).stdout
+    sink.cleanup()
+    assert got.split(b"*** MESSAGE CONTENTS", 1)[-1].split(b"\n", 1)[1].replace(b"\n", b"\r\n") == body
