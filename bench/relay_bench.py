@@ -231,7 +231,10 @@ def rss_kib(pid: int) -> int:
 IDLE_CLIENT = r'''
 import asyncio, sys, resource
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]) + 1000, int(sys.argv[2]) + 1000))
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 opened = 0
 async def one(target, src):
     global opened
@@ -252,11 +255,15 @@ async def main(target, n):
     tasks = []
     for i in range(n):
         # one session per client address, 127.100.0.1 and up: past the port range of one address
-        src = f"127.{100 + i // 62500}.{(i // 250) % 250}.{1 + i % 250}"
+        j = i + (int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+        src = f"127.{100 + j // 62500}.{(j // 250) % 250}.{1 + j % 250}"
         tasks.append(asyncio.create_task(one(target, src)))
         if i % 500 == 0:
             await asyncio.sleep(0.05)
-    await asyncio.sleep(3)
+    prev = -1
+    while opened != prev:  # until no more sessions open
+        prev = opened
+        await asyncio.sleep(3)
     print("open", opened, flush=True)
     await asyncio.gather(*tasks)
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))

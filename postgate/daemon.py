@@ -217,10 +217,22 @@ async def _forward(proc: asyncio.subprocess.Process, i: int) -> None:
     log.info("worker %d exited with %s", i, await proc.wait())
 
 
-def _raise_fd_limit() -> None:
-    """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one."""
+def _raise_fd_limit(want: int = 0) -> None:
+    """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one,
+    and, where allowed (root, CAP_SYS_RESOURCE), both to what [limits] max_sessions needs (issue 20: 100,000
+    idle sessions), at most the kernel's fs.nr_open."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            ceiling = want
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, ceiling), min(want, ceiling)))
+            return
+        except (ValueError, OSError):
+            pass  # not allowed (no privilege): the soft limit goes up to the hard one
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -260,7 +272,7 @@ async def _tls_reporting_loop(d: Daemon) -> None:
 
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
           caps: Any = None, worker: bool = False) -> int:
-    _raise_fd_limit()
+    _raise_fd_limit(2 * cfg.limits.max_sessions + 1024)  # a session: client socket + next hop's
 
     async def main() -> int:
         from postgate.check import FAIL, apply_downgrades, run_checks
