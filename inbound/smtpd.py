@@ -260,7 +260,10 @@ class _Conversation:
             return False
         await self.send(Reply(220, "2.0.0 Ready to start TLS"))
         try:
-            await asyncio.wait_for(self.w.start_tls(self.s.listener.tls), 60)
+            # no task in between (wait_for would make one): the loop must not read the ClientHello into the
+            # plaintext stream before start_tls pauses reading, or the handshake hangs (seen with uvloop)
+            async with asyncio.timeout(60):
+                await self.w.start_tls(self.s.listener.tls)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError):
             return False
         obj = self.w.get_extra_info("ssl_object")
