@@ -156,3 +156,26 @@ def test_starttls_handshakes_never_hang_on_uvloop(testnet: TestNet, tmp_path) ->
         with concurrent.futures.ThreadPoolExecutor(20) as ex:
             ok = list(ex.map(one, range(200)))
     assert all(ok), f"{ok.count(False)} of 200 STARTTLS sessions failed"
+
+
+def test_event_loop_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """[server] event_loop: auto (uvloop when installed), uvloop, asyncio; anything else is a file:line error."""
+    import asyncio
+
+    import pytest
+
+    from postgate import config, eventloop
+
+    cfg = tmp_path / "postgate.toml"
+    cfg.write_text('[server]\nhostname = "mail.own.test"\nevent_loop = "libuv"\n')
+    with pytest.raises(config.ConfigError, match=r"postgate.toml:3: \[server\] event_loop: 'libuv' must be"):
+        config.load(cfg)
+    cfg.write_text('[server]\nhostname = "mail.own.test"\n')
+    assert config.load(cfg).server.event_loop == "auto"
+    assert eventloop.resolve("auto") == "uvloop"  # a dependency, so installed
+
+    async def loop_type() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert eventloop.run(loop_type(), "uvloop").startswith("uvloop")
+    assert eventloop.run(loop_type(), "asyncio").startswith("asyncio")
