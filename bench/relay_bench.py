@@ -1,21 +1,31 @@
 """Relay benchmark: Postgate (pre-queue and queue-first) against Postfix, same network, same run.
 
-Run: ``scripts/bench relay`` (as root on Debian 12; about 10 minutes). It rewrites the relay section of
-``bench/README.md``.
+Run: ``scripts/bench relay`` (as root on Debian 12; about 15 minutes; ``BENCH_QUICK=1``: one run, fewer
+messages; ``BENCH_RUNS=n``: n runs per cell; ``BENCH_IDLE=n``: idle sessions, default 10,000). It rewrites
+the relay section of ``bench/README.md``.
 
 Set-up, all inside the private test network:
 
 - MX receiver: a Postfix ``smtpd`` with TLS and a ``discard`` transport on 127.0.1.60, named by a
-  DNSSEC-signed MX with a TLSA record (``bench.test``), so every relayed message is DANE-verified.
+  DNSSEC-signed MX with a TLSA record (``bench.test``), so every relayed message is DANE-verified; ten more
+  destinations ``d0.bench.test`` … ``d9.bench.test`` with their own MX names and TLSA records lead to it too.
 - Load generator: Postfix's ``smtp-source`` (C), N messages over C concurrent connections, each
-  connection reused (``-d``).
-- MTAs under test, each relaying ``bench.test`` with DANE: Postgate pre-queue (one process, and with
-  ``[server] workers = 2``, one per core), Postgate queue-first, and Postfix
+  connection reused (``-d``); for the many-destinations cell, ten ``smtp-source`` at once, one per domain.
+- MTAs under test, each relaying with DANE: Postgate pre-queue on asyncio's loop and on uvloop, with DKIM
+  off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first, and Postfix
   (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
   ``smtp_tls_connection_reuse = yes``, 100 processes).
-- Latency probe: while the load runs, a Python client sends 40 messages one by one to a Python receiver
+- Cells: 2 KB, 100 KB and 1 MB at C=10 and C=100, and 2 KB at C=100 to ten destinations; every cell runs
+  BENCH_RUNS times (default 3), the MTAs taking turns, so a noisy neighbour hits all of them alike. Per
+  cell: relayed/s (median and min–max over the runs), the ratio to Postfix of the same run, and the CPU
+  time per message of each MTA: the utime+stime (children included) of its whole process tree from
+  /proc/<pid>/stat, before and after the run.
+- Latency probe: while the load runs, a Python client sends messages one by one to a Python receiver
   (``dane-ok.test``), measuring the time to the DATA reply and until the receiver stored the message.
-- Concurrency: 10,000 idle SMTP sessions (a NOOP every 5 s) are held open on Postgate while the relay
+- Floor: the receiver and load generator alone (smtp-source straight into the receiver), and the C-speed
+  cost of the cryptography every relayed message needs (RSA-2048 and Ed25519 signatures, SHA-256 of the
+  body, AES-GCM of the body on both TLS legs), timed through OpenSSL.
+- Concurrency: BENCH_IDLE idle SMTP sessions (a NOOP every 5 s) are held open on Postgate while the relay
   load runs; Postgate's resident memory and the throughput drop are reported.
 - Profile: py-spy samples Postgate during a pre-queue run; the top functions by own time are listed.
 """
@@ -28,11 +38,14 @@ import re
 import resource
 import shutil
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,36 +57,66 @@ from fixtures.testnet import TestNet
 
 SINK = "127.0.1.60"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS = int(os.environ.get("BENCH_RUNS", "1" if QUICK else "3"))
+IDLE = int(os.environ.get("BENCH_IDLE", "10000"))
+DESTINATIONS = [f"d{i}.bench.test" for i in range(10)]
 # the test fixture's short timeouts would turn a busy receiver into deferrals; use the defaults of a server
 PRODUCTION_TIMEOUTS = {"connect_timeout": 30.0, "command_timeout": 300.0, "tls_timeout": 60.0, "data_timeout": 600.0}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def sink(net: TestNet) -> Postfix:
     assert net.pki is not None
     chain, key = net.pki.paths("mx.bench.test")
-    return Postfix(SINK, myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
-                   local_transport="discard:", smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key),
-                   smtpd_tls_security_level="may", default_process_limit=500, smtpd_client_connection_count_limit=0,
-                   smtpd_client_connection_rate_limit=0, in_flow_delay="0s")
+    return Postfix(SINK, myhostname="mx.bench.test", mydestination=" ".join(["bench.test", *DESTINATIONS]),
+                   local_recipient_maps="", local_transport="discard:", smtpd_tls_cert_file=str(chain),
+                   smtpd_tls_key_file=str(key), smtpd_tls_security_level="may", default_process_limit=500,
+                   smtpd_client_connection_count_limit=0, smtpd_client_connection_rate_limit=0, in_flow_delay="0s",
+                   message_size_limit=50_000_000)
 
 
 def postfix_mta(address: str) -> Postfix:
-    return Postfix(address, relay_domains="bench.test dane-ok.test", smtp_tls_security_level="dane",
+    return Postfix(address, relay_domains=" ".join(["bench.test", "dane-ok.test", *DESTINATIONS]),
+                   smtp_tls_security_level="dane",
                    smtp_dns_support_level="dnssec", smtp_connection_cache_on_demand="yes",
                    smtp_tls_connection_reuse="yes", default_process_limit=100,
                    smtp_destination_concurrency_limit=50, smtpd_client_connection_count_limit=0,
-                   smtpd_client_connection_rate_limit=0, in_flow_delay="0s", smtp_tls_session_cache_database="")
+                   smtpd_client_connection_rate_limit=0, in_flow_delay="0s", smtp_tls_session_cache_database="",
+                   message_size_limit=50_000_000)
+
+
+def postgate(net: TestNet, state: Path, name: str, address: str, **extra: dict[str, object]) -> PostgateServer:
+    sections: dict[str, dict[str, object]] = {
+        "relay": {"trusted_networks": ["127.0.0.0/8"]}, "delivery": dict(PRODUCTION_TIMEOUTS),
+        "limits": {"max_sessions_per_client": 20000, "max_sessions": max(20000, IDLE + 1000)},
+        "prequeue": {"budget": 30.0, "grace": 120.0, "max_inflight": 500},
+        "check": {"downgrade": ["*"]}}
+    for k, v in extra.items():
+        sections.setdefault(k, {}).update(v)
+    return PostgateServer(net, state / name, address=address, **sections)
 
 
 def discarded(pf: Postfix) -> int:
     return len(re.findall(r"postfix/discard\[\d+\]: .* status=sent", pf.log()))
 
 
-def smtp_source(target: str, n: int, c: int, size: int) -> float:
+def smtp_source(target: str, n: int, c: int, size: int, rcpt: str = "rcpt@bench.test") -> float:
     t0 = time.perf_counter()
     subprocess.run(["smtp-source", "-d", "-l", str(size), "-m", str(n), "-s", str(c), "-f", "load@load.test",
-                    "-t", "rcpt@bench.test", "-M", "load.test", f"{target}:25"], check=True, capture_output=True,
+                    "-t", rcpt, "-M", "load.test", f"{target}:25"], check=True, capture_output=True,
                    timeout=900)
+    return time.perf_counter() - t0
+
+
+def smtp_source_many(target: str, n: int, c: int, size: int) -> float:
+    """``n`` messages over ``c`` connections, spread evenly over the ten destinations."""
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=smtp_source, args=(target, n // len(DESTINATIONS), max(1, c // len(DESTINATIONS)),
+                                                      size, f"rcpt@{d}")) for d in DESTINATIONS]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
     return time.perf_counter() - t0
 
 
@@ -84,6 +127,35 @@ def wait_for(pf: Postfix, total: int, timeout: float = 600) -> float:
     return time.perf_counter() - t0
 
 
+def tree_cpu(root: int) -> float:
+    """CPU seconds used so far by ``root`` and every process under it, the exited (reaped) ones included:
+    utime + stime + cutime + cstime from /proc/<pid>/stat (proc(5))."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on
+        parent[int(d.name)] = int(f[1])
+        ticks[int(d.name)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    total = 0
+    for pid, t in ticks.items():
+        p = pid
+        while p > 1 and p != root:
+            p = parent.get(p, 0)
+        if p == root:
+            total += t
+    return total / CLK_TCK
+
+
+def postfix_master(pf: Postfix) -> int:
+    return int((pf.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+
+
 class Probe:
     """Messages sent one by one during the load, to the Python receiver of dane-ok.test."""
 
@@ -91,11 +163,11 @@ class Probe:
         self.net, self.target = net, target
         self.reply: list[float] = []
         self.stored: list[float] = []
+        self.stop = threading.Event()
 
-    def run(self, count: int, stop_after: float) -> None:
-        deadline = time.time() + stop_after
+    def run(self, count: int) -> None:
         for _ in range(count):
-            if time.time() > deadline:
+            if self.stop.is_set():
                 break
             token = f"probe-{os.getpid()}-{time.time_ns()}"
             body = f"Subject: {token}\r\nDate: x\r\nFrom: p@load.test\r\n\r\n{token}\r\n".encode()
@@ -125,17 +197,28 @@ def pct(values: list[float], p: float) -> str:
     return f"{v[min(len(v) - 1, int(p / 100 * len(v)))] * 1000:.0f} ms"
 
 
-def run_case(net: TestNet, receiver: Postfix, target: str, n: int, c: int, size: int) -> dict[str, object]:
-    import threading
+@dataclass
+class Result:
+    relay: float
+    accept: float
+    cpu_ms: float  # CPU time of the MTA per message
+    reply: list[float] = field(default_factory=list)
+    stored: list[float] = field(default_factory=list)
+
+
+def run_case(net: TestNet, receiver: Postfix, target: str, root: int, n: int, c: int, size: int,
+             many: bool = False) -> Result:
     before = discarded(receiver)
     probe = Probe(net, target)
-    th = threading.Thread(target=probe.run, args=(40, 60), daemon=True)
+    th = threading.Thread(target=probe.run, args=(40,), daemon=True)
+    cpu0 = tree_cpu(root)
     th.start()
-    t_send = smtp_source(target, n, c, size)
+    t_send = smtp_source_many(target, n, c, size) if many else smtp_source(target, n, c, size)
     t_all = t_send + wait_for(receiver, before + n)
+    probe.stop.set()
+    cpu1 = tree_cpu(root)
     th.join(120)
-    return {"accept": n / t_send, "relay": n / t_all, "p50_reply": pct(probe.reply, 50),
-            "p99_reply": pct(probe.reply, 99), "p50_stored": pct(probe.stored, 50), "p99_stored": pct(probe.stored, 99)}
+    return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, probe.reply, probe.stored)
 
 
 def rss_kib(pid: int) -> int:
@@ -148,14 +231,20 @@ def rss_kib(pid: int) -> int:
 IDLE_CLIENT = r'''
 import asyncio, sys, resource
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]) + 1000, int(sys.argv[2]) + 1000))
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+opened = 0
 async def one(target, src):
+    global opened
     try:
         r, w = await asyncio.open_connection(target, 25, local_addr=(src, 0))
         await r.readline()
         w.write(b"EHLO idle.test\r\n")
         while (await r.readline())[3:4] == b"-":
             pass
+        opened += 1
         while True:
             await asyncio.sleep(5)
             w.write(b"NOOP\r\n")
@@ -165,10 +254,17 @@ async def one(target, src):
 async def main(target, n):
     tasks = []
     for i in range(n):
-        tasks.append(asyncio.create_task(one(target, f"127.0.{100 + i // 250}.{1 + i % 250}")))
+        # one session per client address, 127.100.0.1 and up: past the port range of one address
+        j = i + (int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+        src = f"127.{100 + j // 62500}.{(j // 250) % 250}.{1 + j % 250}"
+        tasks.append(asyncio.create_task(one(target, src)))
         if i % 500 == 0:
             await asyncio.sleep(0.05)
-    print("open", flush=True)
+    prev = -1
+    while opened != prev:  # until no more sessions open
+        prev = opened
+        await asyncio.sleep(3)
+    print("open", opened, flush=True)
     await asyncio.gather(*tasks)
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 '''
@@ -192,113 +288,189 @@ def profile(pid: int, seconds: int, out: Path) -> list[tuple[str, float]]:
     return [(f, 100 * n / total) for f, n in own.most_common(15)] if total else []
 
 
+def crypto_floor(sizes: list[int]) -> dict[int, float]:
+    """Milliseconds of OpenSSL work (C speed) each relayed message needs at least: an RSA-2048 and an
+    Ed25519 signature (DKIM), SHA-256 of the body (DKIM body hash), AES-128-GCM of the message on the
+    inbound and the outbound TLS leg."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    def per_call(f: object, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()  # type: ignore[operator]
+        return (time.perf_counter() - t0) / n
+
+    rk, ek = rsa.generate_private_key(65537, 2048), ed25519.Ed25519PrivateKey.generate()
+    sign = per_call(lambda: rk.sign(b"x" * 32, padding.PKCS1v15(), hashes.SHA256()), 100) + \
+        per_call(lambda: ek.sign(b"x" * 32), 200)
+    gcm = AESGCM(AESGCM.generate_key(128))
+    out = {}
+    for size in sizes:
+        body = os.urandom(size)
+
+        def digest(body: bytes = body) -> None:
+            h = hashes.Hash(hashes.SHA256())
+            h.update(body)
+            h.finalize()
+
+        def seal(body: bytes = body) -> None:
+            gcm.encrypt(b"0" * 12, body, None)
+        n = max(5, 2_000_000 // size)
+        out[size] = 1000 * (sign + per_call(digest, n) + 2 * per_call(seal, n))
+    return out
+
+
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
 def main() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     state = Path(tempfile.mkdtemp(prefix="postgate-bench-"))
     net = TestNet(state / "net").start()
-    sizes = [(2_000, 2000 if not QUICK else 300), (100_000, 300 if not QUICK else 60)]
-    conc = [10, 100]
-    results: list[tuple[str, int, int, dict[str, object]]] = []
-    notes: list[str] = []
+    q = 3 if QUICK else 1
+    # (label, size, messages, concurrency, many destinations)
+    cells = [("2 KB", 2_000, 1200 // q, 10, False), ("2 KB", 2_000, 1200 // q, 100, False),
+             ("100 KB", 100_000, 300 // q, 10, False), ("100 KB", 100_000, 300 // q, 100, False),
+             ("1 MB", 1_000_000, 60 // q, 10, False), ("1 MB", 1_000_000, 100 // q, 100, False),
+             ("2 KB, 10 destinations", 2_000, 1200 // q, 100, True)]
+    mtas: list[tuple[str, str, dict[str, dict[str, object]]]] = [
+            ("Postgate pre-queue, asyncio", "127.0.2.10", {"server": {"event_loop": "asyncio"}}),
+            ("Postgate pre-queue, uvloop", "127.0.2.14", {"server": {"event_loop": "uvloop"}}),
+            ("Postgate pre-queue, uvloop, DKIM off", "127.0.2.15",
+             {"server": {"event_loop": "uvloop"}, "dkim": {"key_directory": str(state / "no-keys"),
+                                                           "required": False}}),
+            ("Postgate pre-queue, uvloop, 2 workers", "127.0.2.13", {"server": {"event_loop": "uvloop", "workers": 2}}),
+            ("Postgate queue-first", "127.0.2.11", {"prequeue": {"mode": "queue-first"},
+                                                    "queue": {"destination_concurrency": 100}})]
+    POSTFIX = "Postfix (dane)"
+    results: dict[tuple[str, int], list[Result]] = {}
+    floor: list[str] = []
+    load: list[float] = []
     try:
         with sink(net) as receiver:
+            sink_root = postfix_master(receiver)
             # the receiver and the load generator alone: smtp-source straight into the Postfix receiver
-            for size, n in sizes:
+            for label, size, n, c, many in cells:
+                if c != 100 or many:
+                    continue
                 before = discarded(receiver)
+                cpu0 = tree_cpu(sink_root)
                 t = smtp_source(SINK, n * 2, 100, size)
-                wait_for(receiver, before + n * 2)
-                notes.append(f"receiver + load generator alone, {size // 1000} KB, C=100: "
-                             f"{n * 2 / t:,.0f} msg/s accepted")
-            pq = PostgateServer(net, state / "pg-prequeue", address="127.0.2.10",
-                                relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
-                                limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
-                                prequeue={"budget": 30.0, "grace": 120.0, "max_inflight": 500},
-                                check={"downgrade": ["*"]}).start()
-            qf = PostgateServer(net, state / "pg-queuefirst", address="127.0.2.11",
-                                relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
-                                limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
-                                prequeue={"mode": "queue-first"}, queue={"destination_concurrency": 100},
-                                check={"downgrade": ["*"]}).start()
-            pq2 = PostgateServer(net, state / "pg-prequeue-2w", address="127.0.2.13",
-                                 relay={"trusted_networks": ["127.0.0.0/8"]}, delivery=PRODUCTION_TIMEOUTS,
-                                 server={"workers": 2},
-                                 limits={"max_sessions_per_client": 20000, "max_sessions": 20000},
-                                 prequeue={"budget": 30.0, "grace": 120.0, "max_inflight": 500},
-                                 check={"downgrade": ["*"]}).start()
+                t_all = t + wait_for(receiver, before + n * 2)
+                floor.append(f"| {label} | 100 | {n * 2 / t:,.0f} | {n * 2 / t_all:,.0f} | "
+                             f"{1000 * (tree_cpu(sink_root) - cpu0) / (n * 2):.2f} ms |")
+            servers = [(name, target, postgate(net, state, f"pg{i}", target, **extra).start())
+                       for i, (name, target, extra) in enumerate(mtas)]
             pf = postfix_mta("127.0.2.12").start()
+            roots = {name: srv.proc.pid for name, _, srv in servers if srv.proc is not None}
+            roots[POSTFIX] = postfix_master(pf)
+            targets = [(name, target) for name, target, _ in servers] + [(POSTFIX, "127.0.2.12")]
+            pq = servers[1][2]  # uvloop, one process: the idle-sessions test and the profile
+            assert pq.proc is not None
             try:
-                for size, n in sizes:
-                    for c in conc:
-                        for name, target in (("Postgate pre-queue", "127.0.2.10"),
-                                             ("Postgate pre-queue, 2 workers", "127.0.2.13"),
-                                             ("Postgate queue-first", "127.0.2.11"), ("Postfix (dane)", "127.0.2.12")):
-                            r = run_case(net, receiver, target, n, c, size)
-                            results.append((name, size, c, r))
-                            print(name, size, c, r, flush=True)
-                # concurrency: 10,000 idle sessions on the pre-queue Postgate while the 2 KB load runs
-                assert pq.proc is not None
+                for run in range(RUNS):
+                    for ci, (label, size, n, c, many) in enumerate(cells):
+                        load.append(os.getloadavg()[0])
+                        for name, target in targets:
+                            r = run_case(net, receiver, target, roots[name], n, c, size, many)
+                            results.setdefault((name, ci), []).append(r)
+                            print(f"run {run + 1} {label} C={c} {name}: {r.relay:,.0f} relayed/s, "
+                                  f"{r.cpu_ms:.2f} ms CPU/msg", flush=True)
+                # concurrency: idle sessions on the pre-queue Postgate while the 2 KB load runs
                 rss0 = rss_kib(pq.proc.pid)
-                idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, "127.0.2.10", "10000"],
+                idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, pq.address, str(IDLE)],
                                         stdout=subprocess.PIPE, text=True)
                 assert idle.stdout is not None
-                idle.stdout.readline()
+                opened = idle.stdout.readline().split()[-1]
                 time.sleep(8)
                 rss1 = rss_kib(pq.proc.pid)
                 sessions = sum(1 for _ in Path(f"/proc/{pq.proc.pid}/fd").iterdir())
-                n2 = sizes[0][1]
-                loaded = run_case(net, receiver, "127.0.2.10", n2, 100, 2_000)
+                n2 = cells[1][2]
+                loaded = run_case(net, receiver, pq.address, pq.proc.pid, n2, 100, 2_000)
                 rss2 = rss_kib(pq.proc.pid)
                 idle.kill()
                 idle.wait()
+                time.sleep(2)
+                base2 = run_case(net, receiver, pq.address, pq.proc.pid, n2, 100, 2_000)
                 # profile the pre-queue hot path
-                import threading
-                th = threading.Thread(target=smtp_source, args=("127.0.2.10", n2, 100, 2_000), daemon=True)
+                th = threading.Thread(target=smtp_source, args=(pq.address, n2, 100, 2_000), daemon=True)
                 th.start()
                 prof = profile(pq.proc.pid, 8, state / "profile.txt")
                 th.join(600)
             finally:
-                pq.stop()
-                pq2.stop()
-                qf.stop()
+                for _, _, srv in servers:
+                    srv.stop()
                 pf.stop()
                 pf.cleanup()
             receiver.cleanup()
     finally:
         net.stop()
         shutil.rmtree(state, ignore_errors=True)
-    base_rate = next(r["relay"] for name, s, c, r in results if name == "Postgate pre-queue" and s == 2000 and c == 100)
+    cfloor = crypto_floor([2_000, 100_000, 1_000_000])
     postfix_version = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
                                      text=True).stdout.strip()
+    rows = []
+    for ci, (label, _size, _n, c, _many) in enumerate(cells):
+        pf_runs = results[(POSTFIX, ci)]
+        for name, _ in targets:
+            rs = results[(name, ci)]
+            ratios = [r.relay / p.relay for r, p in zip(rs, pf_runs, strict=True)]
+            ratio = "1" if name == POSTFIX else spread(ratios, "{:.2f}")
+            reply = [x for r in rs for x in r.reply]
+            stored = [x for r in rs for x in r.stored]
+            rows.append(f"| {name} | {label} | {c} | {spread([r.relay for r in rs])} | **{ratio}** | "
+                        f"{spread([r.cpu_ms for r in rs], '{:.2f}')} ms | {spread([r.accept for r in rs])} | "
+                        f"{pct(reply, 50)} / {pct(reply, 99)} | {pct(stored, 50)} / {pct(stored, 99)} |")
     lines = [
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}, Postfix {postfix_version}.",
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}, Postfix {postfix_version}; "
+        f"load average (1 min) at the start of each cell: {min(load):.1f}–{max(load):.1f} (the machine is shared).",
         "Command: `scripts/bench relay`" + (" (BENCH_QUICK=1: fewer messages)" if QUICK else ""),
         "",
         "Every message is relayed to the MX receiver over DANE-verified TLS (TLSA 3 1 1, DNSSEC via Unbound). "
-        "*accepted/s*: messages the MTA answered 250 to, per second of load; *relayed/s*: messages the "
-        "receiver got, per second until the last one arrived. Latencies are from a probe client sending "
-        "one message at a time during the load (to a Python receiver).",
+        f"Each cell ran {RUNS} time(s), the MTAs taking turns; numbers are the median (min–max). *relayed/s*: "
+        "messages the receiver got, per second until the last one arrived; *× Postfix*: relayed/s over "
+        "Postfix's in the same run; *CPU/msg*: CPU time of the MTA's whole process tree per message "
+        "(/proc/<pid>/stat, children included); *accepted/s*: messages the MTA answered 250 to, per second of "
+        "load. Latencies are from a probe client sending one message at a time during the load (to a Python "
+        "receiver), all runs together.",
         "",
-        "| MTA | size | C | accepted/s | relayed/s | DATA reply p50 / p99 | stored p50 / p99 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {name} | {s // 1000} KB | {c} | {r['accept']:,.0f} | {r['relay']:,.0f} | {r['p50_reply']} / "
-          f"{r['p99_reply']} | {r['p50_stored']} / {r['p99_stored']} |" for name, s, c, r in results],
+        "| MTA | size | C | relayed/s | × Postfix | CPU/msg | accepted/s | DATA reply p50 / p99 | stored p50 / p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
         "",
         "Postfix was tuned as an operator would for this: `smtp_connection_cache_on_demand = yes`, "
         "`smtp_tls_connection_reuse = yes` (tlsproxy), `default_process_limit = 100`, "
         "`smtp_destination_concurrency_limit = 50`, no client rate or connection limits, `in_flow_delay = 0s`.",
         "",
-        "Bottleneck check: " + "; ".join(notes) + ".",
+        "### Floor",
         "",
-        "### 10,000 concurrent sessions",
+        "The receiver and the load generator alone (smtp-source straight into the Postfix receiver, no TLS), "
+        "with the receiver's CPU per message:",
         "",
-        f"Postgate pre-queue, resident memory: {rss0 / 1024:.0f} MiB idle, {rss1 / 1024:.0f} MiB with 10,000 "
-        f"idle sessions open ({sessions} descriptors), {rss2 / 1024:.0f} MiB after the 2 KB / C=100 relay load on "
-        f"top. Relay rate under that load: {loaded['relay']:,.0f} msg/s against {base_rate:,.0f} msg/s without "
-        f"the idle sessions ({100 * (1 - float(loaded['relay']) / float(base_rate)):.0f}% drop); DATA reply p50 "  # type: ignore[arg-type]
-        f"{loaded['p50_reply']}, p99 {loaded['p99_reply']}.",
+        "| size | C | accepted/s | received/s | receiver CPU/msg |",
+        "|---|---:|---:|---:|---:|",
+        *floor,
         "",
-        "### Where the time goes (py-spy, Postgate pre-queue, 2 KB, C=100; own time of the top functions)",
+        "C-speed floor of the cryptography a relayed message needs (OpenSSL through `cryptography`: RSA-2048 "
+        "and Ed25519 signatures, SHA-256 of the body, AES-128-GCM of the message on both TLS legs): "
+        + ", ".join(f"{s // 1000 if s < 1_000_000 else s // 1_000_000} {'KB' if s < 1_000_000 else 'MB'}: "
+                    f"{ms:.2f} ms" for s, ms in cfloor.items()) + " per message.",
+        "",
+        f"### {IDLE:,} concurrent sessions",
+        "",
+        f"Postgate pre-queue (uvloop, one process), resident memory: {rss0 / 1024:.0f} MiB idle, "
+        f"{rss1 / 1024:.0f} MiB with {opened} idle sessions open ({sessions} descriptors), {rss2 / 1024:.0f} MiB "
+        f"after the 2 KB / C=100 relay load on top. Relay rate under that load: {loaded.relay:,.0f} msg/s "
+        f"against {base2.relay:,.0f} msg/s right after they closed; DATA reply p50 {pct(loaded.reply, 50)}, "
+        f"p99 {pct(loaded.reply, 99)}.",
+        "",
+        "### Where the time goes (py-spy, Postgate pre-queue on uvloop, 2 KB, C=100; own time of the top functions)",
         "",
         "| function | own samples |",
         "|---|---:|",

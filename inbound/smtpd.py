@@ -617,6 +617,8 @@ class _Conversation:
             return False
         await self.send(Reply(220, "2.0.0 Ready to start TLS"))
         try:
+            # no task in between (wait_for would make one): the loop must not read the ClientHello into the
+            # plaintext stream before start_tls pauses reading, or the handshake hangs (seen with uvloop)
             async with asyncio.timeout(self.limits.tls_handshake_timeout):
                 await self.w.start_tls(self.s.listener.tls)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError):

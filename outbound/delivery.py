@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiosmtplib
+from postgate.outbound import smtp_data
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.downgrade import DowngradeMemory, Protection
 from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
@@ -663,7 +664,7 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
             return results
         crashpoint("delivery-before-data")
         try:
-            resp = await smtp.data(data, timeout=t.data)
+            resp = await smtp_data.send_data(smtp, data, t.data)  # bulk, one write (issue 20)
         except aiosmtplib.SMTPDataError as e:
             reply = Reply.parse(e.code, e.message)
             status = Outcome.BOUNCED if e.code >= 500 else Outcome.DEFERRED

@@ -155,6 +155,7 @@ class ServerSettings:
     publish_dane: bool = False
     tls_next_key_file: str = ""
     workers: int = 1
+    event_loop: str = "auto"  # issue 20: "auto" (uvloop when installed), "uvloop", "asyncio"
     user: str = ""                 # run as this user after binding the ports (privilege drop)
 
 
@@ -649,6 +650,13 @@ def _validate_server(cfg: Config, source: str, text: str) -> None:
         raise err("tls_min_version", f"{s.tls_min_version!r} must be 1.2 or 1.3")
     if not 1 <= s.workers <= 64:
         raise err("workers", "must be between 1 and 64")
+    if s.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise err("event_loop", f"{s.event_loop!r} must be auto, uvloop or asyncio")
+    if s.event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise err("event_loop", "uvloop is not installed (pip install uvloop, or event_loop = \"auto\")") from None
     if s.max_message_size < 1024:
         raise err("max_message_size", "must be at least 1024 octets")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):

@@ -468,10 +468,22 @@ def listeners(cfg: configmod.Config, tls: bool) -> list[configmod.ListenerSettin
                                                        tls="starttls" if tls else "none")]
 
 
-def _raise_fd_limit() -> None:
-    """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one."""
+def _raise_fd_limit(want: int = 0) -> None:
+    """Many slow sessions (pre-queue delivery) need many descriptors: raise the soft limit to the hard one,
+    and, where allowed (root, CAP_SYS_RESOURCE), both to what [limits] max_sessions needs (issue 20: 100,000
+    idle sessions), at most the kernel's fs.nr_open."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            ceiling = want
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, ceiling), min(want, ceiling)))
+            return
+        except (ValueError, OSError):
+            pass  # not allowed (no privilege): the soft limit goes up to the hard one
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -516,7 +528,7 @@ def setup_logging(cfg: configmod.Config) -> None:
 def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signer: Any = None,
           caps: Any = None, worker: str | None = None) -> int:
     """Run the daemon; ``worker`` is the inherited socket list (``name=fd,…``) of an extra listener process."""
-    _raise_fd_limit()
+    _raise_fd_limit(2 * cfg.limits.max_sessions + 1024)  # a session: client socket + next hop's
     setup_logging(cfg)
     inherited = {k: int(v) for k, v in (x.split("=", 1) for x in worker.split(",") if x)} if worker else {}
 
@@ -545,7 +557,8 @@ def serve(cfg: configmod.Config, resolver: Resolver, deliverer: Deliverer, signe
         d.build()
         return await d.run()
     try:
-        return asyncio.run(main())
+        from postgate import eventloop
+        return eventloop.run(main(), cfg.server.event_loop)  # issue 20: uvloop or asyncio
     except StartupError as e:
         log.critical("refusing to start: %s", e)
         systemd.notify("STATUS=refusing to start", f"ERRNO={e.code}")

@@ -228,3 +228,42 @@ def test_check_warns_when_the_next_key_has_no_tlsa(testnet: TestNet, tmp_path: P
     _, cur = testnet.pki.paths("mail.own.test")
     code, results = _check(testnet, tmp_path / "b", extra=f'tls_next_key_file = "{cur}"')
     assert _by(results, "tlsa")[0]["status"] == "PASS"
+
+
+def test_key_objects_are_cached_and_sign_like_dkimpy(testnet: TestNet, tmp_path: Path) -> None:
+    """Issue 20: keys parsed once per process; the cached Ed25519 key signs the same octets as PyNaCl's
+    (RFC 8032 §5.1.6, deterministic), and the signed message still verifies (also signed twice: cache hit)."""
+    import nacl.encoding
+    import nacl.signing
+
+    signer = _signer(testnet, tmp_path)
+    ed = next(k for k in signer.keys["own.test"] if k.algorithm == "ed25519")
+    rsa_key = next(k for k in signer.keys["own.test"] if k.algorithm == "rsa")
+    data = b"the header hash of some message"
+    cached = dkimpy.nacl.signing.SigningKey(ed.private, encoder=nacl.encoding.Base64Encoder)
+    assert cached is dkimpy.nacl.signing.SigningKey(ed.private, encoder=nacl.encoding.Base64Encoder)
+    assert cached.sign(data).signature == nacl.signing.SigningKey(
+        ed.private, encoder=nacl.encoding.Base64Encoder).sign(data).signature
+    assert dkimpy.parse_pem_private_key(rsa_key.private) is dkimpy.parse_pem_private_key(rsa_key.private)
+    with pytest.raises(dkimpy.KeyFormatError):
+        dkimpy.DKIM(MESSAGES["plain"]).sign(b"s", b"own.test", b"not base64!",
+                                            signature_algorithm=b"ed25519-sha256")
+    for _ in range(2):
+        signed = signer.sign(MESSAGES["plain"])
+        d = dkimpy.DKIM(signed)
+        assert d.verify(idx=0, dnsfunc=_dnsfunc(testnet)) and d.verify(idx=1, dnsfunc=_dnsfunc(testnet))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"From: a", b"Subject: b", b" folded", b"\tx", b"", b"\r\n", b"\n", b"body",
+                                 b"From x", b"a:b", b" ", b"."]), max_size=30))
+def test_header_parse_without_splitting_the_body_equals_dkimpy(parts: list[bytes]) -> None:
+    """outbound/dkim.py reads only the header section; the result is dkimpy's rfc822_parse's."""
+    message = b"\r\n".join(parts)
+    try:
+        want = dkim._rfc822_parse(message)
+    except (dkimpy.MessageFormatError, IndexError) as e:  # dkimpy's errors stay dkimpy's
+        with pytest.raises(type(e)):
+            dkimpy.rfc822_parse(message)
+        return
+    assert dkimpy.rfc822_parse(message) == want
