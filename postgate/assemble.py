@@ -9,8 +9,10 @@ file itself (``postgate/config.py``); each problem is one ``file:line: reason`` 
 from __future__ import annotations
 
 import grp
+import logging
 import pwd
 import socket
+import sqlite3
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +97,12 @@ def wire_tls_reporting(cfg: configmod.Config, resolver: Resolver, dc: DeliveryCo
         from postgate.outbound.tlsrpt_reporter import ReporterHook
         dc.tls_report = ReporterHook(t.reporter_socket, resolver)
     elif t.enabled and persistent:
-        dc.tls_report = collector(TlsRptStore(t.store))
+        try:
+            dc.tls_report = collector(TlsRptStore(t.store))
+        except (sqlite3.Error, OSError) as e:
+            # a full or read-only disk is no reason not to deliver: TLS-RPT waits for the next start
+            logging.getLogger("postgate").warning("TLS-RPT store %s unusable (%s): reports are not collected",
+                                                  t.store, e)
 
 
 def build_signer(cfg: configmod.Config) -> dkim.Signer | None:

@@ -264,6 +264,8 @@ async def check_queue(cfg: configmod.Config) -> list[Result]:
     try:
         await sp.check(create=False)
     except SpoolUnavailable as e:
+        if "no Postgate queue schema" in str(e):   # a new database: serve creates the schema at its start
+            return [Result("queue", WARN, str(e), "nothing to do: the first postgate serve creates it")]
         return [Result("queue", FAIL, str(e), "start PostgreSQL (and the object store), or correct [queue] dsn; "
                        "a new database gets its schema from the first postgate serve")]
     finally:
