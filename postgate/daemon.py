@@ -310,8 +310,12 @@ class Daemon:
             except (OSError, SpoolError) as e:
                 raise StartupError(f"[queue]: cannot recover the spool: {e}") from e
             piddir = Path(self.cfg.queue.directory)   # with a shared queue: only the pid file and state live here
-            piddir.mkdir(parents=True, exist_ok=True)
-            (piddir / PIDFILE).write_text(f"{os.getpid()}\n")
+            try:
+                piddir.mkdir(parents=True, exist_ok=True)
+                (piddir / PIDFILE).write_text(f"{os.getpid()}\n")
+            except OSError as e:   # a full disk is no reason not to run (the queue can still deliver)
+                log.warning("pid file %s not written (%s): postgate reload will not find this process; "
+                            "kill -HUP %d does the same", piddir / PIDFILE, e.strerror or e, os.getpid())
             log.info("ready")
             systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
