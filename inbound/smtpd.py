@@ -340,6 +340,11 @@ class SMTPServer:
         # the session runs in a task of our own, not in the one asyncio.start_server would make of a coroutine:
         # that one's done-callback (Python 3.11 streams.py) calls task.exception(), which raises on a task
         # cancelled at shutdown and prints a traceback for what is an ordinary end of a session
+        if self.listener.implicit_tls:
+            # RFC 8314 §3.3: the client speaks TLS at once; until the session's start_tls (after the connection
+            # is counted for its client) nothing may be read into the plaintext stream, or the ClientHello is
+            # lost to the handshake. This runs inside connection_made, before any data_received.
+            _hold_for_tls(writer)
         task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -389,6 +394,16 @@ class SMTPServer:
                 if not self.per_client[ip]:
                     del self.per_client[ip]
             writer.close()
+
+
+def _hold_for_tls(writer: asyncio.StreamWriter) -> None:
+    """Stop reading until ``start_tls``: bytes of the ClientHello read into the plaintext stream before it
+    are lost to the TLS layer and the handshake hangs. asyncio's ``start_tls`` resumes reading itself. uvloop's
+    does not resume a transport paused by its protocol, so there the session must call ``start_tls`` without
+    any task switch in between instead (STARTTLS does; on an implicit-TLS port a switch is unavoidable, which is
+    why ``[server] event_loop = "auto"`` chooses asyncio's loop)."""
+    if not type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        writer.transport.pause_reading()  # type: ignore[attr-defined]
 
 
 def _rate_limit_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -615,10 +630,13 @@ class _Conversation:
             # TLS session; refuse them and end the session
             await self.send(Reply(554, "5.5.1 commands pipelined after STARTTLS refused"))
             return False
+        # the client's ClientHello follows our 220 at once: stop reading before we send it, so not one byte
+        # of it lands in the plaintext stream (it would be lost to the TLS layer and the handshake would
+        # hang); start_tls resumes reading under TLS
+        _hold_for_tls(self.w)
         await self.send(Reply(220, "2.0.0 Ready to start TLS"))
         try:
-            # no task in between (wait_for would make one): the loop must not read the ClientHello into the
-            # plaintext stream before start_tls pauses reading, or the handshake hangs (seen with uvloop)
+            # no task in between (wait_for would make one)
             async with asyncio.timeout(self.limits.tls_handshake_timeout):
                 await self.w.start_tls(self.s.listener.tls)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError):

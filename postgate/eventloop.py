@@ -24,9 +24,12 @@ def uvloop_available() -> bool:
 
 
 def resolve(choice: str) -> str:
-    """The loop ``choice`` ("auto", "uvloop", "asyncio") stands for on this host."""
+    """The loop ``choice`` ("auto", "uvloop", "asyncio") stands for on this host. ``auto`` is asyncio's own
+    loop: with uvloop a TLS handshake on an implicit-TLS port (465) can hang when the ClientHello arrives before
+    the session's start_tls (uvloop's start_tls does not resume a paused transport; inbound/smtpd.py
+    _hold_for_tls). uvloop stays available for measurements and for set-ups without port 465."""
     if choice == "auto":
-        return "uvloop" if uvloop_available() else "asyncio"
+        return "asyncio"
     return choice
 
 

@@ -354,3 +354,59 @@ def test_accept_errors_are_logged_at_most_once_per_interval() -> None:
     finally:
         loop.close()
     assert len([ln for ln in collector.lines if ln.startswith("accept failed")]) == 1
+
+
+def test_tls_handshake_survives_an_early_client_hello() -> None:
+    """The ClientHello arrives before the session calls start_tls (a task switch on port 465, the drain of
+    the 220 on STARTTLS): it must not be read into the plaintext stream and lost (the handshake would hang
+    until its timeout). 30 implicit-TLS clients at once, each handshake must complete."""
+    import asyncio
+    import ssl as ssl_mod
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from postgate.inbound.smtpd import Listener, SMTPServer
+
+    d = Path(tempfile.mkdtemp())
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem"), "-days", "2", "-subj", "/CN=mx.test"],
+                   capture_output=True, check=True)
+    sctx = ssl_mod.SSLContext(ssl_mod.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(d / "c.pem", d / "k.pem")
+    cctx = ssl_mod.create_default_context()
+    cctx.check_hostname, cctx.verify_mode = False, ssl_mod.CERT_NONE
+
+    class Nothing:
+        async def check_rcpt(self, *a: object) -> None:
+            return None
+
+        async def message(self, *a: object) -> None:
+            raise AssertionError
+
+    class Loaded(SMTPServer):
+        async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(0.05)      # a busy server: the session task runs after the ClientHello came
+            await super()._connection(reader, writer)
+
+    async def run() -> int:
+        srv = Loaded(Listener("submissions", "127.0.0.1", 0, tls=sctx, implicit_tls=True), Nothing(),  # type: ignore[arg-type]
+                     hostname="mx.test")
+        await srv.start()
+        assert srv.server is not None
+        port = srv.server.sockets[0].getsockname()[1]
+
+        async def client() -> bool:
+            try:
+                async with asyncio.timeout(8):
+                    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
+                    line = await r.readline()
+                    w.close()
+                    return line.startswith(b"220 ")
+            except (TimeoutError, OSError):
+                return False
+        ok = sum(await asyncio.gather(*(client() for _ in range(30))))
+        await srv.stop_accepting()
+        return ok
+
+    assert asyncio.run(run()) == 30
