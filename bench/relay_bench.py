@@ -1,7 +1,8 @@
 """Relay benchmark: Postgate (pre-queue and queue-first) against Postfix, same network, same run.
 
 Run: ``scripts/bench relay`` (as root on Debian 12; about 15 minutes; ``BENCH_QUICK=1``: one run, fewer
-messages; ``BENCH_RUNS=n``: n runs per cell; ``BENCH_IDLE=n``: idle sessions, default 10,000). It rewrites
+messages; ``BENCH_RUNS=n``: n runs per cell; ``BENCH_IDLE=n``: idle sessions, default 10,000;
+``BENCH_MTAS=queue-first,asyncio``: only the Postgate configurations whose label contains one of these). It rewrites
 the relay section of ``bench/README.md``.
 
 Set-up, all inside the private test network:
@@ -348,6 +349,9 @@ def main() -> int:
             ("Postgate pre-queue, uvloop, 2 workers", "127.0.2.13", {"server": {"event_loop": "uvloop", "workers": 2}}),
             ("Postgate queue-first", "127.0.2.11", {"prequeue": {"mode": "queue-first"},
                                                     "queue": {"destination_concurrency": 100}})]
+    only = [s.strip() for s in os.environ.get("BENCH_MTAS", "").split(",") if s.strip()]
+    if only:  # a subset of the Postgate configurations (Postfix always runs): BENCH_MTAS="queue-first,asyncio"
+        mtas = [m for m in mtas if any(o in m[0] for o in only)]
     POSTFIX = "Postfix (dane)"
     results: dict[tuple[str, int], list[Result]] = {}
     floor: list[str] = []
@@ -476,7 +480,11 @@ def main() -> int:
         "|---|---:|",
         *[f"| `{f[:110]}` | {p:.1f}% |" for f, p in prof],
     ]
-    write_section("relay-bench", "Relay throughput and latency against Postfix", lines)
+    if only:   # a partial run gets its own section and leaves the full table alone
+        write_section("relay-bench-" + "-".join(o.replace(" ", "") for o in only),
+                      f"Relay against Postfix, only {', '.join(only)}", lines)
+    else:
+        write_section("relay-bench", "Relay throughput and latency against Postfix", lines)
     return 0
 
 
