@@ -26,7 +26,7 @@ from postgate.outbound import dane
 from postgate.outbound.dns_transport import parse_message, tlsa_problem
 from postgate.outbound.resolver import Resolver
 from postgate.policy import caps, mtasts, tlsrpt
-from postgate.policy.vocab import Security, Tlsa
+from postgate.policy.vocab import DANE_TA, FULL, Security, Tlsa
 
 from tests.dnsfake import FakeUpstream, Signer
 
@@ -138,7 +138,7 @@ def test_dane_verify_never_raises_and_verifies_only_a_match(recs: list[Tlsa], ch
         # what matched is a certificate of the chain (RFC 7671 §5: EE the leaf, TA any in the chain), or a
         # trust anchor given whole in the record, which the server need not send (RFC 7671 §5.2.2)
         assert any(dane.tlsa_for(c, res.matched.usage, res.matched.selector, res.matched.mtype) == res.matched
-                   for c in chain) or (res.matched.usage == dane.DANE_TA and res.matched.mtype == dane.FULL)
+                   for c in chain) or (res.matched.usage == DANE_TA and res.matched.mtype == FULL)
 
 
 # --- record parsers ------------------------------------------------------------------------------------------
