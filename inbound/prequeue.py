@@ -197,7 +197,8 @@ class PreQueue:
             except Exception as e:
                 log.exception("%s: delivery failed", env.id)
                 for r in remote:
-                    r.status, r.dsn, r.reason = Outcome.DEFERRED, "4.3.0", f"internal delivery error: {e}"
+                    r.status, r.dsn = Outcome.DEFERRED, "4.3.0"
+                    r.explain(f"internal delivery error: {e}")
         await self._notify_success(env, content, success)
         statuses = {r.status for r in env.recipients}
         if statuses == {Outcome.DELIVERED}:

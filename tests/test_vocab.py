@@ -79,3 +79,30 @@ def test_suspected_attack_is_data_from_result_to_envelope_to_dsn() -> None:
     assert "X-Postgate-Suspected-Attack: yes" in block
     other = report.split("Final-Recipient: rfc822; carol@example.net", 1)[1].split("\r\n\r\n", 1)[0]
     assert "Suspected-Attack" not in other
+
+
+def test_diagnostic_code_type_is_recorded_not_guessed_from_the_text() -> None:
+    """RFC 3464 §2.3.6: "smtp" only for the server's own reply; a reason Postgate wrote is X-Postgate even
+    when it starts with digits, and an expiry that quotes a server's reply is Postgate's text (issue 12)."""
+    from postgate.outbound.delivery import RecipientResult
+    from postgate.outbound.queue import dsn
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    env = Envelope.new("alice@client.test", [Recipient("a@example.net"), Recipient("b@example.net"),
+                                             Recipient("c@example.net")], b"Subject: x\r\n\r\nhi\r\n")
+    a, b, c = env.recipients
+    a.record(RecipientResult("a@example.net", Outcome.DEFERRED, "4.4.1", "421 connections refused by 3 hosts"))
+    b.record(RecipientResult("b@example.net", Outcome.BOUNCED, "5.1.1", "", reply=Reply(550, "5.1.1", "no")))
+    c.record(RecipientResult("c@example.net", Outcome.DEFERRED, "4.2.0", "", reply=Reply(451, "4.2.0", "later")))
+    c.explain("message expired after 5 days in queue: " + c.reason)
+    back = Envelope.from_bytes(env.to_bytes())
+    report = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", back.recipients, action="failed",
+                       reporting_mta="mx.test").decode()
+    codes = [line for line in report.split("\r\n") if line.startswith("Diagnostic-Code:")]
+    assert codes == ["Diagnostic-Code: X-Postgate; 421 connections refused by 3 hosts",
+                     "Diagnostic-Code: smtp; 550 5.1.1 no",
+                     "Diagnostic-Code: X-Postgate; message expired after 5 days in queue: 451 4.2.0 later"]
+    # an envelope stored before the field existed: the old rule (a reply starts with its code)
+    legacy = Recipient("d@example.net", status=Outcome.BOUNCED, dsn="5.1.1", reason="550 5.1.1 no such user")
+    assert legacy.diagnostic_type is None
+    old = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", [legacy], action="failed", reporting_mta="mx.test").decode()
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in old

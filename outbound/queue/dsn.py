@@ -132,7 +132,9 @@ def build(env: Envelope, content: bytes, recipients: Sequence[Recipient], *, act
             f.append(f"Remote-MTA: dns; {_line(r.remote)}")
         if r.reason:
             diag = _line(r.reason)
-            kind_ = "smtp" if diag[:3].isdigit() else "X-Postgate"
+            # RFC 3464 §2.3.6: the type says who wrote the text (recorded with it, not guessed from it);
+            # envelopes stored by older versions carry no type: a reply starts with its code there
+            kind_ = r.diagnostic_type or ("smtp" if diag[:3].isdigit() else "X-Postgate")
             f.append(f"Diagnostic-Code: {kind_}; {diag}")
         if r.suspected_attack:  # RFC 3464 §3.3 extension field: the deferral was a suspected attack
             f.append("X-Postgate-Suspected-Attack: yes")

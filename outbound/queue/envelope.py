@@ -36,6 +36,9 @@ class Recipient:
     # an inbound filter's route (Sieve vnd.postgate, inbound/filters.Route): None = the configured maps
     tls_level: str | None = None          # a policy/tls.Level value, in place of the policy map's
     transport: str | None = None          # smtp:[host]:port, in place of the transport map's
+    # RFC 3464 §2.3.6: the diagnostic-type of ``reason``: "smtp" when it is the remote server's own reply,
+    # "X-Postgate" when Postgate wrote it; None for envelopes stored before this field existed
+    diagnostic_type: str | None = None
 
     def __post_init__(self) -> None:
         self.status = Outcome(self.status)  # as stored: the enum's value
@@ -49,9 +52,14 @@ class Recipient:
         self.status = result.status if result.status.final else Outcome.DEFERRED
         self.dsn = result.dsn
         self.reason = str(result.reply) if result.reply else result.reason
+        self.diagnostic_type = "smtp" if result.reply else "X-Postgate"
         self.remote = result.mx or ""
         self.suspected_attack = result.suspected_attack
         self.time = time.time() if when is None else when
+
+    def explain(self, text: str) -> None:
+        """A reason Postgate writes itself (not a server's reply): RFC 3464 §2.3.6 type X-Postgate."""
+        self.reason, self.diagnostic_type = text, "X-Postgate"
 
     def wants(self, kind: str) -> bool:
         """RFC 3461 §4.1: NOTIFY absent means FAILURE (and DELAY at the MTA's discretion)."""

@@ -174,8 +174,8 @@ class Scheduler:
         now = self.clock()
         for r in env.pending:
             r.status, r.dsn = Outcome.DEFERRED, "4.3.0"
-            r.reason = r.reason if counted and r.reason else \
-                f"internal error during delivery: {type(err).__name__}: {err}"[:500]
+            if not (counted and r.reason):
+                r.explain(f"internal error during delivery: {type(err).__name__}: {err}"[:500])
         if not counted:
             env.attempts.append({"time": now, "delivered": 0, "deferred": len(env.pending), "error": True})
         decision = retry.next_attempt(env, Attempt.ERROR, now, self.retry_policy)
@@ -230,7 +230,8 @@ class Scheduler:
         self._note_destinations(results, now)
         for rcpt in pending:
             if rcpt not in ready:
-                rcpt.reason = rcpt.reason or "destination is backing off after failures"
+                if not rcpt.reason:
+                    rcpt.explain("destination is backing off after failures")
         env.attempts.append({"time": now, "delivered": sum(r.status is Outcome.DELIVERED for r in results),
                              "deferred": sum(not r.status.final for r in results)})
         bounced_now = [r for r in ready if r.status is Outcome.BOUNCED]
@@ -259,8 +260,8 @@ class Scheduler:
                 r.status = Outcome.BOUNCED
                 r.dsn = "4.4.7" if r.dsn.startswith("4") or not r.dsn else r.dsn
                 life = env.lifetime if env.lifetime is not None else self.config.max_lifetime
-                r.reason = f"message expired after {life / 86400:g} days in queue: " + (
-                    r.reason or "no attempt succeeded")
+                r.explain(f"message expired after {life / 86400:g} days in queue: " + (
+                    r.reason or "no attempt succeeded"))
                 log.warning("%s: to=<%s>, dsn=%s, status=expired, returned to sender (%s)", env.id, r.address,
                             r.dsn, r.reason)
             await self._notify_or_defer(env, content, expired, "failed")
