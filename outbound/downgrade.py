@@ -23,16 +23,14 @@ The memory is one JSON file, replaced atomically from a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from postgate.outbound.mtastsdb import _atomic_write
+from postgate.outbound.statefile import JsonStateFile
 
 log = logging.getLogger("postgate.downgrade")
 
@@ -99,15 +97,15 @@ class DowngradeMemory:
         self.clock = clock or time.time
         self.path = Path(self.settings.file) if self.settings.file else None
         self._mem: dict[str, Memory] = {}
-        self._lock = asyncio.Lock()
         self.counters: dict[str, int] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                for d in json.loads(self.path.read_text()).get("destinations", []):
-                    m = Memory(**d)
-                    self._mem[m.domain] = m
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("downgrade memory %s unreadable, starting empty: %s", self.path, e)
+        self._file = JsonStateFile(self.path, "destinations", "downgrade memory", log)
+        try:
+            for d in self._file.load():
+                m = Memory(**d)
+                self._mem[m.domain] = m
+        except (ValueError, TypeError) as e:
+            self._mem.clear()
+            log.warning("downgrade memory %s unreadable, starting empty: %s", self.path, e)
 
     def get(self, domain: str) -> Memory | None:
         return self._mem.get(domain.lower().rstrip("."))
@@ -159,11 +157,4 @@ class DowngradeMemory:
 
     async def _put(self, m: Memory) -> None:
         self._mem[m.domain] = m
-        if self.path is None:
-            return
-        data = json.dumps({"destinations": [asdict(x) for x in self._mem.values()]}, indent=1)
-        async with self._lock:
-            try:
-                await asyncio.to_thread(_atomic_write, self.path, data)
-            except OSError as e:  # the memory stays in this process; delivery goes on
-                log.error("downgrade memory %s: cannot write: %s", self.path, e)
+        await self._file.save([asdict(x) for x in self._mem.values()])

@@ -11,14 +11,12 @@ loop never blocks on the disk. Without a path it lives in memory only.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from postgate.outbound.statefile import JsonStateFile
 from postgate.policy import mtasts
 
 log = logging.getLogger("postgate.mtasts")
@@ -44,16 +42,15 @@ class PolicyCache:
         self.path = path
         self.clock = clock or time.time
         self._entries: dict[str, Entry] = {}
-        self._lock = asyncio.Lock()
-        if path is not None and path.exists():
-            try:
-                raw = json.loads(path.read_text())
-                for d in raw.get("policies", []):
-                    e = Entry(**d)
-                    e.policy  # noqa: B018 - refuse an entry that no longer parses
-                    self._entries[e.domain] = e
-            except (OSError, ValueError, TypeError, mtasts.StsError) as err:
-                log.warning("MTA-STS cache %s unreadable, starting empty: %s", path, err)
+        self._file = JsonStateFile(path, "policies", "MTA-STS cache", log)
+        try:
+            for d in self._file.load():
+                e = Entry(**d)
+                e.policy  # noqa: B018 - refuse an entry that no longer parses
+                self._entries[e.domain] = e
+        except (ValueError, TypeError, mtasts.StsError) as err:
+            self._entries.clear()
+            log.warning("MTA-STS cache %s unreadable, starting empty: %s", path, err)
 
     def get(self, domain: str, *, expired: bool = False) -> Entry | None:
         """The cached entry, or None; an expired one only with ``expired=True``."""
@@ -74,21 +71,4 @@ class PolicyCache:
             await self._save()
 
     async def _save(self) -> None:
-        if self.path is None:
-            return
-        data = json.dumps({"policies": [asdict(e) for e in self._entries.values()]}, indent=1)
-        async with self._lock:
-            try:
-                await asyncio.to_thread(_atomic_write, self.path, data)
-            except OSError as e:  # the cache stays in this process; delivery goes on
-                log.error("MTA-STS cache %s: cannot write: %s", self.path, e)
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        await self._file.save([asdict(e) for e in self._entries.values()])

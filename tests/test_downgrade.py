@@ -186,3 +186,25 @@ def test_sts_record_vanishing_before_max_age_is_a_suspected_downgrade(testnet: T
         testnet.resign("sts.test.")
     res, arrived = deliver(mem)
     assert res.status == Outcome.DELIVERED and arrived
+
+
+def test_broken_state_files_start_empty_and_are_rewritten_whole(tmp_path: Path) -> None:
+    """A memory or MTA-STS cache file that is not JSON, has the wrong shape or holds an unknown field is
+    logged and ignored (delivery goes on); the next save replaces it atomically with a readable one."""
+    from postgate.outbound.mtastsdb import Entry, PolicyCache
+    policy = "version: STSv1\nmode: enforce\nmx: mx.example.net\nmax_age: 86400\n"
+    for bad in ("{not json", '{"destinations": {"a": 1}}', '{"destinations": [{"domain": "x", "nope": 1}]}',
+                '[1, 2]'):
+        f = tmp_path / "memory.json"
+        f.write_text(bad)
+        mem = DowngradeMemory(Settings(file=str(f)))
+        assert mem.get("x") is None
+        asyncio.run(mem.note_tls("example.net"))
+        assert DowngradeMemory(Settings(file=str(f))).tls_recent("example.net"), bad
+        c = tmp_path / "sts.json"
+        c.write_text(bad.replace("destinations", "policies"))
+        cache = PolicyCache(c)
+        assert cache.domains() == []
+        asyncio.run(cache.put(Entry("example.net", "id1", policy, time.time(), time.time() + 86400)))
+        assert PolicyCache(c).domains() == ["example.net"], bad
+        assert not list(tmp_path.glob("*.tmp"))
