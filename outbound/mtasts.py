@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import dns.rdatatype
 from cryptography import x509
 from postgate.outbound.mtastsdb import Entry, PolicyCache
-from postgate.outbound.resolver import Resolver
+from postgate.outbound.resolver import ResolverProtocol
 from postgate.policy import mtasts
 from postgate.policy.tlsrpt import ResultType
 
@@ -86,7 +86,7 @@ class StsLookup:
                 f"max_age={self.policy.max_age} expires={exp} ({self.source.value})")
 
 
-async def fetch(domain: str, resolver: Resolver, settings: StsSettings) -> str:
+async def fetch(domain: str, resolver: ResolverProtocol, settings: StsSettings) -> str:
     """GET the policy of ``domain`` (RFC 8461 §3.3); its text, or FetchError."""
     host = f"mta-sts.{domain}"
     try:
@@ -97,7 +97,7 @@ async def fetch(domain: str, resolver: Resolver, settings: StsSettings) -> str:
                          ResultType.STS_POLICY_FETCH_ERROR) from None
 
 
-async def _get(host: str, resolver: Resolver, settings: StsSettings) -> str:
+async def _get(host: str, resolver: ResolverProtocol, settings: StsSettings) -> str:
     url = f"https://{host}{mtasts.WELL_KNOWN}"
     addresses: list[str] = []
     for rt in (dns.rdatatype.A, dns.rdatatype.AAAA):
@@ -187,7 +187,7 @@ async def _chunked(reader: asyncio.StreamReader, url: str, max_size: int) -> byt
 class StsResolver:
     """The policy in force for a domain, from DNS, the cache and HTTPS (RFC 8461 §5.1)."""
 
-    def __init__(self, resolver: Resolver, settings: StsSettings | None = None,
+    def __init__(self, resolver: ResolverProtocol, settings: StsSettings | None = None,
                  clock: Callable[[], float] | None = None, cache: PolicyCache | None = None) -> None:
         from pathlib import Path
 

@@ -24,7 +24,7 @@ import logging
 import socket
 
 import dns.rdatatype
-from postgate.outbound.resolver import Resolver
+from postgate.outbound.resolver import ResolverProtocol
 from postgate.policy import tlsrpt
 from postgate.policy.tlsrpt import PolicyType, ResultType
 
@@ -63,7 +63,7 @@ def datagram(a: tlsrpt.Attempt, record: str) -> bytes:
 class ReporterHook:
     """``DeliveryConfig.tls_report`` that sends each attempt to ``tlsrpt-collectd``."""
 
-    def __init__(self, socket_path: str, resolver: Resolver) -> None:
+    def __init__(self, socket_path: str, resolver: ResolverProtocol) -> None:
         self.socket_path = socket_path
         self.resolver = resolver
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

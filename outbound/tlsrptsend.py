@@ -33,7 +33,7 @@ from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 import dns.rdatatype
-from postgate.outbound.resolver import Resolver
+from postgate.outbound.resolver import ResolverProtocol
 from postgate.outbound.tlsrptdb import TlsRptStore
 from postgate.policy import tlsrpt
 
@@ -111,14 +111,14 @@ async def post(url: str, gz: bytes, settings: ReportSettings) -> None:
         raise OSError(f"POST {url}: {' '.join(status[1:]) or 'no HTTP response'}")
 
 
-async def rua_of(resolver: Resolver, domain: str) -> tlsrpt.Record | None:
+async def rua_of(resolver: ResolverProtocol, domain: str) -> tlsrpt.Record | None:
     ans = await resolver.resolve(f"_smtp._tls.{domain}", dns.rdatatype.TXT)
     if not ans.ok:
         return None
     return tlsrpt.select_record([b"".join(r.strings).decode("utf-8", "replace") for r in ans.records()])
 
 
-async def send_due(store: TlsRptStore, resolver: Resolver, settings: ReportSettings, submit: Submit, *,
+async def send_due(store: TlsRptStore, resolver: ResolverProtocol, settings: ReportSettings, submit: Submit, *,
                    now: float | None = None) -> list[tuple[str, str, str]]:
     """Send every report whose day is over. Returns (day, domain, rua) for each report sent."""
     t = time.time() if now is None else now

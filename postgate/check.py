@@ -25,7 +25,7 @@ from postgate import config as configmod
 from postgate.outbound import dane, dkim
 from postgate.outbound.dnssec import rtype_text
 from postgate.outbound.nexthop import caps_owner, tlsa_owner
-from postgate.outbound.resolver import Resolver
+from postgate.outbound.resolver import ResolverProtocol
 from postgate.policy import caps as capsmod
 from postgate.policy.vocab import Security, Tlsa
 
@@ -51,7 +51,7 @@ def _domain_of_host(host: str) -> str:
     return host.split(".", 1)[1] if host.count(".") >= 2 else host
 
 
-async def run_checks(cfg: configmod.Config, resolver: Resolver, caps_offered: capsmod.Caps,
+async def run_checks(cfg: configmod.Config, resolver: ResolverProtocol, caps_offered: capsmod.Caps,
                      now: dt.datetime | None = None) -> list[Result]:
     now = now or dt.datetime.now(dt.UTC)
     host = (cfg.server.hostname or "").rstrip(".").lower()
