@@ -15,7 +15,9 @@ Set-up, all inside the private test network:
 - MTAs under test, each relaying with DANE: Postgate pre-queue on asyncio's loop and on uvloop, with DKIM
   off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first, and Postfix
   (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
-  ``smtp_tls_connection_reuse = yes``, 100 processes).
+  ``smtp_tls_connection_reuse = yes``, 100 processes), and the same Postfix signing through the OpenDKIM
+  milter, as an operator who signs runs it (RSA with own.test's key; Postgate signs RSA and Ed25519), so
+  "with DKIM" compares with "with DKIM" (``BENCH_POSTFIX_DKIM=0`` leaves it out).
 - Cells: 2 KB, 100 KB and 1 MB at C=10 and C=100, and 2 KB at C=100 to ten destinations; every cell runs
   BENCH_RUNS times (default 3), the MTAs taking turns, so a noisy neighbour hits all of them alike. Per
   cell: relayed/s (median and min–max over the runs), the ratio to Postfix of the same run, and the CPU
@@ -52,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import identity, write_section
+from fixtures.filterd import Daemon, wait_port
 from fixtures.pgserve import PostgateServer
 from fixtures.postfix import Postfix
 from fixtures.testnet import TestNet
@@ -76,14 +79,43 @@ def sink(net: TestNet) -> Postfix:
                    message_size_limit=50_000_000)
 
 
-def postfix_mta(address: str) -> Postfix:
-    return Postfix(address, relay_domains=" ".join(["bench.test", "dane-ok.test", *DESTINATIONS]),
+def postfix_mta(address: str, **extra: str) -> Postfix:
+    return Postfix(address, **extra, relay_domains=" ".join(["bench.test", "dane-ok.test", *DESTINATIONS]),
                    smtp_tls_security_level="dane",
                    smtp_dns_support_level="dnssec", smtp_connection_cache_on_demand="yes",
                    smtp_tls_connection_reuse="yes", default_process_limit=100,
                    smtp_destination_concurrency_limit=50, smtpd_client_connection_count_limit=0,
                    smtpd_client_connection_rate_limit=0, in_flow_delay="0s", smtp_tls_session_cache_database="",
                    message_size_limit=50_000_000)
+
+
+class SigningOpenDKIM(Daemon):
+    """OpenDKIM as a Postfix operator signs with it: a milter signing every message from the internal
+    network with own.test's RSA key (the key Postgate signs with), whatever its From: domain."""
+
+    name = "opendkim-bench"
+
+    def __init__(self, net: TestNet) -> None:
+        super().__init__()
+        rsa = next(k for k in sorted((net.dkim_dir / "own.test").glob("*.private"))
+                   if b"BEGIN" in k.read_bytes())
+        self.key = self.dir / rsa.name
+        shutil.copy(rsa, self.key)
+        self.key.chmod(0o600)
+        self.selector = rsa.name.removesuffix(".private")
+
+    def start(self) -> SigningOpenDKIM:
+        (self.dir / "keytable").write_text(f"own own.test:{self.selector}:{self.key}\n")
+        (self.dir / "signingtable").write_text("* own\n")
+        conf = self.dir / "opendkim.conf"
+        conf.write_text("\n".join([
+            "Syslog no", "Background no", "Mode s", f"Socket inet:{self.port}@127.0.0.1",
+            f"KeyTable file:{self.dir}/keytable", f"SigningTable refile:{self.dir}/signingtable",
+            "Canonicalization relaxed/relaxed", "RequireSafeKeys no", f"PidFile {self.dir}/opendkim.pid",
+            "InternalHosts 127.0.0.0/8", "SignatureAlgorithm rsa-sha256", ""]))
+        self.spawn(["opendkim", "-f", "-x", str(conf)])
+        wait_port(self.port, self.procs[0], self.startup, "opendkim", self.log)
+        return self
 
 
 def postgate(net: TestNet, state: Path, name: str, address: str, **extra: dict[str, object]) -> PostgateServer:
@@ -207,17 +239,18 @@ class Result:
     stored: list[float] = field(default_factory=list)
 
 
-def run_case(net: TestNet, receiver: Postfix, target: str, root: int, n: int, c: int, size: int,
+def run_case(net: TestNet, receiver: Postfix, target: str, root: int | tuple[int, ...], n: int, c: int, size: int,
              many: bool = False) -> Result:
+    roots = root if isinstance(root, tuple) else (root,)
     before = discarded(receiver)
     probe = Probe(net, target)
     th = threading.Thread(target=probe.run, args=(40,), daemon=True)
-    cpu0 = tree_cpu(root)
+    cpu0 = sum(tree_cpu(r) for r in roots)
     th.start()
     t_send = smtp_source_many(target, n, c, size) if many else smtp_source(target, n, c, size)
     t_all = t_send + wait_for(receiver, before + n)
     probe.stop.set()
-    cpu1 = tree_cpu(root)
+    cpu1 = sum(tree_cpu(r) for r in roots)
     th.join(120)
     return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, probe.reply, probe.stored)
 
@@ -353,6 +386,9 @@ def main() -> int:
     if only:  # a subset of the Postgate configurations (Postfix always runs): BENCH_MTAS="queue-first,asyncio"
         mtas = [m for m in mtas if any(o in m[0] for o in only)]
     POSTFIX = "Postfix (dane)"
+    # Postgate DKIM-signs every message (RSA and Ed25519); a Postfix that signs does it through a milter
+    POSTFIX_DKIM = "Postfix (dane) + OpenDKIM milter"
+    with_dkim = os.environ.get("BENCH_POSTFIX_DKIM", "1") != "0"
     results: dict[tuple[str, int], list[Result]] = {}
     floor: list[str] = []
     load: list[float] = []
@@ -372,10 +408,20 @@ def main() -> int:
             servers = [(name, target, postgate(net, state, f"pg{i}", target, **extra).start())
                        for i, (name, target, extra) in enumerate(mtas)]
             pf = postfix_mta("127.0.2.12").start()
-            roots = {name: srv.proc.pid for name, _, srv in servers if srv.proc is not None}
-            roots[POSTFIX] = postfix_master(pf)
+            roots: dict[str, tuple[int, ...]] = {name: (srv.proc.pid,) for name, _, srv in servers
+                                                 if srv.proc is not None}
+            roots[POSTFIX] = (postfix_master(pf),)
             targets = [(name, target) for name, target, _ in servers] + [(POSTFIX, "127.0.2.12")]
-            pq = servers[1][2]  # uvloop, one process: the idle-sessions test and the profile
+            odkim = pfd = None
+            if with_dkim:
+                odkim = SigningOpenDKIM(net).start()
+                pfd = postfix_mta("127.0.2.16", smtpd_milters=odkim.address, milter_default_action="tempfail",
+                                  milter_protocol="6").start()
+                roots[POSTFIX_DKIM] = (postfix_master(pfd), odkim.procs[0].pid)
+                targets.append((POSTFIX_DKIM, "127.0.2.16"))
+            # the idle-sessions test and the profile: the first one-process pre-queue Postgate measured
+            pq = next((srv for name, _, srv in servers if "pre-queue" in name and "workers" not in name),
+                      servers[0][2])
             assert pq.proc is not None
             try:
                 for run in range(RUNS):
@@ -387,6 +433,7 @@ def main() -> int:
                             print(f"run {run + 1} {label} C={c} {name}: {r.relay:,.0f} relayed/s, "
                                   f"{r.cpu_ms:.2f} ms CPU/msg", flush=True)
                 # concurrency: idle sessions on the pre-queue Postgate while the 2 KB load runs
+                pq_name = next(name for name, _, srv in servers if srv is pq)
                 rss0 = rss_kib(pq.proc.pid)
                 idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, pq.address, str(IDLE)],
                                         stdout=subprocess.PIPE, text=True)
@@ -412,6 +459,11 @@ def main() -> int:
                     srv.stop()
                 pf.stop()
                 pf.cleanup()
+                if pfd is not None:
+                    pfd.stop()
+                    pfd.cleanup()
+                if odkim is not None:
+                    odkim.stop()
             receiver.cleanup()
     finally:
         net.stop()
@@ -422,13 +474,16 @@ def main() -> int:
     rows = []
     for ci, (label, _size, _n, c, _many) in enumerate(cells):
         pf_runs = results[(POSTFIX, ci)]
+        pfd_runs = results.get((POSTFIX_DKIM, ci))
         for name, _ in targets:
             rs = results[(name, ci)]
             ratios = [r.relay / p.relay for r, p in zip(rs, pf_runs, strict=True)]
             ratio = "1" if name == POSTFIX else spread(ratios, "{:.2f}")
+            ratio_d = "–" if pfd_runs is None else "1" if name == POSTFIX_DKIM else spread(
+                [r.relay / p.relay for r, p in zip(rs, pfd_runs, strict=True)], "{:.2f}")
             reply = [x for r in rs for x in r.reply]
             stored = [x for r in rs for x in r.stored]
-            rows.append(f"| {name} | {label} | {c} | {spread([r.relay for r in rs])} | **{ratio}** | "
+            rows.append(f"| {name} | {label} | {c} | {spread([r.relay for r in rs])} | **{ratio}** | {ratio_d} | "
                         f"{spread([r.cpu_ms for r in rs], '{:.2f}')} ms | {spread([r.accept for r in rs])} | "
                         f"{pct(reply, 50)} / {pct(reply, 99)} | {pct(stored, 50)} / {pct(stored, 99)} |")
     lines = [
@@ -439,13 +494,16 @@ def main() -> int:
         "Every message is relayed to the MX receiver over DANE-verified TLS (TLSA 3 1 1, DNSSEC via Unbound). "
         f"Each cell ran {RUNS} time(s), the MTAs taking turns; numbers are the median (min–max). *relayed/s*: "
         "messages the receiver got, per second until the last one arrived; *× Postfix*: relayed/s over "
-        "Postfix's in the same run; *CPU/msg*: CPU time of the MTA's whole process tree per message "
+        "Postfix's in the same run (*× Postfix+DKIM*: over Postfix's with the OpenDKIM milter signing, RSA "
+        "only, while Postgate signs twice, RSA and Ed25519); *CPU/msg*: CPU time of the MTA's whole process "
+        "tree per message (the milter's included) "
         "(/proc/<pid>/stat, children included); *accepted/s*: messages the MTA answered 250 to, per second of "
         "load. Latencies are from a probe client sending one message at a time during the load (to a Python "
         "receiver), all runs together.",
         "",
-        "| MTA | size | C | relayed/s | × Postfix | CPU/msg | accepted/s | DATA reply p50 / p99 | stored p50 / p99 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| MTA | size | C | relayed/s | × Postfix | × Postfix+DKIM | CPU/msg | accepted/s | DATA reply p50 / p99 | "
+        "stored p50 / p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "Postfix was tuned as an operator would for this: `smtp_connection_cache_on_demand = yes`, "
@@ -468,13 +526,13 @@ def main() -> int:
         "",
         f"### {IDLE:,} concurrent sessions",
         "",
-        f"Postgate pre-queue (uvloop, one process), resident memory: {rss0 / 1024:.0f} MiB idle, "
+        f"{pq_name}, resident memory: {rss0 / 1024:.0f} MiB idle, "
         f"{rss1 / 1024:.0f} MiB with {opened} idle sessions open ({sessions} descriptors), {rss2 / 1024:.0f} MiB "
         f"after the 2 KB / C=100 relay load on top. Relay rate under that load: {loaded.relay:,.0f} msg/s "
         f"against {base2.relay:,.0f} msg/s right after they closed; DATA reply p50 {pct(loaded.reply, 50)}, "
         f"p99 {pct(loaded.reply, 99)}.",
         "",
-        "### Where the time goes (py-spy, Postgate pre-queue on uvloop, 2 KB, C=100; own time of the top functions)",
+        f"### Where the time goes (py-spy, {pq_name}, 2 KB, C=100; own time of the top functions)",
         "",
         "| function | own samples |",
         "|---|---:|",
