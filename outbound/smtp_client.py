@@ -12,7 +12,6 @@ Every network step has a timeout (RFC 5321 §4.5.3.2 gives the classic values; o
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import os
@@ -20,9 +19,9 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
 from cryptography import x509
 from postgate.outbound import dane
+from postgate.outbound.smtp_wire import Connection, InjectionError, WireError
 from postgate.policy import caps as capsmod
 from postgate.policy.tls import Auth, Requirement, TLSMode
 from postgate.policy.vocab import DANE_EE, SHA256, SPKI, Reply, Tlsa, TlsOutcome
@@ -73,9 +72,8 @@ class TLSState:
     detail: str = ""
 
 
-def peer_chain(smtp: aiosmtplib.SMTP) -> list[x509.Certificate]:
-    """The certificate chain the server sent, leaf first, unverified."""
-    obj = smtp.get_transport_info("ssl_object")
+def peer_chain(obj: ssl.SSLObject | None) -> list[x509.Certificate]:
+    """The certificate chain the server sent, leaf first, unverified (from the connection's SSL object)."""
     if obj is None:
         return []
     inner = getattr(obj, "_sslobj", obj)
@@ -153,11 +151,11 @@ def pkix_name_ok(chain: Sequence[x509.Certificate], patterns: Sequence[str]) -> 
 
 
 class Session:
-    """An open SMTP session, possibly TLS-protected and authenticated."""
+    """An open SMTP session, possibly TLS-protected and authenticated, over one :class:`Connection`."""
 
-    def __init__(self, smtp: aiosmtplib.SMTP, address: str, port: int, mx: str, tls: TLSState,
+    def __init__(self, conn: Connection, address: str, port: int, mx: str, tls: TLSState,
                  timeouts: Timeouts) -> None:
-        self.smtp = smtp
+        self.conn = conn
         self.address = address
         self.port = port
         self.mx = mx
@@ -167,19 +165,13 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        return self.smtp.is_connected
+        return self.conn.alive
 
     def supports(self, ext: str) -> bool:
-        return self.smtp.supports_extension(ext)
+        return self.conn.supports(ext)
 
     async def close(self) -> None:
-        try:
-            if self.smtp.is_connected:
-                await asyncio.wait_for(self.smtp.quit(), 5)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            pass
-        finally:
-            self.smtp.close()
+        await self.conn.quit(5)  # QUIT with a short wait for the 221, then close
 
 
 async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
@@ -190,27 +182,25 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
     ``req.caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
     one raises SessionError as a suspected attack (docs/mta-caps.md §5)."""
     caps, caps_name, sni = req.caps, req.caps_owner, req.sni
-    smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=timeouts.command,
-                           use_tls=False, start_tls=False, validate_certs=False)
     try:
-        await asyncio.wait_for(smtp.connect(timeout=timeouts.connect), timeouts.connect + 1)
-    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as e:
-        smtp.close()
-        raise SessionError(f"connect to {mx}[{address}]:{port}: {e}", dsn="4.4.1") from e
-    except aiosmtplib.SMTPResponseException as e:  # greeting refused
-        smtp.close()
-        raise SessionError(f"{mx}[{address}] greeting: {e.code} {e.message}", code=e.code,
-                           temporary=e.code < 500, dsn="4.4.2" if e.code < 500 else "5.4.0") from e
+        conn = await Connection.open(address, port, timeouts.connect)
+    except (OSError, TimeoutError) as e:
+        raise SessionError(f"connect to {mx}[{address}]:{port}: {type(e).__name__}: {e}", dsn="4.4.1") from e
     tls = TLSState()
     try:
-        await smtp.ehlo()
+        greeting = await conn.read(timeouts.greeting)
+        if greeting.code != 220:  # RFC 5321 §3.1: 220 opens the session, 554 refuses it
+            raise _said(f"{mx}[{address}] greeting:", greeting)
+        ehlo = await conn.ehlo(helo, timeouts.command, helo_fallback=True)
+        if ehlo.code != 250:
+            raise _said(f"{mx}[{address}] said", ehlo)
         dane_required = req.auth is Auth.DANE
         if caps is not None and req.tls is not TLSMode.NONE:
-            missing = capsmod.broken_before_tls(caps, smtp.supports_extension("starttls"))
+            missing = capsmod.broken_before_tls(caps, conn.supports("starttls"))
             if missing:
                 raise _caps_error(missing, mx, address, caps_name)
         if req.tls is not TLSMode.NONE:
-            if not smtp.supports_extension("starttls"):
+            if not conn.supports("starttls"):
                 if req.tls is TLSMode.REQUIRED:
                     # RFC 7672 §2.2: with usable TLSA, a missing STARTTLS is a downgrade attack sign
                     raise SessionError(
@@ -221,57 +211,57 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
             else:
                 ctx = client_context(req, ca_file)
                 try:
-                    await asyncio.wait_for(
-                        smtp.starttls(server_hostname=sni or None, tls_context=ctx, timeout=timeouts.tls),
-                        timeouts.tls + 1)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
+                    await conn.starttls(ctx, sni or None, timeouts.tls)
+                except (WireError, ssl.SSLError, OSError, TimeoutError) as e:
                     msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
-                    if req.tls is TLSMode.OPTIONAL:
+                    # RFC 3207 §4: bytes injected before the handshake are an attack sign, like a failed one
+                    if req.tls is TLSMode.OPTIONAL and not isinstance(e, InjectionError):
                         raise SessionError(msg, cleartext_retry=True, tls_result=handshake_result(e)) from e
                     raise SessionError(msg + (" — suspected attack" if dane_required else ""),
                                        suspected_attack=dane_required, dsn="4.7.5",
                                        tls_result=handshake_result(e)) from e
-                obj = smtp.get_transport_info("ssl_object")
+                obj = conn.ssl_object
                 tls.version = obj.version() if obj else None
-                tls.cipher = obj.cipher()[0] if obj and obj.cipher() else None
-                tls.chain = peer_chain(smtp)
+                cipher = obj.cipher() if obj else None
+                tls.cipher = cipher[0] if cipher else None
+                tls.chain = peer_chain(obj)
                 _authenticate(tls, req, mx, address, now)
-                await smtp.ehlo()  # RFC 3207 §4.2: forget pre-TLS capabilities, ask again
+                ehlo = await conn.ehlo(helo, timeouts.command)  # RFC 3207 §4.2: ask again after TLS
+                if ehlo.code != 250:
+                    raise _said(f"{mx}[{address}] said", ehlo)
                 if caps is not None:
-                    ext = smtp.esmtp_extensions
-                    size = ext.get("size", "")
+                    ext = conn.extensions
                     seen = capsmod.Observed(True, tls.version, tls.security is TlsOutcome.DANE_VERIFIED,
-                                            frozenset(k.upper() for k in ext),
-                                            int(size) if size.isdigit() else None)
+                                            frozenset(k.upper() for k in ext.keywords), ext.size)
                     missing = capsmod.broken(caps, seen)
                     if missing:
                         raise _caps_error(missing, mx, address, caps_name)
-        if req.requiretls and not smtp.supports_extension("requiretls"):
+        if req.requiretls and not conn.supports("requiretls"):
             # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
             raise SessionError(f"{mx} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
         if auth is not None:
             if tls.security is TlsOutcome.CLEARTEXT:
                 raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
-            try:
-                # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
-                if "plain" in smtp.server_auth_methods:
-                    await smtp.auth_plain(auth[0], auth[1])
-                else:
-                    await smtp.login(auth[0], auth[1])
-            except aiosmtplib.SMTPAuthenticationError as e:
-                raise SessionError(f"SMTP AUTH to {mx} failed: {e.code} {e.message}", code=e.code,
-                                   dsn="4.7.8") from e
+            if not {"PLAIN", "LOGIN"} & set(conn.extensions.auth):
+                raise SessionError(f"{mx} offers no SMTP AUTH mechanism Postgate uses (PLAIN, LOGIN)",
+                                   dsn="4.7.0")
+            # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
+            r = await conn.auth(auth[0], auth[1], timeouts.command)
+            if r.code != 235:  # RFC 4954 §6: 235 is success
+                raise SessionError(f"SMTP AUTH to {mx} failed: {r.code} {r.enhanced + ' ' if r.enhanced else ''}"
+                                   f"{r.text}", code=r.code, dsn="4.7.8")
     except SessionError:
-        smtp.close()
+        conn.abort()
         raise
-    except aiosmtplib.SMTPResponseException as e:
-        smtp.close()
-        raise SessionError(f"{mx}[{address}] said {e.code} {e.message}", code=e.code,
-                           temporary=e.code < 500) from e
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        smtp.close()
+    except (WireError, OSError, TimeoutError) as e:
+        conn.abort()
         raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
-    return Session(smtp, address, port, mx, tls, timeouts)
+    return Session(conn, address, port, mx, tls, timeouts)
+
+
+def _said(what: str, r: Reply) -> SessionError:
+    """A refusal reply as the session's failure: permanent for 5xx (RFC 5321 §4.2.1)."""
+    return SessionError(f"{what} {r}", code=r.code, temporary=r.code < 500)
 
 
 def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> SessionError:
@@ -285,7 +275,7 @@ def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> Sessio
 def handshake_result(e: BaseException) -> TlsOutcome:
     """RFC 8460 §4.3.1: the result type of a failed TLS handshake (a PKIX verification error says which)."""
     while not isinstance(e, ssl.SSLCertVerificationError) and (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # aiosmtplib may wrap the ssl error
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # asyncio may wrap the ssl error
     if isinstance(e, ssl.SSLCertVerificationError):
         code = getattr(e, "verify_code", 0)
         if code == 10:   # X509_V_ERR_CERT_HAS_EXPIRED
