@@ -261,8 +261,11 @@ class Connection:
 
     @property
     def alive(self) -> bool:
-        t = self._proto.transport
-        return (not self._closing and self._proto.error is None and t is not None and not t.is_closing())
+        """Usable for another transaction: open, no 421 seen, and no unread bytes (an idle connection has
+        none; a reply nobody asked for, such as a timeout's 421, means it is out of step)."""
+        t, p = self._proto.transport, self._proto
+        return (not self._closing and p.error is None and t is not None and not t.is_closing()
+                and not p.replies and not p.parser.pending)
 
     def supports(self, keyword: str) -> bool:
         return keyword.lower() in self.extensions.keywords
