@@ -16,8 +16,10 @@ import datetime as dt
 import functools
 import os
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 from postgate.outbound import dane
@@ -70,6 +72,54 @@ class TLSState:
     chain: list[x509.Certificate] = field(default_factory=list)
     tlsa_matched: Tlsa | None = None
     detail: str = ""
+    resumed: bool = False   # the handshake resumed a cached session (RFC 8446 §2.2): no certificate was sent
+
+
+@dataclass(frozen=True)
+class _Resumable:
+    session: ssl.SSLSession
+    context: ssl.SSLContext
+    tls: TLSState          # the verdict of the full handshake that made the session
+    expires: float
+
+
+class TlsSessionCache:
+    """Outbound TLS session resumption (RFC 8446 §2.2 tickets, RFC 5077 for TLS 1.2), like Postfix's
+    ``smtp_tls_session_cache``: a resumed handshake presents no certificate, so it may only inherit a verdict
+    made under exactly the same rules. A session is kept only after the server was authenticated as its
+    requirement demands (and every check of the session passed), and it is offered again only under the same
+    key — address, port, SNI and the whole requirement (auth mode, TLSA records, reference names,
+    fingerprints, protocols and ciphers, capability record) — and with the same SSLContext; the TLS state of
+    the full handshake (security, matched TLSA record, chain) travels with it. Bounded in size and age
+    (Postfix's ``smtp_tls_session_cache_timeout``, 3600 s)."""
+
+    def __init__(self, size: int = 1000, lifetime: float = 3600.0) -> None:
+        self.size = size
+        self.lifetime = lifetime
+        self._entries: OrderedDict[tuple[object, ...], _Resumable] = OrderedDict()
+
+    def get(self, key: tuple[object, ...], context: ssl.SSLContext) -> _Resumable | None:
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if e.context is not context or e.expires <= time.time():
+            del self._entries[key]
+            return None
+        return e
+
+    def put(self, key: tuple[object, ...], context: ssl.SSLContext, session: ssl.SSLSession,
+            tls: TLSState) -> None:
+        life = min(self.lifetime, float(session.timeout or self.lifetime))
+        self._entries[key] = _Resumable(session, context, replace(tls, resumed=False), session.time + life)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SESSIONS = TlsSessionCache()  # one per process, shared by every delivery
 
 
 def peer_chain(obj: ssl.SSLObject | None) -> list[x509.Certificate]:
@@ -176,12 +226,16 @@ class Session:
 
 async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
                        timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
-                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None) -> Session:
+                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None,
+                       sessions: TlsSessionCache | None = SESSIONS) -> Session:
     """Connect and establish what ``req`` demands, or raise SessionError.
 
     ``req.caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
-    one raises SessionError as a suspected attack (docs/mta-caps.md §5)."""
+    one raises SessionError as a suspected attack (docs/mta-caps.md §5). ``sessions``: where TLS sessions
+    are resumed from and kept (None: always a full handshake)."""
     caps, caps_name, sni = req.caps, req.caps_owner, req.sni
+    cache_key = (address, port, sni, req.key())  # req.key() holds the auth mode, TLSA, names, params, caps
+    ctx: ssl.SSLContext | None = None
     try:
         conn = await Connection.open(address, port, timeouts.connect)
     except (OSError, TimeoutError) as e:
@@ -210,8 +264,9 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                         tls_result=TlsOutcome.STARTTLS_NOT_SUPPORTED)
             else:
                 ctx = client_context(req, ca_file)
+                cached = sessions.get(cache_key, ctx) if sessions is not None else None
                 try:
-                    await conn.starttls(ctx, sni or None, timeouts.tls)
+                    await conn.starttls(ctx, sni or None, timeouts.tls, cached.session if cached else None)
                 except (WireError, ssl.SSLError, OSError, TimeoutError) as e:
                     msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
                     # RFC 3207 §4: bytes injected before the handshake are an attack sign, like a failed one
@@ -224,8 +279,14 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                 tls.version = obj.version() if obj else None
                 cipher = obj.cipher() if obj else None
                 tls.cipher = cipher[0] if cipher else None
-                tls.chain = peer_chain(obj)
-                _authenticate(tls, req, mx, address, now)
+                if cached is not None and obj is not None and obj.session_reused:
+                    # the server resumed the session authenticated under this very key: its verdict holds
+                    tls.security, tls.tlsa_matched, tls.detail = (cached.tls.security, cached.tls.tlsa_matched,
+                                                                  cached.tls.detail)
+                    tls.chain, tls.resumed = list(cached.tls.chain), True
+                else:
+                    tls.chain = peer_chain(obj)
+                    _authenticate(tls, req, mx, address, now)
                 ehlo = await conn.ehlo(helo, timeouts.command)  # RFC 3207 §4.2: ask again after TLS
                 if ehlo.code != 250:
                     raise _said(f"{mx}[{address}] said", ehlo)
@@ -256,6 +317,13 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
     except (WireError, OSError, TimeoutError) as e:
         conn.abort()
         raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
+    obj = conn.ssl_object
+    if sessions is not None and ctx is not None and obj is not None and tls.security is not TlsOutcome.CLEARTEXT:
+        # every check passed: keep the session (TLS 1.3: the ticket came with the first records after the
+        # handshake, read with the second EHLO's reply) for the next connection under the same key
+        session = obj.session
+        if session is not None and (session.has_ticket or session.id):
+            sessions.put(cache_key, ctx, session, tls)
     return Session(conn, address, port, mx, tls, timeouts)
 
 

@@ -133,6 +133,21 @@ def make_reply(code: int, lines: Sequence[str]) -> Reply:
     return Reply(code, "", "\n".join(lines))
 
 
+class _Tls:
+    """TLS over two memory BIOs: records from the socket go in, records for the socket come out. Postgate
+    runs TLS itself rather than through ``loop.start_tls`` because only ``wrap_bio`` takes a session to
+    resume (RFC 8446 §2.2, RFC 5077), and so that one write of plaintext becomes one write of records."""
+
+    def __init__(self, context: ssl.SSLContext, server_hostname: str | None, session: ssl.SSLSession | None,
+                 ) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=False,
+                                    server_hostname=server_hostname, session=session)
+        self.done = False
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 class _Wire(asyncio.Protocol):
     """The connection's protocol object: replies into a deque, the first error kept for the reader."""
 
@@ -140,6 +155,7 @@ class _Wire(asyncio.Protocol):
         self.parser = ReplyParser()
         self.replies: deque[Reply] = deque()
         self.transport: asyncio.Transport | None = None
+        self.tls: _Tls | None = None
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -150,16 +166,101 @@ class _Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
+        tls = self.tls
+        if tls is not None:
+            tls.incoming.write(data)
+            try:
+                if not tls.done:
+                    self._handshake(tls)
+                data = self._decrypt(tls) if tls.done else b""
+            except (ssl.SSLError, ValueError) as e:
+                self._abort(e)
+                return
+            finally:
+                self._flush()
+            if not data:
+                return
         try:
             got = self.parser.feed(data)
         except ProtocolError as e:
-            self._fail(e)
-            if self.transport is not None:
-                self.transport.abort()
+            self._abort(e)
             return
         if got:
             self.replies.extend(got)
             self._wake()
+
+    def _handshake(self, tls: _Tls) -> None:
+        try:
+            tls.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        tls.done = True
+        if not tls.handshake.done():
+            tls.handshake.set_result(None)
+
+    @staticmethod
+    def _decrypt(tls: _Tls) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = tls.obj.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break  # no whole record yet; or the server's close_notify (the socket's EOF follows)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _flush(self) -> None:
+        tls, t = self.tls, self.transport
+        if tls is not None and t is not None and tls.outgoing.pending:
+            t.write(tls.outgoing.read())
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.error is not None:
+            raise ConnectionLost("connection closed")
+        tls = self.tls
+        if tls is None:
+            t.write(data)
+            return
+        try:
+            tls.obj.write(data)
+        except ssl.SSLError as e:
+            self._abort(e)
+            raise ConnectionLost(f"TLS write failed: {e}") from e
+        self._flush()
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None,
+                  session: ssl.SSLSession | None) -> asyncio.Future[None]:
+        """Switch to TLS now (synchronously: every later byte from the server is a TLS record) and send
+        the ClientHello; the future completes with the handshake."""
+        tls = _Tls(context, server_hostname, session)
+        self.tls = tls
+        self.parser = ReplyParser()
+        try:
+            self._handshake(tls)
+        except ssl.SSLError as e:
+            self._abort(e)
+        self._flush()
+        return tls.handshake
+
+    def close(self) -> None:
+        """close_notify when TLS is up (RFC 8446 §6.1), then close the socket."""
+        tls = self.tls
+        if tls is not None and tls.done and self.error is None:
+            try:
+                tls.obj.unwrap()
+            except (ssl.SSLError, ValueError):
+                pass  # the server's close_notify is not waited for
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self, e: BaseException) -> None:
+        self._fail(e)
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionLost(f"connection lost: {exc}" if exc else "connection closed by the server"))
@@ -167,6 +268,9 @@ class _Wire(asyncio.Protocol):
     def _fail(self, e: BaseException) -> None:
         if self.error is None:
             self.error = e
+        tls = self.tls
+        if tls is not None and not tls.handshake.done():
+            tls.handshake.set_exception(e)
         self._wake()
 
     def _wake(self) -> None:
@@ -250,10 +354,7 @@ class Connection:
         return reply
 
     def write(self, data: bytes) -> None:
-        t = self._proto.transport
-        if t is None or t.is_closing() or self._proto.error is not None:
-            raise ConnectionLost("connection closed")
-        t.write(data)
+        self._proto.write(data)
 
     async def command(self, line: bytes, timeout: float) -> Reply:
         self.write(line + CRLF)
@@ -272,9 +373,8 @@ class Connection:
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
-        t = self._proto.transport
-        obj = t.get_extra_info("ssl_object") if t is not None else None
-        return obj if isinstance(obj, ssl.SSLObject) else None
+        tls = self._proto.tls
+        return tls.obj if tls is not None and tls.done else None
 
     def abort(self) -> None:
         self._closing = True
@@ -283,8 +383,7 @@ class Connection:
 
     def close(self) -> None:
         self._closing = True
-        if self._proto.transport is not None:
-            self._proto.transport.close()
+        self._proto.close()
 
     async def quit(self, timeout: float) -> None:
         """QUIT (RFC 5321 §4.1.1.10), waiting at most ``timeout`` for the 221, then close."""
@@ -310,9 +409,10 @@ class Connection:
             return await self.command(b"HELO " + name.encode("ascii"), timeout)
         return r
 
-    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None, timeout: float) -> None:
-        """STARTTLS (RFC 3207) and the handshake; raises ReplyError, InjectionError, ssl.SSLError, OSError or
-        TimeoutError (and the connection is gone)."""
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None, timeout: float,
+                       session: ssl.SSLSession | None = None) -> None:
+        """STARTTLS (RFC 3207) and the handshake, resuming ``session`` if the server agrees; raises
+        ReplyError, InjectionError, ssl.SSLError, OSError or TimeoutError (and the connection is gone)."""
         r = await self.command(b"STARTTLS", timeout)
         if r.code != 220:
             raise ReplyError("STARTTLS", r)
@@ -321,21 +421,14 @@ class Connection:
             self.abort()
             raise InjectionError("bytes after the 220 reply to STARTTLS, before the TLS handshake "
                                  "(response injection)")
-        transport = self._proto.transport
-        assert transport is not None
-        loop = asyncio.get_running_loop()
         try:
-            # start_tls stops reading the plaintext transport at once: anything later is handshake data
+            # from here every byte from the server is a TLS record (the switch is synchronous)
+            handshake = self._proto.start_tls(context, server_hostname, session)
             async with asyncio.timeout(timeout):
-                tls = await loop.start_tls(transport, self._proto, context, server_side=False,
-                                           server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+                await handshake
         except BaseException:
             self.abort()
             raise
-        if tls is None:  # pragma: no cover - only when the transport closed under us
-            raise ConnectionLost("connection closed during the TLS handshake")
-        self._proto.transport = tls
-        self._proto.parser = ReplyParser()
         self.extensions = NO_EXTENSIONS  # RFC 3207 §4.2: forget what was learned before TLS
 
     async def auth(self, user: str, password: str, timeout: float) -> Reply:

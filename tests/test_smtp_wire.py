@@ -452,3 +452,53 @@ def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytes
     assert groups[1].startswith(b"RSET\r\nMAIL FROM:") and groups[2].startswith(b"RSET\r\n")
     assert log.count("]: connect from") == 2, log  # the fixture's probe, then one connection for all three
 
+
+
+def test_tls_session_resumption_with_postfix(testnet: TestNet) -> None:
+    """RFC 8446 §2.2 on the outbound leg, against Postfix over DANE: the second connection under the same
+    requirement resumes the session and inherits the first one's verdict (dane-verified, the matched TLSA
+    record) and carries mail; a different requirement never resumes it; a failed authentication is never
+    kept."""
+    from postgate.outbound.smtp_client import TlsSessionCache
+    from postgate.policy.vocab import TlsOutcome
+
+    from fixtures.postfix import Postfix
+
+    assert testnet.pki is not None
+    chain, key = testnet.pki.paths("mx.bench.test")
+    sink = Postfix("127.0.1.60", myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
+                   smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key), smtpd_tls_security_level="may",
+                   local_transport="discard:")
+    cache = TlsSessionCache()
+
+    async def go() -> list[Session | SessionError]:
+        d = deliverer(testnet, Policy())
+        rt = await d.route("bench.test")
+        [host] = rt.nexthop.hosts
+        req = d.decide(rt, host)
+        assert isinstance(req, Requirement) and req.auth is Auth.DANE
+        out: list[Session | SessionError] = []
+        for r in (req, req, Requirement(Level.ENCRYPT, TLSMode.REQUIRED, Auth.NONE),
+                  Requirement(Level.FINGERPRINT, TLSMode.REQUIRED, Auth.FINGERPRINT, fingerprints=("00" * 32,))):
+            try:
+                s = await open_session("127.0.1.60", 25, "mx.bench.test", r, helo="client.test", timeouts=FAST,
+                                       sessions=cache)
+            except SessionError as e:
+                out.append(e)
+                continue
+            if len(out) == 1:  # the resumed session carries a message
+                [res] = await delivery._transaction(s, "a@client.test", ["r@bench.test"], b"s: r\r\n\r\nr\r\n", [])
+                assert res.status is Outcome.DELIVERED, res.text
+            await s.close()
+            out.append(s)
+        return out
+    with sink:
+        full, resumed, other, refused = asyncio.run(go())
+    sink.cleanup()
+    assert isinstance(full, Session) and isinstance(resumed, Session) and isinstance(other, Session)
+    assert not full.tls.resumed and full.tls.security is TlsOutcome.DANE_VERIFIED and full.tls.chain
+    assert resumed.tls.resumed and resumed.tls.security is TlsOutcome.DANE_VERIFIED
+    assert resumed.tls.tlsa_matched == full.tls.tlsa_matched is not None
+    assert not other.tls.resumed and other.tls.security is TlsOutcome.UNAUTHENTICATED
+    assert isinstance(refused, SessionError) and "fingerprint" in refused.reason
+    assert len(cache) == 2  # the DANE and the encrypt requirement; never the refused one
