@@ -6,6 +6,15 @@ STARTTLS with SNI set to the TLSA base domain (RFC 7672 §8.1), and authenticate
 handshake and *before* any mail command, from the chain it presented (DANE per RFC 7672 §3, PKIX, or a
 fingerprint). Any failure where TLS or authentication is required raises :class:`SessionError` and the
 connection is dropped: Postgate never continues in cleartext when TLS was required (RFC 7672 §2.2).
+Bytes injected between the 220 to STARTTLS and the handshake are such a failure too (RFC 3207 §4; see
+``smtp_wire``), and never lead to a cleartext retry.
+
+A later connection under the same requirement may resume the TLS session (:class:`TlsSessionCache`); a
+resumed handshake shows no certificate, so it inherits the verdict of the full handshake that was
+authenticated under exactly the same key — and only such a one was kept.
+
+A 5xx reply to EHLO is answered with HELO (RFC 5321 §3.2; Postfix does the same): a server without
+extensions, so without STARTTLS — where TLS is required that fails as a missing STARTTLS does.
 
 Every network step has a timeout (RFC 5321 §4.5.3.2 gives the classic values; ours are configurable).
 """
