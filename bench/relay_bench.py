@@ -283,8 +283,11 @@ def profile(pid: int, seconds: int, out: Path) -> list[tuple[str, float]]:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        leaf = stack.split(";")[-1]
-        own[re.sub(r" \(.*/site-packages/", " (", leaf)] += int(count)
+        frames = stack.split(";")
+        leaf = re.sub(r" \(.*/site-packages/", " (", frames[-1])
+        # the caller names which path the time belongs to (e.g. whose transport.write: smtpd or client)
+        caller = frames[-2].split(" (")[0] if len(frames) > 1 else ""
+        own[leaf + (f" ← {caller}" if caller else "")] += int(count)
         total += int(count)
     return [(f, 100 * n / total) for f, n in own.most_common(15)] if total else []
 
