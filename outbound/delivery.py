@@ -689,9 +689,8 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
                                          before_content=lambda: crashpoint("delivery-before-data"))
     except (WireError, OSError, TimeoutError, UnicodeError) as e:
         if isinstance(e, ReplyError):
-            refused = e.reply
-            raise SessionError(f"{s.mx}[{s.address}] said {refused}", code=refused.code,
-                               temporary=refused.code < 500) from e
+            # a refused RSET says nothing about this message: the connection is unusable, try again
+            raise SessionError(f"{s.mx}[{s.address}] said {e.reply} to RSET", code=e.reply.code) from e
         raise SessionError(f"lost connection with {s.mx}[{s.address}] during the transaction: "
                            f"{type(e).__name__}: {e}") from e
     if ex.mail.code != 250:

@@ -45,6 +45,7 @@ from postgate.policy.vocab import Reply
 MAX_LINE = 4096   # RFC 5321 §4.5.3.1.5: 512 octets; a generous, bounded allowance
 MAX_LINES = 200   # lines of one reply (an EHLO reply has a few dozen at most)
 CRLF = b"\r\n"
+BODY_CHUNK = 256 * 1024  # the message content goes to the transport in pieces of this size (flow control)
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3463 §2: class.subject.detail
 
 
@@ -158,6 +159,26 @@ class _Wire(asyncio.Protocol):
         self.tls: _Tls | None = None
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.paused = False   # the transport's buffer is above its high-water mark
+        self._drain: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    async def drained(self) -> None:
+        """Until the transport's buffer is below its low-water mark again (or the connection failed)."""
+        while self.paused and self.error is None:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -216,7 +237,7 @@ class _Wire(asyncio.Protocol):
         if tls is not None and t is not None and tls.outgoing.pending:
             t.write(tls.outgoing.read())
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         t = self.transport
         if t is None or t.is_closing() or self.error is not None:
             raise ConnectionLost("connection closed")
@@ -274,9 +295,9 @@ class _Wire(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        for w in (self._waiter, self._drain):
+            if w is not None and not w.done():
+                w.set_result(None)
 
     async def next_reply(self) -> Reply:
         while not self.replies:
@@ -355,6 +376,23 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         self._proto.write(data)
+
+    async def write_body(self, data: bytes, timeout: float) -> None:
+        """A large write in pieces, each after the transport drained below its high-water mark: the
+        transport never holds the whole body (whose buffer would be copied and shifted per send)."""
+        if len(data) <= BODY_CHUNK:
+            self.write(data)
+            return
+        view = memoryview(data)
+        try:
+            async with asyncio.timeout(timeout):
+                for i in range(0, len(view), BODY_CHUNK):
+                    self._proto.write(view[i:i + BODY_CHUNK])
+                    if self._proto.paused:
+                        await self._proto.drained()
+        except TimeoutError:
+            self.abort()
+            raise
 
     async def command(self, line: bytes, timeout: float) -> Reply:
         self.write(line + CRLF)
@@ -503,7 +541,7 @@ async def _pipelined(conn: Connection, mail: bytes, rcpts: Sequence[bytes], cont
         await conn.read(dt)
         return ex
     before_content()
-    conn.write(smtp_data.encode(content))  # one write: the whole content and the end of data
+    await conn.write_body(smtp_data.encode(content), dt)  # one write (in flow-controlled pieces past 256 KB)
     return Exchange(m, replies, d, await conn.read(dt))
 
 
@@ -527,5 +565,5 @@ async def _lockstep(conn: Connection, mail: bytes, rcpts: Sequence[bytes], conte
     d = await conn.command(b"DATA", dt)
     if d.code != 354:
         return Exchange(m, replies, d)
-    conn.write(smtp_data.encode(content))
+    await conn.write_body(smtp_data.encode(content), dt)
     return Exchange(m, replies, d, await conn.read(dt))
