@@ -502,3 +502,45 @@ def test_tls_session_resumption_with_postfix(testnet: TestNet) -> None:
     assert not other.tls.resumed and other.tls.security is TlsOutcome.UNAUTHENTICATED
     assert isinstance(refused, SessionError) and "fingerprint" in refused.reason
     assert len(cache) == 2  # the DANE and the encrypt requirement; never the refused one
+
+
+def test_large_body_to_a_slow_reader_is_flow_controlled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 MB content to a server that reads slowly: handed to the transport in pieces of at most
+    BODY_CHUNK, each after the transport drained (never the whole body at once, whose buffer asyncio would
+    copy and shift per send), and it arrives byte for byte, dot-stuffed."""
+    body = b"".join(b"." * (i % 2) + b"line %d\r\n" % i for i in range(200_000))
+    got: list[bytes] = []
+    sizes: list[int] = []
+    real_write = smtp_wire._Wire.write
+
+    def spy(self: smtp_wire._Wire, data: bytes | memoryview) -> None:
+        assert not self.paused  # flow control: nothing is written while the transport is above high water
+        sizes.append(len(data))
+        real_write(self, data)
+    monkeypatch.setattr(smtp_wire._Wire, "write", spy)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, b"250 PIPELINING\r\n")
+        await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 10)
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        data = b""
+        while not data.endswith(b"\r\n.\r\n"):
+            data += await asyncio.wait_for(reader.read(16384), 10)
+            await asyncio.sleep(0.0005)
+        got.append(data)
+        writer.write(b"250 2.0.0 ok\r\n")
+        await writer.drain()
+        await _lines(reader)
+
+    async def go() -> list[delivery.RecipientResult]:
+        server, port = await _serve(handler)
+        async with server:
+            s = await _open(port, timeouts=Timeouts(connect=3, greeting=3, command=10, data=60))
+            try:
+                return await delivery._transaction(s, "a@client.test", ["x@x.test"], body, [])
+            finally:
+                await s.close()
+    [res] = asyncio.run(go())
+    assert res.status is Outcome.DELIVERED
+    assert got == [body.replace(b"\r\n.", b"\r\n..") + b".\r\n"]
+    assert max(sizes) <= smtp_wire.BODY_CHUNK and sum(sizes) > len(body), sizes
