@@ -647,8 +647,8 @@ def _command(verb: bytes, path: bytes, options: Sequence[str]) -> bytes:
 async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,
                        mail_options: Sequence[str], dsn: Dsn | None = None,
                        smtputf8: bool = False) -> list[RecipientResult]:
-    """MAIL, RCPT per recipient, DATA — pipelined where the server offers it (``smtp_wire.transaction``):
-    each recipient's outcome from the server's own replies."""
+    """MAIL, RCPT per recipient, DATA (or BDAT) — pipelined where the server offers it
+    (``smtp_wire.transaction``): each recipient's outcome from the server's own replies."""
     conn = s.conn
     t = s.timeouts
     # RFC 6531 §3.4: the SMTPUTF8 parameter on MAIL FROM, then UTF-8 addresses in MAIL and RCPT
@@ -704,8 +704,8 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
             res.dsn, res.reason = reply.status, str(reply)
     if not accepted:
         return results
-    # the end of the transaction: the reply to DATA when it refused, else the reply after the content
-    end = ex.final if ex.data is not None and ex.data.code == 354 else ex.data
+    # the end of the transaction: the reply after the content (or to BDAT LAST), else DATA's refusal
+    end = ex.end
     assert end is not None
     ok = end.code == 250
     for i in accepted:

@@ -31,12 +31,19 @@ def crlf_only(content: bytes) -> bool:
     return content.count(b"\n") == crlf and content.count(b"\r") == crlf
 
 
-def encode(content: bytes) -> bytes:
-    """``content`` as the octets sent after the 354 reply, end-of-data line included."""
+def canonical(content: bytes) -> bytes:
+    """``content`` with CRLF line ends, ending in CRLF: what BDAT carries (RFC 3030 §2: no transparency, no
+    end-of-data line; the message the server stores is the same as after DATA)."""
     if not crlf_only(content):
         content = _LINE_END.sub(b"\r\n", content)  # RFC 5321 §2.3.8: only CRLF ends a line
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
+    return content
+
+
+def encode(content: bytes) -> bytes:
+    """``content`` as the octets sent after the 354 reply, end-of-data line included."""
+    content = canonical(content)
     # RFC 5321 §4.5.2: transparency, a leading "." doubled on every line
     if b"\r\n." in content:
         content = content.replace(b"\r\n.", b"\r\n..")

@@ -21,6 +21,11 @@ pipelines must check every reply (§3.1): if DATA was accepted although no recip
 the end-of-data dot alone, so the server ends the transaction without a message. Without PIPELINING, one
 command, one reply.
 
+**CHUNKING** (RFC 3030). Where the server offers it as well, a content up to :data:`BODY_CHUNK` goes as
+``BDAT <n> LAST`` and its n octets (CRLF line ends, no dot-stuffing, no end-of-data line) in the same
+write as MAIL and RCPT: one write and one round trip per message. A larger content waits for DATA's 354,
+so refused recipients never cost a large body sent in vain.
+
 **STARTTLS** (RFC 3207). After the server's 220 the next bytes on the connection must be the TLS
 handshake. A byte that the server sent after its 220 but before the handshake would be read as if it came
 over TLS — the "STARTTLS command injection" family of attacks (CVE-2011-0411 on the server side; on the
@@ -492,8 +497,14 @@ class Exchange:
 
     mail: Reply
     rcpts: tuple[Reply, ...]      # one per RCPT, in order (none when MAIL was refused without pipelining)
-    data: Reply | None = None     # the reply to DATA; None: not sent (no recipient accepted, unpipelined)
-    final: Reply | None = None    # the reply after the content; None: no content was sent
+    data: Reply | None = None     # the reply to DATA; None: not sent (BDAT, or no recipient accepted)
+    final: Reply | None = None    # the reply after the content (or to BDAT LAST); None: no content sent
+
+    @property
+    def end(self) -> Reply | None:
+        """The reply that ends the transaction for the accepted recipients: after the content, else the
+        refusal of DATA."""
+        return self.final if self.final is not None else self.data
 
     @property
     def accepted(self) -> list[int]:
@@ -522,8 +533,22 @@ async def transaction(conn: Connection, mail: bytes, rcpts: Sequence[bytes], con
 
 async def _pipelined(conn: Connection, mail: bytes, rcpts: Sequence[bytes], content: bytes, reset: bool,
                      ct: float, dt: float, before_content: Callable[[], None]) -> Exchange:
-    # RFC 2920 §3.1: RSET, MAIL and RCPT anywhere in a group, DATA only last: one write
     group = [b"RSET"] if reset else []
+    if conn.supports("chunking") and len(content) <= BODY_CHUNK:
+        # RFC 3030 §2, §4.2: BDAT with its octets may follow MAIL and RCPT in the same group; one chunk,
+        # LAST, no transparency. The server consumes the octets even if it refuses the chunk (§2), so a
+        # refused recipient costs at most BODY_CHUNK octets sent in vain; larger contents wait for DATA's 354.
+        body = smtp_data.canonical(content)
+        before_content()
+        conn.write(CRLF.join([*group, mail, *rcpts, b"BDAT %d LAST" % len(body), b""]) + body)
+        if reset:
+            r = await conn.read(ct)
+            if r.code != 250:
+                raise ReplyError("RSET", r)
+        m = await conn.read(ct)
+        replies = tuple([await conn.read(ct) for _ in rcpts])
+        return Exchange(m, replies, None, await conn.read(dt))
+    # RFC 2920 §3.1: RSET, MAIL and RCPT anywhere in a group, DATA only last: one write
     conn.write(CRLF.join([*group, mail, *rcpts, b"DATA", b""]))
     if reset:
         r = await conn.read(ct)

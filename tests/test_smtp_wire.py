@@ -110,6 +110,18 @@ def test_fuzz_hostile_bytes(wire: bytes, chunk: int) -> None:
         pass
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\n", b"\r", b"\r\n.", b"\xff"]), max_size=30))
+def test_bdat_content_is_data_content_without_transparency(parts: list[bytes]) -> None:
+    """RFC 3030 §2 vs RFC 5321 §4.5.2: BDAT carries the canonical content; DATA the same, dot-stuffed, and the
+    end-of-data line — so the server stores the same message either way."""
+    from postgate.outbound import smtp_data
+    c = smtp_data.canonical(b"".join(parts))
+    assert c.endswith(b"\r\n") and smtp_data.crlf_only(c)
+    stuffed = (b"." if c.startswith(b".") else b"") + c.replace(b"\r\n.", b"\r\n..")
+    assert smtp_data.encode(b"".join(parts)) == stuffed + b".\r\n"
+
+
 # --- raw adversary servers -------------------------------------------------------------------------------
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -401,8 +413,8 @@ def test_starttls_injection_under_opportunistic_tls_is_no_cleartext_retry(tmp_pa
 # --- a real pipelining server: Postfix -------------------------------------------------------------------
 
 def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Against Postfix (which offers PIPELINING), over DANE-verified TLS: one write carries MAIL, every RCPT
-    and DATA; accepted, refused (5xx) and deferred (4xx) recipients each get their own outcome; a second
+    """Against Postfix (which offers PIPELINING and CHUNKING), over DANE-verified TLS: one write carries MAIL,
+    every RCPT and BDAT LAST with the content; accepted, refused (5xx) and deferred (4xx) recipients each get their own outcome; a second
     message reuses the connection (RSET in the group); a message whose recipients are all refused is
     answered by Postfix's refusal of DATA."""
     from fixtures.postfix import Postfix
@@ -446,8 +458,9 @@ def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytes
     assert [(r.status, r.reply and r.reply.code) for r in refused] == [(Outcome.BOUNCED, 554)] * 2
     assert "no such user" in refused[0].text and "gone" in refused[1].text
     assert third[0].status is Outcome.DELIVERED
+    # RFC 3030: Postfix offers CHUNKING too, so BDAT LAST and the content close each group
     groups = [w for w in writes if b"MAIL FROM:" in w]
-    assert len(groups) == 3 and all(w.endswith(b"DATA\r\n") for w in groups), groups
+    assert len(groups) == 3 and all(b"\r\nBDAT " in w and w.endswith(message(token)) for w in groups), groups
     assert groups[0].count(b"RCPT TO:") == 4 and not groups[0].startswith(b"RSET")
     assert groups[1].startswith(b"RSET\r\nMAIL FROM:") and groups[2].startswith(b"RSET\r\n")
     assert log.count("]: connect from") == 2, log  # the fixture's probe, then one connection for all three
@@ -544,3 +557,75 @@ def test_large_body_to_a_slow_reader_is_flow_controlled(monkeypatch: pytest.Monk
     assert res.status is Outcome.DELIVERED
     assert got == [body.replace(b"\r\n.", b"\r\n..") + b".\r\n"]
     assert max(sizes) <= smtp_wire.BODY_CHUNK and sum(sizes) > len(body), sizes
+
+
+def test_bdat_with_chunking_server() -> None:
+    """RFC 3030: to a server offering CHUNKING, MAIL, RCPT and ``BDAT n LAST`` with exactly n octets — line
+    ends made CRLF, no dot-stuffing, no end-of-data line — in one write; a refused recipient keeps its reply."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, b"250-PIPELINING\r\n250 CHUNKING\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b" LAST\r\n"), 10)
+        size = int(head.rsplit(b"BDAT ", 1)[1].split()[0])
+        seen.extend([head, await asyncio.wait_for(reader.readexactly(size), 10)])
+        writer.write(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 2.0.0 queued\r\n")
+        await writer.drain()
+        await _lines(reader)
+
+    async def go() -> list[delivery.RecipientResult]:
+        server, port = await _serve(handler)
+        async with server:
+            s = await _open(port)
+            try:
+                return await delivery._transaction(s, "a@client.test", ["y@x.test", "n@x.test"],
+                                                   b"Subject: b\n\n.dot\n..two\r\n.\nend", [])
+            finally:
+                await s.close()
+    results = asyncio.run(go())
+    assert [(r.status, r.dsn) for r in results] == [(Outcome.DELIVERED, "2.0.0"), (Outcome.BOUNCED, "5.1.1")]
+    want = b"Subject: b\r\n\r\n.dot\r\n..two\r\n.\r\nend\r\n"
+    assert seen == [b"MAIL FROM:<a@client.test>\r\nRCPT TO:<y@x.test>\r\nRCPT TO:<n@x.test>\r\n"
+                    b"BDAT %d LAST\r\n" % len(want), want]
+
+
+def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 100 KB content with leading dots, lone dots and tabs, sent with BDAT to Postfix, is stored byte for
+    byte (Postfix's hold queue keeps it for postcat)."""
+    import subprocess
+
+    from fixtures.postfix import Postfix
+
+    assert testnet.pki is not None
+    chain, key = testnet.pki.paths("mx.bench.test")
+    writes: list[bytes] = []
+    real_write = smtp_wire.Connection.write
+
+    def spy(self: smtp_wire.Connection, data: bytes) -> None:
+        writes.append(data)
+        real_write(self, data)
+    monkeypatch.setattr(smtp_wire.Connection, "write", spy)
+    token = secrets.token_hex(6)
+    body = b"".join(b"." * (i % 3) + b"line %d\t of the body \r\n" % i for i in range(3000)) + b".\r\n"
+    data = f"From: a@client.test\r\nSubject: {token}\r\n\r\n".encode() + body
+    sink = Postfix("127.0.1.60", myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
+                   smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key), smtpd_tls_security_level="may",
+                   local_transport="discard:",
+                   smtpd_recipient_restrictions="check_recipient_access inline:{{held@bench.test=HOLD}}, "
+                   "permit_mynetworks, reject")
+    with sink:
+        d = deliverer(testnet, Policy())
+
+        async def go() -> list[delivery.RecipientResult]:
+            try:
+                return await d.deliver("a@client.test", ["held@bench.test"], data)
+            finally:
+                await d.close()
+        [res] = asyncio.run(go())
+        assert res.status is Outcome.DELIVERED, res.text
+        held = subprocess.run(["postqueue", "-c", str(sink.dir), "-j"], capture_output=True, text=True).stdout
+        [qid] = [ln.split('"queue_id": "')[1].split('"')[0] for ln in held.splitlines() if '"hold"' in ln]
+        got = subprocess.run(["postcat", "-c", str(sink.dir), "-b", "-q", qid], capture_output=True).stdout
+    sink.cleanup()
+    assert any(b"\r\nBDAT " in w and w.endswith(body) for w in writes)
+    assert got.split(b"*** MESSAGE CONTENTS", 1)[-1].split(b"\n", 1)[1].replace(b"\n", b"\r\n") == body
