@@ -316,8 +316,11 @@ def profile(pid: int, seconds: int, out: Path) -> list[tuple[str, float]]:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        leaf = stack.split(";")[-1]
-        own[re.sub(r" \(.*/site-packages/", " (", leaf)] += int(count)
+        frames = stack.split(";")
+        leaf = re.sub(r" \(.*/site-packages/", " (", frames[-1])
+        # the caller names which path the time belongs to (e.g. whose transport.write: smtpd or client)
+        caller = frames[-2].split(" (")[0] if len(frames) > 1 else ""
+        own[leaf + (f" ← {caller}" if caller else "")] += int(count)
         total += int(count)
     return [(f, 100 * n / total) for f, n in own.most_common(15)] if total else []
 
@@ -419,9 +422,10 @@ def main() -> int:
                                   milter_protocol="6").start()
                 roots[POSTFIX_DKIM] = (postfix_master(pfd), odkim.procs[0].pid)
                 targets.append((POSTFIX_DKIM, "127.0.2.16"))
-            # the idle-sessions test and the profile: the first one-process pre-queue Postgate measured
-            pq = next((srv for name, _, srv in servers if "pre-queue" in name and "workers" not in name),
-                      servers[0][2])
+            # the idle-sessions test and the profile: the one-process uvloop pre-queue Postgate, or with
+            # BENCH_MTAS the first pre-queue configuration that runs
+            pq_name, _, pq = next((m for m in servers if m[0] == "Postgate pre-queue, uvloop"),
+                                  next((m for m in servers if "pre-queue" in m[0]), servers[0]))
             assert pq.proc is not None
             try:
                 for run in range(RUNS):
@@ -433,7 +437,6 @@ def main() -> int:
                             print(f"run {run + 1} {label} C={c} {name}: {r.relay:,.0f} relayed/s, "
                                   f"{r.cpu_ms:.2f} ms CPU/msg", flush=True)
                 # concurrency: idle sessions on the pre-queue Postgate while the 2 KB load runs
-                pq_name = next(name for name, _, srv in servers if srv is pq)
                 rss0 = rss_kib(pq.proc.pid)
                 idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, pq.address, str(IDLE)],
                                         stdout=subprocess.PIPE, text=True)

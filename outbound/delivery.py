@@ -28,20 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import aiosmtplib
-from postgate.outbound import smtp_data
+from postgate.outbound import smtp_wire
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.downgrade import DowngradeMemory, Protection
 from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
 from postgate.outbound.nexthop import Failure, MXHost, NextHop, caps_owner, resolve_nexthop
 from postgate.outbound.resolver import Resolver
 from postgate.outbound.smtp_client import Session, SessionError, Timeouts, open_session
+from postgate.outbound.smtp_wire import ReplyError, WireError
 from postgate.policy import metrics, tlsrpt
 from postgate.policy.logline import arrival_of, delays
 from postgate.policy.maps import Relay, TlsPolicyMap, TransportMap, parse_relay
@@ -622,67 +623,98 @@ def host_facts(host: MXHost) -> HostFacts:
         caps_owner=caps_owner(host.name).to_text(omit_final_dot=True))
 
 
+# RFC 5321 §4.1.2: a mailbox on a command line; outside a quoted local part, no white space or angle
+# brackets (they would end the path and smuggle parameters or commands), and CR, LF, NUL nowhere
+_QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"(?=@|$)')
+_UNSAFE = re.compile(r"[\s<>]")
+
+
+def _path(address: str, encoding: str) -> bytes:
+    """``<address>`` for MAIL FROM / RCPT TO (RFC 5321 §4.1.2; ``<>`` for the null reverse-path); ValueError
+    for an address that cannot be put on a command line safely."""
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1]
+    if any(c in a for c in "\r\n\0") or _UNSAFE.search(_QUOTED_LOCAL.sub("", a, count=1)):
+        raise ValueError(f"address {address!r} cannot be sent on an SMTP command line")
+    return b"<" + a.encode(encoding) + b">"
+
+
+def _command(verb: bytes, path: bytes, options: Sequence[str]) -> bytes:
+    return b" ".join([verb + path, *(o.encode("ascii") for o in options)])
+
+
 async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: bytes,
                        mail_options: Sequence[str], dsn: Dsn | None = None,
                        smtputf8: bool = False) -> list[RecipientResult]:
-    """MAIL, RCPT per recipient, DATA: each recipient's outcome from the server's own replies."""
-    smtp = s.smtp
+    """MAIL, RCPT per recipient, DATA (or BDAT) — pipelined where the server offers it
+    (``smtp_wire.transaction``): each recipient's outcome from the server's own replies."""
+    conn = s.conn
     t = s.timeouts
     # RFC 6531 §3.4: the SMTPUTF8 parameter on MAIL FROM, then UTF-8 addresses in MAIL and RCPT
     enc = "utf-8" if smtputf8 else "ascii"
+    opts = [o for o in mail_options if conn.supports(o.split("=")[0].lower())]
+    if smtputf8:
+        opts.append("SMTPUTF8")
+    with_dsn = dsn is not None and conn.supports("dsn")
+    if with_dsn:  # RFC 3461 §5.2.1: a DSN-capable next hop gets the parameters
+        assert dsn is not None
+        opts += dsn.mail_options()
+    results: list[RecipientResult] = []
+    sent: list[RecipientResult] = []   # the recipients whose RCPT goes out, in order
+    lines: list[bytes] = []
     try:
-        if s.messages:
-            await smtp.rset(timeout=t.command)
-        opts = [o for o in mail_options if smtp.supports_extension(o.split("=")[0].lower())]
-        if smtputf8:
-            opts.append("SMTPUTF8")
-        with_dsn = dsn is not None and smtp.supports_extension("dsn")
-        if with_dsn:  # RFC 3461 §5.2.1: a DSN-capable next hop gets the parameters
-            assert dsn is not None
-            opts += dsn.mail_options()
         try:
-            await smtp.mail(sender, options=opts, encoding=enc, timeout=t.command)
-        except aiosmtplib.SMTPSenderRefused as e:
-            reply = Reply.parse(e.code, e.message)
-            raise SessionError(f"MAIL FROM refused by {s.mx}: {reply}", code=e.code,
-                               temporary=e.code < 500, dsn=reply.status) from e
-        results: list[RecipientResult] = []
-        accepted: list[str] = []
+            mail = _command(b"MAIL FROM:", _path(sender, enc), opts)
+        except UnicodeError:
+            raise
+        except ValueError as e:
+            raise SessionError(f"sender: {e}", code=553, temporary=False, dsn="5.1.7") from e
         for r in rcpts:
             try:
-                resp = await smtp.rcpt(r, options=dsn.rcpt_options(r) if with_dsn and dsn else [],
-                                       encoding=enc, timeout=t.command)
-                accepted.append(r)
-                results.append(RecipientResult(r, Outcome.DELIVERED, "", reply=Reply.parse(resp.code, resp.message),
-                                               relayed_without_dsn=dsn is not None and not with_dsn))
-            except aiosmtplib.SMTPRecipientRefused as e:
-                reply = Reply.parse(e.code, e.message)
-                status = Outcome.BOUNCED if e.code >= 500 else Outcome.DEFERRED
-                results.append(RecipientResult(r, status, reply.status, str(reply), reply=reply))
-        if not accepted:
-            await smtp.rset(timeout=t.command)
+                line = _command(b"RCPT TO:", _path(r, enc), dsn.rcpt_options(r) if with_dsn and dsn else [])
+            except UnicodeError:
+                raise
+            except ValueError as e:  # RFC 3463: 5.1.3 bad destination mailbox address syntax
+                results.append(RecipientResult(r, Outcome.BOUNCED, "5.1.3", str(e)))
+                continue
+            res = RecipientResult(r, Outcome.DELIVERED, "", relayed_without_dsn=dsn is not None and not with_dsn)
+            results.append(res)
+            sent.append(res)
+            lines.append(line)
+        if not sent:
             return results
-        crashpoint("delivery-before-data")
-        try:
-            resp = await smtp_data.send_data(smtp, data, t.data)  # bulk, one write (issue 20)
-        except aiosmtplib.SMTPDataError as e:
-            reply = Reply.parse(e.code, e.message)
-            status = Outcome.BOUNCED if e.code >= 500 else Outcome.DEFERRED
-            for res in results:
-                if res.recipient in accepted:
-                    res.status, res.dsn, res.reply, res.reason = status, reply.status, reply, str(reply)
-            return results
-        reply = Reply.parse(resp.code, resp.message)
-        for res in results:
-            if res.recipient in accepted:
-                res.dsn, res.reply = reply.status, reply
-        return results
-    except aiosmtplib.SMTPResponseException as e:
-        raise SessionError(f"{s.mx}[{s.address}] said {e.code} {e.message}", code=e.code,
-                           temporary=e.code < 500) from e
-    except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as e:
+        ex = await smtp_wire.transaction(conn, mail, lines, data, reset=s.messages > 0,
+                                         command_timeout=t.command, data_timeout=t.data,
+                                         before_content=lambda: crashpoint("delivery-before-data"))
+    except (WireError, OSError, TimeoutError, UnicodeError) as e:
+        if isinstance(e, ReplyError):
+            # a refused RSET says nothing about this message: the connection is unusable, try again
+            raise SessionError(f"{s.mx}[{s.address}] said {e.reply} to RSET", code=e.reply.code) from e
         raise SessionError(f"lost connection with {s.mx}[{s.address}] during the transaction: "
                            f"{type(e).__name__}: {e}") from e
+    if ex.mail.code != 250:
+        raise SessionError(f"MAIL FROM refused by {s.mx}: {ex.mail}", code=ex.mail.code,
+                           temporary=ex.mail.code < 500, dsn=ex.mail.status)
+    accepted = set(ex.accepted)
+    for i, (res, reply) in enumerate(zip(sent, ex.rcpts, strict=True)):
+        res.reply = reply
+        if i not in accepted:
+            res.status = Outcome.BOUNCED if reply.code >= 500 else Outcome.DEFERRED
+            res.dsn, res.reason = reply.status, str(reply)
+    if not accepted:
+        return results
+    # the end of the transaction: the reply after the content (or to BDAT LAST), else DATA's refusal
+    end = ex.end
+    assert end is not None
+    ok = end.code == 250
+    for i in accepted:
+        res = sent[i]
+        res.dsn, res.reply = end.status, end
+        if not ok:  # RFC 5321 §4.1.1.4: a refused DATA or content refuses every accepted recipient
+            res.status = Outcome.BOUNCED if end.code >= 500 else Outcome.DEFERRED
+            res.reason = str(end)
+    return results
 
 
 def _log_result(qid: str, r: RecipientResult, delay: float, start_wall: float = 0.0) -> None:

@@ -6,23 +6,33 @@ STARTTLS with SNI set to the TLSA base domain (RFC 7672 §8.1), and authenticate
 handshake and *before* any mail command, from the chain it presented (DANE per RFC 7672 §3, PKIX, or a
 fingerprint). Any failure where TLS or authentication is required raises :class:`SessionError` and the
 connection is dropped: Postgate never continues in cleartext when TLS was required (RFC 7672 §2.2).
+Bytes injected between the 220 to STARTTLS and the handshake are such a failure too (RFC 3207 §4; see
+``smtp_wire``), and never lead to a cleartext retry.
+
+A later connection under the same requirement may resume the TLS session (:class:`TlsSessionCache`); a
+resumed handshake shows no certificate, so it inherits the verdict of the full handshake that was
+authenticated under exactly the same key — and only such a one was kept.
+
+A 5xx reply to EHLO is answered with HELO (RFC 5321 §3.2; Postfix does the same): a server without
+extensions, so without STARTTLS — where TLS is required that fails as a missing STARTTLS does.
 
 Every network step has a timeout (RFC 5321 §4.5.3.2 gives the classic values; ours are configurable).
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import os
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import aiosmtplib
 from cryptography import x509
 from postgate.outbound import dane
+from postgate.outbound.smtp_wire import Connection, InjectionError, WireError
 from postgate.policy import caps as capsmod
 from postgate.policy.tls import Auth, Requirement, TLSMode
 from postgate.policy.vocab import DANE_EE, SHA256, SPKI, Reply, Tlsa, TlsOutcome
@@ -71,11 +81,58 @@ class TLSState:
     chain: list[x509.Certificate] = field(default_factory=list)
     tlsa_matched: Tlsa | None = None
     detail: str = ""
+    resumed: bool = False   # the handshake resumed a cached session (RFC 8446 §2.2): no certificate was sent
 
 
-def peer_chain(smtp: aiosmtplib.SMTP) -> list[x509.Certificate]:
-    """The certificate chain the server sent, leaf first, unverified."""
-    obj = smtp.get_transport_info("ssl_object")
+@dataclass(frozen=True)
+class _Resumable:
+    session: ssl.SSLSession
+    context: ssl.SSLContext
+    tls: TLSState          # the verdict of the full handshake that made the session
+    expires: float
+
+
+class TlsSessionCache:
+    """Outbound TLS session resumption (RFC 8446 §2.2 tickets, RFC 5077 for TLS 1.2), like Postfix's
+    ``smtp_tls_session_cache``: a resumed handshake presents no certificate, so it may only inherit a verdict
+    made under exactly the same rules. A session is kept only after the server was authenticated as its
+    requirement demands (and every check of the session passed), and it is offered again only under the same
+    key — address, port, SNI and the whole requirement (auth mode, TLSA records, reference names,
+    fingerprints, protocols and ciphers, capability record) — and with the same SSLContext; the TLS state of
+    the full handshake (security, matched TLSA record, chain) travels with it. Bounded in size and age
+    (Postfix's ``smtp_tls_session_cache_timeout``, 3600 s)."""
+
+    def __init__(self, size: int = 1000, lifetime: float = 3600.0) -> None:
+        self.size = size
+        self.lifetime = lifetime
+        self._entries: OrderedDict[tuple[object, ...], _Resumable] = OrderedDict()
+
+    def get(self, key: tuple[object, ...], context: ssl.SSLContext) -> _Resumable | None:
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if e.context is not context or e.expires <= time.time():
+            del self._entries[key]
+            return None
+        return e
+
+    def put(self, key: tuple[object, ...], context: ssl.SSLContext, session: ssl.SSLSession,
+            tls: TLSState) -> None:
+        life = min(self.lifetime, float(session.timeout or self.lifetime))
+        self._entries[key] = _Resumable(session, context, replace(tls, resumed=False), session.time + life)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SESSIONS = TlsSessionCache()  # one per process, shared by every delivery
+
+
+def peer_chain(obj: ssl.SSLObject | None) -> list[x509.Certificate]:
+    """The certificate chain the server sent, leaf first, unverified (from the connection's SSL object)."""
     if obj is None:
         return []
     inner = getattr(obj, "_sslobj", obj)
@@ -153,11 +210,11 @@ def pkix_name_ok(chain: Sequence[x509.Certificate], patterns: Sequence[str]) -> 
 
 
 class Session:
-    """An open SMTP session, possibly TLS-protected and authenticated."""
+    """An open SMTP session, possibly TLS-protected and authenticated, over one :class:`Connection`."""
 
-    def __init__(self, smtp: aiosmtplib.SMTP, address: str, port: int, mx: str, tls: TLSState,
+    def __init__(self, conn: Connection, address: str, port: int, mx: str, tls: TLSState,
                  timeouts: Timeouts) -> None:
-        self.smtp = smtp
+        self.conn = conn
         self.address = address
         self.port = port
         self.mx = mx
@@ -167,50 +224,46 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        return self.smtp.is_connected
+        return self.conn.alive
 
     def supports(self, ext: str) -> bool:
-        return self.smtp.supports_extension(ext)
+        return self.conn.supports(ext)
 
     async def close(self) -> None:
-        try:
-            if self.smtp.is_connected:
-                await asyncio.wait_for(self.smtp.quit(), 5)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            pass
-        finally:
-            self.smtp.close()
+        await self.conn.quit(5)  # QUIT with a short wait for the 221, then close
 
 
 async def open_session(address: str, port: int, mx: str, req: Requirement, *, helo: str,
                        timeouts: Timeouts = Timeouts(), ca_file: str | None = None,
-                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None) -> Session:
+                       auth: tuple[str, str] | None = None, now: dt.datetime | None = None,
+                       sessions: TlsSessionCache | None = SESSIONS) -> Session:
     """Connect and establish what ``req`` demands, or raise SessionError.
 
     ``req.caps`` is a DNSSEC-secure MTA-capability record: every promise it makes is checked, and a broken
-    one raises SessionError as a suspected attack (docs/mta-caps.md §5)."""
+    one raises SessionError as a suspected attack (docs/mta-caps.md §5). ``sessions``: where TLS sessions
+    are resumed from and kept (None: always a full handshake)."""
     caps, caps_name, sni = req.caps, req.caps_owner, req.sni
-    smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=timeouts.command,
-                           use_tls=False, start_tls=False, validate_certs=False)
+    cache_key = (address, port, sni, req.key())  # req.key() holds the auth mode, TLSA, names, params, caps
+    ctx: ssl.SSLContext | None = None
     try:
-        await asyncio.wait_for(smtp.connect(timeout=timeouts.connect), timeouts.connect + 1)
-    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as e:
-        smtp.close()
-        raise SessionError(f"connect to {mx}[{address}]:{port}: {e}", dsn="4.4.1") from e
-    except aiosmtplib.SMTPResponseException as e:  # greeting refused
-        smtp.close()
-        raise SessionError(f"{mx}[{address}] greeting: {e.code} {e.message}", code=e.code,
-                           temporary=e.code < 500, dsn="4.4.2" if e.code < 500 else "5.4.0") from e
+        conn = await Connection.open(address, port, timeouts.connect)
+    except (OSError, TimeoutError) as e:
+        raise SessionError(f"connect to {mx}[{address}]:{port}: {type(e).__name__}: {e}", dsn="4.4.1") from e
     tls = TLSState()
     try:
-        await smtp.ehlo()
+        greeting = await conn.read(timeouts.greeting)
+        if greeting.code != 220:  # RFC 5321 §3.1: 220 opens the session, 554 refuses it
+            raise _said(f"{mx}[{address}] greeting:", greeting)
+        ehlo = await conn.ehlo(helo, timeouts.command, helo_fallback=True)
+        if ehlo.code != 250:
+            raise _said(f"{mx}[{address}] said", ehlo)
         dane_required = req.auth is Auth.DANE
         if caps is not None and req.tls is not TLSMode.NONE:
-            missing = capsmod.broken_before_tls(caps, smtp.supports_extension("starttls"))
+            missing = capsmod.broken_before_tls(caps, conn.supports("starttls"))
             if missing:
                 raise _caps_error(missing, mx, address, caps_name)
         if req.tls is not TLSMode.NONE:
-            if not smtp.supports_extension("starttls"):
+            if not conn.supports("starttls"):
                 if req.tls is TLSMode.REQUIRED:
                     # RFC 7672 §2.2: with usable TLSA, a missing STARTTLS is a downgrade attack sign
                     raise SessionError(
@@ -220,58 +273,72 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
                         tls_result=TlsOutcome.STARTTLS_NOT_SUPPORTED)
             else:
                 ctx = client_context(req, ca_file)
+                cached = sessions.get(cache_key, ctx) if sessions is not None else None
                 try:
-                    await asyncio.wait_for(
-                        smtp.starttls(server_hostname=sni or None, tls_context=ctx, timeout=timeouts.tls),
-                        timeouts.tls + 1)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
+                    await conn.starttls(ctx, sni or None, timeouts.tls, cached.session if cached else None)
+                except (WireError, ssl.SSLError, OSError, TimeoutError) as e:
                     msg = f"TLS handshake with {mx}[{address}] failed: {type(e).__name__}: {e}"
-                    if req.tls is TLSMode.OPTIONAL:
+                    # RFC 3207 §4: bytes injected before the handshake are an attack sign, like a failed one
+                    if req.tls is TLSMode.OPTIONAL and not isinstance(e, InjectionError):
                         raise SessionError(msg, cleartext_retry=True, tls_result=handshake_result(e)) from e
                     raise SessionError(msg + (" — suspected attack" if dane_required else ""),
                                        suspected_attack=dane_required, dsn="4.7.5",
                                        tls_result=handshake_result(e)) from e
-                obj = smtp.get_transport_info("ssl_object")
+                obj = conn.ssl_object
                 tls.version = obj.version() if obj else None
-                tls.cipher = obj.cipher()[0] if obj and obj.cipher() else None
-                tls.chain = peer_chain(smtp)
-                _authenticate(tls, req, mx, address, now)
-                await smtp.ehlo()  # RFC 3207 §4.2: forget pre-TLS capabilities, ask again
+                cipher = obj.cipher() if obj else None
+                tls.cipher = cipher[0] if cipher else None
+                if cached is not None and obj is not None and obj.session_reused:
+                    # the server resumed the session authenticated under this very key: its verdict holds
+                    tls.security, tls.tlsa_matched, tls.detail = (cached.tls.security, cached.tls.tlsa_matched,
+                                                                  cached.tls.detail)
+                    tls.chain, tls.resumed = list(cached.tls.chain), True
+                else:
+                    tls.chain = peer_chain(obj)
+                    _authenticate(tls, req, mx, address, now)
+                ehlo = await conn.ehlo(helo, timeouts.command)  # RFC 3207 §4.2: ask again after TLS
+                if ehlo.code != 250:
+                    raise _said(f"{mx}[{address}] said", ehlo)
                 if caps is not None:
-                    ext = smtp.esmtp_extensions
-                    size = ext.get("size", "")
+                    ext = conn.extensions
                     seen = capsmod.Observed(True, tls.version, tls.security is TlsOutcome.DANE_VERIFIED,
-                                            frozenset(k.upper() for k in ext),
-                                            int(size) if size.isdigit() else None)
+                                            frozenset(k.upper() for k in ext.keywords), ext.size)
                     missing = capsmod.broken(caps, seen)
                     if missing:
                         raise _caps_error(missing, mx, address, caps_name)
-        if req.requiretls and not smtp.supports_extension("requiretls"):
+        if req.requiretls and not conn.supports("requiretls"):
             # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS
             raise SessionError(f"{mx} does not offer REQUIRETLS, required for this message", dsn="4.7.30")
         if auth is not None:
             if tls.security is TlsOutcome.CLEARTEXT:
                 raise SessionError(f"refusing SMTP AUTH to {mx} without TLS", dsn="4.7.0")
-            try:
-                # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
-                if "plain" in smtp.server_auth_methods:
-                    await smtp.auth_plain(auth[0], auth[1])
-                else:
-                    await smtp.login(auth[0], auth[1])
-            except aiosmtplib.SMTPAuthenticationError as e:
-                raise SessionError(f"SMTP AUTH to {mx} failed: {e.code} {e.message}", code=e.code,
-                                   dsn="4.7.8") from e
+            if not {"PLAIN", "LOGIN"} & set(conn.extensions.auth):
+                raise SessionError(f"{mx} offers no SMTP AUTH mechanism Postgate uses (PLAIN, LOGIN)",
+                                   dsn="4.7.0")
+            # RFC 4954 with RFC 4616 PLAIN (one round trip) when offered, else LOGIN
+            r = await conn.auth(auth[0], auth[1], timeouts.command)
+            if r.code != 235:  # RFC 4954 §6: 235 is success
+                raise SessionError(f"SMTP AUTH to {mx} failed: {r.code} {r.enhanced + ' ' if r.enhanced else ''}"
+                                   f"{r.text}", code=r.code, dsn="4.7.8")
     except SessionError:
-        smtp.close()
+        conn.abort()
         raise
-    except aiosmtplib.SMTPResponseException as e:
-        smtp.close()
-        raise SessionError(f"{mx}[{address}] said {e.code} {e.message}", code=e.code,
-                           temporary=e.code < 500) from e
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        smtp.close()
+    except (WireError, OSError, TimeoutError) as e:
+        conn.abort()
         raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
-    return Session(smtp, address, port, mx, tls, timeouts)
+    obj = conn.ssl_object
+    if sessions is not None and ctx is not None and obj is not None and tls.security is not TlsOutcome.CLEARTEXT:
+        # every check passed: keep the session (TLS 1.3: the ticket came with the first records after the
+        # handshake, read with the second EHLO's reply) for the next connection under the same key
+        session = obj.session
+        if session is not None and (session.has_ticket or session.id):
+            sessions.put(cache_key, ctx, session, tls)
+    return Session(conn, address, port, mx, tls, timeouts)
+
+
+def _said(what: str, r: Reply) -> SessionError:
+    """A refusal reply as the session's failure: permanent for 5xx (RFC 5321 §4.2.1)."""
+    return SessionError(f"{what} {r}", code=r.code, temporary=r.code < 500)
 
 
 def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> SessionError:
@@ -285,7 +352,7 @@ def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> Sessio
 def handshake_result(e: BaseException) -> TlsOutcome:
     """RFC 8460 §4.3.1: the result type of a failed TLS handshake (a PKIX verification error says which)."""
     while not isinstance(e, ssl.SSLCertVerificationError) and (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # aiosmtplib may wrap the ssl error
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]  # asyncio may wrap the ssl error
     if isinstance(e, ssl.SSLCertVerificationError):
         code = getattr(e, "verify_code", 0)
         if code == 10:   # X509_V_ERR_CERT_HAS_EXPIRED

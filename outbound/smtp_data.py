@@ -13,15 +13,12 @@ aiosmtplib does the same with two regular-expression substitutions over the whol
 pass that still builds a new body. Here the common case costs almost nothing: a body whose line ends are
 already all CRLF (``count`` in C, no copy) and in which no line starts with a dot is sent as it is, and
 dot-stuffing where needed is one ``bytes.replace``. Then the whole content goes out in one write, as one
-run of TLS records (see bench/README.md, issue 20).
+run of TLS records (``smtp_wire.transaction``; see bench/README.md, issue 20).
 """
 
 from __future__ import annotations
 
 import re
-
-import aiosmtplib
-from aiosmtplib.errors import SMTPDataError, SMTPServerDisconnected, SMTPTimeoutError
 
 # RFC 5321 §2.3.8: a CR not followed by LF, or an LF not preceded by CR
 _LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -34,43 +31,22 @@ def crlf_only(content: bytes) -> bool:
     return content.count(b"\n") == crlf and content.count(b"\r") == crlf
 
 
-def encode(content: bytes) -> bytes:
-    """``content`` as the octets sent after the 354 reply, end-of-data line included."""
+def canonical(content: bytes) -> bytes:
+    """``content`` with CRLF line ends, ending in CRLF: what BDAT carries (RFC 3030 §2: no transparency, no
+    end-of-data line; the message the server stores is the same as after DATA)."""
     if not crlf_only(content):
         content = _LINE_END.sub(b"\r\n", content)  # RFC 5321 §2.3.8: only CRLF ends a line
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
+    return content
+
+
+def encode(content: bytes) -> bytes:
+    """``content`` as the octets sent after the 354 reply, end-of-data line included."""
+    content = canonical(content)
     # RFC 5321 §4.5.2: transparency, a leading "." doubled on every line
     if b"\r\n." in content:
         content = content.replace(b"\r\n.", b"\r\n..")
     if content.startswith(b"."):
         content = b"." + content
     return content + END_OF_DATA
-
-
-async def send_data(smtp: aiosmtplib.SMTP, content: bytes, timeout: float | None) -> aiosmtplib.SMTPResponse:
-    """``DATA`` and the content in one write each; the final reply, or SMTPDataError as ``smtp.data`` raises.
-
-    Uses aiosmtplib's protocol object for the exchange (its command lock and reply reader), like its own
-    ``execute_data_command``, minus the per-line regular expressions."""
-    proto = smtp.protocol
-    lock = proto._command_lock if proto is not None else None
-    if proto is None or lock is None:
-        raise SMTPServerDisconnected("Connection lost")
-    wire = encode(content)
-    try:
-        async with lock:  # one command at a time on the connection
-            proto._response_pending = True  # a reply is expected: not unsolicited data
-            proto.write(b"DATA\r\n")
-            start = await proto.read_response(timeout=timeout)
-            if start.code != 354:  # RFC 5321 §4.1.1.4: the content follows only a 354
-                raise SMTPDataError(start.code, start.message)
-            proto._response_pending = True
-            proto.write(wire)
-            reply = await proto.read_response(timeout=timeout)
-    except (SMTPServerDisconnected, SMTPTimeoutError):
-        smtp.close()
-        raise
-    if reply.code != 250:
-        raise SMTPDataError(reply.code, reply.message)
-    return reply
