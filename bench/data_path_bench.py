@@ -1,6 +1,6 @@
 """CPU time per message of the smtpd's DATA path and pre-queue's content assembly, in process.
 
-Run: ``.venv/bin/python -m bench.data_path_bench [size] [count]`` (no network but loopback, no root). An
+Run: ``.venv/bin/python -m bench.data_path_bench [size] [count] [text]`` (loopback only, no root). An
 in-process SMTPServer (tests/smtpd_harness.py) receives ``count`` messages of ``size`` octets (default 1 MB,
 binary-ish lines with dots and tabs) over one connection from a client in another process; its handler
 does what pre-queue does before the delivery: the Received field, two DKIM signatures (RSA-2048 and
@@ -74,8 +74,10 @@ def main() -> None:
     dkim.generate(keydir, "own.test", "rsa1", "rsa")
     dkim.generate(keydir, "own.test", "ed1", "ed25519")
     handler = PreQueueLike(dkim.Signer(keydir, "own.test"))
+    text = len(sys.argv) > 3 and sys.argv[3] == "text"   # plain text lines instead of binary-ish ones
+    line = b"The quick brown fox jumps over the lazy dog, again and again, line after line.\r\n"
     message = (b"From: a@own.test\r\nTo: b@x.test\r\nSubject: bench\r\nMessage-ID: <1@own.test>\r\n\r\n"
-               + binaryish(size, 20))
+               + (line * (size // len(line)) if text else binaryish(size, 20)))
     with serve(Limits(max_message_size=size * 2), handler=handler) as srv:
         warm = multiprocessing.Process(target=client, args=(srv.port, message, 2))
         warm.start()
@@ -86,7 +88,7 @@ def main() -> None:
         p.join()
         cpu, wall = time.process_time() - t0, time.monotonic() - w0
     assert handler.count == count + 2
-    print(f"{size:,} octets x {count}: {cpu / count * 1e3:.2f} ms CPU per message (server process), "
+    print(f"{size:,} octets{' text' if text else ''} x {count}: {cpu / count * 1e3:.2f} ms CPU per message (server process), "
           f"{wall / count * 1e3:.2f} ms wall")
 
 

@@ -205,7 +205,8 @@ def xtext_value_ok(s: str) -> bool:
 
 def hop_count(data: bytes) -> int:
     """RFC 5321 §6.3: the number of ``Received:`` trace fields in the header (loop detection)."""
-    headers, _ = split_message(data)
+    end = data.find(b"\r\n\r\n")   # only the header section: split_message returns a copy of the body
+    headers, _ = split_message(data if end < 0 else data[:end + 4])
     return sum(1 for name, _ in headers if name.lower() == "received")
 
 

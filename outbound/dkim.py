@@ -437,7 +437,13 @@ def _from_domain(message: bytes) -> str | None:
     m = re.search(r"(?im)^from:(.*(?:\r\n[ \t].*)*)", head)
     if not m:
         return None
-    _, addr = email.utils.parseaddr(m.group(1).replace("\r\n", ""))
+    return _domain_of_from(m.group(1).replace("\r\n", ""))
+
+
+@functools.lru_cache(maxsize=1024)
+def _domain_of_from(value: str) -> str | None:
+    """The domain of a From field's address (RFC 5322 §3.6.2); cached, senders repeat (parseaddr: ~30 µs)."""
+    _, addr = email.utils.parseaddr(value)
     return domain_of(addr) or None
 
 

@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postgate.inbound.filters import split_message
 from postgate.inbound.smtpd import (
     HOPCOUNT_LIMIT,
     AuthThrottle,
     Limits,
     _has_long_line,
     _rate_limit_accept_errors,
+    hop_count,
     repair_header,
 )
 from postgate.outbound.queue import dsn
@@ -450,3 +452,13 @@ def test_line_limit_anywhere_in_a_large_message(at: int, length: int, ok: bool) 
         assert ok or b"998" in reply
         assert code(c.cmd(b"NOOP")) == 250
     assert [m[2] for m in srv.handler.messages] == ([message] if ok else [])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"Received: x", b"received:y", b" folded", b"", b"no colon", b"Subject: s",
+                                 b"Received: in\r\n\tfold"]), max_size=12))
+def test_hop_count_reads_only_the_header(lines: list[bytes]) -> None:
+    """RFC 5321 §6.3: Received fields of the header only (one in the body is not a hop), counted without
+    copying the body: the same count as from the whole message."""
+    data = b"\r\n".join(lines) + b"\r\n\r\nReceived: in the body\r\n"
+    assert hop_count(data) == sum(1 for n, _ in split_message(data)[0] if n.lower() == "received")
