@@ -88,7 +88,8 @@ def main() -> None:
         p.join()
         cpu, wall = time.process_time() - t0, time.monotonic() - w0
     assert handler.count == count + 2
-    print(f"{size:,} octets{' text' if text else ''} x {count}: {cpu / count * 1e3:.2f} ms CPU per message (server process), "
+    kind = " text" if text else ""
+    print(f"{size:,} octets{kind} x {count}: {cpu / count * 1e3:.2f} ms CPU per message (server process), "
           f"{wall / count * 1e3:.2f} ms wall")
 
 

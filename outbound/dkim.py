@@ -118,18 +118,19 @@ _last_body: list[Any] = [None, None, b""]
 
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4 relaxed body canonicalization, dkimpy's result byte for byte, with ``bytes.replace``
-    (C loops) instead of its regular expressions, which make one match object per space: 15 ms per MB of
-    text. Runs of WSP become one SP (tabs first, then double spaces halved until none is left), then the
-    one SP left before a line end goes (the same as removing the whole run first), then §3.4.3's empty
-    lines at the end."""
-    body = body.replace(b"\t", b" ")   # returns the same object when there is nothing to replace
-    while True:
-        shorter = body.replace(b"  ", b" ")
-        if len(shorter) == len(body):
-            break
-        body = shorter
-    body = body.replace(b" \r\n", b"\r\n")
+    and literal-prefix patterns instead of its ``[\\t ]+`` expressions, which match at every single space:
+    25 ms per MB of text, here 1-3 ms. Runs of WSP become one SP (tabs made spaces first, then runs of two
+    or more spaces replaced), then the one SP left before a line end goes (the same as removing the whole
+    run first), then §3.4.3's empty lines at the end."""
+    body = _SPACES.sub(b" ", body.replace(b"\t", b" "))   # a literal-prefix regex: C search, few matches
+    body = _SP_CRLF.sub(b"\r\n", body)
     return correct_empty_body(strip_trailing_lines(body))  # type: ignore[no-any-return]
+
+
+# literal patterns: the regex engine's prefix search beats bytes.find/replace on text full of spaces
+_SPACES = re.compile(rb"  +")
+_TWO_SPACES = re.compile(rb"  ")
+_SP_CRLF = re.compile(rb" \r\n")
 
 
 def _canonicalize_body_once(self: Any, body: bytes) -> bytes:
@@ -222,7 +223,7 @@ def _body_hash(message: bytes, start: int) -> bytes:
     """SHA-256 of the relaxed canonical body (RFC 6376 §3.4.3-§3.4.4) of ``message[start:]``, CRLF lines,
     hashed in place (a memoryview, no copy of the body)."""
     end = len(message)
-    if message.find(b"\t", start) >= 0 or message.find(b"  ", start) >= 0 or message.find(b" \r\n", start) >= 0:
+    if message.find(b"\t", start) >= 0 or _TWO_SPACES.search(message, start) or _SP_CRLF.search(message, start):
         return hashlib.sha256(relaxed_body(message[start:])).digest()  # the white-space rules apply
     # §3.4.3/§3.4.4: empty lines at the end ignored; a non-empty body ends in CRLF; an empty body is empty
     cut = end
@@ -238,11 +239,12 @@ def _body_hash(message: bytes, start: int) -> bytes:
 def _prepare(prefix: bytes, message: bytes, hdrs: list[bytes]) -> _Prepared | None:
     """Parse the header section of ``prefix + message`` as dkimpy does, select and hash the h= fields;
     None where dkimpy must do it (not all CRLF, no empty line, a line dkimpy refuses)."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        return None   # RFC 5321 §2.3.8 broken: dkimpy rewrites bare LFs, its way
+    # dkimpy splits lines at CRLF and at a bare LF (which it rewrites to CRLF in the body): with no bare LF
+    # both split alike. A bare CR is no line end for either, and stays in what is hashed (property-tested).
+    if message.count(b"\n") != message.count(b"\r\n"):
+        return None
     if prefix and (not prefix.endswith(b"\r\n") or b"\r\n\r\n" in prefix or prefix.startswith(b"\r\n")
-                   or prefix.count(b"\n") != prefix.count(b"\r\n") or prefix.count(b"\r") != prefix.count(b"\r\n")):
+                   or prefix.count(b"\n") != prefix.count(b"\r\n")):
         return None
     if message.startswith(b"\r\n"):
         head, body_start = prefix, 2

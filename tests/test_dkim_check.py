@@ -304,9 +304,10 @@ def _dkimpy_as_shipped(signer: dkim.Signer, message: bytes, now: int) -> bytes:
 _NAMES = [b"From", b"from", b"FROM", b"To", b"Subject", b"Date", b"Message-ID", b"Received", b"Cc", b"Reply-To",
           b"References", b"X-Mailer", b"Content-Type", b"MIME-Version", b"List-Id", b"Resent-From", b"Bad Name"]
 _VALUE_PARTS = [b" ", b"", b"a@own.test", b"<x@y>", b"word", b"  ", b"\t", b" \t ", b"\r\n ", b"\r\n\t",
-                b"\r\n  x", b"\xc3\xa9\xff", b"\x0b", b"\x0c", b"=?utf-8?q?J=C3=B6rg?=", b";", b":", b"(c)", b" , "]
+                b"\r\n  x", b"\xc3\xa9\xff", b"\x0b", b"\x0c", b"=?utf-8?q?J=C3=B6rg?=", b";", b":", b"(c)", b" , ",
+                b"\r", b"\r\n\r"]
 _BODY_PARTS = [b"a", b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b".", b"..", b"x y", b"\xff\x80", b"\r", b" \r\n",
-               b"\t\r\n", b"z" * 120]
+               b"\t\r\n", b"z" * 120, b" \r", b"\r\r\n"]
 
 
 @st.composite
