@@ -1,4 +1,17 @@
-"""DKIM signing of every message Postgate sends (RFC 6376, RFC 8463), with dkimpy.
+"""DKIM signing of every message Postgate sends (RFC 6376, RFC 8463).
+
+A DKIM signature is a header field, DKIM-Signature, whose tags name the signing domain (d=), the key's
+selector (s=, the key is published at ``<s>._domainkey.<d>``), the signed header fields (h=), the hash of
+the body (bh=) and the signature (b=). Both hashes are over a canonical form, so that harmless rewrites
+on the way do not break the signature; Postgate uses "relaxed" for both (RFC 6376 §3.4.2, §3.4.4):
+header names in lower case, folded lines unfolded, runs of spaces and tabs as one space; in the body,
+white space at line ends removed and empty lines at the end ignored. The header hash covers the listed
+fields, each name taking its instances from the bottom up (§5.4.2), then the DKIM-Signature field itself
+with b= empty (§3.7); b= is the RSA or Ed25519 signature of that hash.
+
+Postgate computes this itself for messages whose lines all end in CRLF (what its smtpd accepts), and
+leaves the rest to dkimpy, the reference its output is tested against byte for byte; dkimpy also
+verifies.
 
 Keys live in a directory by domain and selector: ``<keydir>/<domain>/<selector>.private``, written by
 ``postgate dkim keygen`` with mode 0600. An RSA key (PEM, 2048 bits or more) signs with rsa-sha256; an
