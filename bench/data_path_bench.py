@@ -36,7 +36,7 @@ class PreQueueLike(Recorder):
 
     async def message(self, s: Session, data: bytes) -> Reply:
         if hasattr(self.signer, "signature_fields"):
-            fields = self.signer.signature_fields(data, RECEIVED)
+            fields = self.signer.signature_fields(data, RECEIVED, crlf_only=not s.edits)
             content = b"".join((fields, RECEIVED, data))   # inbound/prequeue.py: one copy
         else:  # the code before issue 20's last round, for the "before" numbers
             content = self.signer.sign(RECEIVED + data, "")

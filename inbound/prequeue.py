@@ -100,8 +100,8 @@ class PreQueue:
     scheduler: Scheduler
     local: LocalDelivery | None = None
     # the DKIM-Signature fields for the message ``prefix + data`` (prefix: the Received field), given as
-    # (data, prefix, sender); the message is then built once (outbound/dkim.Signer.signature_fields)
-    signer: Callable[[bytes, bytes, str], bytes] | None = None
+    # (data, prefix, sender, crlf_only); the message is then built once (outbound/dkim.Signer.signature_fields)
+    signer: Callable[[bytes, bytes, str, bool], bytes] | None = None
     inflight: int = 0
     late: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -126,7 +126,10 @@ class PreQueue:
         signatures = b""
         if self.signer is not None:
             try:
-                signatures = self.signer(data, received, s.sender)
+                # RFC 5321 §2.3.8: the smtpd refused every bare CR and LF, and only a filter's edit could
+                # bring one back; without edits the signer need not count the line ends again
+                unedited = not any(v.headers or v.new_body is not None for v in s.edits)
+                signatures = self.signer(data, received, s.sender, unedited)
             except dkimpy.MessageFormatError as e:
                 # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
                 log.info("%s: reject: message format: %s", qid, e)

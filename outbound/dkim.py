@@ -249,12 +249,13 @@ def _body_hash(message: bytes, start: int) -> bytes:
     return h.digest()
 
 
-def _prepare(prefix: bytes, message: bytes, hdrs: list[bytes]) -> _Prepared | None:
+def _prepare(prefix: bytes, message: bytes, hdrs: list[bytes], crlf_only: bool = False) -> _Prepared | None:
     """Parse the header section of ``prefix + message`` as dkimpy does, select and hash the h= fields;
-    None where dkimpy must do it (not all CRLF, no empty line, a line dkimpy refuses)."""
+    None where dkimpy must do it (not all CRLF, no empty line, a line dkimpy refuses). ``crlf_only``: the
+    caller knows there is no bare LF in ``message`` (the check costs 1.3 ms per MB)."""
     # dkimpy splits lines at CRLF and at a bare LF (which it rewrites to CRLF in the body): with no bare LF
     # both split alike. A bare CR is no line end for either, and stays in what is hashed (property-tested).
-    if message.count(b"\n") != message.count(b"\r\n"):
+    if not crlf_only and message.count(b"\n") != message.count(b"\r\n"):
         return None
     if prefix and (not prefix.endswith(b"\r\n") or b"\r\n\r\n" in prefix or prefix.startswith(b"\r\n")
                    or prefix.count(b"\n") != prefix.count(b"\r\n")):
@@ -493,10 +494,13 @@ class Signer:
         """``message`` with DKIM-Signature headers prepended (RSA first, then Ed25519)."""
         return self.signature_fields(message, now=now) + message
 
-    def signature_fields(self, message: bytes, prefix: bytes = b"", *, now: float | None = None) -> bytes:
+    def signature_fields(self, message: bytes, prefix: bytes = b"", *, now: float | None = None,
+                         crlf_only: bool = False) -> bytes:
         """The DKIM-Signature header fields (RSA first, then Ed25519) for the message ``prefix + message``,
         without building it: ``prefix`` is header fields the caller puts in front (the ``Received:`` trace
-        field), so the body is never copied here. ``now``: the t= time (default: the clock)."""
+        field), so the body is never copied here. ``now``: the t= time (default: the clock).
+        ``crlf_only``: the caller guarantees that every LF in ``message`` ends a CRLF (RFC 5321 §2.3.8, as
+        the smtpd enforces), so it is not counted again; a wrong promise gives a signature that fails."""
         # the header section of prefix + message (RFC 5322 §2.1: up to the first empty line)
         head = prefix[:-2] if prefix and message.startswith(b"\r\n") else prefix + _head(message)
         keys = sorted(self.keys_for(head), key=lambda k: k.algorithm != "rsa")
@@ -504,7 +508,7 @@ class Signer:
             log.warning("no DKIM key for this message's From domain nor for %s: sent unsigned", self.default_domain)
             return b""
         hdrs = header_list(head)
-        ready = _prepare(prefix, message, hdrs)
+        ready = _prepare(prefix, message, hdrs, crlf_only)
         if ready is None:  # not the plain CRLF case: dkimpy's own way, on the whole message
             return self._dkimpy_fields(prefix + message, keys, hdrs, now)
         stamp = str(int(time.time() if now is None else now)).encode()

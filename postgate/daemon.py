@@ -161,9 +161,9 @@ class Daemon:
         # through self.signer, so that a reload's new signer is used at once
         return self.signer.sign(content, sender) if self.signer is not None else content
 
-    def _signature_fields(self, data: bytes, prefix: bytes, sender: str) -> bytes:
+    def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool) -> bytes:
         # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20)
-        return self.signer.signature_fields(data, prefix) if self.signer is not None else b""
+        return self.signer.signature_fields(data, prefix, crlf_only=crlf_only) if self.signer is not None else b""
 
     def build(self) -> None:
         cfg = self.cfg

@@ -338,6 +338,8 @@ def test_own_signer_is_byte_identical_to_dkimpy(own_signer: dkim.Signer, case: t
         return
     got = own_signer.signature_fields(message, prefix, now=now)
     assert got == want
+    # no bare LF here: the caller's promise (pre-queue after the smtpd's checks) changes nothing
+    assert own_signer.signature_fields(message, prefix, now=now, crlf_only=True) == want
     assert own_signer.sign(prefix + message, now=now) == want + prefix + message
     keys = {k.selector: k for k in own_signer.keys["own.test"]}
 
