@@ -99,7 +99,9 @@ class PreQueue:
     spool: Spool
     scheduler: Scheduler
     local: LocalDelivery | None = None
-    signer: Callable[[bytes, str], bytes] | None = None
+    # the DKIM-Signature fields for the message ``prefix + data`` (prefix: the Received field), given as
+    # (data, prefix, sender, crlf_only); the message is then built once (outbound/dkim.Signer.signature_fields)
+    signer: Callable[[bytes, bytes, str, bool], bytes] | None = None
     inflight: int = 0
     late: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -120,14 +122,20 @@ class PreQueue:
         now = time.time()
         qid = s.queue_id or new_queue_id(now)
         assert s.sender is not None
-        content = self._received(s, qid, now) + data
+        received = self._received(s, qid, now)
+        signatures = b""
         if self.signer is not None:
             try:
-                content = self.signer(content, s.sender)
+                # RFC 5321 §2.3.8: the smtpd refused every bare CR and LF, and only a filter's edit could
+                # bring one back; without edits the signer need not count the line ends again
+                unedited = not any(v.headers or v.new_body is not None for v in s.edits)
+                signatures = self.signer(data, received, s.sender, unedited)
             except dkimpy.MessageFormatError as e:
                 # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
                 log.info("%s: reject: message format: %s", qid, e)
                 return Reply(554, f"5.6.0 message format refused: {e}")
+        # the fields go in front of the body in one copy (a 1 MB body was copied once per prepend)
+        content = b"".join((signatures, received, data))
         rcpts = [_recipient(addr, params) for addr, params in s.recipients]
         if not self._verified_sender(s):
             # RFC 3461 §4.1 lets a server decline NOTIFY=SUCCESS; from a client that neither authenticated

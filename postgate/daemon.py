@@ -161,6 +161,10 @@ class Daemon:
         # through self.signer, so that a reload's new signer is used at once
         return self.signer.sign(content, sender) if self.signer is not None else content
 
+    def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool) -> bytes:
+        # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20)
+        return self.signer.signature_fields(data, prefix, crlf_only=crlf_only) if self.signer is not None else b""
+
     def build(self) -> None:
         cfg = self.cfg
         hostname = cfg.server.hostname or "localhost"
@@ -193,7 +197,7 @@ class Daemon:
                            grace=pq.grace, local_recipients=frozenset(a.lower() for a in cfg.local.recipients)
                            if cfg.local.recipients else None),
             relay, self.deliverer, self.spool, self.scheduler, local=local,
-            signer=self._sign if self.signer is not None else None)
+            signer=self._signature_fields if self.signer is not None else None)
         tls = server_tls_context(cfg)
         lim = cfg.limits
         limits = Limits(max_message_size=cfg.server.max_message_size, max_recipients=lim.max_recipients,

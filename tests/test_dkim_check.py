@@ -203,7 +203,8 @@ def test_serve_refuses_to_start_on_fail_unless_downgraded(testnet: TestNet, tmp_
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.lists(st.sampled_from([b"a", b"b", b" ", b"  ", b"\t", b"\r\n", b"x y", b".", b"\r\n\r\n"]), max_size=40))
+@given(st.lists(st.sampled_from([b"a", b"b", b" ", b"  ", b"\t", b"\r\n", b"x y", b".", b"\r\n\r\n", b"\r",
+                                 b"\t \t", b"     "]), max_size=40))
 def test_relaxed_body_fast_path_equals_dkimpy(parts: list[bytes]) -> None:
     """outbound/dkim.py's fast path gives exactly dkimpy's relaxed body canonicalization (RFC 6376 §3.4.4)."""
     from dkim.canonicalization import Relaxed
@@ -272,3 +273,124 @@ def test_header_parse_without_splitting_the_body_equals_dkimpy(parts: list[bytes
             dkimpy.rfc822_parse(message)
         return
     assert dkimpy.rfc822_parse(message) == want
+
+
+# --- issue 20: the signer in own code, byte for byte dkimpy's ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_signer(tmp_path_factory: pytest.TempPathFactory) -> dkim.Signer:
+    """A signer with a fresh RSA-2048 and Ed25519 key (no network needed)."""
+    keydir = tmp_path_factory.mktemp("dkimkeys")
+    dkim.generate(keydir, "own.test", "rsa1", "rsa")
+    dkim.generate(keydir, "own.test", "ed1", "ed25519")
+    return dkim.Signer(keydir, "own.test")
+
+
+def _dkimpy_as_shipped(signer: dkim.Signer, message: bytes, now: int) -> bytes:
+    """The reference: dkimpy itself, none of Postgate's speed-ups, with today's h= list and tags."""
+    keys = sorted(signer.keys_for(message), key=lambda k: k.algorithm != "rsa")
+    hdrs = dkim.header_list(message)
+    saved = dkimpy.time
+    dkimpy.time = type("Clock", (), {"time": staticmethod(lambda: now)})  # type: ignore[assignment]
+    try:
+        return b"".join(dkimpy.DKIM(message).sign(k.selector.encode(), k.domain.encode(), k.private,
+                                                  canonicalize=(b"relaxed", b"relaxed"),
+                                                  signature_algorithm=k.signature_algorithm, include_headers=hdrs)
+                        for k in keys)
+    finally:
+        dkimpy.time = saved
+
+
+_NAMES = [b"From", b"from", b"FROM", b"To", b"Subject", b"Date", b"Message-ID", b"Received", b"Cc", b"Reply-To",
+          b"References", b"X-Mailer", b"Content-Type", b"MIME-Version", b"List-Id", b"Resent-From", b"Bad Name"]
+_VALUE_PARTS = [b" ", b"", b"a@own.test", b"<x@y>", b"word", b"  ", b"\t", b" \t ", b"\r\n ", b"\r\n\t",
+                b"\r\n  x", b"\xc3\xa9\xff", b"\x0b", b"\x0c", b"=?utf-8?q?J=C3=B6rg?=", b";", b":", b"(c)", b" , ",
+                b"\r", b"\r\n\r"]
+_BODY_PARTS = [b"a", b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b".", b"..", b"x y", b"\xff\x80", b"\r", b" \r\n",
+               b"\t\r\n", b"z" * 120, b" \r", b"\r\r\n"]
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    fields = draw(st.lists(st.tuples(st.sampled_from(_NAMES), st.lists(st.sampled_from(_VALUE_PARTS), max_size=8)),
+                           max_size=14))
+    head = b"".join(name + b":" + b"".join(v) + b"\r\n" for name, v in fields)
+    if draw(st.booleans()):
+        head = b"From MAILER-DAEMON Tue Nov 24 10:00:00 2026\r\n" + head   # an mbox line: dkimpy skips it
+    body = b"".join(draw(st.lists(st.sampled_from(_BODY_PARTS), max_size=30)))
+    prefix = draw(st.sampled_from([b"", b"Received: from x ([192.0.2.1])\r\n\tby mail.own.test (Postgate);\r\n"
+                                        b"\tTue, 24 Nov 2026 10:00:01 +0000\r\n"]))
+    return prefix, head + b"\r\n" + body
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages(), st.integers(min_value=0, max_value=1_700_000_000))  # t= not in the future
+def test_own_signer_is_byte_identical_to_dkimpy(own_signer: dkim.Signer, case: tuple[bytes, bytes], now: int) -> None:
+    """RFC 6376 §3.7/§5.4 signing in own code (outbound/dkim.py) gives dkimpy's DKIM-Signature fields byte for
+    byte — folded lines, duplicate and over-signed fields, odd white space, 8-bit octets, bare CRs, an mbox
+    line — with or without the Received prefix, and dkimpy verifies both signatures."""
+    prefix, message = case
+    try:
+        want = _dkimpy_as_shipped(own_signer, prefix + message, now)
+    except dkimpy.DKIMException:
+        with pytest.raises(dkimpy.DKIMException):   # dkimpy's refusals stay dkimpy's
+            own_signer.signature_fields(message, prefix, now=now)
+        return
+    got = own_signer.signature_fields(message, prefix, now=now)
+    assert got == want
+    # no bare LF here: the caller's promise (pre-queue after the smtpd's checks) changes nothing
+    assert own_signer.signature_fields(message, prefix, now=now, crlf_only=True) == want
+    assert own_signer.sign(prefix + message, now=now) == want + prefix + message
+    keys = {k.selector: k for k in own_signer.keys["own.test"]}
+
+    def txt(name: bytes, timeout: int = 5) -> bytes:
+        return keys[name.decode().split(".")[0]].txt().encode()
+    d = dkimpy.DKIM(got + prefix + message)
+    assert d.verify(idx=0, dnsfunc=txt) and d.verify(idx=1, dnsfunc=txt)
+
+
+def test_own_signer_takes_the_fast_path(own_signer: dkim.Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The property test above would pass if every message went to dkimpy: the CRLF case must not."""
+    def refuse(*a: object, **k: object) -> bytes:
+        raise AssertionError("dkimpy used for a plain CRLF message")
+    monkeypatch.setattr(own_signer, "_dkimpy_fields", refuse)
+    for m in MESSAGES.values():
+        assert own_signer.signature_fields(m).count(b"DKIM-Signature: ") == 2
+    # a bare LF is dkimpy's case (it rewrites the line ends), and it is sent there
+    with pytest.raises(AssertionError):
+        own_signer.signature_fields(b"From: a@own.test\r\n\r\nbare\nLF\r\n")
+
+
+# OpenDKIM and dkimpy verify what the own signer makes of the awkward cases too
+AWKWARD = {
+    # (OpenDKIM refuses a second To or Cc, RFC 5322 §3.6's singletons: the repeated fields are Resent-*
+    # blocks, §3.6.6, and List-Post, each signed bottom-up, RFC 6376 §5.4.2)
+    "duplicates-and-whitespace": b"Received: from a\r\n\tby b; Tue, 24 Nov 2026 10:00:00 +0000\r\n"
+        b"Resent-From: r1@own.test\r\nResent-To: x@example.test\r\nResent-From:  r2@own.test \r\n"
+        b"Resent-To:\ty@example.test,\r\n \t z@example.test\r\n"
+        b"From:   Alice\t <alice@own.test>  \r\nTo:\tb@example.test,\r\n \t c@example.test\r\n"
+        b"Subject:\r\n  \t folded  only \r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <4@own.test>\r\n"
+        b"X-Eight-Bit: \xc3\xa9t\xc3\xa9\r\nList-Post: <mailto:x@example.test>\r\nCc: x@example.test\r\n"
+        b"List-Post:\t<mailto:y@example.test>\r\n\r\n"
+        b"  leading\t\ttabs \r\n\r\nand trailing empty lines\r\n\r\n\r\n",
+    "empty-body": b"From: alice@own.test\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\nSubject: \r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(AWKWARD))
+def test_awkward_messages_verify_with_dkimpy_and_opendkim(testnet: TestNet, tmp_path: Path, kind: str) -> None:
+    signer = _signer(testnet, tmp_path)
+    message = AWKWARD[kind]
+    prefix = b"Received: from c ([192.0.2.7])\r\n\tby mail.own.test (Postgate) id X;\r\n\tTue, 24 Nov 2026\r\n"
+    signed = signer.signature_fields(message, prefix) + prefix + message
+    assert signed.count(b"DKIM-Signature:") == 2
+    d = dkimpy.DKIM(signed)
+    for i in range(2):
+        assert d.verify(idx=i, dnsfunc=_dnsfunc(testnet)), f"dkimpy rejects signature {i} of {kind}"
+    res = subprocess.run(["opendkim-testmsg"], input=signed, capture_output=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the first of two signed instances changed, or the body
+    tampered = signed.replace(b"Resent-From: r1@", b"Resent-From: r3@") if b"Resent-From: r1@" in signed \
+        else signed.replace(b"\r\n\r\n", b"\r\n\r\nX", 1)
+    assert not _verifies(tampered, testnet)
+    assert subprocess.run(["opendkim-testmsg"], input=tampered, capture_output=True, timeout=30).returncode != 0

@@ -283,3 +283,50 @@ def test_multiline_filter_reply_repeats_the_enhanced_code() -> None:
     from postgate.inbound.smtpd import Reply as WireReply
     wire = WireReply.of(Reply(550, "5.7.1", "spam\nsee https://example.test/why")).line()
     assert wire == b"550-5.7.1 spam\r\n550 5.7.1 see https://example.test/why\r\n"
+
+
+def test_prequeue_signs_once_and_only_promises_crlf_for_unedited_messages(tmp_path: Path) -> None:
+    """Issue 20: pre-queue builds signatures + Received + data in one piece, and tells the DKIM signer that
+    the line ends need no second check only when no filter edited the message (an edit may bring a bare LF
+    back, RFC 5321 §2.3.8); both ways the queued message's signatures verify with dkimpy."""
+    import dkim as dkimpy
+    from postgate.inbound.filters import Verdict
+    from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+    from postgate.inbound.smtpd import Listener, Session
+    from postgate.outbound import dkim
+    from postgate.outbound.queue.scheduler import Scheduler
+    from postgate.outbound.queue.spool import DirectorySpool
+
+    class NoDelivery:
+        async def deliver(self, *a: object, **kw: object) -> list[object]:
+            raise AssertionError("a held message must not be delivered")
+
+    dkim.generate(tmp_path / "keys", "own.test", "r1", "rsa")
+    dkim.generate(tmp_path / "keys", "own.test", "e1", "ed25519")
+    real = dkim.Signer(tmp_path / "keys", "own.test")
+    promised: list[bool] = []
+
+    def signer(data: bytes, prefix: bytes, sender: str, crlf_only: bool) -> bytes:
+        promised.append(crlf_only)
+        return real.signature_fields(data, prefix, crlf_only=crlf_only)
+
+    spool = DirectorySpool(tmp_path / "spool", fsync=False)
+    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), NoDelivery(),  # type: ignore[arg-type]
+                  spool, Scheduler(spool, NoDelivery()), signer=signer)  # type: ignore[arg-type]
+    keys = {k.selector: k.txt().encode() for k in real.keys["own.test"]}
+    for n, (edits, body) in enumerate([((), b"plain\r\n"),
+                                       ((Verdict(new_body=b"bare\nLF\r\n"),), b"bare\nLF\r\n")]):
+        qid = f"0000000000000AABBC{n}0"
+        s = Session(Listener("mx", "127.0.0.1", 25), ("192.0.2.1", 1234), helo="client.test", sender="a@own.test",
+                    recipients=[("b@remote.test", {})], queue_id=qid, hold="test")
+        s.edits = list(edits)
+        data = b"From: a@own.test\r\nSubject: x\r\n\r\n" + body
+        assert asyncio.run(pq.message(s, data)).code == 250
+        content = asyncio.run(spool.content(qid))
+        # the two signatures, then the trace field, then the data unchanged
+        assert content.startswith(b"DKIM-Signature: ") and content.endswith(data)
+        assert content[:-len(data)].count(b"DKIM-Signature: ") == 2 and b"\r\nReceived: from client.test " in content
+        d = dkimpy.DKIM(content)
+        assert all(d.verify(idx=i, dnsfunc=lambda name, timeout=5: keys[name.split(b".")[0].decode()])
+                   for i in range(2))
+    assert promised == [True, False]

@@ -14,7 +14,18 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from postgate.inbound.smtpd import HOPCOUNT_LIMIT, AuthThrottle, Limits, _rate_limit_accept_errors, repair_header
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from postgate.inbound.filters import split_message
+from postgate.inbound.smtpd import (
+    HOPCOUNT_LIMIT,
+    AuthThrottle,
+    Limits,
+    _has_long_line,
+    _rate_limit_accept_errors,
+    hop_count,
+    repair_header,
+)
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.policy.maps import MapError, TransportMap
@@ -410,3 +421,44 @@ def test_tls_handshake_survives_an_early_client_hello() -> None:
         return ok
 
     assert asyncio.run(run()) == 30
+
+
+# --- issue 20: the line-length limit without splitting the body into lines -----------------------------------
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 1100), st.sampled_from([997, 998, 999, 1000])), max_size=12),
+       st.booleans())
+def test_long_line_scan_equals_splitting(lengths: list[int], final_crlf: bool) -> None:
+    """RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF; the scan finds exactly the lines ``split`` would."""
+    block = b"\r\n".join(b"x" * n for n in lengths) + (b"\r\n" if final_crlf else b"")
+    assert _has_long_line(block) == (max(map(len, block.split(b"\r\n"))) > 998)
+
+
+@pytest.mark.parametrize(("at", "length", "ok"), [
+    (0, 998, True), (0, 999, False),                         # the first body line
+    (65_000, 998, True), (65_000, 999, False),               # across the server's 64 KiB reads
+    (600_000, 998, True), (600_000, 1500, False),            # past the spill threshold (on disk)
+    (999_000, 998, True), (999_000, 999, False),             # the last line
+])
+def test_line_limit_anywhere_in_a_large_message(at: int, length: int, ok: bool) -> None:
+    """A 998-octet line is taken and a longer one refused wherever it sits, and the session goes on; an
+    accepted message reaches the handler unchanged (dot-stuffing undone)."""
+    line = b".x" * 20 + b"\r\n"
+    body = line * (at // len(line)) + b"y" * length + b"\r\n" + line * ((1_000_000 - at) // len(line))
+    message = b"Subject: big\r\n\r\n" + body
+    with serve(Limits(max_message_size=4_000_000)) as srv, _session(srv.port) as c:
+        _mail(c)
+        reply = c.cmd(message.replace(b"\r\n.", b"\r\n..") + b".")
+        assert code(reply) == (250 if ok else 554), reply
+        assert ok or b"998" in reply
+        assert code(c.cmd(b"NOOP")) == 250
+    assert [m[2] for m in srv.handler.messages] == ([message] if ok else [])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"Received: x", b"received:y", b" folded", b"", b"no colon", b"Subject: s",
+                                 b"Received: in\r\n\tfold"]), max_size=12))
+def test_hop_count_reads_only_the_header(lines: list[bytes]) -> None:
+    """RFC 5321 §6.3: Received fields of the header only (one in the body is not a hop), counted without
+    copying the body: the same count as from the whole message."""
+    data = b"\r\n".join(lines) + b"\r\n\r\nReceived: in the body\r\n"
+    assert hop_count(data) == sum(1 for n, _ in split_message(data)[0] if n.lower() == "received")
