@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import re
 import resource
@@ -100,7 +101,7 @@ class Limits:
     descriptor_reserve: int = 100      # descriptors never used for client sessions
 
 
-@dataclass
+@dataclass(slots=True)   # one per session, idle ones too: no __dict__ (issue 20)
 class Session:
     listener: Listener
     peer: tuple[str, int]
@@ -311,7 +312,9 @@ class SMTPServer:
         self.client_names = client_names
         self.sessions = 0
         self.per_client: dict[str, int] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()    # sessions running a command (or starting)
+        self.conversations: set[_Conversation] = set()  # every session, idle ones too (they hold no task)
+        self.stopping = False
         self.server: asyncio.AbstractServer | _AcceptLoop | None = None
         self.throttle = AuthThrottle(self.limits.auth_delay, self.limits.auth_max_delay, self.limits.auth_window)
         self.fd_limit = 1 << 20
@@ -338,9 +341,15 @@ class SMTPServer:
                                                    backlog=1024)
 
     async def stop_accepting(self) -> None:
+        """No new connections; idle sessions are ended with 421 now (RFC 5321 §3.8), the others after the
+        command they are running (the daemon waits for ``tasks`` up to ``[limits] shutdown_timeout``)."""
+        self.stopping = True
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for conv in list(self.conversations):
+            if conv.idle:
+                conv.resume(_SHUTDOWN)
 
     def _admit(self, ip: str) -> bool:
         """Count a new connection from ``ip`` (from its accept, before any TLS handshake), or refuse it:
@@ -390,13 +399,15 @@ class SMTPServer:
             return
         self._spawn(self._session(None, conn, peer[0], peer[1]))
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+    def _spawn(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _session(self, stream: _Stream | None, conn: socket.socket | None, ip: str, port: int) -> None:
-        """One counted session, to its end; ``conn`` (implicit TLS) gets its TLS layer here, with a time limit."""
+        """The start of one counted session; ``conn`` (implicit TLS) gets its TLS layer here, with a time limit.
+        From the greeting on the :class:`_Conversation` runs it, and ends it (releasing its count)."""
         try:
             if stream is None:
                 assert conn is not None and self.listener.tls is not None
@@ -407,18 +418,26 @@ class SMTPServer:
                         ssl_handshake_timeout=self.limits.tls_handshake_timeout)
                 conn = None
             sock = stream.transport.get_extra_info("sockname") or ("", 0)
-            s = Session(self.listener, (ip, port), local=(str(sock[0]), int(sock[1])))
-            await _Conversation(self, stream, s).run()
-        except (ConnectionError, ssl.SSLError, OSError, TimeoutError):
-            pass
-        except Exception:
-            log.exception("%s: session with %s ended by an internal error", self.listener.name, ip)
-        finally:
+            conv = _Conversation(self, stream, Session(self.listener, (ip, port), local=(str(sock[0]), int(sock[1]))))
+        except BaseException as e:
             self._release(ip)
             if conn is not None:
                 conn.close()
             if stream is not None and stream.transport is not None:
                 stream.transport.close()
+            if isinstance(e, (ConnectionError, ssl.SSLError, OSError, TimeoutError)):
+                return
+            if isinstance(e, Exception):
+                log.exception("%s: session with %s ended by an internal error", self.listener.name, ip)
+                return
+            raise
+        self.conversations.add(conv)
+        await conv.drive(_START)
+
+    def _ended(self, conv: _Conversation) -> None:
+        self.conversations.discard(conv)
+        self._release(conv.s.peer[0])
+        conv.r.transport.close()
 
 
 class _AcceptLoop:
@@ -487,12 +506,14 @@ class _Stream(asyncio.Protocol):
     about 2 KiB per idle session; issue 20, 100,000 sessions). Reads wait on one future at a time; reading
     pauses while more than two command lines' worth is buffered (flow control, as StreamReader's limit)."""
 
-    __slots__ = ("_buffer", "_drain", "_eof", "_exc", "_lost", "_paused", "_tls", "_waiter", "srv", "transport")
+    __slots__ = ("_buffer", "_drain", "_eof", "_exc", "_lost", "_paused", "_tls", "_waiter", "conv", "srv",
+                 "transport")
 
     LIMIT = MAX_AUTH + 64      # the longest line readuntil() returns (an AUTH line, RFC 4954 §4)
 
     def __init__(self, srv: SMTPServer | None) -> None:
         self.srv = srv         # starts the session when the connection is there (not for implicit TLS)
+        self.conv: _Conversation | None = None   # the session, once it runs
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -512,7 +533,10 @@ class _Stream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
+        elif self.conv is not None and self.conv.idle and (b"\n" in data or len(self._buffer) > self.LIMIT):
+            self.conv.resume()     # a command line is there (or a line too long): run it
         if len(self._buffer) > 2 * self.LIMIT and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -520,6 +544,8 @@ class _Stream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        if self.conv is not None and self.conv.idle:
+            self.conv.resume()
         return not self._tls   # plain TCP: keep the transport open, the final reply can still be sent
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -527,6 +553,8 @@ class _Stream(asyncio.Protocol):
         if exc is not None:
             self._exc = exc
         self._wake()
+        if self.conv is not None and self.conv.idle:
+            self.conv.resume()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("Connection lost"))
         self._drain = None
@@ -565,29 +593,24 @@ class _Stream(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    async def readuntil(self, sep: bytes = b"\n") -> bytes:
-        """As StreamReader.readuntil: up to and including ``sep``; LimitOverrunError past LIMIT octets,
-        IncompleteReadError at the end of the stream."""
-        start = 0
-        while True:
-            i = self._buffer.find(sep, start)
-            if i >= 0:
-                if i >= self.LIMIT:
-                    raise asyncio.LimitOverrunError("separator found past the limit", i)
-                line = bytes(self._buffer[:i + len(sep)])
-                del self._buffer[:i + len(sep)]
-                self._consumed()
-                return line
+    def take_line(self) -> bytes | None:
+        """A complete line (with its LF) from the buffer, None when there is none yet; ``_Close`` when the
+        client went away, or its line is longer than LIMIT."""
+        if self._exc is not None:
+            raise _Close()
+        i = self._buffer.find(b"\n")
+        if i < 0:
             if len(self._buffer) > self.LIMIT:
-                raise asyncio.LimitOverrunError("no separator within the limit", len(self._buffer))
+                raise _Close(Reply(500, "5.5.6 line too long, closing connection"))
             if self._eof:
-                if self._exc is not None:
-                    raise self._exc
-                partial = bytes(self._buffer)
-                self._buffer.clear()
-                raise asyncio.IncompleteReadError(partial, None)
-            start = max(0, len(self._buffer) - len(sep) + 1)
-            await self._wait()
+                raise _Close()
+            return None
+        if i >= self.LIMIT:
+            raise _Close(Reply(500, "5.5.6 line too long, closing connection"))
+        line = bytes(self._buffer[:i + 1])
+        del self._buffer[:i + 1]
+        self._consumed()
+        return line
 
     async def read(self, n: int) -> bytes:
         """As StreamReader.read: up to ``n`` octets, b"" at the end of the stream."""
@@ -638,6 +661,15 @@ class _Stream(asyncio.Protocol):
         self._tls = True
 
 
+def _checked(line: bytes) -> bytes:
+    """A command line without its CRLF, after the line-ending check."""
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
+        # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
+        # so no smuggled command or message can follow
+        raise _Close(Reply(500, "5.5.2 bare LF or CR in command refused (RFC 5321 §2.3.8)"))
+    return line[:-2]
+
+
 def _rate_limit_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     """asyncio reports every failed accept() (EMFILE at the descriptor limit) through the loop's exception
     handler, once per retry per listener: at most one line per 10 s here, with the count."""
@@ -659,13 +691,31 @@ def _rate_limit_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop._postgate_accept_log = True  # type: ignore[attr-defined]
 
 
+_START, _RESUME, _TIMEOUT, _SHUTDOWN = range(4)   # why _Conversation.drive runs
+_NO_CONTEXT = contextvars.Context()   # for the idle timers: no copy of the context per session
+
+
 class _Conversation:
+    """One session from its greeting on. It holds a task only while it works: when it waits for the client's
+    next command (idle, most of a session's life) the session is this object, its :class:`Session` and its
+    stream, and one timer for ``command_timeout``; the stream calls :meth:`resume` when a line is there. An idle
+    session costs about 3 KiB instead of about 7 (a task and six coroutine frames; issue 20)."""
+
+    __slots__ = ("chain", "ended", "idle", "idle_since", "limits", "opened", "r", "refused", "refused_by", "s",
+                 "srv", "timer", "w")
+
     def __init__(self, srv: SMTPServer, stream: _Stream, s: Session) -> None:
         self.srv, self.r, self.w, self.s = srv, stream, stream, s
         self.limits = srv.limits
         self.chain = FilterChain(s.listener.filters)
         self.refused: Reply | None = None   # a filter refused the connection: only QUIT is accepted
         self.refused_by = ""                # which filter refused the last RCPT (for the one NOQUEUE line)
+        self.idle = False                   # waiting for the next command, without a task
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.opened = False                 # "connect from" was logged
+        self.ended = False
+        stream.conv = self
         self._tls_info()
 
     def _tls_info(self) -> None:
@@ -690,33 +740,98 @@ class _Conversation:
         return None
 
     async def readline(self, limit: int = MAX_COMMAND) -> bytes:
+        """The next line inside a command (AUTH's responses), waiting up to ``command_timeout``."""
         try:
             async with asyncio.timeout(self.limits.command_timeout):  # no task per read, unlike wait_for
-                line = await self.r.readuntil(b"\n")
+                while (line := self.r.take_line()) is None:
+                    await self.r._wait()
         except TimeoutError:
             raise _Close(Reply(421, "4.4.2 timeout exceeded, closing connection")) from None
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             raise _Close() from None
-        except asyncio.LimitOverrunError:
-            raise _Close(Reply(500, "5.5.6 line too long, closing connection")) from None
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
-            # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
-            # so no smuggled command or message can follow
-            raise _Close(Reply(500, "5.5.2 bare LF or CR in command refused (RFC 5321 §2.3.8)"))
-        return line[:-2]
+        return _checked(line)
 
-    async def run(self) -> None:
+    async def drive(self, why: int = _RESUME) -> None:
+        """Run the session until it waits for the client's next command (then it goes idle: no task) or ends.
+        ``why``: the first run (connect, greeting), a line that came, the idle timeout, or shutdown."""
+        done = True
         try:
-            await self._run()
-        except _Close as c:
-            if c.reply is not None and not self.w.transport.is_closing():
-                try:
-                    await self.send(c.reply)
-                    await self._linger()
-                except (_Close, ConnectionError, OSError):
-                    pass
+            try:
+                if why == _START:
+                    await self._open()
+                elif why == _TIMEOUT:
+                    raise _Close(Reply(421, "4.4.2 timeout exceeded, closing connection"))
+                elif why == _SHUTDOWN:
+                    # RFC 5321 §3.8: a server that must shut down answers 421 and closes
+                    raise _Close(Reply(421, f"4.3.2 {self.srv.hostname} service shutting down, closing connection"))
+                done = not await self._commands()
+                if not done and self.srv.stopping:
+                    raise _Close(Reply(421, f"4.3.2 {self.srv.hostname} service shutting down, closing connection"))
+            except _Close as c:
+                done = True
+                if c.reply is not None and not self.w.transport.is_closing():
+                    try:
+                        await self.send(c.reply)
+                        await self._linger()
+                    except (_Close, ConnectionError, OSError):
+                        pass
+        except (ConnectionError, ssl.SSLError, OSError, TimeoutError):
+            done = True
+        except Exception:
+            done = True
+            log.exception("%s: session with %s ended by an internal error", self.s.listener.name, self.s.peer[0])
         finally:
+            if done:
+                await self._end()
+            else:
+                self._go_idle()
+
+    def resume(self, why: int = _RESUME) -> None:
+        """Leave idle: run the session in a task again (the stream calls this when a line is there)."""
+        self.idle = False
+        self.srv._spawn(self.drive(why)).add_done_callback(self._after)
+
+    def _after(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before it ran (at shutdown) never reached drive's cleanup: end the session here."""
+        if self.ended or not task.cancelled():
+            return
+        self._ending()
+        self.srv._ended(self)
+        if any(fs is not None for fs in self.chain.sessions):
+            asyncio.get_running_loop().create_task(self.chain.close())
+
+    def _go_idle(self) -> None:
+        self.idle = True
+        loop = asyncio.get_running_loop()
+        self.idle_since = loop.time()
+        if self.timer is None:     # one timer, moved on lazily: not one per command
+            self.timer = loop.call_at(self.idle_since + self.limits.command_timeout, self._idle_timer,
+                                      context=_NO_CONTEXT)
+
+    def _idle_timer(self) -> None:
+        self.timer = None
+        if not self.idle:
+            return                 # a command runs (under its own timeouts); set again when idle
+        due = self.idle_since + self.limits.command_timeout
+        if asyncio.get_running_loop().time() >= due:
+            self.resume(_TIMEOUT)  # RFC 5321 §4.5.3.2.7: the server's timeout for the next command
+        else:
+            self.timer = asyncio.get_running_loop().call_at(due, self._idle_timer, context=_NO_CONTEXT)
+
+    def _ending(self) -> None:
+        self.idle, self.ended = False, True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.opened:
+            log.info("disconnect from %s", self.who)
+
+    async def _end(self) -> None:
+        self._ending()
+        try:
             await self.chain.close()
+        finally:
+            self.srv._ended(self)
 
     async def _linger(self, seconds: float = 2.0, limit: int = 1 << 20) -> None:
         """Close politely after a final reply: FIN first, then read what the client still sends (a pipelined
@@ -730,7 +845,7 @@ class _Conversation:
         except (TimeoutError, ConnectionError, OSError):
             pass
 
-    async def _run(self) -> None:
+    async def _open(self) -> None:
         if self.srv.client_names is not None:
             try:
                 async with asyncio.timeout(self.limits.client_name_timeout):
@@ -738,12 +853,7 @@ class _Conversation:
             except Exception:   # a failed or slow lookup: the client stays "unknown" (Postfix does the same)
                 pass
         log.info("connect from %s", self.who)
-        try:
-            await self._session()
-        finally:
-            log.info("disconnect from %s", self.who)
-
-    async def _session(self) -> None:
+        self.opened = True
         v = await self._ask(Stage.CONNECT)
         if v is not None:
             if v.code < 500:
@@ -753,8 +863,15 @@ class _Conversation:
             await self.send(v)
         else:
             await self.send(Reply(220, f"{self.srv.hostname} ESMTP Postgate"))
+
+    async def _commands(self) -> bool:
+        """Run the commands that are buffered (RFC 2920: pipelined ones one after the other); True when the
+        client's next line must be waited for, False when the session ends."""
         while True:
-            line = await self.readline(MAX_AUTH)
+            raw = self.r.take_line()
+            if raw is None:
+                return True
+            line = _checked(raw)
             # RFC 5321 §2.4: commands are US-ASCII (RFC 6531 §3.3: UTF-8 only in MAIL/RCPT addresses);
             # §4.1.1: the verb is ASCII letters only (no "ſTARTTLS" taken for STARTTLS by str.upper())
             try:
@@ -780,7 +897,7 @@ class _Conversation:
             else:
                 keep_going = await handler(arg.strip())
                 if keep_going is False:
-                    return
+                    return False
             if self.s.errors >= self.limits.max_errors:
                 raise _Close(Reply(421, "4.7.0 too many errors, closing connection"))
 
