@@ -1,4 +1,4 @@
-"""Postgate's SMTP server protocol: one asyncio task per session, strict about what it accepts.
+"""Postgate's SMTP server protocol: strict about what it accepts, and small while a session is idle.
 
 Why not aiosmtpd's protocol, which the test receivers use: it reads DATA line by line (about 50 µs per
 KB), passes bare LF inside lines through, and refuses the DSN and REQUIRETLS parameters. This server reads
@@ -14,6 +14,14 @@ listener's filter chain (``inbound/filters.py``: relay control first, then Milte
 Sieve …) and applies the verdict: a reject or tempfail becomes the reply (at RCPT for that recipient only),
 a discard is answered 250 and dropped, a hold sends the message to the hold queue, header/body/sender/
 recipient edits are applied before the :class:`Handler` (``inbound/prequeue.py``) delivers or queues it.
+
+A session is one asyncio Protocol object (:class:`_Stream`) and its :class:`_Conversation`; the conversation
+runs in a task only while it works on a command, and holds none while it waits for the next one (most of an
+idle session's life): about 3 KiB per idle session instead of 7 (issue 20: 100,000 sessions under 1 GiB).
+Implicit TLS (port 465, RFC 8314 §3.3) is accepted by an own loop that counts the connection, then puts the TLS
+layer on the socket before anything is read; STARTTLS (RFC 3207) switches right after its 220, without a turn
+of the loop in between. Neither pauses reading before a handshake, so both run the same on asyncio's loop and
+uvloop (whose start_tls would not resume a paused transport).
 
 Every client is bounded in what it can cost: connections are counted per client address from the accept
 (before a TLS handshake, which has its own time limit), descriptors are kept in reserve, every read and

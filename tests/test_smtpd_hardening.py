@@ -446,3 +446,50 @@ def test_starttls_command_injection_is_refused(tmp_path: Path, event_loop: str) 
         assert c.reply().startswith(b"554 5.5.1")
         assert c.reply() == b""
     assert srv.handler.messages == []
+
+
+@LOOPS
+def test_idle_sessions_hold_no_task_and_little_memory(event_loop: str) -> None:
+    """Issue 20 (100,000 sessions under 1 GiB): a session waiting for its next command holds no task and no
+    coroutine frames, only its protocol object, its conversation and one timer. 300 idle sessions: no task
+    runs, and the heap of the test process (smtpd and clients) grew by less than 6 KiB per session (about 4.5
+    KiB here; bench/session_memory.py, the smtpd alone: 7.6 KiB per session with a task, StreamReader and
+    StreamWriter, 3.2 KiB without)."""
+    n = 300
+    with serve(Limits(max_sessions_per_client=n + 30), event_loop=event_loop) as srv:
+        socks: list[socket.socket] = []
+
+        def read_reply(s: socket.socket) -> bytes:
+            buf = b""
+            while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", buf):
+                chunk = s.recv(4096)
+                assert chunk, buf
+                buf += chunk
+            return buf
+
+        def idle() -> None:
+            s = socket.create_connection((HOST, srv.port), timeout=10)
+            socks.append(s)
+            assert read_reply(s).startswith(b"220")
+            s.sendall(b"EHLO client.test\r\n")
+            assert read_reply(s).startswith(b"250-smtpd.test")
+        for _ in range(20):        # first allocations of every kind
+            idle()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for _ in range(n):
+                idle()
+            time.sleep(0.2)
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        try:
+            assert len(srv.server.conversations) == n + 20 and all(c.idle for c in srv.server.conversations)
+            assert not srv.server.tasks
+            assert grown / n < 6 * 1024, f"{grown / n:.0f} bytes per idle session"
+            socks[0].sendall(b"NOOP\r\n")              # an idle session wakes up for its next command
+            assert read_reply(socks[0]).startswith(b"250")
+        finally:
+            for s in socks:
+                s.close()
