@@ -294,10 +294,11 @@ async def main(target, n):
         tasks.append(asyncio.create_task(one(target, src)))
         if i % 500 == 0:
             await asyncio.sleep(0.05)
-    prev = -1
-    while opened != prev:  # until no more sessions open
-        prev = opened
+    prev, still = -1, 0
+    while still < 5:  # until no more sessions open for 15 s (a burst of PTR lookups can hold the first back)
         await asyncio.sleep(3)
+        still = still + 1 if opened == prev else 0
+        prev = opened
     print("open", opened, flush=True)
     await asyncio.gather(*tasks)
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))

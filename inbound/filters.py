@@ -251,16 +251,19 @@ class Outcome:
 class FilterChain:
     """One SMTP session's filters, asked in order at each stage (see the module docstring)."""
 
+    # one per SMTP session, idle ones too (issue 20: 100,000 sessions): no __dict__, and a bit mask for ACCEPT
+    __slots__ = ("accepted", "failed", "filters", "sessions")
+
     def __init__(self, filters: Sequence[Filter]) -> None:
         self.filters = list(filters)
         self.sessions: list[FilterSession | None] = [None] * len(self.filters)
-        self.accepted: set[int] = set()      # filters that said ACCEPT in this transaction
+        self.accepted = 0                    # bit i: filter i said ACCEPT in this transaction
         self.failed: dict[int, Verdict] = {}  # filters that failed: their default action, for the session
 
     async def on(self, ctx: StageContext) -> Outcome:
         out = Outcome(CONTINUE)
         for i, f in enumerate(self.filters):
-            if i in self.accepted:
+            if self.accepted >> i & 1:
                 continue
             if i in self.failed:
                 v = self.failed[i]
@@ -284,7 +287,7 @@ class FilterChain:
             v = replace(v, filter=f.name)
             metrics.inc("filter_verdicts", filter=f.name, stage=ctx.stage.value, action=v.action.value)
             if v.action is Action.ACCEPT:
-                self.accepted.add(i)
+                self.accepted |= 1 << i
             if v.headers or v.add_recipients or v.remove_recipients or v.new_sender is not None or \
                     v.new_body is not None or v.routes:
                 out.edits.append(v)
@@ -306,7 +309,7 @@ class FilterChain:
                 pass
 
     async def reset(self) -> None:
-        self.accepted.clear()
+        self.accepted = 0
         for i, fs in enumerate(self.sessions):
             if fs is not None:
                 try:

@@ -85,14 +85,18 @@ async def _check(user: str, password: str) -> bool:
 @contextmanager
 def serve(limits: Limits | None = None, *, tls: ssl.SSLContext | None = None, implicit_tls: bool = False,
           auth: bool = False, filters: list[Filter] | None = None, handler: Recorder | None = None,
-          **kw: Any) -> Iterator[Running]:
+          event_loop: str = "asyncio", **kw: Any) -> Iterator[Running]:
     h = handler or Recorder()
     collector = LogCollector()
     logger = logging.getLogger("postgate")
     logger.addHandler(collector)
     old_level = logger.level
     logger.setLevel(logging.DEBUG)
-    loop = asyncio.new_event_loop()
+    if event_loop == "uvloop":   # issue 20: the smtpd runs on both loops ([server] event_loop)
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     listener = Listener("mx", HOST, 0, tls=tls, implicit_tls=implicit_tls, auth=auth, filters=filters or [])
     srv = SMTPServer(listener, h, hostname="smtpd.test", limits=limits or Limits(),
                      authenticator=_check if auth else None, **kw)

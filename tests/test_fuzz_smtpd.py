@@ -58,11 +58,11 @@ def _closing(reply: bytes) -> bool:
     return reply[:3] in CLOSING or reply.startswith(b"220 2.0.0 Ready to start TLS")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Running]:
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])   # issue 20: both event loops
+def server(request: pytest.FixtureRequest) -> Iterator[Running]:
     with tempfile.TemporaryDirectory() as d:
         lim = Limits(command_timeout=5, data_timeout=5, auth_delay=0, max_errors=50)
-        with serve(lim, tls=tls_context(Path(d)), auth=True) as srv:
+        with serve(lim, tls=tls_context(Path(d)), auth=True, event_loop=request.param) as srv:
             yield srv
 
 
