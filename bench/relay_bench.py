@@ -375,7 +375,8 @@ def main() -> int:
             roots = {name: srv.proc.pid for name, _, srv in servers if srv.proc is not None}
             roots[POSTFIX] = postfix_master(pf)
             targets = [(name, target) for name, target, _ in servers] + [(POSTFIX, "127.0.2.12")]
-            pq = servers[1][2]  # uvloop, one process: the idle-sessions test and the profile
+            # uvloop, one process: the idle-sessions test and the profile (a subset: its first configuration)
+            pq_name, _, pq = servers[1] if len(servers) > 1 else servers[0]
             assert pq.proc is not None
             try:
                 for run in range(RUNS):
@@ -468,13 +469,13 @@ def main() -> int:
         "",
         f"### {IDLE:,} concurrent sessions",
         "",
-        f"Postgate pre-queue (uvloop, one process), resident memory: {rss0 / 1024:.0f} MiB idle, "
+        f"{pq_name}, resident memory: {rss0 / 1024:.0f} MiB idle, "
         f"{rss1 / 1024:.0f} MiB with {opened} idle sessions open ({sessions} descriptors), {rss2 / 1024:.0f} MiB "
         f"after the 2 KB / C=100 relay load on top. Relay rate under that load: {loaded.relay:,.0f} msg/s "
         f"against {base2.relay:,.0f} msg/s right after they closed; DATA reply p50 {pct(loaded.reply, 50)}, "
         f"p99 {pct(loaded.reply, 99)}.",
         "",
-        "### Where the time goes (py-spy, Postgate pre-queue on uvloop, 2 KB, C=100; own time of the top functions)",
+        f"### Where the time goes (py-spy, {pq_name}, 2 KB, C=100; own time of the top functions)",
         "",
         "| function | own samples |",
         "|---|---:|",
