@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.queue.envelope import Envelope, EnvelopeError
@@ -76,6 +76,9 @@ log = logging.getLogger("postgate.queue")
 STATES = tuple(s.value for s in State)
 MAGIC = b"POSTGATE-ENVELOPE "   # starts a message file's first line: the envelope as accepted
 T = TypeVar("T")
+Item = TypeVar("Item")
+# one delivery result for the results committer: ("record" | "release" | "finish", lease, new envelope)
+Result = tuple[str, Lease, Envelope | None]
 
 
 def fsync_dir(path: Path) -> None:
@@ -330,23 +333,103 @@ class SpoolFiles:
 
     def record(self, lease: Lease, env: Envelope) -> None:
         """Durably record per-recipient results of the message being delivered."""
-        with self._mutex:
-            self._check_lease(lease)
-            self._write(self.path("active", lease.id), env.to_bytes())
+        self._one(("record", lease, env))
 
     def release(self, lease: Lease, env: Envelope) -> None:
         """End the lease; the message waits in deferred/ for ``env.next_attempt``."""
-        with self._mutex:
-            self._check_lease(lease)
-            self._write(self.path("active", lease.id), env.to_bytes())
-            self._move(lease.id, "active", "deferred", durable=False)
-            del self._leases[lease.id]
+        self._one(("release", lease, env))
 
     def finish(self, lease: Lease) -> None:
         """Every recipient is final: remove the message."""
-        with self._mutex:
-            self._check_lease(lease)
-            self.delete(lease.id, "active")
+        self._one(("finish", lease, None))
+
+    def _one(self, op: Result) -> None:
+        [err] = self.results_batch([op])
+        if err is not None:
+            raise err
+
+    def results_batch(self, ops: list[Result]) -> list[BaseException | None]:
+        """Write the results of several delivery attempts with one round of fsyncs (group commit, as for
+        new mail): ``record`` (new envelope, lease kept), ``release`` (new envelope, to deferred/) and
+        ``finish`` (message removed). Returns, per result, None (written) or the error (nothing of it
+        written: the lease and the old envelope stay)::
+
+            write each new envelope to tmp/; unlink each finished message's messages/<id>
+            fsync those tmp files and messages/, all at once         (one journal commit)
+            rename each envelope over active/<id> (release: on to deferred/); unlink finished envelopes
+            fsync active/                                             (record: the results are durable)
+
+        A crash anywhere leaves the old envelope or the new one, never half of one; a removal or a
+        result that did not reach the disk costs at worst one more delivery of the same message (RFC 5321
+        §6.1: a duplicate, never a loss). A bounce is queued (durably, by ``enqueue``) before its message's
+        ``finish`` is submitted, so no removal can overtake its report."""
+        errors: list[BaseException | None] = [None] * len(ops)
+        staged: list[tuple[int, str, Lease, Path | None]] = []
+        with self._mutex:   # a lease is checked and ended in one go: reclaim never crosses a result
+            for i, (kind, lease, env) in enumerate(ops):
+                try:
+                    self._check_lease(lease)
+                    if kind == "finish":
+                        # the message file goes first: an envelope left without it by a crash is recognised
+                        # as a removed message's leftover (module docstring)
+                        try:
+                            os.unlink(self.root / "messages" / lease.id)
+                        except FileNotFoundError:
+                            pass
+                        staged.append((i, kind, lease, None))
+                    else:
+                        assert env is not None
+                        staged.append((i, kind, lease, self._write_tmp(lease.id, env.to_bytes())))
+                except BaseException as e:  # ENOSPC: this result is not written; the others go on
+                    errors[i] = e
+            crashpoint("spool-results-written")
+            if self.fsync and staged:
+                paths = [tmp for _i, _k, _l, tmp in staged if tmp is not None]
+                finishing = any(tmp is None for _i, _k, _l, tmp in staged)
+                failed = set(self._fsync_files(paths + ([self.root / "messages"] if finishing else [])))
+                if self.root / "messages" in failed:  # the files are unlinked: at worst a duplicate after a crash
+                    log.warning("%s/messages: fsync failed; a power loss now may deliver removed messages again",
+                                self.root)
+                for i, _kind, _lease, tmp in staged:
+                    if tmp is not None and tmp in failed:
+                        errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
+                        _unlink_quietly(tmp)
+                staged = [st for st in staged if errors[st[0]] is None]
+            crashpoint("spool-results-synced")
+            renamed = False
+            for i, kind, lease, tmp in staged:
+                try:
+                    if tmp is None:
+                        crashpoint("spool-deleted-message")
+                        _unlink_quietly(self.path("active", lease.id))
+                    else:
+                        os.rename(tmp, self.path("active", lease.id))
+                        renamed = True
+                        if kind == "release":
+                            self._move(lease.id, "active", "deferred", durable=False)
+                    if kind != "record":
+                        self._leases.pop(lease.id, None)
+                except BaseException as e:
+                    if tmp is not None:
+                        _unlink_quietly(tmp)
+                    errors[i] = e
+            if self.fsync and renamed:
+                fsync_dir(self.root / "active")
+        return errors
+
+    def _write_tmp(self, name: str, data: bytes) -> Path:
+        """Write ``data`` to a new file in tmp/ (not fsync'd); on failure nothing is left."""
+        tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
 
     def reclaim(self, now: float) -> list[str]:
         """Take back expired leases, and any envelope in active/ that no lease of this process covers (a
@@ -543,27 +626,29 @@ class SpoolFiles:
             self._pool = None
 
 
-class GroupCommitter:
-    """Collects the messages that arrive while a batch is being made durable into the next batch: one
-    thread, so the batch grows exactly as fast as the disk is slow (no timer, no added latency when idle)."""
+class Batcher(Generic[Item]):
+    """Collects the work items that arrive while a batch is being made durable into the next batch: one
+    thread, so the batch grows exactly as fast as the disk is slow (no timer, no added latency when idle).
+    ``commit`` does one batch and returns, per item, None (done) or the item's error."""
 
-    def __init__(self, files: SpoolFiles, max_batch: int = 256) -> None:
-        self.files = files
+    def __init__(self, commit: Callable[[list[Item]], list[BaseException | None]], max_batch: int = 256,
+                 name: str = "spool-commit") -> None:
+        self.commit = commit
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Envelope, bytes, concurrent.futures.Future[str]] | None] = \
-            queue.SimpleQueue()
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Item, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self.batches = 0
         self.messages = 0
 
-    def submit(self, env: Envelope, content: bytes) -> concurrent.futures.Future[str]:
-        fut: concurrent.futures.Future[str] = concurrent.futures.Future()
+    def submit_item(self, item: Item) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._start:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-        self._queue.put((env, content, fut))
+        self._queue.put((item, fut))
         return fut
 
     def _run(self) -> None:
@@ -582,14 +667,14 @@ class GroupCommitter:
                     break
                 batch.append(item)
             try:
-                errors = self.files.enqueue_batch([(env, content) for env, content, _ in batch])
+                errors = self.commit([it for it, _ in batch])
             except BaseException as e:  # every waiter must get an answer
                 errors = [e] * len(batch)
             self.batches += 1
             self.messages += len(batch)
-            for (env, _content, fut), err in zip(batch, errors, strict=True):
+            for (_it, fut), err in zip(batch, errors, strict=True):
                 if err is None:
-                    fut.set_result(env.id)
+                    fut.set_result(None)
                 else:
                     fut.set_exception(err)
 
@@ -597,6 +682,17 @@ class GroupCommitter:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(10)
+
+
+class GroupCommitter(Batcher[tuple[Envelope, bytes]]):
+    """New messages, several per fsync (:meth:`SpoolFiles.enqueue_batch`)."""
+
+    def __init__(self, files: SpoolFiles, max_batch: int = 256) -> None:
+        super().__init__(files.enqueue_batch, max_batch, "spool-commit")
+        self.files = files
+
+    def submit(self, env: Envelope, content: bytes) -> concurrent.futures.Future[None]:
+        return self.submit_item((env, content))
 
 
 class DirectorySpool:
@@ -607,6 +703,8 @@ class DirectorySpool:
         self.files = SpoolFiles(root, fsync=fsync)
         self.root = self.files.root
         self.committer = GroupCommitter(self.files, max_batch)
+        # delivery results (record, release, finish), several per fsync too
+        self.results = Batcher[Result](self.files.results_batch, max_batch, "spool-results")
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -619,6 +717,7 @@ class DirectorySpool:
 
     async def unlock(self) -> None:
         self.committer.stop()
+        self.results.stop()
         self.files.unlock()
         self.files.close()
 
@@ -627,7 +726,8 @@ class DirectorySpool:
 
     async def enqueue(self, env: Envelope, content: bytes) -> str:
         try:
-            return await asyncio.wrap_future(self.committer.submit(env, content))
+            await asyncio.wrap_future(self.committer.submit(env, content))
+            return env.id
         except OSError as e:
             raise SpoolError(f"{env.id}: cannot queue: {e.strerror or e}") from e
 
@@ -638,13 +738,13 @@ class DirectorySpool:
         return await self._io(self.files.content, qid)
 
     async def record(self, lease: Lease, env: Envelope) -> None:
-        await self._io(self.files.record, lease, env)
+        await asyncio.wrap_future(self.results.submit_item(("record", lease, env)))
 
     async def release(self, lease: Lease, env: Envelope) -> None:
-        await self._io(self.files.release, lease, env)
+        await asyncio.wrap_future(self.results.submit_item(("release", lease, env)))
 
     async def finish(self, lease: Lease) -> None:
-        await self._io(self.files.finish, lease)
+        await asyncio.wrap_future(self.results.submit_item(("finish", lease, None)))
 
     async def reclaim(self, now: float) -> list[str]:
         return await self._io(self.files.reclaim, now)
@@ -684,5 +784,5 @@ def _conforms(s: DirectorySpool) -> Spool:  # mypy checks that DirectorySpool im
     return s
 
 
-__all__ = ["STATES", "DirectorySpool", "GroupCommitter", "Lease", "Spool", "SpoolError", "SpoolFiles",
+__all__ = ["STATES", "Batcher", "DirectorySpool", "GroupCommitter", "Lease", "Spool", "SpoolError", "SpoolFiles",
            "SpoolUnavailable", "State", "fsync_dir"]
