@@ -121,6 +121,11 @@ def smtp_source_many(target: str, n: int, c: int, size: int) -> float:
     return time.perf_counter() - t0
 
 
+def connections(pf: Postfix) -> int:
+    """SMTP connections the receiver accepted so far (its smtpd's ``connect from`` lines)."""
+    return len(re.findall(r"postfix/smtpd\[\d+\]: connect from", pf.log()))
+
+
 def wait_for(pf: Postfix, total: int, timeout: float = 600) -> float:
     t0 = time.perf_counter()
     while discarded(pf) < total and time.perf_counter() - t0 < timeout:
@@ -203,6 +208,7 @@ class Result:
     relay: float
     accept: float
     cpu_ms: float  # CPU time of the MTA per message
+    connections: int = 0  # connections the receiver got during the run (reuse: far fewer than messages)
     reply: list[float] = field(default_factory=list)
     stored: list[float] = field(default_factory=list)
 
@@ -210,6 +216,7 @@ class Result:
 def run_case(net: TestNet, receiver: Postfix, target: str, root: int, n: int, c: int, size: int,
              many: bool = False) -> Result:
     before = discarded(receiver)
+    conn0 = connections(receiver)
     probe = Probe(net, target)
     th = threading.Thread(target=probe.run, args=(40,), daemon=True)
     cpu0 = tree_cpu(root)
@@ -219,7 +226,8 @@ def run_case(net: TestNet, receiver: Postfix, target: str, root: int, n: int, c:
     probe.stop.set()
     cpu1 = tree_cpu(root)
     th.join(120)
-    return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, probe.reply, probe.stored)
+    return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, connections(receiver) - conn0, probe.reply,
+                  probe.stored)
 
 
 def rss_kib(pid: int) -> int:
@@ -386,7 +394,8 @@ def main() -> int:
                             r = run_case(net, receiver, target, roots[name], n, c, size, many)
                             results.setdefault((name, ci), []).append(r)
                             print(f"run {run + 1} {label} C={c} {name}: {r.relay:,.0f} relayed/s, "
-                                  f"{r.cpu_ms:.2f} ms CPU/msg", flush=True)
+                                  f"{r.cpu_ms:.2f} ms CPU/msg, {r.connections} connections to the receiver",
+                                  flush=True)
                 # concurrency: idle sessions on the pre-queue Postgate while the 2 KB load runs
                 rss0 = rss_kib(pq.proc.pid)
                 idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, pq.address, str(IDLE)],
