@@ -221,3 +221,82 @@ def test_batched_results_survive_sigkill(tmp_path: Path, point: str, nth: int, n
         assert after.files.get(rel.id) is not None and after.files.get(rel.id)[0] == State.DEFERRED  # type: ignore[index]
     assert os.listdir(root / "tmp") == [] and os.listdir(root / "corrupt") == []
     assert sorted(os.listdir(root / "messages")) == sorted([rec.id, rel.id])
+
+
+# --- several queue runners on one directory spool ----------------------------------------------------------
+
+RUNNER_CHILD = r"""
+import sys, time
+from postgate.outbound.queue.envelope import Envelope
+from postgate.outbound.queue.spool import SpoolFiles
+parse = Envelope.from_bytes
+# a slow parse widens the window between reading a waiting envelope and renaming it (the lease)
+Envelope.from_bytes = staticmethod(lambda data: (time.sleep(0.002), parse(data))[1])  # type: ignore
+files = SpoolFiles(sys.argv[1], fsync=False, partition=(int(sys.argv[2]), 2))
+files.adopt(1 - int(sys.argv[2]))          # both shares: the two processes race for every message
+out = open(sys.argv[3], "w")
+idle = 0
+while idle < 200:
+    leased = files.lease_due(2e9, sys.argv[2], 3600, 3)
+    idle = 0 if leased else idle + 1
+    for lease, env in leased:
+        out.write(f"{lease.id} {len(env.attempts)}\n")
+        out.flush()
+        if len(env.attempts) < 2:          # twice a deferral, due again at once (a new envelope)
+            env.attempts.append({"time": 1.0})
+            files.release(lease, env)
+        else:
+            files.finish(lease)
+"""
+
+
+def test_two_runners_never_lease_the_same_message(tmp_path: Path) -> None:
+    """Two processes lease from one directory spool at once, each release making the message due again
+    with a new envelope in the same place (deferred/): every message is leased exactly three times, once per
+    version (0, 1, 2 attempts), never twice in the same version (a stale read: read, another runner leases
+    and releases, then the rename takes the new file with the old envelope) and never by both at once (the
+    rename is the lease, and the state lock makes read-and-rename one step across processes)."""
+    root = tmp_path / "spool"
+    files = DirectorySpool(root, fsync=False).files
+    ids = []
+    for i in range(150):
+        content = _msg(f"runner-{i}")
+        env = Envelope.new("alice@client.test", [Recipient(f"r{i}@dane-ok.test")], content, now=1e9 + i)
+        files.enqueue(env, content)
+        ids.append(env.id)
+    logs = [tmp_path / f"runner-{k}.log" for k in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", RUNNER_CHILD, str(root), str(k), str(logs[k])])
+             for k in (0, 1)]
+    for p in procs:
+        assert p.wait(120) == 0
+    leases: dict[str, list[int]] = {}
+    per_runner = []
+    for log in logs:
+        lines = log.read_text().split()
+        pairs = list(zip(lines[::2], lines[1::2], strict=True))
+        per_runner.append(len(pairs))
+        for qid, attempts in pairs:
+            leases.setdefault(qid, []).append(int(attempts))
+    assert sorted(leases) == sorted(ids)
+    bad = {k: v for k, v in leases.items() if sorted(v) != [0, 1, 2]}
+    assert not bad, bad
+    assert all(n > 0 for n in per_runner)                 # both took part
+    assert all(not os.listdir(root / d) for d in ("incoming", "deferred", "active", "messages", "tmp"))
+
+
+def test_shares_partition_the_queue(tmp_path: Path) -> None:
+    """Runner k of n leases and takes back only its share; after ``adopt`` it takes over a dead runner's
+    share, leases left in active/ included."""
+    root = tmp_path / "spool"
+    a = DirectorySpool(root, fsync=False, partition=(0, 2)).files
+    b = DirectorySpool(root, fsync=False, partition=(1, 2)).files
+    for i in range(40):
+        content = _msg(f"share-{i}")
+        a.enqueue(Envelope.new("alice@client.test", [Recipient(f"s{i}@dane-ok.test")], content, now=1e9 + i), content)
+    got_b = {lease.id for lease, _ in b.lease_due(2e9, "b", 3600, 100)}
+    got_a = {lease.id for lease, _ in a.lease_due(2e9, "a", 3600, 100)}
+    assert got_a and got_b and not got_a & got_b and len(got_a | got_b) == 40
+    assert a.reclaim(2e9) == []                   # b's leases are not a's to take back ...
+    a.adopt(1)                                    # ... until b is gone and a adopts its share
+    assert sorted(a.reclaim(2e9)) == sorted(got_b)
+    assert {lease.id for lease, _ in a.lease_due(2e9, "a", 3600, 100)} == got_b

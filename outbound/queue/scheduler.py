@@ -75,6 +75,8 @@ class SchedulerConfig:
     batch: int = 200                  # messages leased at most per spool call
     max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
     active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
+    poll: float = 1.0                 # look for due mail at least this often (several runners: mail
+                                      # accepted by another process wakes nobody here)
     lease_time: float = 3600.0
     reporting_mta: str = "localhost"
 
@@ -156,7 +158,7 @@ class Scheduler:
                 waits = [self.wake.wait(), stop.wait()]
                 if more or self._room() <= 0:
                     waits.append(freed.wait())
-                timeout = max(0.0, tick - (time.monotonic() - last_house))
+                timeout = min(self.config.poll, max(0.0, tick - (time.monotonic() - last_house)))
                 await self._first_of(waits, timeout)
         finally:
             self._freed = None
