@@ -13,7 +13,8 @@ Set-up, all inside the private test network:
 - Load generator: Postfix's ``smtp-source`` (C), N messages over C concurrent connections, each
   connection reused (``-d``); for the many-destinations cell, ten ``smtp-source`` at once, one per domain.
 - MTAs under test, each relaying with DANE: Postgate pre-queue on asyncio's loop and on uvloop, with DKIM
-  off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first, and Postfix
+  off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first (one process,
+  and two with ``[queue] run_in_workers``: both processes accept and deliver), and Postfix
   (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
   ``smtp_tls_connection_reuse = yes``, 100 processes).
 - Cells: 2 KB, 100 KB and 1 MB at C=10 and C=100, and 2 KB at C=100 to ten destinations; every cell runs
@@ -356,7 +357,10 @@ def main() -> int:
                                                            "required": False}}),
             ("Postgate pre-queue, uvloop, 2 workers", "127.0.2.13", {"server": {"event_loop": "uvloop", "workers": 2}}),
             ("Postgate queue-first", "127.0.2.11", {"prequeue": {"mode": "queue-first"},
-                                                    "queue": {"destination_concurrency": 100}})]
+                                                    "queue": {"destination_concurrency": 100}}),
+            ("Postgate queue-first, 2 workers", "127.0.2.16",
+             {"server": {"workers": 2}, "prequeue": {"mode": "queue-first"},
+              "queue": {"destination_concurrency": 100, "run_in_workers": True}})]
     only = [s.strip() for s in os.environ.get("BENCH_MTAS", "").split(",") if s.strip()]
     if only:  # a subset of the Postgate configurations (Postfix always runs): BENCH_MTAS="queue-first,asyncio"
         mtas = [m for m in mtas if any(o in m[0] for o in only)]

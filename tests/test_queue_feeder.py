@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ from postgate.outbound.resolver import Resolver, load_anchors
 from postgate.outbound.smtp_client import Timeouts
 from postgate.policy.vocab import Outcome
 
+from fixtures.pgserve import TRUSTED, PostgateServer
 from fixtures.testnet import TestNet
+from tests.test_inbound import client, data_reply
 
 
 def _msg(token: str) -> bytes:
@@ -300,3 +303,48 @@ def test_shares_partition_the_queue(tmp_path: Path) -> None:
     a.adopt(1)                                    # ... until b is gone and a adopts its share
     assert sorted(a.reclaim(2e9)) == sorted(got_b)
     assert {lease.id for lease, _ in a.lease_due(2e9, "a", 3600, 100)} == got_b
+
+
+def test_workers_run_the_queue_and_the_main_process_adopts_a_dead_ones_share(testnet: TestNet,
+                                                                              tmp_path: Path) -> None:
+    """``[server] workers = 2`` with ``[queue] run_in_workers``: queue-first mail is delivered by both
+    processes, each message once; after a SIGKILL of the worker, the main process delivers its share too."""
+    here = "127.0.2.30"
+    pg = PostgateServer(testnet, tmp_path, address=here, server={"workers": 2},
+                        prequeue={"mode": "queue-first"}, queue={"run_in_workers": True}).start()
+
+    def send(tokens: list[str]) -> None:
+        with client(address=here, source=TRUSTED) as s:
+            s.ehlo("helo.example")
+            for t in tokens:
+                code, text, _ = data_reply(s, "a@client.test", ["bob@dane-ok.test"], _msg(t))
+                assert code == 250 and "queued as" in text, text
+
+    def all_stored(tokens: list[str]) -> bool:
+        return all(_copies(testnet, t) >= 1 for t in tokens)
+
+    def wait(pred: object, timeout: float = 60) -> bool:
+        for _ in range(int(timeout * 10)):
+            if pred():  # type: ignore[operator]
+                return True
+            threading.Event().wait(0.1)
+        return False
+
+    try:
+        assert pg.proc is not None
+        [worker] = [int(p) for p in Path(f"/proc/{pg.proc.pid}/task/{pg.proc.pid}/children").read_text().split()]
+        first = [f"share-{i}-{os.getpid()}" for i in range(40)]
+        send(first)
+        assert wait(lambda: all_stored(first)), pg.log()[-3000:]
+        assert [_copies(testnet, t) for t in first] == [1] * len(first)
+        senders = {int(p) for p in re.findall(r"\[(\d+)\]: [0-9A-F]{20}: to=<bob@dane-ok.test>.*status=sent",
+                                              pg.log())}
+        assert senders == {pg.proc.pid, worker}, senders          # both processes delivered
+        os.kill(worker, signal.SIGKILL)
+        assert wait(lambda: "the main process delivers its share" in pg.log()), pg.log()[-3000:]
+        second = [f"adopted-{i}-{os.getpid()}" for i in range(20)]
+        send(second)
+        assert wait(lambda: all_stored(second)), pg.log()[-3000:]
+        assert [_copies(testnet, t) for t in second] == [1] * len(second)
+    finally:
+        pg.stop()
