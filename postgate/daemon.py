@@ -179,6 +179,8 @@ class Daemon:
             self.scheduler.config.lease_time = q.lease_time
             # the lease owner: unique per running node, so a restarted node never writes under an old lease
             self.scheduler.owner = q.node_name or f"{socket.gethostname()}:{os.getpid()}"
+            if q.node_name and self.worker and self._runners() > 1:   # each runner of the node its own owner
+                self.scheduler.owner += f"/worker{os.environ.get('POSTGATE_WORKER_INDEX', '')}"
         if self.signer is not None:
             self.scheduler.signer = lambda content: self._sign(content, "")  # bounces are DKIM-signed too
         try:

@@ -11,7 +11,9 @@ result durably, and decides what happens next.
   message at once, and more mail is leased as slots free and as new mail arrives (``wake``), so a slow
   destination never holds back a fast one, and no attempt waits for a batch to end.
 - A destination that has not answered yet, or whose backoff just ended, gets one attempt at a time (a
-  probe); once a server answered, up to ``destination_concurrency``. After a destination-wide failure (no
+  probe); once a server answered, a window of ``initial_concurrency`` that grows with every answer up to
+  ``destination_concurrency`` (Postfix's slow start: a backlog opens the connections it needs, and the
+  delivery agent's connection cache carries the following messages over them). After a destination-wide failure (no
   MX host reachable, suspected attack) it is left alone for ``destination_backoff`` seconds, so a dead or
   hostile site is not hammered.
 - Attempts to the same destination reuse the delivery agent's cached connections (outbound/delivery.py).
@@ -71,6 +73,7 @@ class SchedulerConfig:
     max_lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0          # 0: no delay warnings
     destination_concurrency: int = 20
+    initial_concurrency: int = 5      # a destination's window after its first answer (Postfix's default)
     destination_backoff: float = 300.0
     batch: int = 200                  # messages leased at most per spool call
     max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
@@ -94,7 +97,7 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         self._dead_until: dict[str, float] = {}
-        self._alive: dict[str, float] = {}        # destinations that answered: fan out to them
+        self._alive: dict[str, float] = {}        # destinations that answered: their concurrency window
         self._waiting: dict[str, deque[tuple[Lease, Envelope]]] = {}
         self._busy: dict[str, int] = {}           # attempts under way per destination
         self._tasks: set[asyncio.Task[None]] = set()
@@ -248,10 +251,13 @@ class Scheduler:
         return self._dead_until.get(dest, 0) > now
 
     def _dest_limit(self, dest: str) -> int:
-        """Deliveries at once to ``dest``: one (a probe) until it answered, then ``destination_concurrency``;
-        after a destination-wide failure, one probe again when its backoff ends (Postfix's dead-destination
-        rule, without a probe per pass)."""
-        return self.config.destination_concurrency if dest in self._alive else 1
+        """Deliveries at once to ``dest``: one (a probe) until it answered; then a window that starts at
+        ``initial_concurrency`` and grows by 1/window per answer up to ``destination_concurrency`` (Postfix's
+        slow start, ``initial_destination_concurrency`` and positive feedback 1/concurrency), so a backlog
+        opens as many connections as the destination needs, not all at once; after a destination-wide
+        failure, one probe again when its backoff ends."""
+        window = self._alive.get(dest)
+        return 1 if window is None else int(window)
 
     def _dest_failed(self, dest: str, now: float) -> None:
         self._dead_until[dest] = now + self.config.destination_backoff
@@ -259,9 +265,14 @@ class Scheduler:
 
     def _dest_answered(self, dest: str, now: float) -> None:
         self._dead_until.pop(dest, None)
-        if len(self._alive) >= 100_000:   # bounded: forgetting a destination costs one probe
-            self._alive.clear()
-        self._alive[dest] = now
+        window = self._alive.get(dest)
+        if window is None:
+            if len(self._alive) >= 100_000:   # bounded: forgetting a destination costs one probe
+                self._alive.clear()
+            window = float(min(self.config.initial_concurrency, self.config.destination_concurrency))
+        else:
+            window = min(float(self.config.destination_concurrency), window + 1 / window)
+        self._alive[dest] = window
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
         """One delivery attempt. No exception leaves it: whatever goes wrong becomes a deferral with backoff

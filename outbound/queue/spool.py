@@ -232,6 +232,7 @@ class SpoolFiles:
     def _write(self, target: Path, data: bytes, durable: bool = True) -> None:
         """Write ``data`` to ``target`` atomically and (unless told otherwise) durably; on failure nothing
         is left in tmp/."""
+        self._not_due.pop(target.name, None)   # a rewritten envelope is read again by lease_due
         tmp = self.root / "tmp" / f"{target.name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
