@@ -181,8 +181,7 @@ class Scheduler:
         way end (bounded by the delivery timeouts), as a pass did."""
         waiting = [item for q in self._waiting.values() for item in q]
         self._waiting.clear()
-        for lease, env in waiting:
-            await self._release(lease, env)
+        await asyncio.gather(*(self._release(lease, env) for lease, env in waiting))   # several per commit
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
