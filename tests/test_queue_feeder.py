@@ -348,3 +348,26 @@ def test_workers_run_the_queue_and_the_main_process_adopts_a_dead_ones_share(tes
         assert [_copies(testnet, t) for t in second] == [1] * len(second)
     finally:
         pg.stop()
+
+
+@pytest.mark.parametrize("point", ["spool-results-written:1", "spool-results-synced:1", "spool-deleted-message:1"])
+def test_bounce_is_durable_before_its_message_is_removed(testnet: TestNet, tmp_path: Path, point: str) -> None:
+    """A recipient refused with 550: the non-delivery report is queued (durably) before the message's
+    removal is even submitted to the results committer; SIGKILL in the middle of that removal leaves the
+    report queued and the message gone, never the message gone without its report."""
+    spool = tmp_path / "spool"
+    environ = dict(os.environ, POSTGATE_CRASH_AT=point, QUEUE_CHILD_LOCAL="reject-bounce")
+    child = subprocess.run([sys.executable, "-m", "tests.queue_child", str(testnet.state / "manifest.json"),
+                            str(spool), "enqueue-and-run", "1", "dane-ok.test"], capture_output=True, text=True,
+                           timeout=120, env=environ)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    [acked] = [line.split()[1] for line in child.stdout.splitlines() if line.startswith("ACK ")]
+    after = DirectorySpool(spool)
+    asyncio.run(after.recover())
+    entries = asyncio.run(after.entries())
+    assert acked not in {e.id for e in entries}                       # the refused message is removed ...
+    [report] = entries                                                # ... and its report is queued
+    assert report.envelope is not None and report.envelope.is_bounce and report.envelope.sender == ""
+    assert [r.address for r in report.envelope.recipients] == ["sender@crash.test"]
+    assert b"reject-bounce@dane-ok.test" in after.files.content(report.id)
+    assert os.listdir(spool / "corrupt") == []
