@@ -175,6 +175,7 @@ class Daemon:
         if self._runners() > 1:
             # issue 15: several runners; mail accepted by another process is found by polling
             self.scheduler.config.poll = 0.1
+            self.scheduler.config.requests = not self.worker   # operator requests: the main process applies them
         if q.backend == "postgresql":
             self.scheduler.config.lease_time = q.lease_time
             # the lease owner: unique per running node, so a restarted node never writes under an old lease

@@ -78,6 +78,7 @@ class SchedulerConfig:
     batch: int = 200                  # messages leased at most per spool call
     max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
     active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
+    requests: bool = True             # apply operator requests (several runners: the main process only)
     poll: float = 1.0                 # look for due mail at least this often (several runners: mail
                                       # accepted by another process wakes nobody here)
     lease_time: float = 3600.0
@@ -186,7 +187,8 @@ class Scheduler:
             await asyncio.wait(set(self._tasks))
 
     async def _housekeeping(self) -> None:
-        await self.apply_requests()
+        if self.config.requests:
+            await self.apply_requests()
         await self._save_unsaved()
         for qid in await self.spool.reclaim(self.clock()):
             self.counters.inc("lease_reclaimed")
