@@ -78,6 +78,7 @@ class SchedulerConfig:
     batch: int = 200                  # messages leased at most per spool call
     max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
     active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
+    in_flow_delay: float = 1.0        # Postfix's default; 0: off
     requests: bool = True             # apply operator requests (several runners: the main process only)
     poll: float = 1.0                 # look for due mail at least this often (several runners: mail
                                       # accepted by another process wakes nobody here)
@@ -194,6 +195,13 @@ class Scheduler:
             self.counters.inc("lease_reclaimed")
             log.warning("%s: lease taken back (expired or its result was never written); due again", qid)
 
+    def inflow_delay(self) -> float:
+        """Seconds the SMTP server waits before its 250 to a newly queued message: ``in_flow_delay`` while
+        this runner holds as many messages as it may (``active_limit``: the queue grows faster than it is
+        delivered), else 0. Postfix's flow control: a sender cannot fill the queue faster than it drains
+        for long, and a restart never has to recover an unbounded backlog."""
+        return self.config.in_flow_delay if self._room() <= 0 else 0.0
+
     def _room(self) -> int:
         """How many more messages may be leased: in flight plus waiting stays under ``active_limit``."""
         held = len(self._tasks) + sum(len(q) for q in self._waiting.values())
@@ -253,9 +261,9 @@ class Scheduler:
 
     def _dest_limit(self, dest: str) -> int:
         """Deliveries at once to ``dest``: one (a probe) until it answered; then a window that starts at
-        ``initial_concurrency`` and grows by 1/window per answer up to ``destination_concurrency`` (Postfix's
-        slow start, ``initial_destination_concurrency`` and positive feedback 1/concurrency), so a backlog
-        opens as many connections as the destination needs, not all at once; after a destination-wide
+        ``initial_concurrency`` (Postfix's ``initial_destination_concurrency``) and grows by one per answer up
+        to ``destination_concurrency`` (doubling per round of answers, as TCP's slow start), so a backlog
+        opens the connections the destination keeps answering on, not all at once; after a destination-wide
         failure, one probe again when its backoff ends."""
         window = self._alive.get(dest)
         return 1 if window is None else int(window)
@@ -272,7 +280,7 @@ class Scheduler:
                 self._alive.clear()
             window = float(min(self.config.initial_concurrency, self.config.destination_concurrency))
         else:
-            window = min(float(self.config.destination_concurrency), window + 1 / window)
+            window = min(float(self.config.destination_concurrency), window + 1)
         self._alive[dest] = window
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
