@@ -13,7 +13,8 @@ Set-up, all inside the private test network:
 - Load generator: Postfix's ``smtp-source`` (C), N messages over C concurrent connections, each
   connection reused (``-d``); for the many-destinations cell, ten ``smtp-source`` at once, one per domain.
 - MTAs under test, each relaying with DANE: Postgate pre-queue on asyncio's loop and on uvloop, with DKIM
-  off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first, and Postfix
+  off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first (one process,
+  and two with ``[queue] run_in_workers``: both processes accept and deliver), and Postfix
   (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
   ``smtp_tls_connection_reuse = yes``, 100 processes), and the same Postfix signing through the OpenDKIM
   milter, as an operator who signs runs it (RSA with own.test's key; Postgate signs RSA and Ed25519), so
@@ -153,6 +154,11 @@ def smtp_source_many(target: str, n: int, c: int, size: int) -> float:
     return time.perf_counter() - t0
 
 
+def connections(pf: Postfix) -> int:
+    """SMTP connections the receiver accepted so far (its smtpd's ``connect from`` lines)."""
+    return len(re.findall(r"postfix/smtpd\[\d+\]: connect from", pf.log()))
+
+
 def wait_for(pf: Postfix, total: int, timeout: float = 600) -> float:
     t0 = time.perf_counter()
     while discarded(pf) < total and time.perf_counter() - t0 < timeout:
@@ -235,6 +241,7 @@ class Result:
     relay: float
     accept: float
     cpu_ms: float  # CPU time of the MTA per message
+    connections: int = 0  # connections the receiver got during the run (reuse: far fewer than messages)
     reply: list[float] = field(default_factory=list)
     stored: list[float] = field(default_factory=list)
 
@@ -243,6 +250,7 @@ def run_case(net: TestNet, receiver: Postfix, target: str, root: int | tuple[int
              many: bool = False) -> Result:
     roots = root if isinstance(root, tuple) else (root,)
     before = discarded(receiver)
+    conn0 = connections(receiver)
     probe = Probe(net, target)
     th = threading.Thread(target=probe.run, args=(40,), daemon=True)
     cpu0 = sum(tree_cpu(r) for r in roots)
@@ -252,7 +260,8 @@ def run_case(net: TestNet, receiver: Postfix, target: str, root: int | tuple[int
     probe.stop.set()
     cpu1 = sum(tree_cpu(r) for r in roots)
     th.join(120)
-    return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, probe.reply, probe.stored)
+    return Result(n / t_all, n / t_send, 1000 * (cpu1 - cpu0) / n, connections(receiver) - conn0, probe.reply,
+                  probe.stored)
 
 
 def rss_kib(pid: int) -> int:
@@ -307,8 +316,11 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 def profile(pid: int, seconds: int, out: Path) -> list[tuple[str, float]]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    # --gil: only the thread holding the GIL is sampled, i.e. Python's CPU time (a thread waiting in fsync or
+    # a socket write in another thread is not counted as busy)
     res = subprocess.run([spy, "record", "--format", "raw", "-o", str(out), "-d", str(seconds), "-r", "100",
-                          "-p", str(pid), "--nonblocking"], capture_output=True, text=True, timeout=seconds + 60)
+                          "-p", str(pid), "--nonblocking", "--gil"], capture_output=True, text=True,
+                         timeout=seconds + 60)
     if res.returncode != 0 or not out.exists():
         return [("py-spy failed: " + res.stderr.strip()[:200], 0.0)]
     own: Counter[str] = Counter()
@@ -385,7 +397,10 @@ def main() -> int:
                                                            "required": False}}),
             ("Postgate pre-queue, uvloop, 2 workers", "127.0.2.13", {"server": {"event_loop": "uvloop", "workers": 2}}),
             ("Postgate queue-first", "127.0.2.11", {"prequeue": {"mode": "queue-first"},
-                                                    "queue": {"destination_concurrency": 100}})]
+                                                    "queue": {"destination_concurrency": 100}}),
+            ("Postgate queue-first, 2 workers", "127.0.2.16",
+             {"server": {"workers": 2}, "prequeue": {"mode": "queue-first"},
+              "queue": {"destination_concurrency": 100, "run_in_workers": True}})]
     only = [s.strip() for s in os.environ.get("BENCH_MTAS", "").split(",") if s.strip()]
     if only:  # a subset of the Postgate configurations (Postfix always runs): BENCH_MTAS="queue-first,asyncio"
         mtas = [m for m in mtas if any(o in m[0] for o in only)]
@@ -436,7 +451,8 @@ def main() -> int:
                             r = run_case(net, receiver, target, roots[name], n, c, size, many)
                             results.setdefault((name, ci), []).append(r)
                             print(f"run {run + 1} {label} C={c} {name}: {r.relay:,.0f} relayed/s, "
-                                  f"{r.cpu_ms:.2f} ms CPU/msg", flush=True)
+                                  f"{r.cpu_ms:.2f} ms CPU/msg, {r.connections} connections to the receiver",
+                                  flush=True)
                 # concurrency: idle sessions on the pre-queue Postgate while the 2 KB load runs
                 rss0 = rss_kib(pq.proc.pid)
                 idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, pq.address, str(IDLE)],
@@ -536,7 +552,8 @@ def main() -> int:
         f"against {base2.relay:,.0f} msg/s right after they closed; DATA reply p50 {pct(loaded.reply, 50)}, "
         f"p99 {pct(loaded.reply, 99)}.",
         "",
-        f"### Where the time goes (py-spy, {pq_name}, 2 KB, C=100; own time of the top functions)",
+        f"### Where the time goes (py-spy, {pq_name}, 2 KB, C=100; own time of the top functions, "
+        "samples holding the GIL)",
         "",
         "| function | own samples |",
         "|---|---:|",

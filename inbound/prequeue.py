@@ -272,6 +272,9 @@ class PreQueue:
         attack = any(r.suspected_attack for r in env.recipients)
         log.info("%s: outcome=queued (%s)%s", env.id, why, " suspected_attack=yes" if attack else "")
         self.scheduler.wake.set()
+        delay = self.scheduler.inflow_delay()
+        if delay:   # Postfix in_flow_delay: mail arrives faster than it leaves; the client waits (it is queued)
+            await asyncio.sleep(delay)
         return Reply(250, f"2.0.0 Ok: queued as {env.id}")
 
     async def _late(self, qid: str, task: asyncio.Task[list[RecipientResult]]) -> None:

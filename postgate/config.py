@@ -80,6 +80,9 @@ class QueueSettings:
     lease_time: float = 300.0            # a dead node's messages are taken over after this
     commit_timeout: float = 10.0         # bound on a write incl. the synchronous standby's confirmation
     node_name: str = ""                  # lease owner; default host name and process id
+    # the queue runner (issue 15 item 5; outbound/queue/scheduler.py)
+    max_deliveries: int = 100            # delivery attempts at once, all destinations
+    run_in_workers: bool = False         # every [server] workers process runs a share of the queue
 
 
 @dataclass
@@ -622,6 +625,8 @@ def _validate_queue(cfg: Config, source: str, text: str) -> None:
         raise err("delay_warning", "must be 0 (off) or positive")
     if not 1 <= q.destination_concurrency <= 1000:
         raise err("destination_concurrency", "must be between 1 and 1000")
+    if not 1 <= q.max_deliveries <= 10000:
+        raise err("max_deliveries", "must be between 1 and 10000")
     if q.backend not in ("directory", "postgresql"):
         raise err("backend", f"{q.backend!r} must be directory or postgresql")
     if q.backend == "postgresql" and not q.dsn:

@@ -156,6 +156,7 @@ class Daemon:
     forwarders: list[asyncio.Task[None]] = field(default_factory=list)
     sieve: Any = None             # the reloadable Sieve scripts (inbound/sieve_filter.SieveScripts), if any
     metrics_server: asyncio.Server | None = None
+    _recovered: asyncio.Event = field(default_factory=asyncio.Event)   # worker: the main recovered the spool
 
     def _sign(self, content: bytes, sender: str) -> bytes:
         # through self.signer, so that a reload's new signer is used at once
@@ -174,11 +175,17 @@ class Daemon:
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
-            destination_backoff=q.destination_backoff, reporting_mta=hostname))
+            destination_backoff=q.destination_backoff, reporting_mta=hostname, max_deliveries=q.max_deliveries))
+        if self._runners() > 1:
+            # issue 15: several runners; mail accepted by another process is found by polling
+            self.scheduler.config.poll = 0.1
+            self.scheduler.config.requests = not self.worker   # operator requests: the main process applies them
         if q.backend == "postgresql":
             self.scheduler.config.lease_time = q.lease_time
             # the lease owner: unique per running node, so a restarted node never writes under an old lease
             self.scheduler.owner = q.node_name or f"{socket.gethostname()}:{os.getpid()}"
+            if q.node_name and self.worker and self._runners() > 1:   # each runner of the node its own owner
+                self.scheduler.owner += f"/worker{os.environ.get('POSTGATE_WORKER_INDEX', '')}"
         if self.signer is not None:
             self.scheduler.signer = lambda content: self._sign(content, "")  # bounces are DKIM-signed too
         try:
@@ -256,7 +263,9 @@ class Daemon:
                                              secret_key=q.object_store_secret_key or None))
             directory, where = "the shared queue", "[queue]"
         else:
-            spool = DirectorySpool(directory)
+            runners = self._runners()   # [queue] run_in_workers: process k of n delivers share k
+            spool = DirectorySpool(directory, partition=(int(os.environ.get("POSTGATE_WORKER_INDEX", "0"))
+                                                         if self.worker else 0, runners))
         try:
             await spool.check()
             if not self.worker and not await spool.try_lock():
@@ -278,15 +287,20 @@ class Daemon:
             log.info("listening: %s on %s:%d (tls=%s, auth=%s)", srv.listener.name, srv.listener.host,
                      srv.listener.port, "implicit" if srv.listener.implicit_tls else
                      ("starttls" if srv.listener.tls else "none"), srv.listener.auth)
-        queue_task: asyncio.Task[Any]
+        queue_task: asyncio.Future[Any]
         user = self.cfg.server.user
         if self.worker:
+            if self._runners() > 1:   # the main process tells us when the spool is recovered (SIGUSR2)
+                loop.add_signal_handler(signal.SIGUSR2, self._recovered.set)
             if user:
                 drop_privileges(user, None)  # the main process hands the spool over
             print("ready", flush=True)  # to the main process, on our stdout pipe
             sys.stdout.close()
             log.info("worker ready")
-            queue_task = asyncio.create_task(self._orphan_watch())  # workers only enqueue; the main process runs it
+            if self._runners() > 1:   # [queue] run_in_workers: this worker delivers its share too
+                queue_task = asyncio.gather(self._orphan_watch(), self._worker_queue())
+            else:
+                queue_task = asyncio.create_task(self._orphan_watch())  # workers only enqueue; the main runs it
         else:
             if self.cfg.metrics.listen:
                 host, _, port = self.cfg.metrics.listen.rpartition(":")
@@ -320,6 +334,9 @@ class Daemon:
             except OSError as e:   # a full disk is no reason not to run (the queue can still deliver)
                 log.warning("pid file %s not written (%s): postgate reload will not find this process; "
                             "kill -HUP %d does the same", piddir / PIDFILE, e.strerror or e, os.getpid())
+            for child in self.children:   # [queue] run_in_workers: the workers may deliver now
+                if self._runners() > 1 and child.returncode is None:
+                    child.send_signal(signal.SIGUSR2)
             log.info("ready")
             systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
@@ -373,6 +390,7 @@ class Daemon:
         for i in range(1, self.cfg.server.workers):
             env = {k: v for k, v in os.environ.items()  # systemd talks to the main process only
                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+            env["POSTGATE_WORKER_INDEX"] = str(i)   # its share of the queue with [queue] run_in_workers
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "postgate.cli", "serve", "--config", str(self.cfg.path), "--worker", spec,
                 *sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv and "--worker" not in sys.argv
@@ -387,6 +405,38 @@ class Daemon:
                 raise StartupError(f"worker {i} did not start (exit {await proc.wait()})")
             self.children.append(proc)
             log.info("worker %d started (pid %d)", i, proc.pid)
+            if self._runners() > 1:
+                self.forwarders.append(asyncio.create_task(self._adopt_when_gone(i, proc)))
+
+    def _runners(self) -> int:
+        """Processes that run the queue: 1, or every process with ``[queue] run_in_workers``."""
+        return self.cfg.server.workers if self.cfg.queue.run_in_workers and self.cfg.server.workers > 1 else 1
+
+    async def _worker_queue(self) -> None:
+        """A worker's share of the queue, once the main process recovered the spool (a lease of a dead run
+        would otherwise cross the recovery)."""
+        while not self._recovered.is_set() and not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self._recovered.wait(), 1.0)
+            except TimeoutError:
+                pass
+        if self.stopping.is_set():
+            return
+        assert self.scheduler is not None
+        log.info("queue runner started (share %s of %d)", os.environ.get("POSTGATE_WORKER_INDEX", "?"),
+                 self._runners())
+        await self.scheduler.run(self.stopping)
+
+    async def _adopt_when_gone(self, i: int, proc: asyncio.subprocess.Process) -> None:
+        """A worker that dies leaves its share of the queue to the main process: nothing stays undelivered
+        until a restart (its leases are taken back at the next reclaim)."""
+        await proc.wait()
+        if self.stopping.is_set():
+            return
+        if isinstance(self.spool, DirectorySpool):
+            self.spool.adopt(i)
+        log.error("worker %d (pid %d) exited with %s; the main process delivers its share of the queue", i,
+                  proc.pid, proc.returncode)
 
     async def _orphan_watch(self) -> None:
         """A worker whose main process died stops too (it would hold the port without a queue runner)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -58,7 +59,8 @@ async def amain(manifest: dict[str, str], spool: DirectorySpool, argv: list[str]
         async def one() -> None:
             token = secrets.token_hex(8)
             content = body(token)
-            env = Envelope.new("sender@crash.test", [Recipient(f"bob@{domain}")], content)
+            local = os.environ.get("QUEUE_CHILD_LOCAL", "bob")   # e.g. reject-…: a bounce (DSN) is queued
+            env = Envelope.new("sender@crash.test", [Recipient(f"{local}@{domain}")], content)
             await spool.enqueue(env, content)
             print(f"ACK {env.id} {token}", flush=True)
 

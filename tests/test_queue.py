@@ -39,6 +39,8 @@ CRASH_POINTS = [
     ("delivery-before-data", 1, False),           # connected, recipients accepted, DATA not sent
     ("queue-after-remote-reply", 1, True),        # the remote said 250, the result is not yet recorded
     ("queue-after-record", 2, False),             # the results are durable (delivered: removed)
+    ("spool-results-written", 2, False),          # a delivered message's file unlinked, nothing synced yet
+    ("spool-results-synced", 2, False),           # its removal durable, the envelope not yet removed
     ("spool-deleted-message", 3, False),          # a delivered message's file removed, envelope not yet
 ]
 

@@ -6,11 +6,17 @@ result durably, and decides what happens next.
 - A message older than its maximal lifetime (5 days, ``maximal_queue_lifetime``) bounces its remaining
   recipients, with the last reason from delivery.
 - An optional delay warning (RFC 3464 action ``delayed``) once a message has waited ``delay_warning``.
-- Per destination: at most ``destination_concurrency`` deliveries at once, and after a destination-wide
-  failure (no MX host reachable, suspected attack) the destination is left alone for
-  ``destination_backoff`` seconds, so a dead or hostile site is not hammered.
-- Messages to the same destination are delivered one after the other, so they share one connection
-  (the delivery agent's connection cache).
+- A continuous feeder, like Postfix's queue manager: up to ``max_deliveries`` attempts at once, at most
+  ``destination_concurrency`` per destination; a finished attempt hands its slot to the next waiting
+  message at once, and more mail is leased as slots free and as new mail arrives (``wake``), so a slow
+  destination never holds back a fast one, and no attempt waits for a batch to end.
+- A destination that has not answered yet, or whose backoff just ended, gets one attempt at a time (a
+  probe); once a server answered, a window of ``initial_concurrency`` that grows with every answer up to
+  ``destination_concurrency`` (Postfix's slow start: a backlog opens the connections it needs, and the
+  delivery agent's connection cache carries the following messages over them). After a destination-wide failure (no
+  MX host reachable, suspected attack) it is left alone for ``destination_backoff`` seconds, so a dead or
+  hostile site is not hammered.
+- Attempts to the same destination reuse the delivery agent's cached connections (outbound/delivery.py).
 - No exception may strand a message: an unexpected error in an attempt (a bug, an encoding error deep in
   the SMTP client, a full disk) becomes a deferral with the normal backoff, logged as
   ``status=deferred (internal error …)`` with the queue id and counted (``attempt_error``). A deferral
@@ -26,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.delivery import Counters, Dsn, RecipientResult, RecipientRoute
@@ -67,8 +73,15 @@ class SchedulerConfig:
     max_lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0          # 0: no delay warnings
     destination_concurrency: int = 20
+    initial_concurrency: int = 5      # a destination's window after its first answer (Postfix's default)
     destination_backoff: float = 300.0
-    batch: int = 200
+    batch: int = 200                  # messages leased at most per spool call
+    max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
+    active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
+    in_flow_delay: float = 1.0        # Postfix's default; 0: off
+    requests: bool = True             # apply operator requests (several runners: the main process only)
+    poll: float = 1.0                 # look for due mail at least this often (several runners: mail
+                                      # accepted by another process wakes nobody here)
     lease_time: float = 3600.0
     reporting_mta: str = "localhost"
 
@@ -86,6 +99,11 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         self._dead_until: dict[str, float] = {}
+        self._alive: dict[str, float] = {}        # destinations that answered: their concurrency window
+        self._waiting: dict[str, deque[tuple[Lease, Envelope]]] = {}
+        self._busy: dict[str, int] = {}           # attempts under way per destination
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._freed: asyncio.Event | None = None
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.config.destination_concurrency))
         self.wake = asyncio.Event()
@@ -100,61 +118,170 @@ class Scheduler:
     def backoff(self, attempts: int) -> float:
         return retry.backoff(attempts, self.retry_policy)
 
-    # --- one pass ----------------------------------------------------------------------------------------
+    # --- the feeder ------------------------------------------------------------------------------------
+    # Leased messages wait in memory per destination (``_waiting``) until a delivery slot is free: at most
+    # ``max_deliveries`` attempts at once in all, at most ``_dest_limit`` per destination. A finished attempt
+    # hands its slot on at once (``_done``), and the run loop leases more as slots free and new mail arrives,
+    # so no delivery waits for an unrelated slow one (no pass ends with its slowest message).
+
     async def run_once(self) -> int:
-        """Apply operator requests, take back stranded leases, then deliver every due message once.
-        Returns messages attempted."""
-        await self.apply_requests()
-        now = self.clock()
-        await self._save_unsaved()
-        for qid in await self.spool.reclaim(now):
-            self.counters.inc("lease_reclaimed")
-            log.warning("%s: lease taken back (expired or its result was never written); due again", qid)
-        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch)
-        by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
-        for lease, env in leased:
-            dest = domain_of(env.pending[0].address) if env.pending else ""
-            by_dest[dest].append((lease, env))
-        await asyncio.gather(*(self._run_destination(items) for items in by_dest.values()))
-        return len(leased)
+        """One pass: apply operator requests, take back stranded leases, then deliver every due message
+        once and wait for all of them. Returns messages attempted."""
+        await self._housekeeping()
+        leased = await self._lease(self.config.batch)
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+        return leased
 
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
-        while not stop.is_set():
-            self.wake.clear()
-            done = 0
-            try:
-                done = await self.run_once()
-            except Exception:
-                self.counters.inc("run_error")
-                log.exception("queue run failed; retrying in %gs", tick)
-            if done >= self.config.batch or self.wake.is_set():
-                continue  # more may be due already (a full batch, or new mail arrived during the pass)
-            try:
-                await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(self._either(stop))), tick)
-            except TimeoutError:
-                pass
+        """Deliver continuously until ``stop``: housekeeping (requests, unsaved deferrals, reclaim) once per
+        ``tick``; leasing whenever new mail arrives (``wake``), slots free up, or a tick passes."""
+        freed = asyncio.Event()
+        self._freed = freed
+        last_house = -tick
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                freed.clear()
+                more = False
+                try:
+                    if time.monotonic() - last_house >= tick:
+                        last_house = time.monotonic()
+                        await self._housekeeping()
+                    room = self._room()
+                    if room > 0:
+                        n = await self._lease(min(room, self.config.batch))
+                        more = n >= min(room, self.config.batch)   # more may be due already
+                except Exception:
+                    self.counters.inc("run_error")
+                    log.exception("queue run failed; retrying in %gs", tick)
+                    more = False
+                if more and self._room() > 0:
+                    await asyncio.sleep(0)
+                    continue
+                # wait for new mail, a freed slot (if leasing was limited by room), the stop, or the tick
+                waits = [self.wake.wait(), stop.wait()]
+                if more or self._room() <= 0:
+                    waits.append(freed.wait())
+                timeout = min(self.config.poll, max(0.0, tick - (time.monotonic() - last_house)))
+                await self._first_of(waits, timeout)
+        finally:
+            self._freed = None
+            await self._drain()
 
-    async def _either(self, stop: asyncio.Event) -> None:
-        w = asyncio.ensure_future(self.wake.wait())
-        s = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({w, s}, return_when=asyncio.FIRST_COMPLETED)
-        w.cancel()
-        s.cancel()
+    @staticmethod
+    async def _first_of(waits: list[Coroutine[Any, Any, Any]], timeout: float) -> None:
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        try:
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
 
-    async def _run_destination(self, items: list[tuple[Lease, Envelope]]) -> None:
-        """Up to ``destination_concurrency`` workers per destination, each delivering its share one message
-        after the other, so each worker's connection serves several messages."""
-        # the first message probes the destination; only if it is not dead do the others fan out
-        first, rest = items[0], items[1:]
-        await self._attempt(*first)
-        workers = max(1, min(self.config.destination_concurrency, len(rest)))
+    async def _drain(self) -> None:
+        """At stop: messages leased but not started are given back (due as they were); the attempts under
+        way end (bounded by the delivery timeouts), as a pass did."""
+        waiting = [item for q in self._waiting.values() for item in q]
+        self._waiting.clear()
+        await asyncio.gather(*(self._release(lease, env) for lease, env in waiting))   # several per commit
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
-        async def worker(share: list[tuple[Lease, Envelope]]) -> None:
-            for lease, env in share:
-                await self._attempt(lease, env)
+    async def _housekeeping(self) -> None:
+        if self.config.requests:
+            await self.apply_requests()
+        await self._save_unsaved()
+        for qid in await self.spool.reclaim(self.clock()):
+            self.counters.inc("lease_reclaimed")
+            log.warning("%s: lease taken back (expired or its result was never written); due again", qid)
 
-        if rest:
-            await asyncio.gather(*(worker(rest[i::workers]) for i in range(workers)))
+    def inflow_delay(self) -> float:
+        """Seconds the SMTP server waits before its 250 to a newly queued message: ``in_flow_delay`` while
+        this runner holds as many messages as it may (``active_limit``: the queue grows faster than it is
+        delivered), else 0. Postfix's flow control: a sender cannot fill the queue faster than it drains
+        for long, and a restart never has to recover an unbounded backlog."""
+        return self.config.in_flow_delay if self._room() <= 0 else 0.0
+
+    def _room(self) -> int:
+        """How many more messages may be leased: in flight plus waiting stays under ``active_limit``."""
+        held = len(self._tasks) + sum(len(q) for q in self._waiting.values())
+        return self.config.active_limit - held
+
+    async def _lease(self, limit: int) -> int:
+        now = self.clock()
+        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit)
+        for lease, env in leased:
+            dest = domain_of(env.pending[0].address) if env.pending else ""
+            self._waiting.setdefault(dest, deque()).append((lease, env))
+        self._dispatch()
+        return len(leased)
+
+    def _dispatch(self) -> None:
+        """Start waiting messages while there are free slots: per destination up to ``_dest_limit``; a
+        destination backing off takes no slot of its own (its messages are only rescheduled)."""
+        now = self.clock()
+        for dest in list(self._waiting):
+            q = self._waiting[dest]
+            dead = self._dest_dead(dest, now)
+            while q and len(self._tasks) < self.config.max_deliveries and (
+                    dead or self._busy.get(dest, 0) < self._dest_limit(dest)):
+                self._start(dest, *q.popleft())
+            if not q:
+                del self._waiting[dest]
+
+    def _start(self, dest: str, lease: Lease, env: Envelope) -> None:
+        self._busy[dest] = self._busy.get(dest, 0) + 1
+        if lease.until - self.clock() < self.config.lease_time / 2:
+            # waited in memory for half its lease: given back unchanged (due again), so a shared spool
+            # never hands it to another node while we deliver it
+            work: Coroutine[Any, Any, None] = self._release(lease, env)
+        else:
+            work = self._attempt(lease, env)
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, dest))
+
+    def _done(self, task: asyncio.Task[None], dest: str) -> None:
+        self._tasks.discard(task)
+        n = self._busy.get(dest, 1) - 1
+        if n > 0:
+            self._busy[dest] = n
+        else:
+            self._busy.pop(dest, None)
+        if not task.cancelled() and task.exception() is not None:   # _attempt lets nothing out; a last net
+            log.error("queue task failed: %r", task.exception())
+        self._dispatch()   # the freed slot goes to the next waiting message at once
+        if self._freed is not None:
+            self._freed.set()
+
+    # --- per-destination state (kept behind these helpers: a shared spool may store it elsewhere) -------
+    def _dest_dead(self, dest: str, now: float) -> bool:
+        """The destination is backing off after a destination-wide failure."""
+        return self._dead_until.get(dest, 0) > now
+
+    def _dest_limit(self, dest: str) -> int:
+        """Deliveries at once to ``dest``: one (a probe) until it answered; then a window that starts at
+        ``initial_concurrency`` (Postfix's ``initial_destination_concurrency``) and grows by one per answer up
+        to ``destination_concurrency`` (doubling per round of answers, as TCP's slow start), so a backlog
+        opens the connections the destination keeps answering on, not all at once; after a destination-wide
+        failure, one probe again when its backoff ends."""
+        window = self._alive.get(dest)
+        return 1 if window is None else int(window)
+
+    def _dest_failed(self, dest: str, now: float) -> None:
+        self._dead_until[dest] = now + self.config.destination_backoff
+        self._alive.pop(dest, None)
+
+    def _dest_answered(self, dest: str, now: float) -> None:
+        self._dead_until.pop(dest, None)
+        window = self._alive.get(dest)
+        if window is None:
+            if len(self._alive) >= 100_000:   # bounded: forgetting a destination costs one probe
+                self._alive.clear()
+            window = float(min(self.config.initial_concurrency, self.config.destination_concurrency))
+        else:
+            window = min(float(self.config.destination_concurrency), window + 1)
+        self._alive[dest] = window
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:
         """One delivery attempt. No exception leaves it: whatever goes wrong becomes a deferral with backoff
@@ -210,7 +337,7 @@ class Scheduler:
             await self.spool.quarantine(env.id, State.ACTIVE, str(e))
             return
         pending = env.pending
-        ready = [r for r in pending if self._dead_until.get(domain_of(r.address), 0) <= now]
+        ready = [r for r in pending if not self._dest_dead(domain_of(r.address), now)]
         results: list[RecipientResult] = []
         if ready:
             dest = domain_of(ready[0].address)
@@ -298,11 +425,11 @@ class Scheduler:
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
             if rs and all(not r.status.final and not r.reply for r in rs):
-                self._dead_until[dest] = now + self.config.destination_backoff
+                self._dest_failed(dest, now)
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
                          rs[0].reason)
             else:
-                self._dead_until.pop(dest, None)
+                self._dest_answered(dest, now)
 
     async def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
         """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due. Raises if it

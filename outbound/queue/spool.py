@@ -29,6 +29,18 @@ complete ones are restored and delivered (RFC 5321 §6.1 prefers a duplicate to 
 removed. Every later envelope change (results, hold, reschedule) is a new file renamed over the old one,
 then fsync'd, so recipients already delivered stay recorded across a crash.
 
+**Delivery results, with group commit too.** The results of delivery attempts (``record``: new
+per-recipient results, lease kept; ``release``: back to deferred/; ``finish``: removed) are collected by a
+second committer thread and written several per round of fsyncs (:meth:`SpoolFiles.results_batch`). A bounce
+is queued durably before its message's removal is submitted; a removal lost in a crash delivers the message
+once more (RFC 5321 §6.1: a duplicate, never a loss).
+
+**Several queue runners** (``[queue] run_in_workers``): each of n processes leases, delivers and takes back
+only its *share* of the messages (the random bits of the queue id, mod n), so a lease in active/ always
+has exactly one runner that may take it back; a rename is the lease, and every state change of a message
+holds ``state.lock`` (flock) besides the thread lock, so two processes never lease the same message and an
+operator request never crosses a lease. The main process adopts the share of a runner that died.
+
 **What recovery calls corrupt.** Removing a message unlinks its message file (durably) first, then its
 envelope; so an envelope without its message file is what a delivered or deleted message leaves after a
 kill, and is cleaned silently, like a torn message file of an unacknowledged batch. An envelope or message
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -55,7 +68,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.queue.envelope import Envelope, EnvelopeError
@@ -76,6 +89,9 @@ log = logging.getLogger("postgate.queue")
 STATES = tuple(s.value for s in State)
 MAGIC = b"POSTGATE-ENVELOPE "   # starts a message file's first line: the envelope as accepted
 T = TypeVar("T")
+Item = TypeVar("Item")
+# one delivery result for the results committer: ("record" | "release" | "finish", lease, new envelope)
+Result = tuple[str, Lease, Envelope | None]
 
 
 def fsync_dir(path: Path) -> None:
@@ -105,9 +121,16 @@ class SpoolFiles:
     """The synchronous file work of the directory spool. Thread-safe: state changes of one message are
     serialized by a lock, so a lease, an operator request and a late pre-queue result never cross."""
 
-    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True, partition: tuple[int, int] = (0, 1)) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        # several queue runners on one spool (``[queue] run_in_workers``): runner k of n leases and reclaims
+        # only the messages of its share (module docstring); it adopts a dead runner's share
+        self.partitions: set[int] = {partition[0]}
+        self.nparts = partition[1]
+        self._state_fd: int | None = None
+        self._depth = 0
+        self._not_due: dict[str, tuple[int, float]] = {}   # qid -> (inode, next_attempt) of a waiting envelope
         self.init_error: OSError | None = None
         try:
             for d in ("messages", "tmp", "requests", *STATES):
@@ -167,10 +190,49 @@ class SpoolFiles:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    # --- several runners ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize state changes of messages: between threads (a lock), and with several runners also
+        between processes (flock on ``state.lock``), so a lease, an operator request and a late result
+        never cross, whichever process makes them."""
+        with self._mutex:
+            outer = self._depth == 0
+            self._depth += 1
+            fd = None
+            try:
+                if outer and self.nparts > 1:
+                    if self._state_fd is None:
+                        self._state_fd = os.open(self.root / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                    fd = self._state_fd
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                self._depth -= 1
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def mine(self, qid: str) -> bool:
+        """Whether this runner leases and reclaims ``qid``: share = the queue id's random bits mod n."""
+        if self.nparts <= 1:
+            return True
+        try:
+            share = int(qid[-6:], 16) % self.nparts
+        except ValueError:
+            share = 0
+        return share in self.partitions
+
+    def adopt(self, share: int) -> None:
+        """Take over the share of a runner that died: its leases (files in active/ no lease of ours covers)
+        are taken back at the next ``reclaim``, and its messages are leased here from then on."""
+        with self._mutex:
+            self.partitions.add(share)
+
     # --- low level -------------------------------------------------------------------------------------
     def _write(self, target: Path, data: bytes, durable: bool = True) -> None:
         """Write ``data`` to ``target`` atomically and (unless told otherwise) durably; on failure nothing
         is left in tmp/."""
+        self._not_due.pop(target.name, None)   # a rewritten envelope is read again by lease_due
         tmp = self.root / "tmp" / f"{target.name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -299,22 +361,43 @@ class SpoolFiles:
 
     # --- delivery ----------------------------------------------------------------------------------------
     def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        """Move due messages to active/ (one rename each: the lease) and return them."""
+        """Move due messages to active/ (one rename each: the lease) and return them. An envelope read once
+        and found not due is not read again until it is due or rewritten (a new file: a new inode), so a
+        large deferred queue costs a directory listing per call, not a read of every envelope."""
         out: list[tuple[Lease, Envelope]] = []
         for state in WAITING:
-            for qid in sorted(os.listdir(self.root / state)):
+            with os.scandir(self.root / state) as it:
+                names = sorted((e.name, e.inode()) for e in it)
+            for qid, inode in names:
                 if len(out) >= limit:
                     return out
-                with self._mutex:
+                if not self.mine(qid):
+                    continue
+                known = self._not_due.get(qid)
+                if known is not None and known[0] == inode and known[1] > now:
+                    continue
+                with self._locked():
                     try:
-                        env = self.read_envelope(state, qid)
+                        fd = os.open(self.path(state, qid), os.O_RDONLY)
+                        try:
+                            inode = os.fstat(fd).st_ino
+                            data = b""
+                            while chunk := os.read(fd, 1 << 16):
+                                data += chunk
+                        finally:
+                            os.close(fd)
+                        env = Envelope.from_bytes(data)
                     except FileNotFoundError:
                         continue  # taken by a concurrent operation
                     except (EnvelopeError, OSError) as e:
                         self.quarantine(qid, state, str(e))
                         continue
                     if env.next_attempt > now:
+                        if len(self._not_due) >= 1_000_000:
+                            self._not_due.clear()
+                        self._not_due[qid] = (inode, env.next_attempt)
                         continue
+                    self._not_due.pop(qid, None)
                     try:
                         self._move(qid, state, "active", durable=False)
                     except FileNotFoundError:
@@ -330,30 +413,122 @@ class SpoolFiles:
 
     def record(self, lease: Lease, env: Envelope) -> None:
         """Durably record per-recipient results of the message being delivered."""
-        with self._mutex:
-            self._check_lease(lease)
-            self._write(self.path("active", lease.id), env.to_bytes())
+        self._one(("record", lease, env))
 
     def release(self, lease: Lease, env: Envelope) -> None:
         """End the lease; the message waits in deferred/ for ``env.next_attempt``."""
-        with self._mutex:
-            self._check_lease(lease)
-            self._write(self.path("active", lease.id), env.to_bytes())
-            self._move(lease.id, "active", "deferred", durable=False)
-            del self._leases[lease.id]
+        self._one(("release", lease, env))
 
     def finish(self, lease: Lease) -> None:
         """Every recipient is final: remove the message."""
-        with self._mutex:
-            self._check_lease(lease)
-            self.delete(lease.id, "active")
+        self._one(("finish", lease, None))
+
+    def _one(self, op: Result) -> None:
+        [err] = self.results_batch([op])
+        if err is not None:
+            raise err
+
+    def results_batch(self, ops: list[Result]) -> list[BaseException | None]:
+        """Write the results of several delivery attempts with one round of fsyncs (group commit, as for
+        new mail): ``record`` (new envelope, lease kept), ``release`` (new envelope, to deferred/) and
+        ``finish`` (message removed). Returns, per result, None (written) or the error (nothing of it
+        written: the lease and the old envelope stay)::
+
+            write each new envelope to tmp/; unlink each finished message's messages/<id>
+            fsync those tmp files and messages/, all at once         (one journal commit)
+            rename each envelope over active/<id> (release: on to deferred/); unlink finished envelopes
+            fsync active/                                             (record: the results are durable)
+
+        A crash anywhere leaves the old envelope or the new one, never half of one; a removal or a
+        result that did not reach the disk costs at worst one more delivery of the same message (RFC 5321
+        §6.1: a duplicate, never a loss). A bounce is queued (durably, by ``enqueue``) before its message's
+        ``finish`` is submitted, so no removal can overtake its report."""
+        errors: list[BaseException | None] = [None] * len(ops)
+        staged: list[tuple[int, str, Lease, Path | None]] = []
+        with self._locked():
+            for i, (kind, lease, env) in enumerate(ops):
+                try:
+                    self._check_lease(lease)
+                    if kind == "finish":
+                        # the message file goes first: an envelope left without it by a crash is recognised
+                        # as a removed message's leftover (module docstring)
+                        try:
+                            os.unlink(self.root / "messages" / lease.id)
+                        except FileNotFoundError:
+                            pass
+                        staged.append((i, kind, lease, None))
+                    else:
+                        assert env is not None
+                        staged.append((i, kind, lease, self._write_tmp(lease.id, env.to_bytes())))
+                except BaseException as e:  # ENOSPC: this result is not written; the others go on
+                    errors[i] = e
+        crashpoint("spool-results-written")
+        # the fsyncs hold no lock: other runners lease and write meanwhile
+        if self.fsync and staged:
+            paths = [tmp for _i, _k, _l, tmp in staged if tmp is not None]
+            finishing = any(tmp is None for _i, _k, _l, tmp in staged)
+            failed = set(self._fsync_files(paths + ([self.root / "messages"] if finishing else [])))
+            if self.root / "messages" in failed:  # the files are unlinked: at worst a duplicate after a crash
+                log.warning("%s/messages: fsync failed; a power loss now may deliver removed messages again",
+                            self.root)
+            for i, _kind, _lease, tmp in staged:
+                if tmp is not None and tmp in failed:
+                    errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
+                    _unlink_quietly(tmp)
+            staged = [st for st in staged if errors[st[0]] is None]
+        crashpoint("spool-results-synced")
+        with self._locked():
+            renamed = False
+            for i, kind, lease, tmp in staged:
+                try:
+                    if tmp is None:
+                        crashpoint("spool-deleted-message")
+                        # the message file is gone: its envelope is a leftover wherever it is (a lease taken
+                        # back meanwhile moved it to deferred/)
+                        for st in ("active", "deferred", "incoming"):
+                            _unlink_quietly(self.path(st, lease.id))
+                    else:
+                        # the lease is still ours and nobody removed the message meanwhile (an operator's
+                        # delete in another process): else the result is dropped, never resurrecting it
+                        self._check_lease(lease)
+                        if not self.path("active", lease.id).exists():
+                            raise LeaseLost(f"{lease.id}: removed while being delivered; result not recorded")
+                        os.rename(tmp, self.path("active", lease.id))
+                        renamed = True
+                        if kind == "release":
+                            self._move(lease.id, "active", "deferred", durable=False)
+                    if kind != "record":
+                        self._leases.pop(lease.id, None)
+                except BaseException as e:
+                    if tmp is not None:
+                        _unlink_quietly(tmp)
+                    errors[i] = e
+        if self.fsync and renamed:
+            fsync_dir(self.root / "active")
+        return errors
+
+    def _write_tmp(self, name: str, data: bytes) -> Path:
+        """Write ``data`` to a new file in tmp/ (not fsync'd); on failure nothing is left."""
+        tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
 
     def reclaim(self, now: float) -> list[str]:
         """Take back expired leases, and any envelope in active/ that no lease of this process covers (a
         result that could not be written, a disk that was full): back to deferred/, due as they were."""
         done = []
-        with self._mutex:
+        with self._locked():
             for qid in os.listdir(self.root / "active"):
+                if not self.mine(qid):
+                    continue   # another runner's lease
                 lease = self._leases.get(qid)
                 if lease is not None and lease.until > now:
                     continue
@@ -369,7 +544,7 @@ class SpoolFiles:
 
     # --- operator actions (called by the lock owner) -----------------------------------------------------
     def delete(self, qid: str, state: str | None = None) -> bool:
-        with self._mutex:
+        with self._locked():
             state = state or self.state_of(qid)
             if state is None or not self.path(state, qid).exists():
                 return False
@@ -387,7 +562,7 @@ class SpoolFiles:
             return True
 
     def hold(self, qid: str) -> bool:
-        with self._mutex:
+        with self._locked():
             state = self.state_of(qid)
             if state in WAITING:
                 self._move(qid, state, "hold")
@@ -395,7 +570,7 @@ class SpoolFiles:
             return False
 
     def release_hold(self, qid: str, now: float) -> bool:
-        with self._mutex:
+        with self._locked():
             if self.state_of(qid) != "hold":
                 return False
             env = self.read_envelope("hold", qid)
@@ -405,7 +580,7 @@ class SpoolFiles:
             return True
 
     def reschedule(self, qid: str, when: float) -> bool:
-        with self._mutex:
+        with self._locked():
             state = self.state_of(qid)
             if state not in WAITING:
                 return False
@@ -416,7 +591,7 @@ class SpoolFiles:
 
     def update(self, qid: str, state: str, env: Envelope) -> bool:
         """Rewrite the envelope of a message that is not leased, if it is still in ``state``."""
-        with self._mutex:
+        with self._locked():
             if not self.path(state, qid).exists():
                 return False
             self._write(self.path(state, qid), env.to_bytes())
@@ -424,7 +599,7 @@ class SpoolFiles:
 
     def quarantine(self, qid: str, state: str, why: str) -> None:
         """Move a bad envelope (and its content) to corrupt/, never deleting it."""
-        with self._mutex:
+        with self._locked():
             try:
                 os.rename(self.path(state, qid), self.path("corrupt", qid))
             except FileNotFoundError:
@@ -541,29 +716,34 @@ class SpoolFiles:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._state_fd is not None:
+            os.close(self._state_fd)
+            self._state_fd = None
 
 
-class GroupCommitter:
-    """Collects the messages that arrive while a batch is being made durable into the next batch: one
-    thread, so the batch grows exactly as fast as the disk is slow (no timer, no added latency when idle)."""
+class Batcher(Generic[Item]):
+    """Collects the work items that arrive while a batch is being made durable into the next batch: one
+    thread, so the batch grows exactly as fast as the disk is slow (no timer, no added latency when idle).
+    ``commit`` does one batch and returns, per item, None (done) or the item's error."""
 
-    def __init__(self, files: SpoolFiles, max_batch: int = 256) -> None:
-        self.files = files
+    def __init__(self, commit: Callable[[list[Item]], list[BaseException | None]], max_batch: int = 256,
+                 name: str = "spool-commit") -> None:
+        self.commit = commit
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Envelope, bytes, concurrent.futures.Future[str]] | None] = \
-            queue.SimpleQueue()
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Item, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self.batches = 0
         self.messages = 0
 
-    def submit(self, env: Envelope, content: bytes) -> concurrent.futures.Future[str]:
-        fut: concurrent.futures.Future[str] = concurrent.futures.Future()
+    def submit_item(self, item: Item) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._start:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-        self._queue.put((env, content, fut))
+        self._queue.put((item, fut))
         return fut
 
     def _run(self) -> None:
@@ -582,14 +762,14 @@ class GroupCommitter:
                     break
                 batch.append(item)
             try:
-                errors = self.files.enqueue_batch([(env, content) for env, content, _ in batch])
+                errors = self.commit([it for it, _ in batch])
             except BaseException as e:  # every waiter must get an answer
                 errors = [e] * len(batch)
             self.batches += 1
             self.messages += len(batch)
-            for (env, _content, fut), err in zip(batch, errors, strict=True):
+            for (_it, fut), err in zip(batch, errors, strict=True):
                 if err is None:
-                    fut.set_result(env.id)
+                    fut.set_result(None)
                 else:
                     fut.set_exception(err)
 
@@ -599,14 +779,28 @@ class GroupCommitter:
             self._thread.join(10)
 
 
+class GroupCommitter(Batcher[tuple[Envelope, bytes]]):
+    """New messages, several per fsync (:meth:`SpoolFiles.enqueue_batch`)."""
+
+    def __init__(self, files: SpoolFiles, max_batch: int = 256) -> None:
+        super().__init__(files.enqueue_batch, max_batch, "spool-commit")
+        self.files = files
+
+    def submit(self, env: Envelope, content: bytes) -> concurrent.futures.Future[None]:
+        return self.submit_item((env, content))
+
+
 class DirectorySpool:
     """The :class:`Spool` on a local directory. One process at a time owns it (``lock``); other processes
     (the extra listener workers, the ``postgate queue`` command) enqueue and write requests."""
 
-    def __init__(self, root: Path | str, *, fsync: bool = True, max_batch: int = 256) -> None:
-        self.files = SpoolFiles(root, fsync=fsync)
+    def __init__(self, root: Path | str, *, fsync: bool = True, max_batch: int = 256,
+                 partition: tuple[int, int] = (0, 1)) -> None:
+        self.files = SpoolFiles(root, fsync=fsync, partition=partition)
         self.root = self.files.root
         self.committer = GroupCommitter(self.files, max_batch)
+        # delivery results (record, release, finish), several per fsync too
+        self.results = Batcher[Result](self.files.results_batch, max_batch, "spool-results")
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -614,11 +808,16 @@ class DirectorySpool:
     async def check(self) -> None:
         await self._io(self.files.check)
 
+    def adopt(self, share: int) -> None:
+        """Deliver the share of a queue runner that died, too (:meth:`SpoolFiles.adopt`)."""
+        self.files.adopt(share)
+
     async def try_lock(self) -> bool:
         return await self._io(self.files.try_lock)
 
     async def unlock(self) -> None:
         self.committer.stop()
+        self.results.stop()
         self.files.unlock()
         self.files.close()
 
@@ -627,7 +826,8 @@ class DirectorySpool:
 
     async def enqueue(self, env: Envelope, content: bytes) -> str:
         try:
-            return await asyncio.wrap_future(self.committer.submit(env, content))
+            await asyncio.wrap_future(self.committer.submit(env, content))
+            return env.id
         except OSError as e:
             raise SpoolError(f"{env.id}: cannot queue: {e.strerror or e}") from e
 
@@ -638,13 +838,13 @@ class DirectorySpool:
         return await self._io(self.files.content, qid)
 
     async def record(self, lease: Lease, env: Envelope) -> None:
-        await self._io(self.files.record, lease, env)
+        await asyncio.wrap_future(self.results.submit_item(("record", lease, env)))
 
     async def release(self, lease: Lease, env: Envelope) -> None:
-        await self._io(self.files.release, lease, env)
+        await asyncio.wrap_future(self.results.submit_item(("release", lease, env)))
 
     async def finish(self, lease: Lease) -> None:
-        await self._io(self.files.finish, lease)
+        await asyncio.wrap_future(self.results.submit_item(("finish", lease, None)))
 
     async def reclaim(self, now: float) -> list[str]:
         return await self._io(self.files.reclaim, now)
@@ -684,5 +884,5 @@ def _conforms(s: DirectorySpool) -> Spool:  # mypy checks that DirectorySpool im
     return s
 
 
-__all__ = ["STATES", "DirectorySpool", "GroupCommitter", "Lease", "Spool", "SpoolError", "SpoolFiles",
+__all__ = ["STATES", "Batcher", "DirectorySpool", "GroupCommitter", "Lease", "Spool", "SpoolError", "SpoolFiles",
            "SpoolUnavailable", "State", "fsync_dir"]
