@@ -246,10 +246,7 @@ class Daemon:
         where = "[queue] directory"
         if q.backend == "postgresql":
             from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
-            spool = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout,
-                                             object_store=q.object_store or None,
-                                             access_key=q.object_store_access_key or None,
-                                             secret_key=q.object_store_secret_key or None))
+            spool = PostgresSpool(PgSettings.from_config(q))
             directory, where = "the shared queue", "[queue]"
         else:
             spool = DirectorySpool(directory)

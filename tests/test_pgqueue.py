@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
-from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+from postgate.outbound.queue.pgspool import SCHEMA_VERSION, PgSettings, PostgresSpool
 from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
 from postgate.policy.vocab import Outcome
 
 from fixtures.postgres import Cluster
 from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
-from tests.test_spool_contract import _lifecycle, _operator
+from tests.test_spool_contract import CASE_IDS, CASES
 
 pytestmark = pytest.mark.cluster
 
@@ -198,11 +198,11 @@ def test_failover_to_the_promoted_standby_loses_nothing_acknowledged() -> None:
         c.stop()
 
 
-@pytest.mark.parametrize("case", [_lifecycle, _operator], ids=["lifecycle", "operator"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_spool_contract_on_postgresql(case: Callable[[Spool], Awaitable[None]], cluster: Cluster,
                                       s3: SeaweedS3) -> None:
     """The same table of behaviours the directory spool passes (tests/test_spool_contract.py)."""
-    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
+    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema, pg_destinations; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
 
     async def go() -> None:
         sp = spool_for(cluster, s3)
@@ -233,7 +233,7 @@ def test_postgate_check_reports_the_shared_queue(cluster: Cluster) -> None:
     assert fresh.status == WARN and "no Postgate queue schema" in fresh.message
     asyncio.run(spool_for(cluster).check())                         # what serve does at start
     [ok] = asyncio.run(check_queue(cfg(cluster.dsn())))
-    assert ok.status == PASS and "schema version 1" in ok.message, ok
+    assert ok.status == PASS and f"schema version {SCHEMA_VERSION}" in ok.message, ok
     [down] = asyncio.run(check_queue(cfg(cluster.dsn().replace(f":{cluster.primary.port}", ":1")
                                          .replace(f",{cluster.primary.host}:{cluster.standby.port}"  # type: ignore[union-attr]
                                                   if cluster.standby else "", ""))))

@@ -8,7 +8,10 @@ result durably, and decides what happens next.
 - An optional delay warning (RFC 3464 action ``delayed``) once a message has waited ``delay_warning``.
 - Per destination: at most ``destination_concurrency`` deliveries at once, and after a destination-wide
   failure (no MX host reachable, suspected attack) the destination is left alone for
-  ``destination_backoff`` seconds, so a dead or hostile site is not hammered.
+  ``destination_backoff`` seconds, so a dead or hostile site is not hammered. Both live in the spool
+  (``lease_due(per_destination=…)``, ``backing_off``/``note_destination``), so a shared spool applies them
+  across every node: one node's failure makes all skip the destination, and one of them probes it when
+  the backoff ends.
 - Messages to the same destination are delivered one after the other, so they share one connection
   (the delivery agent's connection cache).
 - No exception may strand a message: an unexpected error in an attempt (a bug, an encoding error deep in
@@ -85,7 +88,6 @@ class Scheduler:
     counters: Counters = field(default_factory=Counters)
 
     def __post_init__(self) -> None:
-        self._dead_until: dict[str, float] = {}
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.config.destination_concurrency))
         self.wake = asyncio.Event()
@@ -110,7 +112,8 @@ class Scheduler:
         for qid in await self.spool.reclaim(now):
             self.counters.inc("lease_reclaimed")
             log.warning("%s: lease taken back (expired or its result was never written); due again", qid)
-        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch)
+        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, self.config.batch,
+                                            self.config.destination_concurrency)
         by_dest: dict[str, list[tuple[Lease, Envelope]]] = defaultdict(list)
         for lease, env in leased:
             dest = domain_of(env.pending[0].address) if env.pending else ""
@@ -210,7 +213,8 @@ class Scheduler:
             await self.spool.quarantine(env.id, State.ACTIVE, str(e))
             return
         pending = env.pending
-        ready = [r for r in pending if self._dead_until.get(domain_of(r.address), 0) <= now]
+        dead = await self._backing_off({domain_of(r.address) for r in pending}, now)
+        ready = [r for r in pending if domain_of(r.address) not in dead]
         results: list[RecipientResult] = []
         if ready:
             dest = domain_of(ready[0].address)
@@ -227,7 +231,7 @@ class Scheduler:
             if res is None:
                 continue
             rcpt.record(res, now)
-        self._note_destinations(results, now)
+        await self._note_destinations(results, now)
         for rcpt in pending:
             if rcpt not in ready:
                 rcpt.reason = rcpt.reason or "destination is backing off after failures"
@@ -290,18 +294,29 @@ class Scheduler:
             for r in rcpts:
                 r.status = Outcome.DEFERRED
 
-    def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
+    # --- destination backoff, kept by the spool (shared by every node of a shared spool) ------------------
+    async def _backing_off(self, dests: set[str], now: float) -> dict[str, float]:
+        """The destinations to leave alone now. One whose backoff just ended is ours to probe: the others
+        wait for the probe's result at most one backoff (or one lease, if shorter)."""
+        probe_for = min(self.config.lease_time, self.config.destination_backoff)
+        return await self.spool.backing_off(sorted(dests), now, probe_for)
+
+    async def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
         for r in results:
             by[domain_of(r.recipient)].append(r)
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
-            if rs and all(not r.status.final and not r.reply for r in rs):
-                self._dead_until[dest] = now + self.config.destination_backoff
+            dead = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            try:
+                await self.spool.note_destination(dest, now + self.config.destination_backoff if dead else None)
+            except Exception as e:  # the attempt's results matter more than the note: record them anyway
+                self.counters.inc("destination_note_error")
+                log.error("destination %s: cannot record its state (%s)", dest, e)
+                continue
+            if dead:
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
                          rs[0].reason)
-            else:
-                self._dead_until.pop(dest, None)
 
     async def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
         """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due. Raises if it
@@ -359,9 +374,6 @@ class Scheduler:
                     await self.spool.release_hold(e.id, now)
                 elif e.state in WAITING:
                     await self.spool.reschedule(e.id, now)
-            if action == "flush-domain":
-                self._dead_until.pop(arg.lower(), None)
-            else:
-                self._dead_until.clear()
+            await self.spool.forget_destinations(arg.lower() if action == "flush-domain" else None)
             return True
         return False
