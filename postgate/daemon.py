@@ -286,13 +286,13 @@ class Daemon:
                 from postgate import metrics
                 spool = self.spool
 
-                def queue_entries() -> list[tuple[str, float | None]]:
+                def queue_summary() -> tuple[dict[str, int], float | None]:
                     # called in the HTTP server's render thread: the (async) spool is asked on the loop
-                    entries = asyncio.run_coroutine_threadsafe(spool.entries(), loop).result(30)
-                    return [(str(e.state), e.envelope.arrival if e.envelope else None) for e in entries]
+                    s = asyncio.run_coroutine_threadsafe(spool.summary(), loop).result(30)
+                    return {str(k): n for k, n in s.counts.items()}, s.oldest
                 try:
                     self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
-                        queue_entries))
+                        queue_summary))
                 except OSError as e:
                     raise StartupError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror}", EX_OSERR) from e
                 log.info("metrics: http://%s/metrics", self.cfg.metrics.listen)

@@ -151,8 +151,22 @@ async def _per_destination(spool: Spool) -> None:
     assert len(await spool.lease_due(T0 + 60, "n3", 60, 10, per_destination=1)) == 3   # one per destination
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination]
-CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination"]
+async def _summary(spool: Spool) -> None:
+    """The ``/metrics`` gauges' source: messages per state and the oldest arrival."""
+    empty = await spool.summary()
+    assert not any(empty.counts.values()) and empty.oldest is None
+    (e, c), (f, d), (g, b) = _env(1, T0 + 5), _env(2, T0), _env(3, T0 + 9)
+    for env, content in ((e, c), (f, d), (g, b)):
+        await spool.enqueue(env, content)
+    assert await spool.hold(g.id)
+    assert len(await spool.lease_due(T0 + 5, "n", 60, 1)) == 1          # f: due first
+    s = await spool.summary()
+    assert {k: n for k, n in s.counts.items() if n} == {State.ACTIVE: 1, State.INCOMING: 1, State.HOLD: 1}
+    assert s.oldest == T0
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary"]
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

@@ -59,6 +59,7 @@ from postgate.outbound.queue.protocol import (
     SpoolError,
     SpoolUnavailable,
     State,
+    Summary,
     destination_of,
 )
 from psycopg.conninfo import conninfo_to_dict
@@ -609,6 +610,14 @@ class PostgresSpool:
             lease = Lease(qid, owner, until, token, dest) if state == State.ACTIVE and owner else None
             out.append(Entry(State(state), qid, env, lease))
         return out
+
+    async def summary(self) -> Summary:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[Any, ...]]:
+            await cur.execute("SELECT state, count(*), min(arrival) FROM pg_messages GROUP BY state")
+            return list(await cur.fetchall())
+        rows = await self._tx(run, write=False)
+        arrivals = [r[2] for r in rows if r[2] is not None]
+        return Summary({State(r[0]): int(r[1]) for r in rows}, min(arrivals) if arrivals else None)
 
     # --- changes by an operator or a late pre-queue result ----------------------------------------------------
     async def _one(self, sql: str, args: tuple[Any, ...]) -> bool:

@@ -84,6 +84,14 @@ class Entry:
     lease: Lease | None = None       # who delivers it now (state ``active``)
 
 
+@dataclass(frozen=True)
+class Summary:
+    """The queue's size at a glance (the ``/metrics`` gauges): messages per state and the oldest arrival."""
+
+    counts: dict[State, int]
+    oldest: float | None             # arrival (epoch seconds) of the oldest message; None: empty
+
+
 class SpoolError(Exception):
     """The spool cannot do what was asked (I/O error, disk full, database down). For ``enqueue``: the
     message was NOT accepted and nothing of it is left behind; the SMTP server answers 451."""
@@ -166,6 +174,10 @@ class Spool(Protocol):
     async def entries(self) -> list[Entry]:
         """Every message, oldest first."""
 
+    async def summary(self) -> Summary:
+        """Messages per state and the oldest arrival; a shared spool answers with one aggregate query, not
+        a listing (``/metrics`` asks at every scrape)."""
+
     # --- changes by the owner (operator requests, late pre-queue results) ---------------------------------
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
         """Rewrite the envelope of a message that is not leased, only if it is still in ``state``."""
@@ -186,5 +198,5 @@ class Spool(Protocol):
     async def take_requests(self) -> list[tuple[str, str]]: ...
 
 
-__all__ = ["WAITING", "Entry", "Lease", "LeaseLost", "Spool", "SpoolError", "SpoolUnavailable", "State",
+__all__ = ["WAITING", "Entry", "Lease", "LeaseLost", "Spool", "SpoolError", "SpoolUnavailable", "State", "Summary",
            "destination_of"]

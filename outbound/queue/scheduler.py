@@ -130,8 +130,10 @@ class Scheduler:
             except Exception:
                 self.counters.inc("run_error")
                 log.exception("queue run failed; retrying in %gs", tick)
-            if done >= self.config.batch or self.wake.is_set():
-                continue  # more may be due already (a full batch, or new mail arrived during the pass)
+            if done or self.wake.is_set():
+                # more may be due already: a pass takes at most destination_concurrency messages of one
+                # destination (all nodes' leases counted), or new mail arrived during the pass
+                continue
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(self._either(stop))), tick)
             except TimeoutError:

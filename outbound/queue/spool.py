@@ -69,6 +69,7 @@ from postgate.outbound.queue.protocol import (
     SpoolError,
     SpoolUnavailable,
     State,
+    Summary,
     destination_of,
 )
 from postgate.policy.vocab import valid_queue_id
@@ -695,6 +696,15 @@ class DirectorySpool:
 
     async def entries(self) -> list[Entry]:
         return await self._io(lambda: list(self.files.entries()))
+
+    async def summary(self) -> Summary:
+        counts: dict[State, int] = {}
+        oldest = None
+        for e in await self.entries():
+            counts[e.state] = counts.get(e.state, 0) + 1
+            if e.envelope is not None and (oldest is None or e.envelope.arrival < oldest):
+                oldest = e.envelope.arrival
+        return Summary(counts, oldest)
 
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
         return await self._io(self.files.update, qid, state, env)
