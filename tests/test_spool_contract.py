@@ -173,3 +173,33 @@ CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_spool_contract(name: str, case: Callable[[Spool], Awaitable[None]], tmp_path: Path) -> None:
     _run(case, FACTORIES[name], tmp_path)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("tcp_user_timeout = -1", "tcp_user_timeout: must be between 0"),
+    ("tcp_user_timeout = nan", "tcp_user_timeout"),
+    ("connect_timeout = 0", "connect_timeout: must be between 1 and 300"),
+    ("keepalives_idle = 0", "keepalives_idle: must be an integer between 1 and 7200"),
+    ("keepalives_count = 1000", "keepalives_count: must be an integer between 1 and 100"),
+    ("keepalives_interval = 1.5", "keepalives_interval"),
+    ("tcp_user_timeout = 5.5", None),
+])
+def test_partition_settings_are_checked(tmp_path: Path, line: str, error: str | None) -> None:
+    """[queue] connect_timeout, tcp_user_timeout and keepalives_* (docs/configuration.md): wrong values are
+    refused with file:line, right ones reach the PostgreSQL connection parameters."""
+    from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+
+    from postgate import config as configmod
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[queue]\nbackend = "postgresql"\ndsn = "postgresql://db1,db2/postgate"\n{line}\n')
+    if error is not None:
+        with pytest.raises(configmod.ConfigError, match=f"postgate.toml:4: \\[queue\\] {error}"):
+            configmod.load(p)
+        return
+    cfg = configmod.load(p)
+    params = PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()
+    assert params["tcp_user_timeout"] == 5500 and params["keepalives"] == 1
+    assert params["keepalives_idle"] == 5 and params["connect_timeout"] == 5
+    # a parameter written in the DSN wins over the [queue] key
+    cfg.queue.dsn += "?tcp_user_timeout=1234"
+    assert "tcp_user_timeout" not in PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()
