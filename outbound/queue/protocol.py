@@ -32,7 +32,8 @@ caller is given the destination to probe.
 Everything is ``async``: an implementation may block (files and fsync in worker threads, a database over
 the network), the event loop never does. Implementations: ``outbound/queue/spool.py``
 (:class:`~postgate.outbound.queue.spool.DirectorySpool`, a local directory, Postfix-style, with group
-commit).
+commit) and ``outbound/queue/pgspool.py`` (:class:`~postgate.outbound.queue.pgspool.PostgresSpool`, shared
+by several nodes). ``tests/test_spool_contract.py`` runs one table of behaviours against both.
 """
 
 from __future__ import annotations
