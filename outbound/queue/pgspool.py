@@ -10,6 +10,14 @@ and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing to
 paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
 :class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
 
+**Destinations, shared.** Each row carries its destination (the domain of the first pending recipient).
+``lease_due(…, per_destination=N)`` counts the active leases per destination and leases at most N minus
+that many of each, in one statement under a transaction-scoped advisory lock, so two nodes leasing at the
+same moment cannot both take the last slot. ``pg_destinations`` holds the backoff of destinations that
+failed as a whole (``dead_until``, ``failures``): every node skips them, and when the backoff ends the
+first node to ask claims the probe with a row-locked ``UPDATE … WHERE dead_until <= now`` that moves
+``dead_until`` on; the others see the destination still backing off until the probe's result is noted.
+
 **Acceptance and durability.** ``enqueue`` writes the body first (to the object store, key = queue id),
 then commits the row; a body without a row is garbage (collected by :meth:`recover`), never a row without
 its body. The commit returns only when a synchronous standby has the WAL (the server's
