@@ -258,10 +258,12 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
                                  "lease_time": 4.0, "min_backoff": 1.0, "max_backoff": 2.0,
                                  "commit_timeout": 4.0, **tcp},
                           prequeue={"mode": "queue-first"})
-    # a second node on the same side of the cut (this test process), and one on the other side
-    cut_off = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "cut", via=CUT), commit_timeout=4.0,
+    # a second node on the same side of the cut (this test process), and one on the other side; they share
+    # a queue of their own (same server, another database), so the serve node's leases stay its own
+    fresh_db(cluster, "fence")
+    cut_off = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "fence", via=CUT), commit_timeout=4.0,
                                        **tcp))  # type: ignore[arg-type]
-    other = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "cut")))
+    other = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "fence")))
     loop = asyncio.new_event_loop()
     acked: list[str] = []
     part = Partition(CUT, PORT)
@@ -274,7 +276,7 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
         loop.run_until_complete(cut_off.check())
         loop.run_until_complete(other.check())
         fence = Envelope.new("alice@client.test", [Recipient("fenced@elsewhere.test")], b"x\r\n",
-                             now=time.time() + 3600)       # not due: the node does not deliver it
+                             now=time.time() + 3600)       # due in an hour: only this test leases it
         loop.run_until_complete(cut_off.enqueue(fence, b"x\r\n"))
         (lease_a, env_a), = loop.run_until_complete(cut_off.lease_due(fence.next_attempt, "cut-off", 3.0, 1))
         assert established(CUT, PORT) > 0
