@@ -267,6 +267,15 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
     loop = asyncio.new_event_loop()
     acked: list[str] = []
     part = Partition(CUT, PORT)
+
+    def cleanup() -> None:
+        part.heal()
+        if not loop.is_closed():
+            loop.run_until_complete(cut_off.close())
+            loop.run_until_complete(other.close())
+            loop.close()
+        node.stop()
+
     node.start()
     try:
         for n in range(3):
@@ -309,8 +318,10 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
         (lease_b, env_b), = loop.run_until_complete(other.lease_due(lease_a.until, "other", 60.0, 1))
         env_b.recipients[0].reason = "the new owner's result"
         loop.run_until_complete(other.record(lease_b, env_b))
-    finally:
-        part.heal()
+    except BaseException:
+        cleanup()
+        raise
+    part.heal()
 
     try:
         # healed: the cut-off side's late result is refused (fencing), the new owner's stays
@@ -345,7 +356,4 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
             time.sleep(0.3)
         assert set(acked) <= delivered(testnet), sorted(set(acked) - delivered(testnet))
     finally:
-        loop.run_until_complete(cut_off.close())
-        loop.run_until_complete(other.close())
-        loop.close()
-        node.stop()
+        cleanup()
