@@ -258,14 +258,15 @@ async def check_queue(cfg: configmod.Config) -> list[Result]:
         return []
     from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
     from postgate.outbound.queue.protocol import SpoolUnavailable
-    sp = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout, object_store=q.object_store or None,
-                                  access_key=q.object_store_access_key or None,
-                                  secret_key=q.object_store_secret_key or None))
+    sp = PostgresSpool(PgSettings.from_config(q))
     try:
         await sp.check(create=False)
     except SpoolUnavailable as e:
         if "no Postgate queue schema" in str(e):   # a new database: serve creates the schema at its start
             return [Result("queue", WARN, str(e), "nothing to do: the first postgate serve creates it")]
+        if "serve upgrades it" in str(e):          # an older schema: serve upgrades it at its start
+            return [Result("queue", WARN, str(e), "upgrade every node; the first postgate serve of this "
+                           "version upgrades the schema (nodes of the old version then refuse to start)")]
         return [Result("queue", FAIL, str(e), "start PostgreSQL (and the object store), or correct [queue] dsn; "
                        "a new database gets its schema from the first postgate serve")]
     finally:

@@ -83,6 +83,12 @@ class QueueSettings:
     # the queue runner (issue 15 item 5; outbound/queue/scheduler.py)
     max_deliveries: int = 100            # delivery attempts at once, all destinations
     run_in_workers: bool = False         # every [server] workers process runs a share of the queue
+    # the shared queue across a network partition (libpq parameters; a value named in the dsn wins)
+    connect_timeout: float = 5.0         # per server of the dsn
+    tcp_user_timeout: float = 10.0       # unacknowledged data for this long ends a connection; 0: kernel default
+    keepalives_idle: int = 5             # an idle connection is probed after this many seconds …
+    keepalives_interval: int = 2         # … every this many seconds …
+    keepalives_count: int = 3            # … and dropped after this many unanswered probes
 
 
 @dataclass
@@ -640,6 +646,14 @@ def _validate_queue(cfg: Config, source: str, text: str) -> None:
         v = getattr(q, key)
         if not (isinstance(v, (int, float)) and 1 <= v <= 86400):  # also refuses nan and inf
             raise err(key, "must be between 1 and 86400 seconds")
+    if not (isinstance(q.connect_timeout, (int, float)) and 1 <= q.connect_timeout <= 300):
+        raise err("connect_timeout", "must be between 1 and 300 seconds")
+    if not (isinstance(q.tcp_user_timeout, (int, float)) and 0 <= q.tcp_user_timeout <= 3600):
+        raise err("tcp_user_timeout", "must be between 0 (the kernel's default) and 3600 seconds")
+    for key, top in (("keepalives_idle", 7200), ("keepalives_interval", 600), ("keepalives_count", 100)):
+        v = getattr(q, key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+            raise err(key, f"must be an integer between 1 and {top}")
     if cfg.path is not None:
         q.directory = _relative(cfg.path, q.directory)
 

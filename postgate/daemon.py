@@ -257,10 +257,7 @@ class Daemon:
         where = "[queue] directory"
         if q.backend == "postgresql":
             from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
-            spool = PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout,
-                                             object_store=q.object_store or None,
-                                             access_key=q.object_store_access_key or None,
-                                             secret_key=q.object_store_secret_key or None))
+            spool = PostgresSpool(PgSettings.from_config(q))
             directory, where = "the shared queue", "[queue]"
         else:
             runners = self._runners()   # [queue] run_in_workers: process k of n delivers share k
@@ -307,13 +304,13 @@ class Daemon:
                 from postgate import metrics
                 spool = self.spool
 
-                def queue_entries() -> list[tuple[str, float | None]]:
+                def queue_summary() -> tuple[dict[str, int], float | None]:
                     # called in the HTTP server's render thread: the (async) spool is asked on the loop
-                    entries = asyncio.run_coroutine_threadsafe(spool.entries(), loop).result(30)
-                    return [(str(e.state), e.envelope.arrival if e.envelope else None) for e in entries]
+                    s = asyncio.run_coroutine_threadsafe(spool.summary(), loop).result(30)
+                    return {str(k): n for k, n in s.counts.items()}, s.oldest
                 try:
                     self.metrics_server = await metrics.serve_http(host, int(port), lambda: metrics.exposition(
-                        queue_entries))
+                        queue_summary))
                 except OSError as e:
                     raise StartupError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror}", EX_OSERR) from e
                 log.info("metrics: http://%s/metrics", self.cfg.metrics.listen)

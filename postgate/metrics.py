@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from postgate.policy import metrics as vocab
@@ -77,20 +77,21 @@ def process_gone(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-class QueueCollector:
-    """``postgate_queue_messages{state}`` and ``postgate_queue_oldest_age_seconds``, measured at scrape."""
+QueueSummary = Callable[[], tuple[Mapping[str, int], float | None]]   # messages per state, oldest arrival
 
-    def __init__(self, entries: Callable[[], Iterable[tuple[str, float | None]]]) -> None:
-        self.entries = entries
+
+class QueueCollector:
+    """``postgate_queue_messages{state}`` and ``postgate_queue_oldest_age_seconds``, measured at scrape from
+    the spool's summary (``Spool.summary``: one aggregate query on the shared queue, not a listing)."""
+
+    def __init__(self, summary: QueueSummary) -> None:
+        self.summary = summary
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
         counts: dict[str, int] = {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
-        oldest = None
-        for state, arrival in self.entries():
-            counts[state] = counts.get(state, 0) + 1
-            if arrival is not None and (oldest is None or arrival < oldest):
-                oldest = arrival
+        by_state, oldest = self.summary()
+        counts.update(by_state)
         size = GaugeMetricFamily(PREFIX + "queue_messages", "Messages in the queue, by state", labels=["state"])
         for state, n in sorted(counts.items()):
             size.add_metric([state], n)
@@ -99,12 +100,12 @@ class QueueCollector:
                                 "(0 when the queue is empty)", value=0 if oldest is None else time.time() - oldest)
 
 
-def exposition(queue_entries: Callable[[], Iterable[tuple[str, float | None]]] | None = None) -> bytes:
+def exposition(queue_summary: QueueSummary | None = None) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, os.environ[ENV])  # type: ignore[no-untyped-call]
-    if queue_entries is not None:
-        registry.register(QueueCollector(queue_entries))
+    if queue_summary is not None:
+        registry.register(QueueCollector(queue_summary))
     return bytes(generate_latest(registry))
 
 

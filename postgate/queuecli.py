@@ -66,9 +66,7 @@ def _spool(args: argparse.Namespace) -> Spool:
     if q.backend == "postgresql" and not args.spool:
         # the shared queue: any node's configuration reaches the same queue
         from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
-        return PostgresSpool(PgSettings(dsn=q.dsn, commit_timeout=q.commit_timeout, object_store=q.object_store or None,
-                                        access_key=q.object_store_access_key or None,
-                                        secret_key=q.object_store_secret_key or None))
+        return PostgresSpool(PgSettings.from_config(q))
     root = Path(args.spool or q.directory)
     # only the daemon creates a spool: reading one that is not there is an error, not an empty queue
     if not (root / "messages").is_dir():

@@ -52,7 +52,10 @@ def node(testnet: TestNet, tmp: Path, address: str, c: Cluster, s3: SeaweedS3) -
     return PostgateServer(testnet, tmp / address, address=address,
                           queue={"backend": "postgresql", "dsn": c.dsn(), "object_store": s3.url,
                                  "object_store_access_key": ACCESS_KEY, "object_store_secret_key": SECRET_KEY,
-                                 "lease_time": LEASE, "min_backoff": 1.0, "max_backoff": 2.0},
+                                 "lease_time": LEASE, "min_backoff": 1.0, "max_backoff": 2.0,
+                                 # the load all goes to one destination, and the limit is shared by the
+                                 # cluster: three nodes get what three single servers would (Postfix's 20)
+                                 "destination_concurrency": 20 * len(NODES)},
                           prequeue={"mode": "queue-first"})
 
 

@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
-from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+from postgate.outbound.queue.pgspool import SCHEMA_VERSION, PgSettings, PostgresSpool
 from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
 from postgate.policy.vocab import Outcome
 
 from fixtures.postgres import Cluster
 from fixtures.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3
-from tests.test_spool_contract import _lifecycle, _operator
+from tests.test_spool_contract import CASE_IDS, CASES
 
 pytestmark = pytest.mark.cluster
 
@@ -198,11 +198,11 @@ def test_failover_to_the_promoted_standby_loses_nothing_acknowledged() -> None:
         c.stop()
 
 
-@pytest.mark.parametrize("case", [_lifecycle, _operator], ids=["lifecycle", "operator"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_spool_contract_on_postgresql(case: Callable[[Spool], Awaitable[None]], cluster: Cluster,
                                       s3: SeaweedS3) -> None:
     """The same table of behaviours the directory spool passes (tests/test_spool_contract.py)."""
-    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
+    cluster.primary.psql("DROP TABLE IF EXISTS pg_messages, pg_requests, pg_queue_schema, pg_destinations; DROP SEQUENCE IF EXISTS pg_lease_tokens", db="postgate")
 
     async def go() -> None:
         sp = spool_for(cluster, s3)
@@ -233,8 +233,47 @@ def test_postgate_check_reports_the_shared_queue(cluster: Cluster) -> None:
     assert fresh.status == WARN and "no Postgate queue schema" in fresh.message
     asyncio.run(spool_for(cluster).check())                         # what serve does at start
     [ok] = asyncio.run(check_queue(cfg(cluster.dsn())))
-    assert ok.status == PASS and "schema version 1" in ok.message, ok
+    assert ok.status == PASS and f"schema version {SCHEMA_VERSION}" in ok.message, ok
     [down] = asyncio.run(check_queue(cfg(cluster.dsn().replace(f":{cluster.primary.port}", ":1")
                                          .replace(f",{cluster.primary.host}:{cluster.standby.port}"  # type: ignore[union-attr]
                                                   if cluster.standby else "", ""))))
     assert down.status == FAIL and "cannot reach PostgreSQL" in down.message
+
+
+def test_schema_version_1_is_upgraded_by_serve_and_reported_by_check(cluster: Cluster) -> None:
+    """Version 2 (shared destination state) adds a destination column, filled from each stored envelope,
+    and the destinations table. ``postgate check`` reports an older schema (WARN: serve upgrades it);
+    serve's start upgrades it in place, keeping the queued mail."""
+    from postgate import config as configmod
+    from postgate.check import PASS, WARN, check_queue
+
+    cluster.primary.psql("DROP DATABASE IF EXISTS upgrade")
+    cluster.primary.psql(f"CREATE DATABASE upgrade OWNER {cluster.user}")
+    dsn = cluster.dsn().replace("/postgate?", "/upgrade?")
+    env, content = message(7)
+
+    async def as_version_1() -> None:
+        sp = PostgresSpool(PgSettings(dsn=dsn))
+        await sp.check()
+        await sp.enqueue(env, content)
+        await sp.close()
+    asyncio.run(as_version_1())
+    # what a version-1 Postgate left: no destination column, no destinations table
+    cluster.primary.psql("ALTER TABLE pg_messages DROP COLUMN destination; DROP TABLE pg_destinations; "
+                         "DELETE FROM pg_queue_schema; INSERT INTO pg_queue_schema VALUES (1)", db="upgrade")
+    c = configmod.Config()
+    c.queue.backend, c.queue.dsn = "postgresql", dsn
+    [old] = asyncio.run(check_queue(c))
+    assert old.status == WARN and "schema version 1" in old.message and "upgrades it" in old.message, old
+
+    async def serve_start() -> str:
+        sp = PostgresSpool(PgSettings(dsn=dsn))
+        await sp.check()
+        got = await sp.get(env.id)
+        assert got is not None and got[1].id == env.id               # the queued mail is kept
+        await sp.close()
+        return sp.found
+    assert "upgraded from 1" in asyncio.run(serve_start())
+    assert cluster.primary.psql("SELECT destination FROM pg_messages", db="upgrade") == "y.test"
+    [ok] = asyncio.run(check_queue(c))
+    assert ok.status == PASS and f"schema version {SCHEMA_VERSION}" in ok.message, ok

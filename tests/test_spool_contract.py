@@ -98,7 +98,108 @@ async def _operator(spool: Spool) -> None:
     assert await spool.take_requests() == []
 
 
+async def _destinations(spool: Spool) -> None:
+    """Destination backoff (shared by every node of a shared spool): noted once, seen by every caller;
+    when it ends one caller probes and the others wait for the probe's result."""
+    assert await spool.backing_off(["a.test", "b.test"], T0, 30) == {}
+    await spool.note_destination("a.test", T0 + 300)                    # a destination-wide failure
+    assert await spool.backing_off(["a.test", "b.test"], T0, 30) == {"a.test": T0 + 300}
+    assert await spool.backing_off(["b.test"], T0, 30) == {}
+    # the backoff is over: this caller probes; every other caller sees it backing off until the result
+    assert await spool.backing_off(["a.test"], T0 + 300, 30) == {}
+    assert await spool.backing_off(["a.test"], T0 + 301, 30) == {"a.test": T0 + 330}
+    await spool.note_destination("a.test", T0 + 700)                    # the probe failed: back off again
+    assert await spool.backing_off(["a.test"], T0 + 400, 30) == {"a.test": T0 + 700}
+    # a probe whose result never comes (its node died) ends after probe_for: another caller probes
+    assert await spool.backing_off(["a.test"], T0 + 700, 30) == {}
+    assert await spool.backing_off(["a.test"], T0 + 729, 30) == {"a.test": T0 + 730}
+    assert await spool.backing_off(["a.test"], T0 + 730, 30) == {}
+    await spool.note_destination("a.test", None)                        # it answered: no backoff
+    assert await spool.backing_off(["a.test"], T0 + 731, 30) == {}
+    assert await spool.backing_off(["a.test"], T0 + 732, 30) == {}
+    # operator flush: one destination, then all
+    await spool.note_destination("a.test", T0 + 9000)
+    await spool.note_destination("b.test", T0 + 9000)
+    await spool.forget_destinations("a.test")
+    assert await spool.backing_off(["a.test", "b.test"], T0 + 800, 30) == {"b.test": T0 + 9000}
+    await spool.forget_destinations()
+    assert await spool.backing_off(["a.test", "b.test"], T0 + 800, 30) == {}
+
+
+async def _per_destination(spool: Spool) -> None:
+    """``lease_due(per_destination=N)``: at most N leases per destination at once, whoever holds them."""
+    envs = []
+    for i, dom in enumerate(["y.test"] * 3 + ["z.test"] * 2 + ["w.test"]):
+        content = f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+        envs.append((Envelope.new("a@x.test", [Recipient(f"r{i}@{dom.upper()}")], content, now=T0), content))
+    for e, c in envs:
+        await spool.enqueue(e, c)
+    first = await spool.lease_due(T0, "n1", 60, 10, per_destination=2)
+    dests = sorted(lease.destination for lease, _ in first)
+    assert dests == ["w.test", "y.test", "y.test", "z.test", "z.test"]
+    # another owner gets nothing: every destination is at its limit, counting n1's leases
+    assert await spool.lease_due(T0, "n2", 60, 10, per_destination=2) == []
+    # one y.test message done: exactly one more y.test message may be leased
+    done = next(lease for lease, _ in first if lease.destination == "y.test")
+    await spool.finish(done)
+    (third, env3), = await spool.lease_due(T0, "n2", 60, 10, per_destination=2)
+    left = {e.id for e, _ in envs[:3]} - {lease.id for lease, _ in first}
+    assert third.destination == "y.test" and {env3.id} == left
+    assert await spool.lease_due(T0, "n2", 60, 10, per_destination=2) == []
+    # leases taken back count no more
+    assert len(await spool.reclaim(T0 + 60)) == 5
+    assert len(await spool.lease_due(T0 + 60, "n3", 60, 10, per_destination=1)) == 3   # one per destination
+
+
+async def _summary(spool: Spool) -> None:
+    """The ``/metrics`` gauges' source: messages per state and the oldest arrival."""
+    empty = await spool.summary()
+    assert not any(empty.counts.values()) and empty.oldest is None
+    (e, c), (f, d), (g, b) = _env(1, T0 + 5), _env(2, T0), _env(3, T0 + 9)
+    for env, content in ((e, c), (f, d), (g, b)):
+        await spool.enqueue(env, content)
+    assert await spool.hold(g.id)
+    assert len(await spool.lease_due(T0 + 5, "n", 60, 1)) == 1          # f: due first
+    s = await spool.summary()
+    assert {k: n for k, n in s.counts.items() if n} == {State.ACTIVE: 1, State.INCOMING: 1, State.HOLD: 1}
+    assert s.oldest == T0
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary"]
+
+
 @pytest.mark.parametrize("name", list(FACTORIES))
-@pytest.mark.parametrize("case", [_lifecycle, _operator], ids=["lifecycle", "operator"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_spool_contract(name: str, case: Callable[[Spool], Awaitable[None]], tmp_path: Path) -> None:
     _run(case, FACTORIES[name], tmp_path)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("tcp_user_timeout = -1", "tcp_user_timeout: must be between 0"),
+    ("tcp_user_timeout = nan", "tcp_user_timeout"),
+    ("connect_timeout = 0", "connect_timeout: must be between 1 and 300"),
+    ("keepalives_idle = 0", "keepalives_idle: must be an integer between 1 and 7200"),
+    ("keepalives_count = 1000", "keepalives_count: must be an integer between 1 and 100"),
+    ("keepalives_interval = 1.5", "keepalives_interval"),
+    ("tcp_user_timeout = 5.5", None),
+])
+def test_partition_settings_are_checked(tmp_path: Path, line: str, error: str | None) -> None:
+    """[queue] connect_timeout, tcp_user_timeout and keepalives_* (docs/configuration.md): wrong values are
+    refused with file:line, right ones reach the PostgreSQL connection parameters."""
+    from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+
+    from postgate import config as configmod
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[queue]\nbackend = "postgresql"\ndsn = "postgresql://db1,db2/postgate"\n{line}\n')
+    if error is not None:
+        with pytest.raises(configmod.ConfigError, match=f"postgate.toml:4: \\[queue\\] {error}"):
+            configmod.load(p)
+        return
+    cfg = configmod.load(p)
+    params = PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()
+    assert params["tcp_user_timeout"] == 5500 and params["keepalives"] == 1
+    assert params["keepalives_idle"] == 5 and params["connect_timeout"] == 5
+    # a parameter written in the DSN wins over the [queue] key
+    cfg.queue.dsn += "?tcp_user_timeout=1234"
+    assert "tcp_user_timeout" not in PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()

@@ -10,6 +10,14 @@ and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing to
 paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
 :class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
 
+**Destinations, shared.** Each row carries its destination (the domain of the first pending recipient).
+``lease_due(…, per_destination=N)`` counts the active leases per destination and leases at most N minus
+that many of each, in one statement under a transaction-scoped advisory lock, so two nodes leasing at the
+same moment cannot both take the last slot. ``pg_destinations`` holds the backoff of destinations that
+failed as a whole (``dead_until``, ``failures``): every node skips them, and when the backoff ends the
+first node to ask claims the probe with a row-locked ``UPDATE … WHERE dead_until <= now`` that moves
+``dead_until`` on; the others see the destination still backing off until the probe's result is noted.
+
 **Acceptance and durability.** ``enqueue`` writes the body first (to the object store, key = queue id),
 then commits the row; a body without a row is garbage (collected by :meth:`recover`), never a row without
 its body. The commit returns only when a synchronous standby has the WAL (the server's
@@ -43,20 +51,49 @@ import asyncio
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import psycopg
 from postgate.outbound.queue.envelope import Envelope, EnvelopeError
-from postgate.outbound.queue.protocol import WAITING, Entry, Lease, LeaseLost, SpoolError, SpoolUnavailable, State
+from postgate.outbound.queue.protocol import (
+    WAITING,
+    Entry,
+    Lease,
+    LeaseLost,
+    Spool,
+    SpoolError,
+    SpoolUnavailable,
+    State,
+    Summary,
+    destination_of,
+)
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("postgate.queue")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# advisory lock keys (pg_advisory_xact_lock): schema creation/upgrade, and handing out leases with a
+# per-destination limit (one node at a time counts and leases, so the limit holds across nodes)
+LOCK_SCHEMA = 0x70670001
+LOCK_LEASES = 0x70670002
+
+# version 2: shared destination state. Leases counted per destination (an index on the active ones), and
+# the backoff of destinations that failed as a whole, seen by every node.
+V2 = [
+    """ALTER TABLE pg_messages ADD COLUMN IF NOT EXISTS destination text NOT NULL DEFAULT ''""",
+    """CREATE INDEX IF NOT EXISTS pg_messages_active_dest ON pg_messages (destination) WHERE state = 'active'""",
+    """CREATE TABLE IF NOT EXISTS pg_destinations (
+        destination  text PRIMARY KEY,
+        dead_until   double precision NOT NULL,   -- leave it alone until then; a probe's claim moves it on
+        failures     integer NOT NULL DEFAULT 0   -- destination-wide failures in a row
+    )""",
+]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS pg_queue_schema (version integer NOT NULL)""",
@@ -70,7 +107,8 @@ SCHEMA = [
         lease_until   double precision,
         lease_token   bigint NOT NULL DEFAULT 0,
         body          bytea,            -- NULL: the body is in the object store under key = id
-        why           text
+        why           text,
+        destination   text NOT NULL DEFAULT ''   -- domain of the first pending recipient (version 2)
     )""",
     """CREATE INDEX IF NOT EXISTS pg_messages_due ON pg_messages (next_attempt)
         WHERE state IN ('incoming', 'deferred')""",
@@ -82,6 +120,7 @@ SCHEMA = [
         action  text NOT NULL,
         arg     text NOT NULL DEFAULT ''
     )""",
+    *V2,
 ]
 
 T = TypeVar("T")
@@ -169,6 +208,21 @@ class PgSettings:
     access_key: str | None = None
     secret_key: str | None = None
     orphan_age: float = 3600.0           # bodies without a row older than this are removed by recover()
+    # a partition must not hang a connection (libpq parameters; a value in the DSN wins): unacknowledged
+    # data for tcp_user_timeout ends a busy connection, keepalive probes an idle one
+    tcp_user_timeout: float = 10.0       # seconds; 0: the kernel's default (about 15 minutes of retries)
+    keepalives_idle: int = 5
+    keepalives_interval: int = 2
+    keepalives_count: int = 3
+
+    @classmethod
+    def from_config(cls, q: Any) -> PgSettings:
+        """From the ``[queue]`` section (``postgate.config.QueueSettings``, docs/configuration.md)."""
+        return cls(dsn=q.dsn, commit_timeout=q.commit_timeout, connect_timeout=q.connect_timeout,
+                   object_store=q.object_store or None, access_key=q.object_store_access_key or None,
+                   secret_key=q.object_store_secret_key or None, tcp_user_timeout=q.tcp_user_timeout,
+                   keepalives_idle=q.keepalives_idle, keepalives_interval=q.keepalives_interval,
+                   keepalives_count=q.keepalives_count)
 
 
 class PostgresSpool:
@@ -184,11 +238,22 @@ class PostgresSpool:
 
     # --- connections ---------------------------------------------------------------------------------------
     def _conninfo(self) -> dict[str, Any]:
-        # a partition must not hang a connection: keepalives and tcp_user_timeout (libpq, PostgreSQL 12+)
-        return {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-                "tcp_user_timeout": int(self.settings.commit_timeout * 1000),
-                "connect_timeout": max(1, int(self.settings.connect_timeout)),
-                "application_name": "postgate"}
+        """libpq parameters added to the DSN's (those the DSN names win). A partition must not hang a
+        connection: with ``tcp_user_timeout`` (Linux TCP_USER_TIMEOUT, RFC 5482) a connection whose sent
+        data stays unacknowledged that long is closed by the kernel, and keepalive probes find an idle one
+        dead (libpq, PostgreSQL 12+); ``connect_timeout`` bounds each host of a multi-host DSN."""
+        st = self.settings
+        want: dict[str, Any] = {"keepalives": 1, "keepalives_idle": st.keepalives_idle,
+                                "keepalives_interval": st.keepalives_interval,
+                                "keepalives_count": st.keepalives_count,
+                                "tcp_user_timeout": int(st.tcp_user_timeout * 1000),
+                                "connect_timeout": max(1, int(st.connect_timeout)),
+                                "application_name": "postgate"}
+        try:
+            named = conninfo_to_dict(st.dsn)
+        except psycopg.ProgrammingError:
+            named = {}
+        return {k: v for k, v in want.items() if k not in named}
 
     async def _pool(self) -> AsyncConnectionPool:
         async with self._lock:
@@ -262,6 +327,8 @@ class PostgresSpool:
             raise SpoolUnavailable(f"[queue] dsn: cannot reach PostgreSQL: {str(e).strip() or 'timeout'}") from e
         try:
             async with conn.cursor() as cur:
+                if create:   # nodes starting together: one creates or upgrades, the others wait and see it
+                    await cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_SCHEMA,))
                 await cur.execute("SELECT to_regclass('pg_queue_schema')")
                 row = await cur.fetchone()
                 if row is None or row[0] is None:
@@ -278,10 +345,18 @@ class PostgresSpool:
                     await cur.execute("SELECT max(version) FROM pg_queue_schema")
                     row = await cur.fetchone()
                     version = row[0] if row else None
-                    if version != SCHEMA_VERSION:
+                    if version == 1 and create:
+                        await self._upgrade_to_2(cur)
+                        await conn.commit()
+                        log.info("queue: schema upgraded from version 1 to %d", SCHEMA_VERSION)
+                        found = f"schema version {SCHEMA_VERSION} (upgraded from 1)"
+                    elif version != SCHEMA_VERSION:
+                        hint = " (postgate serve upgrades it at its start)" if version == 1 else \
+                            " (a newer Postgate made it: upgrade this node)"
                         raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
-                                               f"{SCHEMA_VERSION}")
-                    found = f"schema version {version}"
+                                               f"{SCHEMA_VERSION}{hint}")
+                    else:
+                        found = f"schema version {version}"
                 await cur.execute("SELECT pg_is_in_recovery()")
                 row = await cur.fetchone()
                 if row and row[0]:
@@ -299,6 +374,23 @@ class PostgresSpool:
             except Exception as e:
                 raise SpoolUnavailable(f"[queue] object_store: cannot write: {e}") from e
         self.found = found + (", object store writable" if self.store is not None else ", bodies in PostgreSQL")
+
+    @staticmethod
+    async def _upgrade_to_2(cur: psycopg.AsyncCursor[Any]) -> None:
+        """Version 1 -> 2, in the caller's transaction: the destination column (filled from each stored
+        envelope) and the shared destination table. Upgrade every node: a version-1 node refuses to start."""
+        for stmt in V2:
+            await cur.execute(stmt)
+        await cur.execute("SELECT id, envelope FROM pg_messages WHERE destination = ''")
+        fill = []
+        for qid, data in await cur.fetchall():
+            try:
+                fill.append((destination_of(Envelope.from_bytes(bytes(data))), qid))
+            except EnvelopeError:
+                continue                  # unreadable: quarantined when leased, counted under ""
+        if fill:
+            await cur.executemany("UPDATE pg_messages SET destination = %s WHERE id = %s", fill)
+        await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (2)")
 
     async def try_lock(self) -> bool:
         return True     # a shared queue: every node runs it; leases keep them apart
@@ -344,9 +436,9 @@ class PostgresSpool:
         async def insert(cur: psycopg.AsyncCursor[Any]) -> None:
             # … then the row; idempotent, so a retry after an ambiguous failure makes no second message
             await cur.execute(
-                "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body) "
-                "VALUES (%s, 'incoming', %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (env.id, env.to_bytes(), env.next_attempt, env.arrival, body))
+                "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body, destination) "
+                "VALUES (%s, 'incoming', %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (env.id, env.to_bytes(), env.next_attempt, env.arrival, body, destination_of(env)))
 
         last: SpoolError | None = None
         for _ in range(2):
@@ -361,24 +453,45 @@ class PostgresSpool:
         raise last
 
     # --- delivery -------------------------------------------------------------------------------------------
-    async def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float]]:
-            await cur.execute(
-                "UPDATE pg_messages SET state = 'active', lease_owner = %s, lease_until = %s, "
-                "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pg_messages "
-                "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s ORDER BY next_attempt "
-                "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token, next_attempt",
-                (owner, now + duration, now, limit))
-            return [(r[0], bytes(r[1]), r[2], r[3]) for r in await cur.fetchall()]
+    async def lease_due(self, now: float, owner: str, duration: float, limit: int,
+                        per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float, str]]:
+            if per_destination <= 0:
+                await cur.execute(
+                    "UPDATE pg_messages SET state = 'active', lease_owner = %s, lease_until = %s, "
+                    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pg_messages "
+                    "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s ORDER BY next_attempt "
+                    "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token, next_attempt, destination",
+                    (owner, now + duration, now, limit))
+            else:
+                # one node at a time counts the active leases per destination and leases at most
+                # per_destination minus that many of each, so the bound holds across nodes; the lock is
+                # held for one statement and its commit. A window function cannot go with FOR UPDATE: the
+                # outer UPDATE re-checks the state of each row it takes instead (an operator's hold/delete).
+                await cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_LEASES,))
+                await cur.execute(
+                    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
+                    "GROUP BY destination), "
+                    "due AS (SELECT m.id, m.next_attempt, coalesce(b.n, 0) + row_number() OVER "
+                    "(PARTITION BY m.destination ORDER BY m.next_attempt, m.id) AS k FROM pg_messages m "
+                    "LEFT JOIN busy b ON b.destination = m.destination "
+                    "WHERE m.state IN ('incoming', 'deferred') AND m.next_attempt <= %(now)s), "
+                    "pick AS (SELECT id FROM due WHERE k <= %(per)s ORDER BY next_attempt, id LIMIT %(limit)s) "
+                    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
+                    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
+                    "AND state IN ('incoming', 'deferred') "
+                    "RETURNING id, envelope, lease_token, next_attempt, destination",
+                    {"now": now, "per": per_destination, "limit": limit, "owner": owner, "until": now + duration})
+            return [(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in await cur.fetchall()]
 
         out: list[tuple[Lease, Envelope]] = []
-        for qid, data, token, due in await self._tx(lease):
+        for qid, data, token, due, dest in sorted(await self._tx(lease), key=lambda r: (r[3], r[0])):
             try:
                 env = _envelope(data, due)
             except EnvelopeError as e:
                 await self.quarantine(qid, State.ACTIVE, str(e))
                 continue
-            out.append((Lease(qid, owner, now + duration, token), env))
+            out.append((Lease(qid, owner, now + duration, token, dest), env))
         return out
 
     async def content(self, qid: str) -> bytes:
@@ -407,11 +520,13 @@ class PostgresSpool:
             raise LeaseLost(f"{lease.id}: lease {lease.token} of {lease.owner} was taken back")
 
     async def record(self, lease: Lease, env: Envelope) -> None:
-        await self._fenced(lease, "UPDATE pg_messages SET envelope = %s", (env.to_bytes(),))
+        await self._fenced(lease, "UPDATE pg_messages SET envelope = %s, destination = %s",
+                           (env.to_bytes(), destination_of(env)))
 
     async def release(self, lease: Lease, env: Envelope) -> None:
         await self._fenced(lease, "UPDATE pg_messages SET state = 'deferred', envelope = %s, next_attempt = %s, "
-                                  "lease_owner = NULL, lease_until = NULL", (env.to_bytes(), env.next_attempt))
+                                  "lease_owner = NULL, lease_until = NULL, destination = %s",
+                           (env.to_bytes(), env.next_attempt, destination_of(env)))
 
     async def finish(self, lease: Lease) -> None:
         async def run(cur: psycopg.AsyncCursor[Any]) -> int:
@@ -443,6 +558,38 @@ class PostgresSpool:
         await self._tx(run)
         log.warning("%s: status=corrupt (%s)", qid, why)
 
+    # --- destinations, shared by every node ------------------------------------------------------------------
+    async def backing_off(self, dests: Sequence[str], now: float, probe_for: float) -> dict[str, float]:
+        if not dests:
+            return {}
+
+        async def run(cur: psycopg.AsyncCursor[Any]) -> dict[str, float]:
+            # the claim of a probe: the row lock makes a concurrent caller wait for this commit, then its
+            # re-check (dead_until <= now) fails and it sees the destination backing off
+            await cur.execute("UPDATE pg_destinations SET dead_until = %s WHERE destination = ANY(%s) "
+                              "AND dead_until <= %s RETURNING destination", (now + probe_for, list(dests), now))
+            claimed = {r[0] for r in await cur.fetchall()}
+            await cur.execute("SELECT destination, dead_until FROM pg_destinations WHERE destination = ANY(%s) "
+                              "AND dead_until > %s", (list(dests), now))
+            return {d: until for d, until in await cur.fetchall() if d not in claimed}
+        return await self._tx(run)
+
+    async def note_destination(self, dest: str, until: float | None) -> None:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> None:
+            if until is None:
+                await cur.execute("DELETE FROM pg_destinations WHERE destination = %s", (dest,))
+            else:
+                await cur.execute("INSERT INTO pg_destinations (destination, dead_until, failures) VALUES (%s, %s, 1) "
+                                  "ON CONFLICT (destination) DO UPDATE SET dead_until = EXCLUDED.dead_until, "
+                                  "failures = pg_destinations.failures + 1", (dest, until))
+        await self._tx(run)
+
+    async def forget_destinations(self, dest: str | None = None) -> None:
+        if dest is None:
+            await self._one("DELETE FROM pg_destinations", ())
+        else:
+            await self._one("DELETE FROM pg_destinations WHERE destination = %s", (dest,))
+
     # --- reading -------------------------------------------------------------------------------------------
     async def get(self, qid: str) -> tuple[State, Envelope] | None:
         async def run(cur: psycopg.AsyncCursor[Any]) -> tuple[str, bytes, float] | None:
@@ -459,18 +606,26 @@ class PostgresSpool:
 
     async def entries(self) -> list[Entry]:
         async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[Any, ...]]:
-            await cur.execute("SELECT state, id, envelope, lease_owner, lease_until, lease_token, next_attempt "
-                              "FROM pg_messages ORDER BY arrival, id")
+            await cur.execute("SELECT state, id, envelope, lease_owner, lease_until, lease_token, next_attempt, "
+                              "destination FROM pg_messages ORDER BY arrival, id")
             return list(await cur.fetchall())
         out = []
-        for state, qid, data, owner, until, token, due in await self._tx(run, write=False):
+        for state, qid, data, owner, until, token, due, dest in await self._tx(run, write=False):
             try:
                 env: Envelope | None = _envelope(bytes(data), due)
             except EnvelopeError:
                 env = None
-            lease = Lease(qid, owner, until, token) if state == State.ACTIVE and owner else None
+            lease = Lease(qid, owner, until, token, dest) if state == State.ACTIVE and owner else None
             out.append(Entry(State(state), qid, env, lease))
         return out
+
+    async def summary(self) -> Summary:
+        async def run(cur: psycopg.AsyncCursor[Any]) -> list[tuple[Any, ...]]:
+            await cur.execute("SELECT state, count(*), min(arrival) FROM pg_messages GROUP BY state")
+            return list(await cur.fetchall())
+        rows = await self._tx(run, write=False)
+        arrivals = [r[2] for r in rows if r[2] is not None]
+        return Summary({State(r[0]): int(r[1]) for r in rows}, min(arrivals) if arrivals else None)
 
     # --- changes by an operator or a late pre-queue result ----------------------------------------------------
     async def _one(self, sql: str, args: tuple[Any, ...]) -> bool:
@@ -480,8 +635,9 @@ class PostgresSpool:
         return await self._tx(run) == 1
 
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
-        return await self._one("UPDATE pg_messages SET envelope = %s, next_attempt = %s WHERE id = %s AND state = %s",
-                               (env.to_bytes(), env.next_attempt, qid, str(state)))
+        return await self._one("UPDATE pg_messages SET envelope = %s, next_attempt = %s, destination = %s "
+                               "WHERE id = %s AND state = %s",
+                               (env.to_bytes(), env.next_attempt, destination_of(env), qid, str(state)))
 
     async def delete(self, qid: str, state: State | None = None) -> bool:
         if state is None:
@@ -513,3 +669,7 @@ class PostgresSpool:
                               "FOR UPDATE SKIP LOCKED LIMIT 100) RETURNING action, arg")
             return [(r[0], r[1]) for r in await cur.fetchall()]
         return await self._tx(run)
+
+
+def _conforms(s: PostgresSpool) -> Spool:  # mypy checks that PostgresSpool implements every method
+    return s

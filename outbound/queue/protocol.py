@@ -22,19 +22,29 @@ ever stranded in ``active``. A shared spool (PostgreSQL) gives such messages to 
 ``Lease.token`` as a fencing token: a result written under a lease that was taken back is refused
 (:class:`LeaseLost`).
 
+*Destinations* (the domain of a message's first pending recipient, :func:`destination_of`) are the unit of
+politeness towards remote sites, and a shared spool shares it between nodes: ``lease_due(…,
+per_destination=N)`` never lets more than N messages of one destination be leased at once, counting every
+owner's leases; after a destination-wide failure one node notes it (:meth:`Spool.note_destination`) and
+every node leaves the destination alone until its backoff ends (:meth:`Spool.backing_off`), when exactly one
+caller is given the destination to probe.
+
 Everything is ``async``: an implementation may block (files and fsync in worker threads, a database over
 the network), the event loop never does. Implementations: ``outbound/queue/spool.py``
 (:class:`~postgate.outbound.queue.spool.DirectorySpool`, a local directory, Postfix-style, with group
-commit).
+commit) and ``outbound/queue/pgspool.py`` (:class:`~postgate.outbound.queue.pgspool.PostgresSpool`, shared
+by several nodes). ``tests/test_spool_contract.py`` runs one table of behaviours against both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 from postgate.outbound.queue.envelope import Envelope
+from postgate.policy.vocab import domain_of
 
 
 class State(StrEnum):
@@ -57,6 +67,12 @@ class Lease:
     owner: str
     until: float
     token: int = 0
+    destination: str = ""            # destination_of(envelope) when leased: what per_destination counts
+
+
+def destination_of(env: Envelope) -> str:
+    """The destination a message counts against: the domain of its first pending recipient ("" if none)."""
+    return domain_of(env.pending[0].address) if env.pending else ""   # the scheduler groups by the same key
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,14 @@ class Entry:
     id: str
     envelope: Envelope | None        # None: the stored envelope is unreadable (corrupt)
     lease: Lease | None = None       # who delivers it now (state ``active``)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The queue's size at a glance (the ``/metrics`` gauges): messages per state and the oldest arrival."""
+
+    counts: dict[State, int]
+    oldest: float | None             # arrival (epoch seconds) of the oldest message; None: empty
 
 
 class SpoolError(Exception):
@@ -106,8 +130,11 @@ class Spool(Protocol):
         it raises and nothing of the message remains."""
 
     # --- delivery ---------------------------------------------------------------------------------------
-    async def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        """Lease up to ``limit`` messages due at ``now`` (incoming/deferred with ``next_attempt <= now``)."""
+    async def lease_due(self, now: float, owner: str, duration: float, limit: int,
+                        per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        """Lease up to ``limit`` messages due at ``now`` (incoming/deferred with ``next_attempt <= now``).
+        ``per_destination`` > 0: never more than that many messages of one destination (:func:`destination_of`)
+        leased at once, counting the leases every owner holds (those already held included)."""
 
     async def content(self, qid: str) -> bytes: ...
 
@@ -127,12 +154,30 @@ class Spool(Protocol):
     async def quarantine(self, qid: str, state: State, why: str) -> None:
         """Move a message that failed its checks to ``corrupt`` (logged), never deleting it."""
 
+    # --- destinations: backoff after a destination-wide failure, shared by every node of a shared spool -----
+    async def backing_off(self, dests: Sequence[str], now: float, probe_for: float) -> dict[str, float]:
+        """Of ``dests``, those to leave alone at ``now``, each with the end of its backoff. A destination whose
+        backoff has ended is handed to this caller to probe: it is not in the answer, and every other caller
+        sees it backing off for ``probe_for`` seconds more (until the probe's result is noted), so one
+        delivery, not every node's, tests whether the site is back."""
+
+    async def note_destination(self, dest: str, until: float | None) -> None:
+        """``until``: the destination failed as a whole (no server answered); leave it alone until then.
+        None: it answered; its backoff (if any) ends."""
+
+    async def forget_destinations(self, dest: str | None = None) -> None:
+        """End the backoff of ``dest``, or of every destination (operator flush)."""
+
     # --- reading ------------------------------------------------------------------------------------------
     async def get(self, qid: str) -> tuple[State, Envelope] | None:
         """The message's state and envelope, or None if it is not queued."""
 
     async def entries(self) -> list[Entry]:
         """Every message, oldest first."""
+
+    async def summary(self) -> Summary:
+        """Messages per state and the oldest arrival; a shared spool answers with one aggregate query, not
+        a listing (``/metrics`` asks at every scrape)."""
 
     # --- changes by the owner (operator requests, late pre-queue results) ---------------------------------
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
@@ -154,4 +199,5 @@ class Spool(Protocol):
     async def take_requests(self) -> list[tuple[str, str]]: ...
 
 
-__all__ = ["WAITING", "Entry", "Lease", "LeaseLost", "Spool", "SpoolError", "SpoolUnavailable", "State"]
+__all__ = ["WAITING", "Entry", "Lease", "LeaseLost", "Spool", "SpoolError", "SpoolUnavailable", "State", "Summary",
+           "destination_of"]

@@ -15,7 +15,10 @@ result durably, and decides what happens next.
   ``destination_concurrency`` (Postfix's slow start: a backlog opens the connections it needs, and the
   delivery agent's connection cache carries the following messages over them). After a destination-wide failure (no
   MX host reachable, suspected attack) it is left alone for ``destination_backoff`` seconds, so a dead or
-  hostile site is not hammered.
+  hostile site is not hammered. The backoff and the per-destination lease count live in the spool
+  (``lease_due(per_destination=…)``, ``backing_off``/``note_destination``), so a shared spool applies them
+  across every node: one node's failure makes all skip the destination, and one of them probes it when
+  the backoff ends; the slow-start window is each node's own.
 - Attempts to the same destination reuse the delivery agent's cached connections (outbound/delivery.py).
 - No exception may strand a message: an unexpected error in an attempt (a bug, an encoding error deep in
   the SMTP client, a full disk) becomes a deferral with the normal backoff, logged as
@@ -209,7 +212,8 @@ class Scheduler:
 
     async def _lease(self, limit: int) -> int:
         now = self.clock()
-        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit)
+        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit,
+                                            self.config.destination_concurrency)
         for lease, env in leased:
             dest = domain_of(env.pending[0].address) if env.pending else ""
             self._waiting.setdefault(dest, deque()).append((lease, env))
@@ -337,7 +341,10 @@ class Scheduler:
             await self.spool.quarantine(env.id, State.ACTIVE, str(e))
             return
         pending = env.pending
-        ready = [r for r in pending if not self._dest_dead(domain_of(r.address), now)]
+        dead = await self._backing_off({domain_of(r.address) for r in pending}, now)
+        for d, until in dead.items():   # what another node found (shared spool): this node's dispatch too
+            self._dead_until[d] = max(until, self._dead_until.get(d, 0))
+        ready = [r for r in pending if domain_of(r.address) not in dead]
         results: list[RecipientResult] = []
         if ready:
             dest = domain_of(ready[0].address)
@@ -354,7 +361,7 @@ class Scheduler:
             if res is None:
                 continue
             rcpt.record(res, now)
-        self._note_destinations(results, now)
+        await self._note_destinations(results, now)
         for rcpt in pending:
             if rcpt not in ready:
                 if not rcpt.reason:
@@ -418,18 +425,31 @@ class Scheduler:
             for r in rcpts:
                 r.status = Outcome.DEFERRED
 
-    def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
+    # --- destination backoff, kept by the spool (shared by every node of a shared spool) ------------------
+    async def _backing_off(self, dests: set[str], now: float) -> dict[str, float]:
+        """The destinations to leave alone now. One whose backoff just ended is ours to probe: the others
+        wait for the probe's result at most one backoff (or one lease, if shorter)."""
+        probe_for = min(self.config.lease_time, self.config.destination_backoff)
+        return await self.spool.backing_off(sorted(dests), now, probe_for)
+
+    async def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
         for r in results:
             by[domain_of(r.recipient)].append(r)
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
-            if rs and all(not r.status.final and not r.reply for r in rs):
+            dead = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            if dead:
                 self._dest_failed(dest, now)
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
                          rs[0].reason)
             else:
                 self._dest_answered(dest, now)
+            try:
+                await self.spool.note_destination(dest, now + self.config.destination_backoff if dead else None)
+            except Exception as e:  # the attempt's results matter more than the note: record them anyway
+                self.counters.inc("destination_note_error")
+                log.error("destination %s: cannot record its state (%s)", dest, e)
 
     async def notify(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str = "failed") -> None:
         """Queue a DSN (RFC 3464) to the sender of ``env`` about ``rcpts``, if one is due. Raises if it
@@ -487,9 +507,10 @@ class Scheduler:
                     await self.spool.release_hold(e.id, now)
                 elif e.state in WAITING:
                     await self.spool.reschedule(e.id, now)
-            if action == "flush-domain":
+            if action == "flush-domain":   # the operator says: try now (Postfix postqueue -s)
                 self._dead_until.pop(arg.lower(), None)
             else:
                 self._dead_until.clear()
+            await self.spool.forget_destinations(arg.lower() if action == "flush-domain" else None)
             return True
         return False

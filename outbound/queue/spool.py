@@ -66,7 +66,8 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -81,6 +82,8 @@ from postgate.outbound.queue.protocol import (
     SpoolError,
     SpoolUnavailable,
     State,
+    Summary,
+    destination_of,
 )
 from postgate.policy.vocab import valid_queue_id
 
@@ -360,11 +363,16 @@ class SpoolFiles:
         return head, content
 
     # --- delivery ----------------------------------------------------------------------------------------
-    def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        """Move due messages to active/ (one rename each: the lease) and return them. An envelope read once
-        and found not due is not read again until it is due or rewritten (a new file: a new inode), so a
-        large deferred queue costs a directory listing per call, not a read of every envelope."""
+    def lease_due(self, now: float, owner: str, duration: float, limit: int,
+                  per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        """Move due messages to active/ (one rename each: the lease) and return them; with
+        ``per_destination``, at most that many leases per destination at once (this process's leases: the
+        directory has one owner). An envelope read once and found not due is not read again until it is due
+        or rewritten (a new file: a new inode), so a large deferred queue costs a directory listing per call,
+        not a read of every envelope."""
         out: list[tuple[Lease, Envelope]] = []
+        with self._mutex:
+            busy = Counter(lease.destination for lease in self._leases.values())
         for state in WAITING:
             with os.scandir(self.root / state) as it:
                 names = sorted((e.name, e.inode()) for e in it)
@@ -398,12 +406,16 @@ class SpoolFiles:
                         self._not_due[qid] = (inode, env.next_attempt)
                         continue
                     self._not_due.pop(qid, None)
+                    dest = destination_of(env)
+                    if per_destination and busy[dest] >= per_destination:
+                        continue
                     try:
                         self._move(qid, state, "active", durable=False)
                     except FileNotFoundError:
                         continue
-                    lease = Lease(qid, owner, now + duration, next(self._tokens))
+                    lease = Lease(qid, owner, now + duration, next(self._tokens), dest)
                     self._leases[qid] = lease
+                    busy[dest] += 1
                 out.append((lease, env))
         return out
 
@@ -801,6 +813,7 @@ class DirectorySpool:
         self.committer = GroupCommitter(self.files, max_batch)
         # delivery results (record, release, finish), several per fsync too
         self.results = Batcher[Result](self.files.results_batch, max_batch, "spool-results")
+        self._dead: dict[str, float] = {}     # destination -> end of its backoff
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -831,8 +844,9 @@ class DirectorySpool:
         except OSError as e:
             raise SpoolError(f"{env.id}: cannot queue: {e.strerror or e}") from e
 
-    async def lease_due(self, now: float, owner: str, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        return await self._io(self.files.lease_due, now, owner, duration, limit)
+    async def lease_due(self, now: float, owner: str, duration: float, limit: int,
+                        per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        return await self._io(self.files.lease_due, now, owner, duration, limit, per_destination)
 
     async def content(self, qid: str) -> bytes:
         return await self._io(self.files.content, qid)
@@ -852,11 +866,45 @@ class DirectorySpool:
     async def quarantine(self, qid: str, state: State, why: str) -> None:
         await self._io(self.files.quarantine, qid, state, why)
 
+    # destination backoff: in this process (one process owns a directory spool), lost at a restart
+    async def backing_off(self, dests: Sequence[str], now: float, probe_for: float) -> dict[str, float]:
+        out = {}
+        for d in dests:
+            until = self._dead.get(d)
+            if until is None:
+                continue
+            if until <= now:
+                self._dead[d] = now + probe_for     # the caller probes; the others wait for its result
+            else:
+                out[d] = until
+        return out
+
+    async def note_destination(self, dest: str, until: float | None) -> None:
+        if until is None:
+            self._dead.pop(dest, None)
+        else:
+            self._dead[dest] = until
+
+    async def forget_destinations(self, dest: str | None = None) -> None:
+        if dest is None:
+            self._dead.clear()
+        else:
+            self._dead.pop(dest, None)
+
     async def get(self, qid: str) -> tuple[State, Envelope] | None:
         return await self._io(self.files.get, qid)
 
     async def entries(self) -> list[Entry]:
         return await self._io(lambda: list(self.files.entries()))
+
+    async def summary(self) -> Summary:
+        counts: dict[State, int] = {}
+        oldest = None
+        for e in await self.entries():
+            counts[e.state] = counts.get(e.state, 0) + 1
+            if e.envelope is not None and (oldest is None or e.envelope.arrival < oldest):
+                oldest = e.envelope.arrival
+        return Summary(counts, oldest)
 
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
         return await self._io(self.files.update, qid, state, env)
