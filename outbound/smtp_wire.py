@@ -43,6 +43,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from postgate.outbound import smtp_data
 from postgate.policy.vocab import Reply
@@ -186,8 +187,8 @@ class _Wire(asyncio.Protocol):
                 self._drain = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport; uvloop's does not derive from asyncio.Transport, so no isinstance check here
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:

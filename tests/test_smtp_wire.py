@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +29,8 @@ from fixtures.testnet import TestNet
 
 from .smtpd_harness import tls_context
 from .test_delivery import deliverer, message
+
+T = TypeVar("T")
 
 FAST = Timeouts(connect=3, greeting=3, command=3, tls=3, data=5)
 PLAIN = Requirement(Level.NONE, TLSMode.NONE, Auth.NONE)
@@ -150,11 +153,25 @@ async def _ehlo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exte
     await writer.drain()
 
 
+# The client runs on the daemon's loop: asyncio's or uvloop's (the default since issue 20), whose transports
+# are not asyncio.Transport subclasses. The tests against real peers run on both.
+LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+
+
+def _run(coro: Awaitable[T], event_loop: str = "asyncio") -> T:
+    if event_loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)  # type: ignore[arg-type]
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
 async def _open(port: int, req: Requirement = PLAIN, timeouts: Timeouts = FAST) -> Session:
     return await open_session("127.0.0.1", port, "adversary.test", req, helo="client.test", timeouts=timeouts)
 
 
-def test_split_replies_and_several_in_one_segment() -> None:
+@LOOPS
+def test_split_replies_and_several_in_one_segment(event_loop: str) -> None:
     """The greeting and EHLO reply arrive one byte per segment; the five pipelined replies in one segment.
     The client sent MAIL, both RCPTs and DATA in one write (RFC 2920 §3.1), the content after the 354 in one."""
     seen: list[bytes] = []
@@ -192,7 +209,7 @@ def test_split_replies_and_several_in_one_segment() -> None:
                                                    b"Subject: t\r\n\r\n.dot\r\n", [])
             finally:
                 await s.close()
-    results = asyncio.run(go())
+    results = _run(go(), event_loop)
     assert [(r.status, r.dsn) for r in results] == [
         (Outcome.DELIVERED, "2.0.0"), (Outcome.BOUNCED, "5.1.1"), (Outcome.DEFERRED, "4.3.0")]
     assert seen[0] == (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<ok@x.test>\r\nRCPT TO:<no@x.test>\r\n"
@@ -353,7 +370,8 @@ def test_silent_server_times_out() -> None:
 
 @pytest.mark.parametrize("inject", [b"", b"250 injected\r\n", b"250-PIPELI"])
 @pytest.mark.parametrize("auth", [Auth.NONE, Auth.DANE])
-def test_starttls_response_injection(tmp_path: Path, inject: bytes, auth: Auth) -> None:
+@LOOPS
+def test_starttls_response_injection(tmp_path: Path, inject: bytes, auth: Auth, event_loop: str) -> None:
     """RFC 3207 §4: bytes after the 220 to STARTTLS, before the handshake, end the session as a TLS failure —
     a suspected attack where DANE required TLS, and never a cleartext retry. Without them the same server
     completes the handshake and the second EHLO (RFC 3207 §4.2)."""
@@ -381,7 +399,7 @@ def test_starttls_response_injection(tmp_path: Path, inject: bytes, auth: Auth) 
                 return e
             await s.close()
             return s
-    got = asyncio.run(go())
+    got = _run(go(), event_loop)
     if not inject:
         assert isinstance(got, Session) and got.tls.version is not None and ehlos == [b"EHLO client.test\r\n"]
         return
@@ -412,7 +430,9 @@ def test_starttls_injection_under_opportunistic_tls_is_no_cleartext_retry(tmp_pa
 
 # --- a real pipelining server: Postfix -------------------------------------------------------------------
 
-def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch) -> None:
+@LOOPS
+def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch,
+                                           event_loop: str) -> None:
     """Against Postfix (which offers PIPELINING and CHUNKING), over DANE-verified TLS: one write carries MAIL,
     every RCPT and BDAT LAST with the content; accepted, refused (5xx) and deferred (4xx) recipients each get their own outcome; a second
     message reuses the connection (RSET in the group); a message whose recipients are all refused is
@@ -446,7 +466,7 @@ def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytes
                 return a, b, c
             finally:
                 await d.close()
-        first, refused, third = asyncio.run(go())
+        first, refused, third = _run(go(), event_loop)
         log = sink.log()
     sink.cleanup()
     assert [(r.recipient, r.status, r.dsn[:1]) for r in first] == [
@@ -467,7 +487,8 @@ def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytes
 
 
 
-def test_tls_session_resumption_with_postfix(testnet: TestNet) -> None:
+@LOOPS
+def test_tls_session_resumption_with_postfix(testnet: TestNet, event_loop: str) -> None:
     """RFC 8446 §2.2 on the outbound leg, against Postfix over DANE: the second connection under the same
     requirement resumes the session and inherits the first one's verdict (dane-verified, the matched TLSA
     record) and carries mail; a different requirement never resumes it; a failed authentication is never
@@ -506,7 +527,7 @@ def test_tls_session_resumption_with_postfix(testnet: TestNet) -> None:
             out.append(s)
         return out
     with sink:
-        full, resumed, other, refused = asyncio.run(go())
+        full, resumed, other, refused = _run(go(), event_loop)
     sink.cleanup()
     assert isinstance(full, Session) and isinstance(resumed, Session) and isinstance(other, Session)
     assert not full.tls.resumed and full.tls.security is TlsOutcome.DANE_VERIFIED and full.tls.chain
@@ -589,7 +610,9 @@ def test_bdat_with_chunking_server() -> None:
                     b"BDAT %d LAST\r\n" % len(want), want]
 
 
-def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch) -> None:
+@LOOPS
+def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch,
+                                                     event_loop: str) -> None:
     """A 100 KB content with leading dots, lone dots and tabs, sent with BDAT to Postfix, is stored byte for
     byte (Postfix's hold queue keeps it for postcat)."""
     import subprocess
@@ -621,7 +644,7 @@ def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypat
                 return await d.deliver("a@client.test", ["held@bench.test"], data)
             finally:
                 await d.close()
-        [res] = asyncio.run(go())
+        [res] = _run(go(), event_loop)
         assert res.status is Outcome.DELIVERED, res.text
         held = subprocess.run(["postqueue", "-c", str(sink.dir), "-j"], capture_output=True, text=True).stdout
         [qid] = [ln.split('"queue_id": "')[1].split('"')[0] for ln in held.splitlines() if '"hold"' in ln]
