@@ -278,16 +278,23 @@ try:
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]) + 1000, int(sys.argv[2]) + 1000))
 except (ValueError, OSError):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-opened = 0
+opened = failed = 0
+opening = None
 async def one(target, src):
-    global opened
+    global opened, failed
     try:
-        r, w = await asyncio.open_connection(target, 25, local_addr=(src, 0))
-        await r.readline()
-        w.write(b"EHLO idle.test\r\n")
-        while (await r.readline())[3:4] == b"-":
-            pass
+        async with opening:   # a bounded number of handshakes at once: no SYN dropped from a full listen queue
+            async with asyncio.timeout(120):
+                r, w = await asyncio.open_connection(target, 25, local_addr=(src, 0))
+                await r.readline()
+                w.write(b"EHLO idle.test\r\n")
+                while (await r.readline())[3:4] == b"-":
+                    pass
         opened += 1
+    except Exception:
+        failed += 1
+        return
+    try:
         while True:
             await asyncio.sleep(5)
             w.write(b"NOOP\r\n")
@@ -295,6 +302,8 @@ async def one(target, src):
     except Exception:
         pass
 async def main(target, n):
+    global opening
+    opening = asyncio.Semaphore(500)
     tasks = []
     for i in range(n):
         # one session per client address, 127.100.0.1 and up: past the port range of one address
@@ -303,11 +312,8 @@ async def main(target, n):
         tasks.append(asyncio.create_task(one(target, src)))
         if i % 500 == 0:
             await asyncio.sleep(0.05)
-    prev, still = -1, 0
-    while still < 5:  # until no more sessions open for 15 s (a burst of PTR lookups can hold the first back)
-        await asyncio.sleep(3)
-        still = still + 1 if opened == prev else 0
-        prev = opened
+    while opened + failed < n:  # every session open, or failed (refused, or not greeted within 120 s)
+        await asyncio.sleep(1)
     print("open", opened, flush=True)
     await asyncio.gather(*tasks)
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
