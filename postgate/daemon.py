@@ -176,6 +176,9 @@ class Daemon:
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
             destination_backoff=q.destination_backoff, reporting_mta=hostname, max_deliveries=q.max_deliveries))
+        # flow control (Postfix in_flow_delay) where this process runs the queue: from the start, so mail
+        # accepted while the spool is recovered waits too
+        self.scheduler.flow_control = not self.worker or self._runners() > 1
         if self._runners() > 1:
             # issue 15: several runners; mail accepted by another process is found by polling
             self.scheduler.config.poll = 0.1

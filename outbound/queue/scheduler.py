@@ -107,6 +107,8 @@ class Scheduler:
         self._busy: dict[str, int] = {}           # attempts under way per destination
         self._tasks: set[asyncio.Task[None]] = set()
         self._freed: asyncio.Event | None = None
+        self._running = False
+        self.flow_control = False   # set by the daemon in a process that runs the queue: inflow_delay()
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.config.destination_concurrency))
         self.wake = asyncio.Event()
@@ -141,6 +143,7 @@ class Scheduler:
         ``tick``; leasing whenever new mail arrives (``wake``), slots free up, or a tick passes."""
         freed = asyncio.Event()
         self._freed = freed
+        self._running = True
         last_house = -tick
         try:
             while not stop.is_set():
@@ -170,6 +173,7 @@ class Scheduler:
                 await self._first_of(waits, timeout)
         finally:
             self._freed = None
+            self._running = False
             await self._drain()
 
     @staticmethod
@@ -201,9 +205,14 @@ class Scheduler:
     def inflow_delay(self) -> float:
         """Seconds the SMTP server waits before its 250 to a newly queued message: ``in_flow_delay`` while
         this runner holds as many messages as it may (``active_limit``: the queue grows faster than it is
-        delivered), else 0. Postfix's flow control: a sender cannot fill the queue faster than it drains
-        for long, and a restart never has to recover an unbounded backlog."""
-        return self.config.in_flow_delay if self._room() <= 0 else 0.0
+        delivered) or does not run yet (the daemon recovers the spool: listeners start first), else 0; only
+        where ``flow_control`` is on (a process that runs the queue). Postfix's flow control: a sender
+        cannot fill the queue faster than it drains for long, and a restart never has to recover an
+        unbounded backlog."""
+        if not self.flow_control:
+            return 0.0
+        # not running yet (the spool is being recovered at start) or saturated: the queue does not drain
+        return self.config.in_flow_delay if not self._running or self._room() <= 0 else 0.0
 
     def _room(self) -> int:
         """How many more messages may be leased: in flight plus waiting stays under ``active_limit``."""
