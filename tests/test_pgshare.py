@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from postgate.outbound.delivery import Deliverer, DeliveryConfig, RecipientResult
 from postgate.outbound.queue.envelope import Envelope, Recipient
-from postgate.outbound.queue.pgspool import PgSettings, PostgresSpool
+from postgate.outbound.queue.pgspool import LOCK_LEASES, PgSettings, PostgresSpool
 from postgate.outbound.queue.protocol import LeaseLost, SpoolError, State
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.resolver import Resolver, load_anchors
@@ -263,14 +263,18 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
     fresh_db(cluster, "fence")
     cut_off = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "fence", via=CUT), commit_timeout=4.0,
                                        **tcp))  # type: ignore[arg-type]
-    other = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "fence")))
+    other = PostgresSpool(PgSettings(dsn=dsn_of(cluster, "fence"), commit_timeout=4.0))
     loop = asyncio.new_event_loop()
     acked: list[str] = []
     part = Partition(CUT, PORT)
 
+    stuck: psycopg.AsyncConnection[Any] | None = None
+
     def cleanup() -> None:
         part.heal()
         if not loop.is_closed():
+            if stuck is not None:
+                loop.run_until_complete(stuck.close())
             loop.run_until_complete(cut_off.close())
             loop.run_until_complete(other.close())
             loop.close()
@@ -288,6 +292,10 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
                              now=time.time() + 3600)       # due in an hour: only this test leases it
         loop.run_until_complete(cut_off.enqueue(fence, b"x\r\n"))
         (lease_a, env_a), = loop.run_until_complete(cut_off.lease_due(fence.next_attempt, "cut-off", 3.0, 1))
+        # and a transaction of the cut-off side holds the lease lock (as lease_due does for one statement)
+        pool = loop.run_until_complete(cut_off._pool())
+        stuck = loop.run_until_complete(pool.getconn())
+        loop.run_until_complete(stuck.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_LEASES,)))
         assert established(CUT, PORT) > 0
         part.start()
         t0 = time.monotonic()
@@ -311,6 +319,18 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
             time.sleep(0.2)
         assert established(CUT, PORT) == 0
         print(f"\npartition: 451 and connections dropped within {time.monotonic() - t0:.1f}s")
+
+        # the cut-off transaction's lease lock does not stall every other node's leasing for ever: the server
+        # ends the session (idle_in_transaction_session_timeout), lease_due with a per-destination limit
+        # goes on
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                loop.run_until_complete(other.lease_due(time.time(), "other", 5.0, 10, per_destination=5))
+                break
+            except SpoolError:
+                assert time.monotonic() < deadline, "the lease lock of a cut-off transaction is never released"
+        print(f"partition: leasing by the other side resumed after {time.monotonic() - t0:.1f}s")
 
         # the other side takes the lease over once it expired (its clock at the expiry), and records its
         # own result

@@ -260,10 +260,20 @@ class PostgresSpool:
             if self.pool is None:
                 pool = AsyncConnectionPool(self.settings.dsn, min_size=1, max_size=self.settings.pool_size,
                                            kwargs=self._conninfo(), open=False, timeout=self.settings.connect_timeout,
-                                           check=AsyncConnectionPool.check_connection, reconnect_timeout=3600)
+                                           check=AsyncConnectionPool.check_connection, reconnect_timeout=3600,
+                                           configure=self._configure)
                 await pool.open(wait=False)
                 self.pool = pool
             return self.pool
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Every pooled session: a transaction whose client vanished (a partition cut it off after a
+        statement, before the commit) is ended by the server after ``2 × commit_timeout``, releasing its
+        locks — the lease lock above all, which every node's ``lease_due`` waits for — instead of holding
+        them until the server's TCP keepalive gives up (two hours by default)."""
+        ms = int(2 * self.settings.commit_timeout * 1000)
+        await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+        await conn.commit()
 
     async def _tx(self, fn: Callable[[psycopg.AsyncCursor[Any]], Awaitable[T]], *, write: bool = True) -> T:
         """Run ``fn`` in one transaction, bounded by ``commit_timeout``; a commit that PostgreSQL reports
