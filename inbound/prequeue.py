@@ -28,7 +28,7 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,7 +55,8 @@ log = logging.getLogger("postgate.smtpd")
 def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
     """Store the filters' delivery choices (inbound/filters.Route, e.g. Sieve ``vnd.postgate``) on the
     envelope, in chain order (a later filter's choice wins): per recipient the TLS level and the transport,
-    per message the queue lifetime. The DKIM signer and the queue priority are logged, not applied yet."""
+    per message the queue lifetime. The DKIM signing domain is the signer's (``dkim_choice``); the queue
+    priority is logged, not applied yet."""
     for rt in routes:
         wanted = {a.lower() for a in rt.recipients}
         for r in env.recipients:
@@ -67,13 +68,30 @@ def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
                 r.transport = rt.transport
         if rt.lifetime is not None:
             env.lifetime = rt.lifetime
-        if rt.dkim_domain or rt.dkim_selector or rt.priority is not None:
-            log.info("%s: route dkim=%s/%s priority=%s: not applied (signing happens before routing)", env.id,
-                     rt.dkim_domain, rt.dkim_selector, rt.priority)
+        if rt.dkim_domain:  # applied by the signer (dkim_choice), logged here with the message's routes
+            log.info("%s: route dkim=%s%s (filter)", env.id, rt.dkim_domain,
+                     f"/{rt.dkim_selector}" if rt.dkim_selector else "")
+        if rt.priority is not None:
+            log.info("%s: route priority=%s: not applied (the queue has no priorities yet)", env.id, rt.priority)
     for r in env.recipients:
         if r.tls_level or r.transport:
             log.info("%s: to=<%s>: route tls_level=%s transport=%s (filter)", env.id, r.address,
                      r.tls_level or "-", r.transport or "-")
+
+
+class SignsMessages(Protocol):
+    def __call__(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *, domain: str | None = None,
+                 selector: str | None = None) -> bytes: ...
+
+
+def dkim_choice(routes: Sequence[Route]) -> tuple[str | None, str | None]:
+    """The signing domain and selector a filter chose (Sieve ``dkim_sign``): the last choice in chain order
+    wins, like every other route; (None, None) when no filter chose."""
+    domain = selector = None
+    for rt in routes:
+        if rt.dkim_domain:
+            domain, selector = rt.dkim_domain, rt.dkim_selector
+    return domain, selector
 
 
 class LocalDelivery(Protocol):
@@ -101,7 +119,7 @@ class PreQueue:
     local: LocalDelivery | None = None
     # the DKIM-Signature fields for the message ``prefix + data`` (prefix: the Received field), given as
     # (data, prefix, sender, crlf_only); the message is then built once (outbound/dkim.Signer.signature_fields)
-    signer: Callable[[bytes, bytes, str, bool], bytes] | None = None
+    signer: SignsMessages | None = None
     inflight: int = 0
     late: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -129,7 +147,8 @@ class PreQueue:
                 # RFC 5321 §2.3.8: the smtpd refused every bare CR and LF, and only a filter's edit could
                 # bring one back; without edits the signer need not count the line ends again
                 unedited = not any(v.headers or v.new_body is not None for v in s.edits)
-                signatures = self.signer(data, received, s.sender, unedited)
+                domain, selector = dkim_choice(s.routes)
+                signatures = self.signer(data, received, s.sender, unedited, domain=domain, selector=selector)
             except dkimpy.MessageFormatError as e:
                 # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
                 log.info("%s: reject: message format: %s", qid, e)

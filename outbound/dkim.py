@@ -484,7 +484,17 @@ class Signer:
     def reload(self) -> None:
         self.keys = load_keys(self.keydir)
 
-    def keys_for(self, message: bytes) -> list[Key]:
+    def keys_for(self, message: bytes, domain: str | None = None, selector: str | None = None) -> list[Key]:
+        """The keys to sign ``message`` with: those of its From: domain, else the default domain's. A filter
+        may name the signing domain (and selector) instead (Sieve ``dkim_sign``, docs/sieve.md); when no such
+        key is loaded that is logged and the usual choice stands, so the mail still goes out signed."""
+        if domain is not None:
+            chosen = domain.lower().rstrip(".")
+            keys = [k for k in self.keys.get(chosen, []) if selector is None or k.selector == selector]
+            if keys:
+                return keys
+            log.error("dkim_sign: no key for %s%s in %s; signing as usual", chosen,
+                      f" selector {selector}" if selector else "", self.keydir)
         d = _from_domain(message)
         if d and d in self.keys:
             return self.keys[d]
@@ -495,15 +505,16 @@ class Signer:
         return self.signature_fields(message, now=now) + message
 
     def signature_fields(self, message: bytes, prefix: bytes = b"", *, now: float | None = None,
-                         crlf_only: bool = False) -> bytes:
+                         crlf_only: bool = False, domain: str | None = None, selector: str | None = None) -> bytes:
         """The DKIM-Signature header fields (RSA first, then Ed25519) for the message ``prefix + message``,
         without building it: ``prefix`` is header fields the caller puts in front (the ``Received:`` trace
         field), so the body is never copied here. ``now``: the t= time (default: the clock).
         ``crlf_only``: the caller guarantees that every LF in ``message`` ends a CRLF (RFC 5321 §2.3.8, as
-        the smtpd enforces), so it is not counted again; a wrong promise gives a signature that fails."""
+        the smtpd enforces), so it is not counted again; a wrong promise gives a signature that fails.
+        ``domain``/``selector``: sign with that domain's key(s) instead (see :meth:`keys_for`)."""
         # the header section of prefix + message (RFC 5322 §2.1: up to the first empty line)
         head = prefix[:-2] if prefix and message.startswith(b"\r\n") else prefix + _head(message)
-        keys = sorted(self.keys_for(head), key=lambda k: k.algorithm != "rsa")
+        keys = sorted(self.keys_for(head, domain, selector), key=lambda k: k.algorithm != "rsa")
         if not keys:
             log.warning("no DKIM key for this message's From domain nor for %s: sent unsigned", self.default_domain)
             return b""

@@ -162,9 +162,14 @@ class Daemon:
         # through self.signer, so that a reload's new signer is used at once
         return self.signer.sign(content, sender) if self.signer is not None else content
 
-    def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool) -> bytes:
-        # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20)
-        return self.signer.signature_fields(data, prefix, crlf_only=crlf_only) if self.signer is not None else b""
+    def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *,
+                          domain: str | None = None, selector: str | None = None) -> bytes:
+        # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20);
+        # domain/selector: a filter's choice (Sieve dkim_sign)
+        if self.signer is None:
+            return b""
+        return self.signer.signature_fields(data, prefix, crlf_only=crlf_only, domain=domain,  # type: ignore[no-any-return]
+                                            selector=selector)
 
     def build(self) -> None:
         cfg = self.cfg

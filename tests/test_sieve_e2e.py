@@ -101,6 +101,8 @@ PG_ADDRESS = "127.0.2.17"     # this module's own postgate serve
 DAEMON_SCRIPT = """require ["reject", "editheader", "envelope", "vnd.postgate"];
 if header :contains "subject" "lottery" { reject "Lottery mail is not accepted here"; }
 if envelope :domain :is "to" "dane-ok.test" { tls_policy "dane-only"; }
+if header :contains "subject" "sign-s2" { dkim_sign :selector "s2" "own.test"; }
+if header :contains "subject" "sign-nokey" { dkim_sign "nokey.test"; }
 addheader "X-Sieve" "v1";
 """
 
@@ -245,3 +247,34 @@ def test_spamtest_reads_the_score_rspamd_just_added(testnet: TestNet, tmp_path: 
         assert v is not None and v.quarantine_reason == "not scored", v  # type: ignore[attr-defined]
     finally:
         d.stop()
+
+
+def _signatures(data: str) -> list[tuple[str, str, str]]:
+    """(d=, s=, a=) of each DKIM-Signature field of a received message, in order."""
+    import email
+    import email.policy
+    msg = email.message_from_string(data, policy=email.policy.compat32)
+    out = []
+    for field in msg.get_all("DKIM-Signature") or []:
+        tags = dict(t.strip().split("=", 1) for t in "".join(field.split()).split(";") if "=" in t)
+        out.append((tags["d"], tags["s"], tags["a"]))
+    return out
+
+
+def test_daemon_dkim_sign_chooses_the_key(pg: PostgateServer, testnet: TestNet) -> None:
+    """Sieve ``dkim_sign :selector "s2" "own.test"`` signs with that key only (and it verifies); without a
+    choice both of own.test's keys sign; a domain with no key is logged and signed as usual (docs/sieve.md)."""
+    import dkim
+    got = {}
+    for subject in ("sign-s2", "plain", "sign-nokey"):
+        code_, text = send(subject, "bob@dane-ok.test")
+        assert code_ == 250, text
+        token = text.split()[-1]
+        [m] = [m for m in testnet.received("mx.dane-ok.test") if token in m["data"]]
+        got[subject] = m["data"]
+    assert _signatures(got["sign-s2"]) == [("own.test", "s2", "ed25519-sha256")]
+    assert dkim.verify(got["sign-s2"].encode())
+    both = [("own.test", "s1", "rsa-sha256"), ("own.test", "s2", "ed25519-sha256")]
+    assert _signatures(got["plain"]) == both
+    assert _signatures(got["sign-nokey"]) == both
+    assert "dkim_sign: no key for nokey.test" in pg.log()
