@@ -306,13 +306,14 @@ def test_prequeue_signs_once_and_only_promises_crlf_for_unedited_messages(tmp_pa
     real = dkim.Signer(tmp_path / "keys", "own.test")
     promised: list[bool] = []
 
-    def signer(data: bytes, prefix: bytes, sender: str, crlf_only: bool) -> bytes:
+    def signer(data: bytes, prefix: bytes, sender: str, crlf_only: bool, *, domain: str | None = None,
+               selector: str | None = None) -> bytes:
         promised.append(crlf_only)
-        return real.signature_fields(data, prefix, crlf_only=crlf_only)
+        return real.signature_fields(data, prefix, crlf_only=crlf_only, domain=domain, selector=selector)
 
     spool = DirectorySpool(tmp_path / "spool", fsync=False)
     pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), NoDelivery(),  # type: ignore[arg-type]
-                  spool, Scheduler(spool, NoDelivery()), signer=signer)  # type: ignore[arg-type]
+                  spool, Scheduler(spool, NoDelivery()), signer=signer)
     keys = {k.selector: k.txt().encode() for k in real.keys["own.test"]}
     for n, (edits, body) in enumerate([((), b"plain\r\n"),
                                        ((Verdict(new_body=b"bare\nLF\r\n"),), b"bare\nLF\r\n")]):
