@@ -801,6 +801,13 @@ class DirectorySpool:
         self.committer = GroupCommitter(self.files, max_batch)
         # delivery results (record, release, finish), several per fsync too
         self.results = Batcher[Result](self.files.results_batch, max_batch, "spool-results")
+        self._recovered = threading.Event()   # closed by expect_recovery() until recover() is done
+        self._recovered.set()
+
+    def expect_recovery(self) -> None:
+        """The owner will recover this spool: new mail waits until :meth:`recover` is done, so recovery never
+        takes an enqueue under way for a previous run's leftover (the listeners accept before it runs)."""
+        self._recovered.clear()
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -822,9 +829,14 @@ class DirectorySpool:
         self.files.close()
 
     async def recover(self) -> list[str]:
-        return await self._io(self.files.recover)
+        try:
+            return await self._io(self.files.recover)
+        finally:
+            self._recovered.set()
 
     async def enqueue(self, env: Envelope, content: bytes) -> str:
+        if not self._recovered.is_set():   # a bounded wait: recovery's own errors refuse the start
+            await asyncio.to_thread(self._recovered.wait, 600)
         try:
             await asyncio.wrap_future(self.committer.submit(env, content))
             return env.id
