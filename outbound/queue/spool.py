@@ -835,8 +835,8 @@ class DirectorySpool:
             self._recovered.set()
 
     async def enqueue(self, env: Envelope, content: bytes) -> str:
-        if not self._recovered.is_set():   # a bounded wait: recovery's own errors refuse the start
-            await asyncio.to_thread(self._recovered.wait, 600)
+        while not self._recovered.is_set():   # polled: no worker thread is held (recovery needs them)
+            await asyncio.sleep(0.05)
         try:
             await asyncio.wrap_future(self.committer.submit(env, content))
             return env.id
