@@ -275,6 +275,8 @@ class Daemon:
             await spool.check()
             if not self.worker and not await spool.try_lock():
                 raise StartupError(f"{directory}: another Postgate owns this spool", EX_OSERR)
+            if not self.worker and isinstance(spool, DirectorySpool):
+                spool.expect_recovery()   # mail accepted before recovery is done waits for it (issue 15)
         except SpoolUnavailable as e:
             raise StartupError(f"{where}: {e}") from e
         except (OSError, SpoolError) as e:

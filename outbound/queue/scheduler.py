@@ -274,10 +274,11 @@ class Scheduler:
 
     def _dest_limit(self, dest: str) -> int:
         """Deliveries at once to ``dest``: one (a probe) until it answered; then a window that starts at
-        ``initial_concurrency`` (Postfix's ``initial_destination_concurrency``) and grows by one per answer up
-        to ``destination_concurrency`` (doubling per round of answers, as TCP's slow start), so a backlog
-        opens the connections the destination keeps answering on, not all at once; after a destination-wide
-        failure, one probe again when its backoff ends."""
+        ``initial_concurrency`` (Postfix's ``initial_destination_concurrency``) and grows by 1/window per
+        answer (Postfix's positive feedback 1/concurrency: one more per round of answers) up to
+        ``destination_concurrency``, so a backlog opens the connections the destination keeps answering on,
+        not all at once (measured: 26-38 connections for 400 messages instead of 99, Postfix 23-25); after a
+        destination-wide failure, one probe again when its backoff ends."""
         window = self._alive.get(dest)
         return 1 if window is None else int(window)
 
@@ -293,7 +294,7 @@ class Scheduler:
                 self._alive.clear()
             window = float(min(self.config.initial_concurrency, self.config.destination_concurrency))
         else:
-            window = min(float(self.config.destination_concurrency), window + 1)
+            window = min(float(self.config.destination_concurrency), window + 1 / window)
         self._alive[dest] = window
 
     async def _attempt(self, lease: Lease, env: Envelope) -> None:

@@ -814,6 +814,13 @@ class DirectorySpool:
         # delivery results (record, release, finish), several per fsync too
         self.results = Batcher[Result](self.files.results_batch, max_batch, "spool-results")
         self._dead: dict[str, float] = {}     # destination -> end of its backoff
+        self._recovered = threading.Event()   # closed by expect_recovery() until recover() is done
+        self._recovered.set()
+
+    def expect_recovery(self) -> None:
+        """The owner will recover this spool: new mail waits until :meth:`recover` is done, so recovery never
+        takes an enqueue under way for a previous run's leftover (the listeners accept before it runs)."""
+        self._recovered.clear()
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -835,9 +842,14 @@ class DirectorySpool:
         self.files.close()
 
     async def recover(self) -> list[str]:
-        return await self._io(self.files.recover)
+        try:
+            return await self._io(self.files.recover)
+        finally:
+            self._recovered.set()
 
     async def enqueue(self, env: Envelope, content: bytes) -> str:
+        while not self._recovered.is_set():   # polled: no worker thread is held (recovery needs them)
+            await asyncio.sleep(0.05)
         try:
             await asyncio.wrap_future(self.committer.submit(env, content))
             return env.id
