@@ -92,7 +92,7 @@ def main() -> int:
         shutil.rmtree(state, ignore_errors=True)
     write_section("sessions-bench", "Concurrent idle sessions", [
         f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}; load average {os.getloadavg()[0]:.1f}.",
-        "Command: `scripts/bench sessions`",
+        f"Command: `{'' if N == 100000 else f'BENCH_IDLE={N} '}scripts/bench sessions`",
         "",
         f"Postgate pre-queue, {procs} listener process(es) (`[server] workers`: the hard descriptor limit here is "
         f"{hard:,} and `serve` may not raise it); idle sessions (EHLO, then a NOOP every 5 s) from one client address "
