@@ -152,6 +152,41 @@ def test_results_are_written_several_per_commit(testnet: TestNet, tmp_path: Path
     assert all(not os.listdir(tmp_path / "spool" / d) for d in ("incoming", "deferred", "active", "messages", "tmp"))
 
 
+def test_a_backlog_over_the_destination_limit_drains_between_ticks(testnet: TestNet, tmp_path: Path) -> None:
+    """The spool leases at most ``destination_concurrency`` messages of one destination at once (every
+    node's leases counted); when those finish, the runner leases the next ones at once. Merged with the
+    shared per-destination limit, it waited for its next poll instead: one slot-full per second (the SIGKILL
+    loop's final drain ran out of time). With a poll of 120 s, 30 messages over a limit of 3 must still
+    all be delivered: a bound of 60 s, a liveness check, not a timing assertion (ten polls would be 20 min)."""
+    spool = DirectorySpool(tmp_path / "spool")
+    tokens = [f"backlog-{i}-{os.getpid()}" for i in range(30)]
+    for t in tokens:
+        spool.files.enqueue(Envelope.new("alice@client.test", [Recipient("ok@dane-ok.test")], _msg(t)), _msg(t))
+    left: list[object] = []
+
+    async def main() -> None:
+        r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+        d = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
+        s = Scheduler(spool, d, SchedulerConfig(reporting_mta="queue.test", destination_concurrency=3,
+                                                poll=120.0))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(s.run(stop, tick=120.0))
+        try:
+            for _ in range(600):
+                if all(_copies(testnet, t) == 1 for t in tokens):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await runner
+            await d.close()
+            left.extend(e.id for e in await spool.entries() if e.state != State.CORRUPT)
+            await spool.unlock()
+    asyncio.run(main())
+    assert [_copies(testnet, t) for t in tokens] == [1] * len(tokens)
+    assert left == []
+
+
 # --- a batch of results under SIGKILL ----------------------------------------------------------------------
 
 RESULTS_CHILD = r"""

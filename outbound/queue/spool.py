@@ -134,6 +134,7 @@ class SpoolFiles:
         self._state_fd: int | None = None
         self._depth = 0
         self._not_due: dict[str, tuple[int, float]] = {}   # qid -> (inode, next_attempt) of a waiting envelope
+        self._dest_of: dict[str, tuple[int, str]] = {}     # qid -> (inode, destination) of an envelope read
         self.init_error: OSError | None = None
         try:
             for d in ("messages", "tmp", "requests", *STATES):
@@ -384,6 +385,10 @@ class SpoolFiles:
                 known = self._not_due.get(qid)
                 if known is not None and known[0] == inode and known[1] > now:
                     continue
+                if per_destination:   # a destination at its limit: its messages are not read again
+                    dest_known = self._dest_of.get(qid)
+                    if dest_known is not None and dest_known[0] == inode and busy[dest_known[1]] >= per_destination:
+                        continue
                 with self._locked():
                     try:
                         fd = os.open(self.path(state, qid), os.O_RDONLY)
@@ -407,6 +412,9 @@ class SpoolFiles:
                         continue
                     self._not_due.pop(qid, None)
                     dest = destination_of(env)
+                    if len(self._dest_of) >= 1_000_000:
+                        self._dest_of.clear()
+                    self._dest_of[qid] = (inode, dest)
                     if per_destination and busy[dest] >= per_destination:
                         continue
                     try:
