@@ -542,21 +542,11 @@ async def _pipelined(conn: Connection, mail: bytes, rcpts: Sequence[bytes], cont
         body = smtp_data.canonical(content)
         before_content()
         conn.write(CRLF.join([*group, mail, *rcpts, b"BDAT %d LAST" % len(body), b""]) + body)
-        if reset:
-            r = await conn.read(ct)
-            if r.code != 250:
-                raise ReplyError("RSET", r)
-        m = await conn.read(ct)
-        replies = tuple([await conn.read(ct) for _ in rcpts])
+        m, replies = await _group_replies(conn, len(rcpts), reset, ct)
         return Exchange(m, replies, None, await conn.read(dt))
     # RFC 2920 §3.1: RSET, MAIL and RCPT anywhere in a group, DATA only last: one write
     conn.write(CRLF.join([*group, mail, *rcpts, b"DATA", b""]))
-    if reset:
-        r = await conn.read(ct)
-        if r.code != 250:
-            raise ReplyError("RSET", r)
-    m = await conn.read(ct)
-    replies = tuple([await conn.read(ct) for _ in rcpts])
+    m, replies = await _group_replies(conn, len(rcpts), reset, ct)
     d = await conn.read(dt)
     ex = Exchange(m, replies, d)
     if d.code != 354:  # RFC 5321 §4.1.1.4: the content follows only a 354
@@ -569,6 +559,17 @@ async def _pipelined(conn: Connection, mail: bytes, rcpts: Sequence[bytes], cont
     before_content()
     await conn.write_body(smtp_data.encode(content), dt)  # one write (in flow-controlled pieces past 256 KB)
     return Exchange(m, replies, d, await conn.read(dt))
+
+
+async def _group_replies(conn: Connection, n_rcpts: int, reset: bool, ct: float) -> tuple[Reply, tuple[Reply, ...]]:
+    """The replies to a pipelined group, in order (RFC 2920 §3.1): RSET's (a refusal ends the session),
+    MAIL's, and one per RCPT."""
+    if reset:
+        r = await conn.read(ct)
+        if r.code != 250:
+            raise ReplyError("RSET", r)
+    m = await conn.read(ct)
+    return m, tuple([await conn.read(ct) for _ in range(n_rcpts)])
 
 
 async def _lockstep(conn: Connection, mail: bytes, rcpts: Sequence[bytes], content: bytes, reset: bool,
