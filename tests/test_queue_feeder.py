@@ -153,11 +153,11 @@ def test_results_are_written_several_per_commit(testnet: TestNet, tmp_path: Path
 
 
 def test_a_backlog_over_the_destination_limit_drains_between_ticks(testnet: TestNet, tmp_path: Path) -> None:
-    """The spool leases at most ``destination_concurrency`` messages of one destination at once (every
-    node's leases counted); when those finish, the runner leases the next ones at once. Merged with the
-    shared per-destination limit, it waited for its next poll instead: one slot-full per second (the SIGKILL
-    loop's final drain ran out of time). With a poll of 120 s, 30 messages over a limit of 3 must still
-    all be delivered: a bound of 60 s, a liveness check, not a timing assertion (ten polls would be 20 min)."""
+    """A local spool has one runner, whose per-destination window is the limit; when its attempts finish,
+    the next messages start at once. Merged with the shared queue's per-destination lease limit (every
+    node's leases counted), the local runner leased one slot-full per poll instead (the SIGKILL loop's final
+    drain ran out of time). With a poll of 120 s, 30 messages over a limit of 3 must all be delivered: a
+    bound of 60 s, a liveness check, not a timing assertion (ten polls would be 20 minutes)."""
     spool = DirectorySpool(tmp_path / "spool")
     tokens = [f"backlog-{i}-{os.getpid()}" for i in range(30)]
     for t in tokens:

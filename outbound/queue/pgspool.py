@@ -228,6 +228,8 @@ class PgSettings:
 class PostgresSpool:
     """The shared queue. Every node may run the queue (``try_lock`` is always True)."""
 
+    shared = True
+
     def __init__(self, settings: PgSettings) -> None:
         self.settings = settings
         self.store = ObjectStore(settings.object_store, settings.access_key, settings.secret_key) \

@@ -110,6 +110,10 @@ class LeaseLost(SpoolError):
 class Spool(Protocol):
     """Every operation callers use. All may raise :class:`SpoolError` (or ``OSError``) on I/O failure."""
 
+    # several nodes deliver from it: per-destination limits must be kept by the spool (lease_due's
+    # per_destination), not only by each runner in memory
+    shared: bool
+
     # --- ownership and start-up --------------------------------------------------------------------------
     async def check(self) -> None:
         """Raise :class:`SpoolUnavailable` with a clear reason if mail cannot be queued here."""

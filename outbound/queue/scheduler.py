@@ -83,7 +83,6 @@ class SchedulerConfig:
     active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
     in_flow_delay: float = 1.0        # Postfix's default; 0: off
     requests: bool = True             # apply operator requests (several runners: the main process only)
-    relax: float = 0.02               # after a slot frees, wait this long so one lease serves several
     poll: float = 1.0                 # look for due mail at least this often (several runners: mail
                                       # accepted by another process wakes nobody here)
     lease_time: float = 3600.0
@@ -166,17 +165,12 @@ class Scheduler:
                 if more and self._room() > 0:
                     await asyncio.sleep(0)
                     continue
-                # wait for new mail, a freed slot, the stop, or the tick. A freed slot matters whenever
-                # attempts are under way: leasing may have been limited by room, or by the spool's
-                # per-destination limit (every node's leases counted), which only a finished attempt lifts
+                # wait for new mail, a freed slot (if leasing was limited by room), the stop, or the tick
                 waits = [self.wake.wait(), stop.wait()]
-                if more or self._room() <= 0 or self._tasks:
+                if more or self._room() <= 0:
                     waits.append(freed.wait())
                 timeout = min(self.config.poll, max(0.0, tick - (time.monotonic() - last_house)))
                 await self._first_of(waits, timeout)
-                if freed.is_set() and not self.wake.is_set() and not stop.is_set():
-                    # a moment for the attempts finishing together to free their slots: one lease for them
-                    await asyncio.sleep(self.config.relax)
         finally:
             self._freed = None
             self._running = False
@@ -227,8 +221,11 @@ class Scheduler:
 
     async def _lease(self, limit: int) -> int:
         now = self.clock()
-        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit,
-                                            self.config.destination_concurrency)
+        # a shared spool counts every node's leases per destination; a local one has a single runner, whose
+        # own per-destination window (_dest_limit) is the limit: a spool-level cap there would only make the
+        # runner wait for its next poll once a destination's slots are taken
+        per_destination = self.config.destination_concurrency if getattr(self.spool, "shared", False) else 0
+        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit, per_destination)
         for lease, env in leased:
             dest = domain_of(env.pending[0].address) if env.pending else ""
             self._waiting.setdefault(dest, deque()).append((lease, env))

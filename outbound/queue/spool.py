@@ -814,6 +814,8 @@ class DirectorySpool:
     """The :class:`Spool` on a local directory. One process at a time owns it (``lock``); other processes
     (the extra listener workers, the ``postgate queue`` command) enqueue and write requests."""
 
+    shared = False   # one owner: its runner's per-destination window is the limit
+
     def __init__(self, root: Path | str, *, fsync: bool = True, max_batch: int = 256,
                  partition: tuple[int, int] = (0, 1)) -> None:
         self.files = SpoolFiles(root, fsync=fsync, partition=partition)
