@@ -440,10 +440,10 @@ def main() -> int:
             odkim = pfd = None
             if with_dkim:
                 odkim = SigningOpenDKIM(net).start()
-                pfd = postfix_mta("127.0.2.16", smtpd_milters=odkim.address, milter_default_action="tempfail",
+                pfd = postfix_mta("127.0.2.18", smtpd_milters=odkim.address, milter_default_action="tempfail",
                                   milter_protocol="6").start()
                 roots[POSTFIX_DKIM] = (postfix_master(pfd), odkim.procs[0].pid)
-                targets.append((POSTFIX_DKIM, "127.0.2.16"))
+                targets.append((POSTFIX_DKIM, "127.0.2.18"))
             # the idle-sessions test and the profile: the one-process uvloop pre-queue Postgate, or with
             # BENCH_MTAS the first pre-queue configuration that runs
             pq_name, _, pq = next((m for m in servers if m[0] == "Postgate pre-queue, uvloop"),
