@@ -8,6 +8,7 @@ file itself (``postgate/config.py``); each problem is one ``file:line: reason`` 
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import logging
 import pwd
@@ -44,6 +45,13 @@ def build_resolver(cfg: configmod.Config, o: ResolverOverrides = ResolverOverrid
     return Resolver(servers=[parse_server(s) for s in servers], anchors=load_anchors(anchor_path),
                     mode=o.mode or r.mode, timeout=r.timeout, skew=r.clock_skew, cache_size=r.cache_size,
                     allow_remote_trust_ad=r.allow_remote_trust_ad)
+
+
+def name_resolver(cfg: configmod.Config, resolver: Resolver) -> Resolver:
+    """The resolver of the smtpd's client-name lookups: the same servers, trust anchors and mode as
+    delivery's, with a cache of its own (``[resolver] client_name_cache_size``), so a flood of client
+    addresses can neither evict delivery's MX/TLSA answers nor grow the memory by a DNS message each."""
+    return dataclasses.replace(resolver, cache_size=cfg.resolver.client_name_cache_size)
 
 
 def delivery_config(cfg: configmod.Config) -> DeliveryConfig:

@@ -42,6 +42,9 @@ class ResolverSettings:
     clock_skew: int = 300
     timeout: float = 5.0
     cache_size: int = 20000
+    # the smtpd's client-name lookups (FCrDNS, one per client address) have a cache of their own, so 100,000
+    # clients cannot fill delivery's cache nor the memory (issue 20: ~12 KiB per address in DNS messages)
+    client_name_cache_size: int = 2000
 
 
 @dataclass
@@ -518,6 +521,8 @@ def _validate(cfg: Config, source: str, text: str) -> None:
         raise err("clock_skew", "must be between 0 and 86400 seconds")
     if r.cache_size < 100:
         raise err("cache_size", "must be at least 100")
+    if r.client_name_cache_size < 100:
+        raise err("client_name_cache_size", "must be at least 100")
     if r.trust_anchor_file and cfg.path is not None:
         r.trust_anchor_file = _relative(cfg.path, r.trust_anchor_file)
     _validate_delivery(cfg, source, text)

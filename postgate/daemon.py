@@ -226,8 +226,12 @@ class Daemon:
         async def auth(user: str, password: str) -> bool:
             return self.credentials is not None and await self.credentials.check(user, password)
 
+        # the client-name lookups through a resolver of their own (same servers and trust anchors, its own
+        # small cache: [resolver] client_name_cache_size), so many clients cannot evict delivery's answers
+        names_via = assemble.name_resolver(cfg, self.resolver)
+
         async def names(ip: str) -> tuple[str, str]:
-            return await client_names(self.resolver, ip)
+            return await client_names(names_via, ip)
 
         self._build_sieve()   # [sieve] (issue 17)
         for ls in listeners(cfg, tls is not None):

@@ -224,6 +224,33 @@ def test_relay_control_is_a_filter() -> None:
     assert v.reply == Reply(554, "5.7.1", "<x@elsewhere.test>: Relay access denied")
 
 
+def test_client_names_have_a_resolver_cache_of_their_own(testnet: TestNet, tmp_path: Path) -> None:
+    """Issue 20 (100,000 sessions): the smtpd's FCrDNS lookups go through a resolver with the same servers,
+    trust anchors and mode as delivery's but its own cache ([resolver] client_name_cache_size), so client
+    addresses neither evict delivery's answers nor add their DNS messages to its cache."""
+    from postgate import assemble
+    from postgate import config as configmod
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[resolver]\nservers = ["{testnet.resolver}"]\ntrust_anchor_file = "{testnet.anchor_file}"\n'
+                 'client_name_cache_size = 150\n')
+    cfg = configmod.load(p)
+    main = assemble.build_resolver(cfg)
+    names = assemble.name_resolver(cfg, main)
+    assert names is not main and names.cache_size == 150 and main.cache_size == 20000
+    assert (names.servers, names.anchors, names.mode) == (main.servers, main.anchors, main.mode)
+    before = main.cache_stats()
+    assert asyncio.run(client_names(names, "127.0.5.1")) == ("client.own.test", "client.own.test")
+    assert main.cache_stats() == before and main.queries_sent == 0
+    assert names.queries_sent > 0
+    p.write_text('[resolver]\nclient_name_cache_size = 10\n')
+    try:
+        configmod.load(p)
+    except configmod.ConfigError as e:
+        assert f"{p}:2: [resolver] client_name_cache_size: must be at least 100" in str(e)
+    else:
+        raise AssertionError("a cache of 10 was accepted")
+
+
 def test_context_has_client_name_tls_and_auth(testnet: TestNet, tmp_path: Path) -> None:
     """client_name is the forward-confirmed PTR name, through Postgate's resolver on the test network
     (127.0.2.1 has PTR mail.own.test, whose A is 127.0.2.1); an address without PTR is "unknown"."""
