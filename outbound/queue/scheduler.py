@@ -156,7 +156,7 @@ class Scheduler:
                         await self._housekeeping()
                     room = self._room()
                     if room > 0:
-                        n = await self._lease(min(room, self.config.batch))
+                        n = await self._lease(min(room, self.config.batch), give_back_surplus=True)
                         more = n >= min(room, self.config.batch)   # more may be due already
                 except Exception:
                     self.counters.inc("run_error")
@@ -219,17 +219,30 @@ class Scheduler:
         held = len(self._tasks) + sum(len(q) for q in self._waiting.values())
         return self.config.active_limit - held
 
-    async def _lease(self, limit: int) -> int:
+    async def _lease(self, limit: int, give_back_surplus: bool = False) -> int:
         now = self.clock()
         # a shared spool counts every node's leases per destination; a local one has a single runner, whose
         # own per-destination window (_dest_limit) is the limit: a spool-level cap there would only make the
         # runner wait for its next poll once a destination's slots are taken
-        per_destination = self.config.destination_concurrency if getattr(self.spool, "shared", False) else 0
+        shared = bool(getattr(self.spool, "shared", False))
+        per_destination = self.config.destination_concurrency if shared else 0
         leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit, per_destination)
+        surplus: list[tuple[Lease, Envelope]] = []
         for lease, env in leased:
             dest = domain_of(env.pending[0].address) if env.pending else ""
-            self._waiting.setdefault(dest, deque()).append((lease, env))
+            q = self._waiting.setdefault(dest, deque())
+            if give_back_surplus and shared and not self._dest_dead(dest, now) and \
+                    self._busy.get(dest, 0) + len(q) >= self._dest_limit(dest):
+                # a shared spool: a lease this node cannot start now would hold one of the destination's
+                # cluster-wide slots (every node's leases counted) while another node could use it; given
+                # back at once, due as it was
+                surplus.append((lease, env))
+                continue
+            q.append((lease, env))
         self._dispatch()
+        if surplus:
+            await asyncio.gather(*(self._release(lease, env) for lease, env in surplus))   # several per commit
+            return len(leased) - len(surplus)
         return len(leased)
 
     def _dispatch(self) -> None:
