@@ -165,8 +165,51 @@ async def _summary(spool: Spool) -> None:
     assert s.oldest == T0
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary]
-CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary"]
+async def _held_at_enqueue(spool: Spool) -> None:
+    """A filter's HOLD is stored with the message: never leasable, not even between enqueue and hold."""
+    (e, c), (f, d) = _env(1), _env(2)
+    await spool.enqueue(e, c, hold=True)
+    await spool.enqueue(f, d)
+    got = await spool.get(e.id)
+    assert got is not None and got[0] == State.HOLD
+    assert [env.id for _, env in await spool.lease_due(T0 + 1, "n", 60, 10)] == [f.id]
+    assert await spool.lease_fresh(T0 + 1, "n", 60, 10) == []
+    assert await spool.release_hold(e.id, T0 + 2)
+    assert [env.id for _, env in await spool.lease_due(T0 + 2, "n", 60, 10)] == [e.id]
+    assert await spool.content(e.id) == c
+
+
+async def _handed_over(spool: Spool) -> None:
+    """New mail queued in the process that runs the queue is handed over: lease_fresh leases it (once),
+    with the content as queued; lease_due leases it too if the runner did not take it yet; after the
+    runner stopped, new mail waits for the scan as before."""
+    spool.hand_over("n", 60)
+    (e, c), (f, d), (g, b) = _env(1, T0 - 1), _env(2), _env(3)   # e due first (a shared spool orders by time)
+    await spool.enqueue(e, c)
+    await spool.enqueue(f, d)
+    first = await spool.lease_fresh(T0, "n", 60, 1)
+    assert [env.id for _, env in first] == [e.id] and first[0][0].owner == "n" and first[0][0].until == T0 + 60
+    assert await spool.content(e.id) == c
+    rest = await spool.lease_due(T0, "n", 60, 10)          # the poll's scan takes what was handed over
+    assert [env.id for _, env in rest] == [f.id]
+    assert await spool.lease_fresh(T0, "n", 60, 10) == [] and await spool.lease_due(T0, "n", 60, 10) == []
+    await spool.finish(first[0][0])
+    assert await spool.get(e.id) is None
+    f.next_attempt = T0 + 300
+    await spool.release(rest[0][0], f)
+    got = await spool.get(f.id)
+    assert got is not None and got[0] == State.DEFERRED
+    spool.hand_over(None)
+    await spool.enqueue(g, b)
+    got = await spool.get(g.id)
+    assert got is not None and got[0] == State.INCOMING
+    assert [env.id for _, env in await spool.lease_due(T0, "n", 60, 10)] == [g.id]
+    assert await spool.content(g.id) == b
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _held_at_enqueue, _handed_over]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "held-at-enqueue",
+            "handed-over"]
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
