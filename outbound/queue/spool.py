@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -76,12 +77,13 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.queue.envelope import Envelope, EnvelopeError
@@ -140,9 +142,26 @@ def _read_index(path: Path | str) -> tuple[bytes, int]:
         os.close(fd)
 
 
-# Linux: start a file's writeback without waiting (sync_file_range(2)); None elsewhere
-_sync_file_range: Callable[[int, int, int, int], None] | None = getattr(os, "sync_file_range", None)
-_WRITE = int(getattr(os, "SYNC_FILE_RANGE_WRITE", 2))
+def _find_sync_file_range() -> Callable[[int, int, int, int], object] | None:
+    """Linux's sync_file_range(2), to start a file's writeback without waiting: os.sync_file_range where
+    Python was built with it, else the C library's through ctypes (it releases the GIL); None elsewhere."""
+    fn = getattr(os, "sync_file_range", None)
+    if fn is not None:
+        return cast(Callable[[int, int, int, int], object], fn)
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    c_fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    c_fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], object], c_fn)
+
+
+_sync_file_range = _find_sync_file_range()
+_WRITE = 2   # SYNC_FILE_RANGE_WRITE (linux/fs.h)
 _HAVE_WRITEBACK = _sync_file_range is not None
 
 
@@ -150,9 +169,9 @@ def _start_writeback(fd: int) -> None:
     """Start writing a file's data to disk now, without waiting (its fsync comes later)."""
     if _sync_file_range is not None:
         try:
-            _sync_file_range(fd, 0, 0, _WRITE)
+            _sync_file_range(fd, 0, 0, _WRITE)   # a failure (-1 from the C call) is left to the fsync
         except OSError:
-            pass   # the fsync will write it
+            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
