@@ -404,6 +404,9 @@ def main() -> int:
             ("Postgate pre-queue, uvloop, 2 workers", "127.0.2.13", {"server": {"event_loop": "uvloop", "workers": 2}}),
             ("Postgate queue-first", "127.0.2.11", {"prequeue": {"mode": "queue-first"},
                                                     "queue": {"destination_concurrency": 100}}),
+            ("Postgate queue-first, DKIM off", "127.0.2.17",
+             {"prequeue": {"mode": "queue-first"}, "queue": {"destination_concurrency": 100},
+              "dkim": {"key_directory": str(state / "no-keys"), "required": False}}),
             ("Postgate queue-first, 2 workers", "127.0.2.16",
              {"server": {"workers": 2}, "prequeue": {"mode": "queue-first"},
               "queue": {"destination_concurrency": 100, "run_in_workers": True}})]

@@ -187,6 +187,66 @@ def test_a_backlog_over_the_destination_limit_drains_between_ticks(testnet: Test
     assert left == []
 
 
+def test_new_mail_is_handed_over_to_the_running_queue(testnet: TestNet, tmp_path: Path) -> None:
+    """New mail queued in the process that runs the queue is leased as it is queued and delivered when it
+    wakes the runner, without a scan of the spool: with a poll and a tick of 120 s (no scan after the first),
+    ten messages queued one by one while the runner runs are all delivered (a bound of 60 s, a liveness
+    check), and none of them was ever in incoming/ (the index went straight to active/)."""
+    spool = DirectorySpool(tmp_path / "spool")
+    tokens = [f"handover-{i}-{os.getpid()}" for i in range(10)]
+    seen_incoming: set[str] = set()
+
+    async def main() -> None:
+        r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+        d = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 5)))
+        s = Scheduler(spool, d, SchedulerConfig(reporting_mta="queue.test", poll=120.0))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(s.run(stop, tick=120.0))
+        try:
+            await asyncio.sleep(0.2)   # the first pass (scan) is done
+            for t in tokens:
+                env = Envelope.new("alice@client.test", [Recipient("ok@dane-ok.test")], _msg(t))
+                await spool.enqueue(env, _msg(t))
+                seen_incoming.update(os.listdir(tmp_path / "spool" / "incoming"))
+                s.wake.set()
+            for _ in range(600):
+                if all(_copies(testnet, t) == 1 for t in tokens):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await runner
+            await d.close()
+            await spool.unlock()
+    asyncio.run(main())
+    assert [_copies(testnet, t) for t in tokens] == [1] * len(tokens)
+    assert seen_incoming == set()
+
+
+def test_destination_window_grows_as_postfix_does(tmp_path: Path) -> None:
+    """Postfix's concurrency feedback (qmgr_queue_unthrottle, default positive feedback 1): after the first
+    answer the window is initial_concurrency; each answer adds one while the window is within
+    initial_concurrency of the attempts under way, never past destination_concurrency."""
+    s = Scheduler(DirectorySpool(tmp_path / "spool"), Deliverer.__new__(Deliverer),
+                  SchedulerConfig(initial_concurrency=5, destination_concurrency=12))
+    assert s._dest_limit("d.test") == 1                       # a probe until it answers
+    s._dest_answered("d.test", 0)
+    assert s._dest_limit("d.test") == 5
+    s._busy["d.test"] = 5                                     # a backlog fills the window: it grows by one
+    for want in (6, 7, 8):
+        s._dest_answered("d.test", 0)
+        assert s._dest_limit("d.test") == want
+    s._busy["d.test"] = 1                                     # a trickle: the window stays
+    s._dest_answered("d.test", 0)
+    assert s._dest_limit("d.test") == 8
+    s._busy["d.test"] = 12
+    for _ in range(10):
+        s._dest_answered("d.test", 0)
+    assert s._dest_limit("d.test") == 12                      # never past destination_concurrency
+    s._dest_failed("d.test", 0)
+    assert s._dest_limit("d.test") == 1
+
+
 # --- a batch of results under SIGKILL ----------------------------------------------------------------------
 
 RESULTS_CHILD = r"""
