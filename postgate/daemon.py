@@ -49,7 +49,6 @@ from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
 from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
-from postgate.policy.vocab import Security
 
 log = logging.getLogger("postgate")
 EX_OSERR, EX_CONFIG = 71, 78
@@ -112,28 +111,6 @@ def drop_privileges(user: str, spool: Path | None, also: tuple[Path, ...] = ()) 
     if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
         raise StartupError(f"could not become {user}")
     os.environ["HOME"], os.environ["USER"], os.environ["LOGNAME"] = pw.pw_dir, user, user
-
-
-async def verified_name(resolver: Resolver, ip: str, timeout: float = 10.0) -> str:
-    """The client name Postfix logs: a PTR name whose A/AAAA records lead back to ``ip``, else "unknown"."""
-    import dns.reversename
-
-    async def lookup() -> str:
-        ptr = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
-        if ptr.security is Security.BOGUS:
-            return "unknown"
-        for rd in ptr.records()[:5]:
-            name = rd.target.to_text(omit_final_dot=True)
-            rtype = "AAAA" if ":" in ip else "A"
-            fwd = await resolver.resolve(name, rtype)
-            if fwd.security is not Security.BOGUS and any(
-                    ipaddress.ip_address(r.address) == ipaddress.ip_address(ip) for r in fwd.records()):
-                return str(name.lower())
-        return "unknown"
-    try:
-        return await asyncio.wait_for(lookup(), timeout)
-    except Exception:
-        return "unknown"
 
 
 @dataclass
@@ -651,4 +628,4 @@ def send_reload(cfg: configmod.Config) -> tuple[int, str]:
     return 0, f"reload signal sent to process {pid}"
 
 
-__all__ = ["Daemon", "StartupError", "bind", "drop_privileges", "send_reload", "serve", "verified_name"]
+__all__ = ["Daemon", "StartupError", "bind", "drop_privileges", "send_reload", "serve"]
