@@ -69,30 +69,11 @@ class TlsOutcome(enum.StrEnum):
 QueueId = NewType("QueueId", str)
 
 
-_SHARE = (0, 1)   # this process's share of the queue ids: (k, n), random bits = k mod n
-
-
-def set_queue_id_share(k: int, n: int) -> None:
-    """Make this process's new queue ids fall in share ``k`` of ``n`` (random bits ≡ k mod n): with several
-    queue runners on one local spool (``[queue] run_in_workers``), the mail a process accepts is its own
-    runner's to deliver, handed over in memory, instead of waiting for another process's scan."""
-    global _SHARE
-    if not 0 <= k < n:
-        raise ValueError(f"share {k} of {n}")
-    _SHARE = (k, n)
-
-
 def new_queue_id(now: float | None = None) -> QueueId:
     """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits, in
     the spirit of Postfix's long queue ids."""
     t = time.time() if now is None else now
-    r = secrets.randbits(24)
-    k, n = _SHARE
-    if n > 1:
-        r -= r % n - k
-        if r >= 1 << 24:
-            r -= n
-    return QueueId(f"{int(t * 1_000_000):014X}{r:06X}")
+    return QueueId(f"{int(t * 1_000_000):014X}{secrets.token_hex(3).upper()}")
 
 
 def valid_queue_id(qid: str) -> bool:

@@ -48,7 +48,6 @@ from postgate.outbound.queue.protocol import Spool, SpoolError, SpoolUnavailable
 from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
-from postgate.policy import vocab
 from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
 
 log = logging.getLogger("postgate")
@@ -251,10 +250,8 @@ class Daemon:
             directory, where = "the shared queue", "[queue]"
         else:
             runners = self._runners()   # [queue] run_in_workers: process k of n delivers share k
-            share = int(os.environ.get("POSTGATE_WORKER_INDEX", "0")) if self.worker else 0
-            spool = DirectorySpool(directory, partition=(share, runners))
-            if runners > 1:   # the mail this process accepts is its own runner's (handed over in memory)
-                vocab.set_queue_id_share(share, runners)
+            spool = DirectorySpool(directory, partition=(int(os.environ.get("POSTGATE_WORKER_INDEX", "0"))
+                                                         if self.worker else 0, runners))
         try:
             await spool.check()
             if not self.worker and not await spool.try_lock():

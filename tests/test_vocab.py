@@ -106,19 +106,3 @@ def test_diagnostic_code_type_is_recorded_not_guessed_from_the_text() -> None:
     assert legacy.diagnostic_type is None
     old = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", [legacy], action="failed", reporting_mta="mx.test").decode()
     assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in old
-
-
-def test_queue_ids_fall_in_the_process_share() -> None:
-    """[queue] run_in_workers: a process's new queue ids are in its own share (random bits ≡ k mod n), so
-    the mail it accepts is its runner's; still valid, unique and sortable ids."""
-    from postgate.policy import vocab
-    try:
-        for k, n in ((0, 2), (1, 2), (2, 3), (0, 1)):
-            vocab.set_queue_id_share(k, n)
-            ids = [vocab.new_queue_id(1_800_000_000.0 + i / 1e6) for i in range(3000)]
-            assert all(vocab.valid_queue_id(q) and int(q[-6:], 16) % n == k for q in ids)
-            assert len(set(ids)) == len(ids) and ids == sorted(ids)
-        with pytest.raises(ValueError):
-            vocab.set_queue_id_share(2, 2)
-    finally:
-        vocab.set_queue_id_share(0, 1)
