@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,51 @@ async def _summary(spool: Spool) -> None:
     assert s.oldest == T0
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary]
-CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary"]
+async def _renew(spool: Spool) -> None:
+    """``renew`` (the heartbeat of attempts under way): it extends the leases still held, in one call; a
+    lease taken back, held under another token or by another owner, or whose message was removed, is
+    reported lost (missing from the answer) and never extended."""
+    envs = [_env(i) for i in range(4)]
+    for e, c in envs:
+        await spool.enqueue(e, c)
+    (l1, e1), (l2, _), (l3, e3), (l4, e4) = await spool.lease_due(T0, "n1", 60, 10)
+    assert await spool.renew([], T0, 60) == []
+    # renewed before its expiry: extended, and the message is not taken back at the old expiry
+    kept = await spool.renew([l1, l2], T0 + 40, 60)
+    assert [(x.id, x.token, x.owner, x.until) for x in kept] == [(l1.id, l1.token, "n1", T0 + 100),
+                                                              (l2.id, l2.token, "n1", T0 + 100)]
+    # a renewal never shortens a lease
+    assert [x.until for x in await spool.renew([l1], T0 + 41, 10)] == [T0 + 100]
+    # another owner cannot renew what it does not hold (same id and token, other owner)
+    assert await spool.renew([replace(l1, owner="n2")], T0 + 45, 600) == []
+    assert sorted(await spool.reclaim(T0 + 60)) == sorted([l3.id, l4.id])   # l1, l2: renewed, kept
+    # a lease taken back is lost: reported, not extended, even if nobody leased the message again
+    assert await spool.renew([l3], T0 + 61, 60) == []
+    got = await spool.get(e3.id)
+    assert got is not None and got[0] in (State.INCOMING, State.DEFERRED)
+    # leased again by another owner: the former owner's renewal is refused, the new owner's lease stands
+    again = await spool.lease_due(T0 + 61, "n2", 60, 10)
+    l4b = next(x for x, _ in again if x.id == e4.id)
+    assert await spool.renew([l4, l1], T0 + 62, 60) != [] and \
+        [x.id for x in await spool.renew([l4], T0 + 62, 60)] == []
+    assert [x.until for x in await spool.renew([l4b], T0 + 62, 60)] == [T0 + 122]
+    with pytest.raises(LeaseLost):
+        await spool.release(l4, e4)
+    # a renewed lease's results are written (its token fences it, the new until does not matter)
+    e1.next_attempt = T0 + 300
+    await spool.release(l1, e1)
+    got = await spool.get(e1.id)
+    assert got is not None and got[0] == State.DEFERRED
+    assert await spool.renew([l1], T0 + 70, 60) == []                    # ended by its owner: not held
+    # the message removed by the operator while leased: the lease is lost
+    assert await spool.delete(l2.id)
+    assert await spool.renew([l2], T0 + 70, 60) == []
+    # the reclaim at the renewed expiry takes back only what was not renewed again
+    assert await spool.reclaim(T0 + 100) == []
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _renew]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "renew"]
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

@@ -9,6 +9,8 @@ and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing to
 ``WHERE lease_token = <the token of the lease it was obtained under>``, so a node that lost its lease —
 paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
 :class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
+While its attempts run, a node renews their leases (:meth:`renew`: one ``UPDATE`` for all of them, fenced
+the same way), so ``lease_time`` is how long a dead node's mail waits, not a bound on an attempt.
 
 **Destinations, shared.** Each row carries its destination (the domain of the first pending recipient).
 ``lease_due(…, per_destination=N)`` counts the active leases per destination and leases at most N minus
@@ -52,7 +54,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -76,7 +78,7 @@ from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("postgate.queue")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # advisory lock keys (pg_advisory_xact_lock): schema creation/upgrade, and handing out leases with a
 # per-destination limit (one node at a time counts and leases, so the limit holds across nodes)
@@ -93,6 +95,16 @@ V2 = [
         dead_until   double precision NOT NULL,   -- leave it alone until then; a probe's claim moves it on
         failures     integer NOT NULL DEFAULT 0   -- destination-wide failures in a row
     )""",
+]
+
+# version 3: per-destination leasing without sorting every due row. lease_due(per_destination=N) numbers the
+# due rows of each destination in due order (a window function); with this index the rows come in that
+# order already (an index-only scan), where version 2 sorted them all at every call, under the lease lock
+# (EXPLAIN ANALYZE, 20,000 due rows over 500 destinations: a 20,000-row quicksort, 42 ms; now 9 ms and
+# only the top-N sort of the rows handed out; tests/test_pgqueue.py checks the plan).
+V3 = [
+    """CREATE INDEX IF NOT EXISTS pg_messages_due_dest ON pg_messages (destination, next_attempt, id)
+        WHERE state IN ('incoming', 'deferred')""",
 ]
 
 SCHEMA = [
@@ -121,7 +133,25 @@ SCHEMA = [
         arg     text NOT NULL DEFAULT ''
     )""",
     *V2,
+    *V3,
 ]
+
+# lease_due(per_destination=N): N minus the active leases of each destination, at most, in due order. The due
+# rows are numbered per destination straight from pg_messages_due_dest (in that order already: no sort of
+# every due row, version 3); the active leases are joined afterwards. A window function cannot go with FOR
+# UPDATE: the outer UPDATE re-checks the state of each row it takes instead (an operator's hold/delete).
+LEASE_PER_DESTINATION = (
+    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
+    "GROUP BY destination), "
+    "due AS (SELECT id, next_attempt, destination, row_number() OVER "
+    "(PARTITION BY destination ORDER BY next_attempt, id) AS k FROM pg_messages "
+    "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %(now)s), "
+    "pick AS (SELECT d.id FROM due d LEFT JOIN busy b ON b.destination = d.destination "
+    "WHERE d.k + coalesce(b.n, 0) <= %(per)s ORDER BY d.next_attempt, d.id LIMIT %(limit)s) "
+    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
+    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
+    "AND state IN ('incoming', 'deferred') "
+    "RETURNING id, envelope, lease_token, next_attempt, destination")
 
 T = TypeVar("T")
 
@@ -357,13 +387,15 @@ class PostgresSpool:
                     await cur.execute("SELECT max(version) FROM pg_queue_schema")
                     row = await cur.fetchone()
                     version = row[0] if row else None
-                    if version == 1 and create:
-                        await self._upgrade_to_2(cur)
+                    if version in (1, 2) and create:
+                        if version == 1:
+                            await self._upgrade_to_2(cur)
+                        await self._upgrade_to_3(cur)
                         await conn.commit()
-                        log.info("queue: schema upgraded from version 1 to %d", SCHEMA_VERSION)
-                        found = f"schema version {SCHEMA_VERSION} (upgraded from 1)"
+                        log.info("queue: schema upgraded from version %d to %d", version, SCHEMA_VERSION)
+                        found = f"schema version {SCHEMA_VERSION} (upgraded from {version})"
                     elif version != SCHEMA_VERSION:
-                        hint = " (postgate serve upgrades it at its start)" if version == 1 else \
+                        hint = " (postgate serve upgrades it at its start)" if version in (1, 2) else \
                             " (a newer Postgate made it: upgrade this node)"
                         raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
                                                f"{SCHEMA_VERSION}{hint}")
@@ -403,6 +435,14 @@ class PostgresSpool:
         if fill:
             await cur.executemany("UPDATE pg_messages SET destination = %s WHERE id = %s", fill)
         await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (2)")
+
+    @staticmethod
+    async def _upgrade_to_3(cur: psycopg.AsyncCursor[Any]) -> None:
+        """Version 2 -> 3, in the caller's transaction: the index of waiting rows by destination and due time
+        (built while the upgrade holds the schema lock; writers wait for it, a second per million rows)."""
+        for stmt in V3:
+            await cur.execute(stmt)
+        await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (3)")
 
     async def try_lock(self) -> bool:
         return True     # a shared queue: every node runs it; leases keep them apart
@@ -482,17 +522,7 @@ class PostgresSpool:
                 # outer UPDATE re-checks the state of each row it takes instead (an operator's hold/delete).
                 await cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_LEASES,))
                 await cur.execute(
-                    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
-                    "GROUP BY destination), "
-                    "due AS (SELECT m.id, m.next_attempt, coalesce(b.n, 0) + row_number() OVER "
-                    "(PARTITION BY m.destination ORDER BY m.next_attempt, m.id) AS k FROM pg_messages m "
-                    "LEFT JOIN busy b ON b.destination = m.destination "
-                    "WHERE m.state IN ('incoming', 'deferred') AND m.next_attempt <= %(now)s), "
-                    "pick AS (SELECT id FROM due WHERE k <= %(per)s ORDER BY next_attempt, id LIMIT %(limit)s) "
-                    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
-                    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
-                    "AND state IN ('incoming', 'deferred') "
-                    "RETURNING id, envelope, lease_token, next_attempt, destination",
+                    LEASE_PER_DESTINATION,
                     {"now": now, "per": per_destination, "limit": limit, "owner": owner, "until": now + duration})
             return [(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in await cur.fetchall()]
 
@@ -505,6 +535,24 @@ class PostgresSpool:
                 continue
             out.append((Lease(qid, owner, now + duration, token, dest), env))
         return out
+
+    async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        """One statement for every lease given (a node renews all of its attempts under way at once), fenced
+        like a result: only a row still ``active`` under the lease's token and owner is extended; a row
+        taken back, leased again, deleted or quarantined is not in the answer."""
+        if not leases:
+            return []
+
+        async def run(cur: psycopg.AsyncCursor[Any]) -> dict[tuple[str, int], float]:
+            await cur.execute(
+                "UPDATE pg_messages m SET lease_until = greatest(m.lease_until, %s) "
+                "FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS k(id, token, owner) "
+                "WHERE m.id = k.id AND m.lease_token = k.token AND m.lease_owner = k.owner AND m.state = 'active' "
+                "RETURNING m.id, m.lease_token, m.lease_until",
+                (now + duration, [x.id for x in leases], [x.token for x in leases], [x.owner for x in leases]))
+            return {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+        kept = await self._tx(run)
+        return [replace(x, until=kept[(x.id, x.token)]) for x in leases if (x.id, x.token) in kept]
 
     async def content(self, qid: str) -> bytes:
         async def body(cur: psycopg.AsyncCursor[Any]) -> bytes | None:

@@ -68,6 +68,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -428,8 +429,26 @@ class SpoolFiles:
         return out
 
     def _check_lease(self, lease: Lease) -> None:
-        if self._leases.get(lease.id) != lease:
+        # the lease's token (unique in this process) and owner fence it; ``until`` moves with renew()
+        held = self._leases.get(lease.id)
+        if held is None or held.token != lease.token or held.owner != lease.owner:
             raise LeaseLost(f"{lease.id}: the lease was taken back (expired); the result is not recorded")
+
+    def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        """Extend the leases this process still holds (same token and owner, the envelope still in active/):
+        a lease is in memory here, so renewing writes nothing; one the runner took back or the operator
+        removed is not in the answer."""
+        out = []
+        with self._locked():
+            for lease in leases:
+                held = self._leases.get(lease.id)
+                if held is None or held.token != lease.token or held.owner != lease.owner or \
+                        not self.path("active", lease.id).exists():
+                    continue
+                held = replace(held, until=max(held.until, now + duration))
+                self._leases[lease.id] = held
+                out.append(held)
+        return out
 
     def record(self, lease: Lease, env: Envelope) -> None:
         """Durably record per-recipient results of the message being delivered."""
@@ -869,6 +888,9 @@ class DirectorySpool:
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
                         per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
         return await self._io(self.files.lease_due, now, owner, duration, limit, per_destination)
+
+    async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        return await self._io(self.files.renew, leases, now, duration)
 
     async def content(self, qid: str) -> bytes:
         return await self._io(self.files.content, qid)
