@@ -247,3 +247,27 @@ def test_partition_settings_are_checked(tmp_path: Path, line: str, error: str | 
     # a parameter written in the DSN wins over the [queue] key
     cfg.queue.dsn += "?tcp_user_timeout=1234"
     assert "tcp_user_timeout" not in PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()
+
+
+@pytest.mark.parametrize(("lines", "error", "warns"), [
+    ("lease_time = 2", "postgate.toml:4: \\[queue\\] lease_time: must be between 3 and 86400 seconds", False),
+    ("lease_time = nan", "lease_time", False),
+    ("lease_time = 3\ncommit_timeout = 1", None, False),
+    ("lease_time = 20", None, True),           # under 3 x commit_timeout (10 s): renewals may come too late
+    ("lease_time = 30", None, False),
+])
+def test_lease_time_is_checked_against_its_renewal(tmp_path: Path, lines: str, error: str | None,
+                                                   warns: bool) -> None:
+    """``[queue] lease_time`` (docs/configuration.md): leases are renewed every third of it, so at least
+    3 s; ``postgate check`` warns when a renewal slowed by the database (up to ``commit_timeout``) could
+    come after the lease ran out."""
+    from postgate import config as configmod
+    from postgate.check import WARN, check_lease_time
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[queue]\nbackend = "postgresql"\ndsn = "postgresql://db1/postgate"\n{lines}\n')
+    if error is not None:
+        with pytest.raises(configmod.ConfigError, match=error):
+            configmod.load(p)
+        return
+    found = check_lease_time(configmod.load(p))
+    assert [r.status for r in found] == ([WARN] if warns else []), found

@@ -439,7 +439,7 @@ class PostgresSpool:
     @staticmethod
     async def _upgrade_to_3(cur: psycopg.AsyncCursor[Any]) -> None:
         """Version 2 -> 3, in the caller's transaction: the index of waiting rows by destination and due time
-        (built while the upgrade holds the schema lock; writers wait for it, a second per million rows)."""
+        (built in the upgrade's transaction: writers wait for it)."""
         for stmt in V3:
             await cur.execute(stmt)
         await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (3)")
