@@ -209,8 +209,52 @@ async def _renew(spool: Spool) -> None:
     assert await spool.reclaim(T0 + 100) == []
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _renew]
-CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "renew"]
+async def _priority(spool: Spool) -> None:
+    """Due messages are handed out highest queue priority first (a filter's ``queue_priority``, 0 … 9), then
+    in due order; a message not due yet waits whatever its priority. With a per-destination limit too."""
+    backlog = []
+    for i in range(6):
+        e, c = _env(i, T0 + i)
+        e.priority = 1
+        await spool.enqueue(e, c)
+        backlog.append(e)
+    mid, c = _env(50, T0 + 40)                   # the default priority (5)
+    await spool.enqueue(mid, c)
+    urgent, c = _env(90, T0 + 50)
+    urgent.priority = 9
+    await spool.enqueue(urgent, c)
+    later, c = _env(91, T0 + 5000)               # highest priority, but not due yet
+    later.priority = 9
+    await spool.enqueue(later, c)
+    (_, first), = await spool.lease_due(T0 + 100, "n", 60, 1)
+    assert first.id == urgent.id and first.priority == 9
+    (_, second), = await spool.lease_due(T0 + 100, "n", 60, 1, per_destination=10)
+    assert second.id == mid.id and second.priority == 5
+    rest = await spool.lease_due(T0 + 100, "n", 60, 3)
+    assert [e.priority for _, e in rest] == [1, 1, 1] and {e.id for _, e in rest} <= {e.id for e in backlog}
+    assert later.id not in {e.id for _, e in await spool.lease_due(T0 + 100, "n", 60, 10)}
+    got = await spool.get(urgent.id)
+    assert got is not None and got[1].priority == 9   # kept in the stored envelope
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _renew, _priority]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "renew", "priority"]
+
+
+def test_an_envelope_stored_without_a_priority_reads_as_the_default() -> None:
+    """Envelopes written before queue priorities existed (no ``priority`` field) stay readable: the
+    default, 5; a stored priority outside 0 … 9 is an inconsistent envelope."""
+    import json
+
+    from postgate.outbound.queue.envelope import DEFAULT_PRIORITY, EnvelopeError
+    e, _ = _env(1)
+    d = json.loads(e.to_bytes())
+    assert d["priority"] == DEFAULT_PRIORITY == 5
+    del d["priority"]
+    assert Envelope.from_bytes(json.dumps(d).encode()).priority == 5
+    d["priority"] = 10
+    with pytest.raises(EnvelopeError):
+        Envelope.from_bytes(json.dumps(d).encode())
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

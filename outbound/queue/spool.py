@@ -136,6 +136,7 @@ class SpoolFiles:
         self._depth = 0
         self._not_due: dict[str, tuple[int, float]] = {}   # qid -> (inode, next_attempt) of a waiting envelope
         self._dest_of: dict[str, tuple[int, str]] = {}     # qid -> (inode, destination) of an envelope read
+        self._prio_of: dict[str, tuple[int, int]] = {}     # qid -> (inode, queue priority) of an envelope read
         self.init_error: OSError | None = None
         try:
             for d in ("messages", "tmp", "requests", *STATES):
@@ -375,58 +376,86 @@ class SpoolFiles:
         out: list[tuple[Lease, Envelope]] = []
         with self._mutex:
             busy = Counter(lease.destination for lease in self._leases.values())
-        for state in WAITING:
-            with os.scandir(self.root / state) as it:
-                names = sorted((e.name, e.inode()) for e in it)
-            for qid, inode in names:
-                if len(out) >= limit:
-                    return out
-                if not self.mine(qid):
+        names: list[tuple[str, str, int]] = []
+        for waiting in WAITING:
+            with os.scandir(self.root / waiting) as it:
+                for qid, inode in sorted((e.name, e.inode()) for e in it):
+                    known = self._not_due.get(qid)
+                    if self.mine(qid) and not (known is not None and known[0] == inode and known[1] > now):
+                        names.append((waiting.value, qid, inode))
+        if len(names) > limit:
+            names = self._by_priority(names, now)
+        for state, qid, inode in names:
+            if len(out) >= limit:
+                return out
+            if per_destination:   # a destination at its limit: its messages are not read again
+                dest_known = self._dest_of.get(qid)
+                if dest_known is not None and dest_known[0] == inode and busy[dest_known[1]] >= per_destination:
                     continue
-                known = self._not_due.get(qid)
-                if known is not None and known[0] == inode and known[1] > now:
+            with self._locked():
+                try:
+                    fd = os.open(self.path(state, qid), os.O_RDONLY)
+                    try:
+                        inode = os.fstat(fd).st_ino
+                        data = b""
+                        while chunk := os.read(fd, 1 << 16):
+                            data += chunk
+                    finally:
+                        os.close(fd)
+                    env = Envelope.from_bytes(data)
+                except FileNotFoundError:
+                    continue  # taken by a concurrent operation
+                except (EnvelopeError, OSError) as e:
+                    self.quarantine(qid, state, str(e))
                     continue
-                if per_destination:   # a destination at its limit: its messages are not read again
-                    dest_known = self._dest_of.get(qid)
-                    if dest_known is not None and dest_known[0] == inode and busy[dest_known[1]] >= per_destination:
-                        continue
-                with self._locked():
-                    try:
-                        fd = os.open(self.path(state, qid), os.O_RDONLY)
-                        try:
-                            inode = os.fstat(fd).st_ino
-                            data = b""
-                            while chunk := os.read(fd, 1 << 16):
-                                data += chunk
-                        finally:
-                            os.close(fd)
-                        env = Envelope.from_bytes(data)
-                    except FileNotFoundError:
-                        continue  # taken by a concurrent operation
-                    except (EnvelopeError, OSError) as e:
-                        self.quarantine(qid, state, str(e))
-                        continue
-                    if env.next_attempt > now:
-                        if len(self._not_due) >= 1_000_000:
-                            self._not_due.clear()
-                        self._not_due[qid] = (inode, env.next_attempt)
-                        continue
-                    self._not_due.pop(qid, None)
-                    dest = destination_of(env)
-                    if len(self._dest_of) >= 1_000_000:
-                        self._dest_of.clear()
-                    self._dest_of[qid] = (inode, dest)
-                    if per_destination and busy[dest] >= per_destination:
-                        continue
-                    try:
-                        self._move(qid, state, "active", durable=False)
-                    except FileNotFoundError:
-                        continue
-                    lease = Lease(qid, owner, now + duration, next(self._tokens), dest)
-                    self._leases[qid] = lease
-                    busy[dest] += 1
-                out.append((lease, env))
+                if env.next_attempt > now:
+                    self._note_not_due(qid, inode, env.next_attempt)
+                    continue
+                self._not_due.pop(qid, None)
+                dest = destination_of(env)
+                if len(self._dest_of) >= 1_000_000:
+                    self._dest_of.clear()
+                self._dest_of[qid] = (inode, dest)
+                if per_destination and busy[dest] >= per_destination:
+                    continue
+                try:
+                    self._move(qid, state, "active", durable=False)
+                except FileNotFoundError:
+                    continue
+                lease = Lease(qid, owner, now + duration, next(self._tokens), dest)
+                self._leases[qid] = lease
+                busy[dest] += 1
+            out.append((lease, env))
         return out
+
+    def _note_not_due(self, qid: str, inode: int, due: float) -> None:
+        if len(self._not_due) >= 1_000_000:
+            self._not_due.clear()
+        self._not_due[qid] = (inode, due)
+
+    def _by_priority(self, names: list[tuple[str, str, int]], now: float) -> list[tuple[str, str, int]]:
+        """More candidates than asked for: the highest queue priority first (a filter's ``queue_priority``),
+        in the listing's order within one priority. An envelope's priority is read once per file (its
+        inode: every change is a new file), so a backlog costs one extra read per message; with no more
+        candidates than asked for every due one is leased anyway and nothing extra is read."""
+        out = []
+        for state, qid, inode in names:
+            known = self._prio_of.get(qid)
+            if known is None or known[0] != inode:
+                try:
+                    env = Envelope.from_bytes(self.path(state, qid).read_bytes())
+                except (OSError, EnvelopeError):
+                    out.append((9, state, qid, inode))   # gone or corrupt: the lease loop finds out at once
+                    continue
+                if len(self._prio_of) >= 1_000_000:
+                    self._prio_of.clear()
+                known = self._prio_of[qid] = (inode, env.priority)
+                if env.next_attempt > now:
+                    self._note_not_due(qid, inode, env.next_attempt)
+                    continue
+            out.append((known[1], state, qid, inode))
+        out.sort(key=lambda c: -c[0])   # stable: incoming before deferred, then by name, within a priority
+        return [(state, qid, inode) for _, state, qid, inode in out]
 
     def _check_lease(self, lease: Lease) -> None:
         # the lease's token (unique in this process) and owner fence it; ``until`` moves with renew()
