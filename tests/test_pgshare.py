@@ -387,12 +387,17 @@ class StallingReceiver:
         self.stall = stall
         self.entered: list[str] = []          # Subject of each message whose DATA ended (one per attempt)
         self.stored: list[str] = []
+        self.dropped: list[str] = []          # the client closed the connection while the reply was held
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         subject = next((line[9:] for line in (envelope.original_content or b"").decode().splitlines()
                         if line.startswith("Subject: ")), "")
         self.entered.append(subject)
-        await asyncio.sleep(self.stall)
+        try:
+            await asyncio.sleep(self.stall)
+        except asyncio.CancelledError:        # aiosmtpd: the connection was lost
+            self.dropped.append(subject)
+            raise
         self.stored.append(subject)
         return "250 2.0.0 stored late"
 
@@ -405,7 +410,8 @@ def test_a_long_attempt_keeps_its_lease_and_a_lost_one_is_stopped(testnet: TestN
     does the delivering node lease it twice), and ``lease_until`` moves on while the attempt runs. Without
     renewal the lease expires after 2 s, a node takes the message back and delivers it again.
     Then a lease lost during an attempt (taken over in the database, as after a pause past the expiry): the
-    next renewal logs it with the queue id and stops the attempt; nothing of it is recorded."""
+    next renewal logs it with the queue id and stops the attempt (its connection dropped); nothing of it is
+    recorded."""
     import logging
 
     from aiosmtpd.controller import Controller
@@ -477,6 +483,9 @@ def test_a_long_attempt_keeps_its_lease_and_a_lost_one_is_stopped(testnet: TestN
             while sum(n.counters.values["lease_lost"] for n in nodes) == 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             seen["lost_counted"] = sum(n.counters.values["lease_lost"] for n in nodes)
+            deadline = time.monotonic() + 10
+            while "lost" not in held.dropped and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             seen["lost_id"] = env2.id
             seen["lost_row"] = await row(env2.id)
             got = await sps[0].get(env2.id)
@@ -503,6 +512,7 @@ def test_a_long_attempt_keeps_its_lease_and_a_lost_one_is_stopped(testnet: TestN
     assert "lease taken back" not in caplog.text
     # the lost lease: counted, logged with the queue id, the attempt stopped, nothing recorded
     assert seen["lost_counted"] == 1
+    assert "lost" in held.dropped and "lost" not in held.stored   # the stopped attempt dropped its connection
     lines = [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()]
     assert lines == [f"{seen['lost_id']}: lease lost while delivering (taken back or removed; another node may "
                      "deliver it); attempt stopped, no result recorded"], lines

@@ -372,7 +372,8 @@ class SpoolFiles:
         ``per_destination``, at most that many leases per destination at once (this process's leases: the
         directory has one owner). An envelope read once and found not due is not read again until it is due
         or rewritten (a new file: a new inode), so a large deferred queue costs a directory listing per call,
-        not a read of every envelope."""
+        not a read of every envelope. When more messages may be due than asked for, the highest queue
+        priority goes first (:meth:`_by_priority`)."""
         out: list[tuple[Lease, Envelope]] = []
         with self._mutex:
             busy = Counter(lease.destination for lease in self._leases.values())
