@@ -323,3 +323,10 @@ def test_queue_priority_reaches_the_queue_and_is_leased_first(tmp_path: Path) ->
     [first] = asyncio.run(run())
     assert [e.priority for e in queued] == [1, 1, 1, 5, 9]
     assert first.id == queued[-1].id and first.priority == 9
+    # the operator sees it (postgate queue list)
+    out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(tmp_path / "spool"), "list",
+                          "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert {m["id"]: m["priority"] for m in json.loads(out)} == {e.id: e.priority for e in queued}
+    text = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(tmp_path / "spool"), "list"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert text.count("priority 1") == 3 and text.count("priority 9") == 1 and "priority 5" not in text
