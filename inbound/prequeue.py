@@ -282,9 +282,9 @@ class PreQueue:
         pending = env.pending
         try:
             if pending:
-                await self.spool.enqueue(env, content)
-                if hold:  # a filter's HOLD: the operator releases it (postgate queue release)
-                    await self.spool.hold(env.id)
+                # a filter's HOLD: stored on hold at once (the operator releases it: postgate queue release),
+                # so no runner can lease it between the enqueue and the hold
+                await self.spool.enqueue(env, content, hold=hold)
             if bounced:
                 await self.scheduler.notify(env, content, bounced)
         except (OSError, SpoolError) as e:

@@ -38,6 +38,8 @@ async def run_queue(spool: DirectorySpool, manifest: dict[str, str]) -> None:
     # crashes, and its retry would be an expected duplicate at a point that allows none
     s = Scheduler(spool, d, SchedulerConfig(reporting_mta="crash.test", destination_concurrency=1))
     try:
+        if os.environ.get("QUEUE_CHILD_FRESH"):   # new mail handed over in memory first, as serve does
+            await s.run_once(fresh=True)
         for _ in range(50):
             await s.run_once()
             if not any(e.state in ("incoming", "deferred", "active") for e in await spool.entries()):
@@ -52,6 +54,8 @@ async def amain(manifest: dict[str, str], spool: DirectorySpool, argv: list[str]
         print("spool locked", file=sys.stderr)
         return 1
     await spool.recover()
+    if os.environ.get("QUEUE_CHILD_FRESH"):
+        spool.hand_over("local", 3600.0)
     if argv[0] == "enqueue-and-run":
         # waves of concurrent enqueues, so the group commit writes several messages per batch
         n, domain, wave = int(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else 1

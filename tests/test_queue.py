@@ -34,8 +34,9 @@ CRASH_POINTS = [
     ("spool-batch-written", 2, False),            # second batch written, the first acknowledged
     ("spool-batch-synced", 1, False),             # first batch durable, envelope index not yet written
     ("spool-batch-synced", 2, False),
-    ("spool-write-after-rename", 2, False),       # in the middle of writing a batch's envelope index
+    ("spool-index-linked", 2, False),             # in the middle of linking a batch's envelope index
     ("spool-enqueued", 2, False),                 # right after the second batch's acknowledgement point
+    ("spool-leased-fresh", 2, False),             # new mail handed over to the runner: 2nd lease taken
     ("delivery-before-data", 1, False),           # connected, recipients accepted, DATA not sent
     ("queue-after-remote-reply", 1, True),        # the remote said 250, the result is not yet recorded
     ("queue-after-record", 2, False),             # the results are durable (delivered: removed)
@@ -45,9 +46,13 @@ CRASH_POINTS = [
 ]
 
 
-def _child(net: TestNet, spool: Path, *args: str, crash: str = "") -> subprocess.CompletedProcess[str]:
+def _child(net: TestNet, spool: Path, *args: str, crash: str = "",
+           fresh: bool = False) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("POSTGATE_CRASH_AT", None)
+    env.pop("QUEUE_CHILD_FRESH", None)
+    if fresh:   # the runner takes new mail from the in-memory hand-over (lease_fresh), as serve does
+        env["QUEUE_CHILD_FRESH"] = "1"
     if crash:
         env["POSTGATE_CRASH_AT"] = crash
     return subprocess.run([sys.executable, "-m", "tests.queue_child", str(net.state / "manifest.json"), str(spool),
@@ -58,7 +63,8 @@ def _child(net: TestNet, spool: Path, *args: str, crash: str = "") -> subprocess
 def test_sigkill_loses_nothing_acknowledged(testnet: TestNet, tmp_path: Path, point: str, nth: int,
                                             dupes: bool) -> None:
     spool = tmp_path / "spool"
-    first = _child(testnet, spool, "enqueue-and-run", "6", "dane-ok.test", "3", crash=f"{point}:{nth}")
+    first = _child(testnet, spool, "enqueue-and-run", "6", "dane-ok.test", "3", crash=f"{point}:{nth}",
+                   fresh=point == "spool-leased-fresh")
     assert first.returncode == -signal.SIGKILL, first.stderr
     acked = [line.split()[2] for line in first.stdout.splitlines() if line.startswith("ACK ")]
     second = _child(testnet, spool, "run")

@@ -237,8 +237,33 @@ async def _priority(spool: Spool) -> None:
     assert got is not None and got[1].priority == 9   # kept in the stored envelope
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _renew, _priority]
-CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "renew", "priority"]
+async def _priority_fresh(spool: Spool) -> None:
+    """New mail handed over to the runner of this process (``hand_over``/``lease_fresh``: the directory
+    spool leases it as it is queued) comes highest priority first too: an urgent message queued after a
+    burst of newsletters is taken before them. A fresh lease is renewed like any other."""
+    spool.hand_over("n", 60)
+    try:
+        burst = []
+        for i in range(4):
+            e, c = _env(i)
+            e.priority = 1
+            await spool.enqueue(e, c)
+            burst.append(e.id)
+        urgent, c = _env(9)
+        urgent.priority = 9
+        await spool.enqueue(urgent, c)
+        (lease, first), = await spool.lease_fresh(T0 + 1, "n", 60, 1)
+        assert first.id == urgent.id and first.priority == 9
+        assert [x.id for x in await spool.renew([lease], T0 + 30, 60)] == [urgent.id]
+        rest = await spool.lease_fresh(T0 + 1, "n", 60, 10)
+        assert sorted(e.id for _, e in rest) == sorted(burst)
+    finally:
+        spool.hand_over(None)
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _renew, _priority, _priority_fresh]
+CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "renew", "priority",
+            "priority-fresh"]
 
 
 def test_an_envelope_stored_without_a_priority_reads_as_the_default() -> None:

@@ -483,7 +483,7 @@ class PostgresSpool:
         return out
 
     # --- acceptance ------------------------------------------------------------------------------------------
-    async def enqueue(self, env: Envelope, content: bytes) -> str:
+    async def enqueue(self, env: Envelope, content: bytes, *, hold: bool = False) -> str:
         if self.store is not None:
             try:
                 await self.store.put(env.id, content)       # the body first …
@@ -495,8 +495,9 @@ class PostgresSpool:
             # … then the row; idempotent, so a retry after an ambiguous failure makes no second message
             await cur.execute(
                 "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body, destination, priority) "
-                "VALUES (%s, 'incoming', %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (env.id, env.to_bytes(), env.next_attempt, env.arrival, body, destination_of(env), env.priority))
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (env.id, "hold" if hold else "incoming", env.to_bytes(), env.next_attempt, env.arrival, body,
+                 destination_of(env), env.priority))
 
         last: SpoolError | None = None
         for _ in range(2):
@@ -511,6 +512,14 @@ class PostgresSpool:
         raise last
 
     # --- delivery -------------------------------------------------------------------------------------------
+    async def lease_fresh(self, now: float, owner: str, duration: float, limit: int,
+                          per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        # new mail is a row like any other: one indexed statement finds it (and what other nodes queued)
+        return await self.lease_due(now, owner, duration, limit, per_destination)
+
+    def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
+        pass   # every node leases from the table
+
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
                         per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
         async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float, str, int]]:

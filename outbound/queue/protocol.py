@@ -131,9 +131,10 @@ class Spool(Protocol):
         quarantine what fails its checks. Returns one line per action, for the log."""
 
     # --- acceptance ------------------------------------------------------------------------------------
-    async def enqueue(self, env: Envelope, content: bytes) -> str:
+    async def enqueue(self, env: Envelope, content: bytes, *, hold: bool = False) -> str:
         """Durably store a new message; once this returns the message may be acknowledged (250). On failure
-        it raises and nothing of the message remains."""
+        it raises and nothing of the message remains. ``hold``: stored on hold (a filter's HOLD), never
+        leasable before the operator releases it."""
 
     # --- delivery ---------------------------------------------------------------------------------------
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
@@ -141,6 +142,16 @@ class Spool(Protocol):
         """Lease up to ``limit`` messages due at ``now`` (incoming/deferred with ``next_attempt <= now``).
         ``per_destination`` > 0: never more than that many messages of one destination (:func:`destination_of`)
         leased at once, counting the leases every owner holds (those already held included)."""
+
+    async def lease_fresh(self, now: float, owner: str, duration: float, limit: int,
+                          per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        """Lease new mail this process queued since the last call, cheaply (the runner calls it when new mail
+        wakes it, and :meth:`lease_due` at its poll). May lease due mail of other origins too, or nothing:
+        what it leaves is found by the next :meth:`lease_due`."""
+
+    def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
+        """``owner`` runs the queue in this process with leases of ``duration`` (None: it stopped): the spool
+        may lease new mail queued here to it at once and keep it in memory for :meth:`lease_fresh`."""
 
     async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
         """Extend each of ``leases`` still held by its owner under its token to ``now + duration`` (never

@@ -140,13 +140,14 @@ class Scheduler:
     # hands its slot on at once (``_done``), and the run loop leases more as slots free and new mail arrives,
     # so no delivery waits for an unrelated slow one (no pass ends with its slowest message).
 
-    async def run_once(self) -> int:
+    async def run_once(self, fresh: bool = False) -> int:
         """One pass: apply operator requests, take back stranded leases, then deliver every due message
-        once and wait for all of them. Returns messages attempted."""
+        once and wait for all of them (``fresh``: only the new mail handed over, as :meth:`run` does when
+        new mail wakes it). Returns messages attempted."""
         await self._housekeeping()
         renewer = asyncio.create_task(self._renewing())
         try:
-            leased = await self._lease(self.config.batch)
+            leased = await self._lease(self.config.batch, fresh=fresh)
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
         finally:
@@ -159,10 +160,14 @@ class Scheduler:
         freed = asyncio.Event()
         self._freed = freed
         self._running = True
+        self.spool.hand_over(self.owner, self.config.lease_time)
         last_house = -tick
         renewer = asyncio.create_task(self._renewing())
+        last_scan = -self.config.poll
+        fresh_more = scan_more = False
         try:
             while not stop.is_set():
+                new_mail = self.wake.is_set()
                 self.wake.clear()
                 freed.clear()
                 more = False
@@ -172,8 +177,18 @@ class Scheduler:
                         await self._housekeeping()
                     room = self._room()
                     if room > 0:
-                        n = await self._lease(min(room, self.config.batch), give_back_surplus=True)
-                        more = n >= min(room, self.config.batch)   # more may be due already
+                        limit = min(room, self.config.batch)
+                        # new mail is handed over (lease_fresh: no scan of the spool); the spool is scanned
+                        # at every poll, and at once again while a scan finds more than it may lease
+                        if (new_mail or fresh_more) and not scan_more and \
+                                time.monotonic() - last_scan < self.config.poll:
+                            n = await self._lease(limit, give_back_surplus=True, fresh=True)
+                            more = fresh_more = n >= limit
+                        else:
+                            last_scan = time.monotonic()
+                            n = await self._lease(limit, give_back_surplus=True)
+                            more = scan_more = n >= limit   # more may be due already
+                            fresh_more = fresh_more and more
                 except Exception:
                     self.counters.inc("run_error")
                     log.exception("queue run failed; retrying in %gs", tick)
@@ -190,6 +205,7 @@ class Scheduler:
         finally:
             self._freed = None
             self._running = False
+            self.spool.hand_over(None)
             try:
                 await self._drain()
             finally:
@@ -209,6 +225,8 @@ class Scheduler:
         way end (bounded by the delivery timeouts), as a pass did."""
         waiting = [item for q in self._waiting.values() for item in q]
         self._waiting.clear()
+        # and what was handed over (leased as it was queued) but not taken yet
+        waiting += await self.spool.lease_fresh(self.clock(), self.owner, self.config.lease_time, 1 << 30)
         await asyncio.gather(*(self._release(lease, env) for lease, env in waiting))   # several per commit
         while self._tasks:
             await asyncio.wait(set(self._tasks))
@@ -238,14 +256,15 @@ class Scheduler:
         held = len(self._tasks) + sum(len(q) for q in self._waiting.values())
         return self.config.active_limit - held
 
-    async def _lease(self, limit: int, give_back_surplus: bool = False) -> int:
+    async def _lease(self, limit: int, give_back_surplus: bool = False, fresh: bool = False) -> int:
         now = self.clock()
         # a shared spool counts every node's leases per destination; a local one has a single runner, whose
         # own per-destination window (_dest_limit) is the limit: a spool-level cap there would only make the
         # runner wait for its next poll once a destination's slots are taken
         shared = bool(getattr(self.spool, "shared", False))
         per_destination = self.config.destination_concurrency if shared else 0
-        leased = await self.spool.lease_due(now, self.owner, self.config.lease_time, limit, per_destination)
+        take = self.spool.lease_fresh if fresh else self.spool.lease_due
+        leased = await take(now, self.owner, self.config.lease_time, limit, per_destination)
         surplus: list[tuple[Lease, Envelope]] = []
         for lease, env in leased:
             dest = domain_of(env.pending[0].address) if env.pending else ""

@@ -4,7 +4,7 @@ interface, Postfix-style, on one local file system.
 Layout of a spool directory::
 
     messages/<id>     the envelope as accepted (first line) and the content, written once; it never moves
-    incoming/<id>     envelope of a new message           \\
+    incoming/<id>     envelope of a new message (a hard link to messages/<id>) \\
     deferred/<id>     envelope waiting for its next attempt | the envelope moves between these by
     active/<id>       envelope leased for delivery         | one atomic rename
     hold/<id>         envelope held by the operator        |
@@ -19,11 +19,22 @@ next one (a committer thread per process), and one batch costs one journal commi
 
     write each message to messages/<id>: "POSTGATE-ENVELOPE " and its envelope as accepted (one JSON
                                                           line), then the content
-    fsync those files and messages/, all at once        (the file system commits them together)
+    fsync those files, then messages/                    (one journal commit: see below)
     -- acknowledgement point: every message of the batch may get its 250 --
-    write each envelope to incoming/<id>                 (an index: no fsync, recovery can rebuild it)
+    link each message file into incoming/<id>            (its index: no fsync, recovery can rebuild it;
+                                                          a link, so no second file is created)
 
 instead of two fsync'd files and two directory fsyncs per message (``scripts/bench queue`` compares).
+The writeback of each file starts as it is written (Linux ``sync_file_range``), so the fsyncs that
+follow, one after the other in the committer thread, cost about one journal commit for the batch without
+a thread per file. Readers of an index read only its first line when it is a link to the message file;
+every later change of an envelope writes a new file and renames it over the index (never in place).
+
+**New mail handed over.** In the process that runs the queue (:meth:`DirectorySpool.hand_over`), a new
+message is leased to the runner as it is queued: its index is linked into active/ instead of incoming/,
+with the lease registered first, and the runner takes it from memory (:meth:`DirectorySpool.lease_fresh`:
+no directory scan, no envelope or content read, no thread). What does not fit (more than ``FRESH_MAX``
+waiting, or another runner's share) goes to incoming/ for the scan; a crash returns active/ to incoming/.
 A crash before the acknowledgement point leaves a torn or complete message file without an envelope:
 complete ones are restored and delivered (RFC 5321 §6.1 prefers a duplicate to a loss), torn ones
 removed. Every later envelope change (results, hold, reschedule) is a new file renamed over the old one,
@@ -57,8 +68,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import heapq
 import itertools
 import logging
 import os
@@ -68,7 +81,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -107,6 +119,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_index(path: Path | str) -> tuple[bytes, int]:
+    """The envelope of an index file, and its inode. An index is an envelope file (written by a result or
+    an operator action), or, for new mail, a hard link to the message file: then only its first line (the
+    envelope as accepted) is read, not the content."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        inode = os.fstat(fd).st_ino
+        data = os.read(fd, 1 << 16)
+        if data.startswith(MAGIC):
+            while (end := data.find(b"\n", len(MAGIC))) < 0:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise EnvelopeError(f"{path}: message file without a complete envelope line")
+                data += chunk
+            return data[len(MAGIC):end], inode
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+        return data, inode
+    finally:
+        os.close(fd)
+
+
+# Linux: start a file's writeback without waiting (sync_file_range(2)); None elsewhere
+_sync_file_range: Callable[[int, int, int, int], None] | None = getattr(os, "sync_file_range", None)
+_WRITE = int(getattr(os, "SYNC_FILE_RANGE_WRITE", 2))
+_HAVE_WRITEBACK = _sync_file_range is not None
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's data to disk now, without waiting (its fsync comes later)."""
+    if _sync_file_range is not None:
+        try:
+            _sync_file_range(fd, 0, 0, _WRITE)
+        except OSError:
+            pass   # the fsync will write it
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -114,7 +163,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -148,6 +197,15 @@ class SpoolFiles:
         self._leases: dict[str, Lease] = {}
         self._tokens = itertools.count(1)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # the hand-over of new mail to this process's runner (:meth:`take_fresh`): on (the runner's owner
+        # name and lease time) only while it runs the queue; what does not fit is left to lease_due's scan
+        self.handover: tuple[str, float] | None = None
+        # leased at enqueue: a heap of (-queue priority, arrival order, lease, envelope as written), so the
+        # runner takes the highest priority first (a filter's queue_priority), in arrival order within one
+        self._fresh: list[tuple[int, int, Lease, bytes]] = []
+        self._fresh_order = itertools.count()
+        self._contents: dict[str, bytes] = {}    # content of a message handed over, until content() takes it
+        self._kept = 0                           # bytes in _contents
 
     # --- ownership -----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -276,52 +334,155 @@ class SpoolFiles:
             fsync_dir(self.root / src)
 
     def read_envelope(self, state: str, qid: str) -> Envelope:
-        return Envelope.from_bytes(self.path(state, qid).read_bytes())
+        return Envelope.from_bytes(_read_index(self.path(state, qid))[0])
 
     # --- acceptance: group commit ----------------------------------------------------------------------
-    def enqueue_batch(self, items: list[tuple[Envelope, bytes]]) -> list[BaseException | None]:
+    def enqueue_batch(self, items: Sequence[tuple[Envelope, bytes] | tuple[Envelope, bytes, bool]]
+                      ) -> list[BaseException | None]:
         """Durably store several new messages with one round of fsyncs (see the module docstring). Returns,
-        per message, None (stored: it may be acknowledged) or the error (nothing of it is left)."""
+        per message, None (stored: it may be acknowledged) or the error (nothing of it is left). An item's
+        third field, if true, queues the message on hold (its index is written to hold/)."""
         errors: list[BaseException | None] = [None] * len(items)
         written: list[int] = []
-        for i, (env, content) in enumerate(items):
-            path = self.root / "messages" / env.id
-            try:
-                # the first line holds the envelope as accepted (JSON has no raw newline), then the content
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        heads: list[bytes] = []
+        fds: dict[int, int] = {}   # kept open until synced (no second open to fsync it)
+        messages = str(self.root / "messages")
+        try:
+            for i, (env, content, *_hold) in enumerate(items):
+                path = f"{messages}/{env.id}"
+                head = env.to_bytes()     # encoded once: the message file's first line and the index
+                heads.append(head)
                 try:
-                    _write_all(fd, MAGIC + env.to_bytes() + b"\n" + content)
-                finally:
-                    os.close(fd)
-            except OSError as e:  # ENOSPC, EDQUOT, EIO: this message is refused, and leaves nothing
-                _unlink_quietly(path)
-                errors[i] = e
-                continue
-            written.append(i)
-        crashpoint("spool-batch-written")
-        if self.fsync and written:
-            # one journal commit for the whole batch: the files and the directory entries together
-            paths = [self.root / "messages" / items[i][0].id for i in written]
-            failed = set(self._fsync_files([*paths, self.root / "messages"]))
-            if self.root / "messages" in failed:
-                failed = set(paths)
-            for i in written:
-                if self.root / "messages" / items[i][0].id in failed:
+                    # the first line holds the envelope as accepted (JSON has no raw newline), then the content
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        _write_all(fd, MAGIC + head + b"\n" + content)
+                        if self.fsync:
+                            _start_writeback(fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    fds[i] = fd
+                except OSError as e:  # ENOSPC, EDQUOT, EIO: this message is refused, and leaves nothing
+                    _unlink_quietly(path)
+                    errors[i] = e
+                    continue
+                written.append(i)
+            crashpoint("spool-batch-written")
+            if self.fsync and written:
+                # one journal commit for the whole batch: the files and the directory entries together
+                failed = self._sync_fds({i: fds.pop(i) for i in written}, Path(messages))
+                for i in failed:
                     errors[i] = OSError(errno.EIO, f"fsync failed for {items[i][0].id}")
-                    _unlink_quietly(self.root / "messages" / items[i][0].id)
-            written = [i for i in written if errors[i] is None]
+                    _unlink_quietly(f"{messages}/{items[i][0].id}")
+                written = [i for i in written if errors[i] is None]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         crashpoint("spool-batch-synced")
         # the acknowledgement point is passed: every message of the batch is durable in messages/. Its
-        # envelope file in incoming/ is an index recovery can rebuild, so it needs no fsync of its own.
-        for i in written:
-            env = items[i][0]
-            try:
-                self._write(self.path("incoming", env.id), env.to_bytes(), durable=False)
-            except OSError as e:  # not acknowledged after all (a crash now would deliver it: no loss)
-                _unlink_quietly(self.root / "messages" / env.id)
-                errors[i] = e
+        # index in incoming/ is a hard link to the message file (whose first line is the envelope): no
+        # second file to create, and nothing to fsync (recovery rebuilds a lost index from messages/)
+        handover = self.handover
+        with self._locked() if handover is not None else contextlib.nullcontext():
+            for i in written:
+                env, content, *hold = items[i]
+                lease = None
+                if handover is not None and not (hold and hold[0]) and len(self._fresh) < self.FRESH_MAX \
+                        and self.mine(env.id):
+                    # handed over to this process's runner: leased now (the index goes straight to active/,
+                    # the lease registered first, so reclaim never finds it uncovered)
+                    lease = Lease(env.id, handover[0], time.time() + handover[1], next(self._tokens),
+                                  destination_of(env))
+                    self._leases[env.id] = lease
+                state = "active" if lease is not None else "hold" if hold and hold[0] else "incoming"
+                try:
+                    os.link(f"{messages}/{env.id}", self.path(state, env.id))
+                    crashpoint("spool-index-linked")
+                except OSError as e:  # not acknowledged after all (a crash now would deliver it: no loss)
+                    if lease is not None:
+                        self._leases.pop(env.id, None)
+                    _unlink_quietly(self.root / "messages" / env.id)
+                    errors[i] = e
+                    continue
+                if lease is not None:
+                    heapq.heappush(self._fresh, (-env.priority, next(self._fresh_order), lease, heads[i]))
+                    if self._kept + len(content) <= self.KEPT_BYTES:
+                        self._contents[env.id] = content
+                        self._kept += len(content)
         crashpoint("spool-enqueued")
         return errors
+
+    # --- the hand-over of new mail to the runner -----------------------------------------------------------
+    FRESH_MAX = 5000               # messages waiting in the hand-over at most
+    KEPT_BYTES = 64 * 1024 * 1024  # contents kept in memory at most (the others are read back from disk)
+
+    def take_fresh(self, now: float, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
+        """The messages handed over since the last call (up to ``limit``), leased when they were queued:
+        no scan of the spool, no envelope or content read, no thread (memory only). A lease taken back
+        meanwhile (expired, reclaimed) is skipped; the lease's time runs from ``now`` (the runner's clock)."""
+        out: list[tuple[Lease, Envelope]] = []
+        with self._mutex:
+            for _ in range(min(limit, len(self._fresh))):
+                _, _, lease, head = heapq.heappop(self._fresh)
+                if self._leases.get(lease.id) != lease:
+                    self._forget_content(lease.id)
+                    continue
+                try:
+                    env = Envelope.from_bytes(head)
+                except EnvelopeError:   # cannot happen (we wrote it): reclaim returns it to the scan
+                    continue
+                lease = dataclasses.replace(lease, until=now + duration)
+                self._leases[lease.id] = lease
+                crashpoint("spool-leased-fresh")
+                out.append((lease, env))
+        return out
+
+    def _forget_content(self, qid: str) -> None:
+        content = self._contents.pop(qid, None)
+        if content is not None:
+            self._kept -= len(content)
+
+    def _sync_fds(self, fds: dict[int, int], directory: Path | None) -> set[int]:
+        """fsync the open files ``fds`` (key -> descriptor; each closed here) and then ``directory``;
+        returns the keys whose data may not be durable (all of them if the directory's fsync failed).
+
+        Where the writeback of each file was started as it was written (Linux ``sync_file_range``), the
+        fsyncs run one after the other in this thread: the first one's journal commit carries the others'
+        block allocations, so the rest only wait for their own writes, and a batch costs about one journal
+        commit without a thread per file. Elsewhere they run at once in a pool (one commit for all)."""
+        failed: set[int] = set()
+        if _HAVE_WRITEBACK or len(fds) <= 1:
+            for key, fd in fds.items():
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    failed.add(key)
+                finally:
+                    os.close(fd)
+            if directory is not None:
+                try:
+                    fsync_dir(directory)
+                except OSError:
+                    failed = set(fds)
+            return failed
+        def one(item: tuple[int, int]) -> int | None:
+            try:
+                os.fsync(item[1])
+            except OSError:
+                return item[0]
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="spool-fsync")
+        try:
+            dir_sync = self._pool.submit(fsync_dir, directory) if directory is not None else None
+            failed = {k for k in self._pool.map(one, fds.items()) if k is not None}
+            if dir_sync is not None and dir_sync.exception() is not None:
+                failed = set(fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return failed
 
     def _fsync_files(self, paths: list[Path]) -> list[Path]:
         """fsync each file; several at once, so the file system's journal commits them together. Returns
@@ -352,6 +513,11 @@ class SpoolFiles:
         return env.id
 
     def content(self, qid: str) -> bytes:
+        with self._mutex:
+            content = self._contents.pop(qid, None)
+            if content is not None:
+                self._kept -= len(content)
+                return content
         return self._message(qid)[1]
 
     def _message(self, qid: str) -> tuple[bytes | None, bytes]:
@@ -395,14 +561,7 @@ class SpoolFiles:
                     continue
             with self._locked():
                 try:
-                    fd = os.open(self.path(state, qid), os.O_RDONLY)
-                    try:
-                        inode = os.fstat(fd).st_ino
-                        data = b""
-                        while chunk := os.read(fd, 1 << 16):
-                            data += chunk
-                    finally:
-                        os.close(fd)
+                    data, inode = _read_index(self.path(state, qid))
                     env = Envelope.from_bytes(data)
                 except FileNotFoundError:
                     continue  # taken by a concurrent operation
@@ -444,7 +603,7 @@ class SpoolFiles:
             known = self._prio_of.get(qid)
             if known is None or known[0] != inode:
                 try:
-                    env = Envelope.from_bytes(self.path(state, qid).read_bytes())
+                    env = Envelope.from_bytes(_read_index(self.path(state, qid))[0])
                 except (OSError, EnvelopeError):
                     out.append((9, state, qid, inode))   # gone or corrupt: the lease loop finds out at once
                     continue
@@ -475,7 +634,7 @@ class SpoolFiles:
                 if held is None or held.token != lease.token or held.owner != lease.owner or \
                         not self.path("active", lease.id).exists():
                     continue
-                held = replace(held, until=max(held.until, now + duration))
+                held = dataclasses.replace(held, until=max(held.until, now + duration))
                 self._leases[lease.id] = held
                 out.append(held)
         return out
@@ -555,7 +714,11 @@ class SpoolFiles:
                         # the message file is gone: its envelope is a leftover wherever it is (a lease taken
                         # back meanwhile moved it to deferred/)
                         for st in ("active", "deferred", "incoming"):
-                            _unlink_quietly(self.path(st, lease.id))
+                            try:
+                                os.unlink(self.path(st, lease.id))
+                                break
+                            except OSError:
+                                continue
                     else:
                         # the lease is still ours and nobody removed the message meanwhile (an operator's
                         # delete in another process): else the result is dropped, never resurrecting it
@@ -568,6 +731,8 @@ class SpoolFiles:
                             self._move(lease.id, "active", "deferred", durable=False)
                     if kind != "record":
                         self._leases.pop(lease.id, None)
+                        with self._mutex:
+                            self._forget_content(lease.id)
                 except BaseException as e:
                     if tmp is not None:
                         _unlink_quietly(tmp)
@@ -606,9 +771,11 @@ class SpoolFiles:
                 except FileNotFoundError:
                     pass
                 self._leases.pop(qid, None)
+                self._forget_content(qid)
                 done.append(qid)
             for qid in [q for q, lease in self._leases.items() if lease.until <= now]:
                 del self._leases[qid]  # its file is gone (deleted by the operator)
+                self._forget_content(qid)
         return done
 
     # --- operator actions (called by the lock owner) -----------------------------------------------------
@@ -848,15 +1015,15 @@ class Batcher(Generic[Item]):
             self._thread.join(10)
 
 
-class GroupCommitter(Batcher[tuple[Envelope, bytes]]):
+class GroupCommitter(Batcher[tuple[Envelope, bytes, bool]]):
     """New messages, several per fsync (:meth:`SpoolFiles.enqueue_batch`)."""
 
     def __init__(self, files: SpoolFiles, max_batch: int = 256) -> None:
         super().__init__(files.enqueue_batch, max_batch, "spool-commit")
         self.files = files
 
-    def submit(self, env: Envelope, content: bytes) -> concurrent.futures.Future[None]:
-        return self.submit_item((env, content))
+    def submit(self, env: Envelope, content: bytes, hold: bool = False) -> concurrent.futures.Future[None]:
+        return self.submit_item((env, content, hold))
 
 
 class DirectorySpool:
@@ -906,23 +1073,39 @@ class DirectorySpool:
         finally:
             self._recovered.set()
 
-    async def enqueue(self, env: Envelope, content: bytes) -> str:
+    async def enqueue(self, env: Envelope, content: bytes, *, hold: bool = False) -> str:
         while not self._recovered.is_set():   # polled: no worker thread is held (recovery needs them)
             await asyncio.sleep(0.05)
         try:
-            await asyncio.wrap_future(self.committer.submit(env, content))
+            await asyncio.wrap_future(self.committer.submit(env, content, hold))
             return env.id
         except OSError as e:
             raise SpoolError(f"{env.id}: cannot queue: {e.strerror or e}") from e
 
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
                         per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
-        return await self._io(self.files.lease_due, now, owner, duration, limit, per_destination)
+        out = self.files.take_fresh(now, duration, limit)   # handed over (already leased) first
+        if len(out) < limit:
+            out += await self._io(self.files.lease_due, now, owner, duration, limit - len(out), per_destination)
+        return out
+
+    async def lease_fresh(self, now: float, owner: str, duration: float, limit: int,
+                          per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
+        # one owner: per_destination is the runner's own window, not the spool's business (lease_due)
+        return self.files.take_fresh(now, duration, limit)   # memory only: no thread
+
+    def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
+        """``owner`` runs the queue in this process: new mail queued here is leased to it as it is queued
+        and handed over (:meth:`lease_fresh`); None: no more (what was handed over stays leased until
+        taken with lease_fresh, or reclaimed when its lease ends)."""
+        self.files.handover = None if owner is None else (owner, duration)
 
     async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
         return await self._io(self.files.renew, leases, now, duration)
 
     async def content(self, qid: str) -> bytes:
+        if qid in self.files._contents:   # leased by lease_fresh: in memory, no thread needed
+            return self.files.content(qid)
         return await self._io(self.files.content, qid)
 
     async def record(self, lease: Lease, env: Envelope) -> None:
