@@ -55,8 +55,9 @@ log = logging.getLogger("postgate.smtpd")
 def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
     """Store the filters' delivery choices (inbound/filters.Route, e.g. Sieve ``vnd.postgate``) on the
     envelope, in chain order (a later filter's choice wins): per recipient the TLS level and the transport,
-    per message the queue lifetime. The DKIM signing domain is the signer's (``dkim_choice``); the queue
-    priority is logged, not applied yet."""
+    per message the queue lifetime and the queue priority (a priority for some recipients, ``:recipients``,
+    applies to the message if it names one of them: the message is leased as a whole). The DKIM signing
+    domain is the signer's (``dkim_choice``)."""
     for rt in routes:
         wanted = {a.lower() for a in rt.recipients}
         for r in env.recipients:
@@ -71,8 +72,9 @@ def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
         if rt.dkim_domain:  # applied by the signer (dkim_choice), logged here with the message's routes
             log.info("%s: route dkim=%s%s (filter)", env.id, rt.dkim_domain,
                      f"/{rt.dkim_selector}" if rt.dkim_selector else "")
-        if rt.priority is not None:
-            log.info("%s: route priority=%s: not applied (the queue has no priorities yet)", env.id, rt.priority)
+        if rt.priority is not None and (not wanted or any(r.address.lower() in wanted for r in env.recipients)):
+            env.priority = max(0, min(9, rt.priority))
+            log.info("%s: route priority=%d (filter)", env.id, env.priority)
     for r in env.recipients:
         if r.tls_level or r.transport:
             log.info("%s: to=<%s>: route tls_level=%s transport=%s (filter)", env.id, r.address,

@@ -459,6 +459,11 @@ class Deliverer:
                             for r in rcpts]
                 try:
                     results = await _transaction(session, sender, rcpts, data, mail_options, dsn, smtputf8)
+                except asyncio.CancelledError:
+                    # the attempt was stopped (the queue lost its lease): the connection is dropped, no QUIT;
+                    # before the end of mail data confirms it, the transaction is not delivered (RFC 5321 §3.3)
+                    session.conn.abort()
+                    raise
                 except SessionError as e:
                     await session.close()
                     if e.code >= 500 and not e.temporary:  # the server's own permanent refusal

@@ -246,7 +246,22 @@ async def run_checks(cfg: configmod.Config, resolver: ResolverProtocol, caps_off
     # --- milters and policy services (issue 16): reachable? An unreachable one gets its default action
     out.extend(await check_filters(cfg))
     out.extend(await check_queue(cfg))
+    out.extend(check_lease_time(cfg))
     return out
+
+
+def check_lease_time(cfg: configmod.Config) -> list[Result]:
+    """The shared queue renews the leases of its attempts under way every third of ``lease_time``; each
+    renewal may take up to ``commit_timeout`` (a slow synchronous standby). With ``lease_time`` under three
+    times ``commit_timeout`` a renewal slowed that much can come after the lease ran out, and another node
+    take over a message still being delivered (a duplicate)."""
+    q = cfg.queue
+    if q.backend != "postgresql" or q.lease_time >= 3 * q.commit_timeout:
+        return []
+    return [Result("queue", WARN, f"[queue] lease_time = {q.lease_time:g} s is under three times commit_timeout "
+                   f"({q.commit_timeout:g} s): a renewal slowed by the database may come after the lease ran out, "
+                   "and another node deliver the message again",
+                   f"raise lease_time to at least {3 * q.commit_timeout:g} s, or lower commit_timeout")]
 
 
 async def check_queue(cfg: configmod.Config) -> list[Result]:

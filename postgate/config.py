@@ -80,7 +80,7 @@ class QueueSettings:
     object_store: str = ""               # s3://bucket[/prefix]?endpoint=…&region=…; empty: bodies in PostgreSQL
     object_store_access_key: str = ""
     object_store_secret_key: str = ""
-    lease_time: float = 300.0            # a dead node's messages are taken over after this
+    lease_time: float = 300.0            # a dead node's messages are taken over after this (renewed every third)
     commit_timeout: float = 10.0         # bound on a write incl. the synchronous standby's confirmation
     node_name: str = ""                  # lease owner; default host name and process id
     # the queue runner (issue 15 item 5; outbound/queue/scheduler.py)
@@ -647,10 +647,11 @@ def _validate_queue(cfg: Config, source: str, text: str) -> None:
         raise err("object_store", "must be s3://bucket[/prefix]?endpoint=…")
     if q.object_store and q.backend != "postgresql":
         raise err("object_store", "needs backend = postgresql")
-    for key in ("lease_time", "commit_timeout"):
+    for key, low in (("lease_time", 3), ("commit_timeout", 1)):
+        # lease_time: its leases are renewed every third of it, so at least every second
         v = getattr(q, key)
-        if not (isinstance(v, (int, float)) and 1 <= v <= 86400):  # also refuses nan and inf
-            raise err(key, "must be between 1 and 86400 seconds")
+        if not (isinstance(v, (int, float)) and low <= v <= 86400):  # also refuses nan and inf
+            raise err(key, f"must be between {low} and 86400 seconds")
     if not (isinstance(q.connect_timeout, (int, float)) and 1 <= q.connect_timeout <= 300):
         raise err("connect_timeout", "must be between 1 and 300 seconds")
     if not (isinstance(q.tcp_user_timeout, (int, float)) and 0 <= q.tcp_user_timeout <= 3600):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from postgate import config as configmod
+from postgate.outbound.queue.envelope import DEFAULT_PRIORITY
 from postgate.outbound.queue.protocol import Spool, SpoolError
 from postgate.outbound.queue.scheduler import Scheduler
 from postgate.outbound.queue.spool import DirectorySpool
@@ -128,7 +129,7 @@ async def _queue(args: argparse.Namespace, spool: Spool) -> int:
                 rows.append({"id": e.id, "state": e.state, "error": "unreadable envelope"})
                 continue
             row = {"id": e.id, "state": _state(e.state, env), "arrival": env.arrival, "size": env.size,
-                   "sender": env.sender, "next_attempt": env.next_attempt,
+                   "sender": env.sender, "next_attempt": env.next_attempt, "priority": env.priority,
                    "recipients": [{"address": r.address, "status": r.status, "dsn": r.dsn,
                                    "reason": r.reason} for r in env.recipients]}
             if e.lease is not None:
@@ -142,7 +143,8 @@ async def _queue(args: argparse.Namespace, spool: Spool) -> int:
                 if "error" in r:
                     print(f"{r['id']} {r['state']:8} ({r['error']})")
                     continue
-                print(f"{r['id']} {r['state']:8} {r['size']:>8} {_fmt(r['arrival'])}  <{r['sender']}>")
+                prio = f"  priority {r['priority']}" if r["priority"] != DEFAULT_PRIORITY else ""
+                print(f"{r['id']} {r['state']:8} {r['size']:>8} {_fmt(r['arrival'])}  <{r['sender']}>{prio}")
                 if "lease" in r:
                     print(f"{'':30}leased by {r['lease']['owner']} until {_fmt(r['lease']['until'])}")
                 for rc in r["recipients"]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
+import psycopg
 import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
-from postgate.outbound.queue.pgspool import SCHEMA_VERSION, PgSettings, PostgresSpool
+from postgate.outbound.queue.pgspool import LEASE_PER_DESTINATION, SCHEMA_VERSION, PgSettings, PostgresSpool
 from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
 from postgate.policy.vocab import Outcome
 
@@ -277,3 +279,83 @@ def test_schema_version_1_is_upgraded_by_serve_and_reported_by_check(cluster: Cl
     assert cluster.primary.psql("SELECT destination FROM pg_messages", db="upgrade") == "y.test"
     [ok] = asyncio.run(check_queue(c))
     assert ok.status == PASS and f"schema version {SCHEMA_VERSION}" in ok.message, ok
+
+
+def _sorts(node: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every Sort of an EXPLAIN (ANALYZE, FORMAT JSON) plan: its method and how many rows went into it."""
+    out = []
+    if node.get("Node Type") == "Sort":
+        out.append((str(node.get("Sort Method")), int(node["Plans"][0]["Actual Rows"])))
+    for child in node.get("Plans", []):
+        out.extend(_sorts(child))
+    return out
+
+
+# lease_due(per_destination=) as version 2 ran it: a window over every due row, joined with the active leases
+LEASE_PER_DESTINATION_V2 = (
+    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
+    "GROUP BY destination), "
+    "due AS (SELECT m.id, m.next_attempt, coalesce(b.n, 0) + row_number() OVER "
+    "(PARTITION BY m.destination ORDER BY m.next_attempt, m.id) AS k FROM pg_messages m "
+    "LEFT JOIN busy b ON b.destination = m.destination "
+    "WHERE m.state IN ('incoming', 'deferred') AND m.next_attempt <= %(now)s), "
+    "pick AS (SELECT id FROM due WHERE k <= %(per)s ORDER BY next_attempt, id LIMIT %(limit)s) "
+    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
+    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
+    "AND state IN ('incoming', 'deferred') "
+    "RETURNING id, envelope, lease_token, next_attempt, destination")
+
+
+def test_schema_version_2_is_upgraded_to_3_and_leasing_per_destination_sorts_no_due_row(cluster: Cluster) -> None:
+    """Version 3 adds queue priorities and indexes the waiting rows by (destination, priority DESC,
+    next_attempt, id): ``lease_due(per_destination=)`` numbers each destination's due rows in that order
+    without sorting them. On 20,000 due rows over 500
+    destinations the version-2 plan sorts all of them (quicksort) at every call, under the lease lock; the
+    upgraded one only keeps the top ``limit`` rows (top-N heapsort). ``postgate check`` reports version 2
+    (WARN), serve's start upgrades it."""
+    from postgate import config as configmod
+    from postgate.check import PASS, WARN, check_queue
+
+    cluster.primary.psql("DROP DATABASE IF EXISTS plan")
+    cluster.primary.psql(f"CREATE DATABASE plan OWNER {cluster.user}")
+    dsn = cluster.dsn().replace("/postgate?", "/plan?")
+    asyncio.run(PostgresSpool(PgSettings(dsn=dsn)).check())
+    cluster.primary.psql("INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, destination) "
+                         "SELECT 'm' || g, 'deferred', '\\x00', 1000 + g, g, 'd' || (g % 500) || '.test' "
+                         "FROM generate_series(1, 20000) g", db="plan")
+    # what a version-2 Postgate left: no priority column, no index of the waiting rows by destination
+    cluster.primary.psql("ALTER TABLE pg_messages DROP COLUMN priority; DELETE FROM pg_queue_schema; "
+                         "INSERT INTO pg_queue_schema VALUES (2)",
+                         db="plan")
+    cluster.primary.psql("VACUUM ANALYZE pg_messages", db="plan")
+
+    def plan(query: str) -> tuple[list[tuple[str, int]], float]:
+        with psycopg.connect(dsn, cursor_factory=psycopg.ClientCursor) as conn:
+            cur = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query,
+                               {"now": 1e12, "per": 20, "limit": 200, "owner": "n", "until": 2e12})
+            row = cur.fetchone()
+            conn.rollback()                # EXPLAIN ANALYZE ran the UPDATE: nothing of it is kept
+        assert row is not None
+        top = row[0][0]
+        return _sorts(top["Plan"]), float(top["Execution Time"])
+
+    c = configmod.Config()
+    c.queue.backend, c.queue.dsn = "postgresql", dsn
+    [old] = asyncio.run(check_queue(c))
+    assert old.status == WARN and "schema version 2" in old.message and "upgrades it" in old.message, old
+    before, t_before = plan(LEASE_PER_DESTINATION_V2)
+    assert any(method != "top-N heapsort" and rows >= 20_000 for method, rows in before), before
+
+    async def serve_start() -> str:
+        sp = PostgresSpool(PgSettings(dsn=dsn))
+        await sp.check()
+        await sp.close()
+        return sp.found
+    assert "upgraded from 2" in asyncio.run(serve_start())
+    [ok] = asyncio.run(check_queue(c))
+    assert ok.status == PASS and f"schema version {SCHEMA_VERSION}" in ok.message, ok
+    cluster.primary.psql("VACUUM ANALYZE pg_messages", db="plan")
+    after, t_after = plan(LEASE_PER_DESTINATION)
+    assert all(method == "top-N heapsort" or rows <= 200 for method, rows in after), after
+    print(f"\nlease_due(per_destination=20, limit=200) over 20,000 due rows: version 2 sorts {before} "
+          f"({t_before:.1f} ms), version 3 {after} ({t_after:.1f} ms)")

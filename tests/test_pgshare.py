@@ -377,3 +377,144 @@ def test_network_partition_between_a_node_and_postgresql(testnet: TestNet, tmp_p
         assert set(acked) <= delivered(testnet), sorted(set(acked) - delivered(testnet))
     finally:
         cleanup()
+
+
+class StallingReceiver:
+    """An SMTP server (aiosmtpd) that takes each message whole, then waits ``stall`` seconds before its reply
+    to the end of DATA: a slow destination whose attempt outlasts several lease times."""
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.entered: list[str] = []          # Subject of each message whose DATA ended (one per attempt)
+        self.stored: list[str] = []
+        self.dropped: list[str] = []          # the client closed the connection while the reply was held
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        subject = next((line[9:] for line in (envelope.original_content or b"").decode().splitlines()
+                        if line.startswith("Subject: ")), "")
+        self.entered.append(subject)
+        try:
+            await asyncio.sleep(self.stall)
+        except asyncio.CancelledError:        # aiosmtpd: the connection was lost
+            self.dropped.append(subject)
+            raise
+        self.stored.append(subject)
+        return "250 2.0.0 stored late"
+
+
+def test_a_long_attempt_keeps_its_lease_and_a_lost_one_is_stopped(testnet: TestNet, cluster: Cluster,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Lease renewal. Two nodes share a queue with ``lease_time`` = 2 s; a destination holds its reply to the
+    end of DATA for 8 s (four lease times). The delivering node renews the lease while it waits: the message
+    is delivered exactly once, its lease keeps the one token it got (the other node never leases it, nor
+    does the delivering node lease it twice), and ``lease_until`` moves on while the attempt runs. Without
+    renewal the lease expires after 2 s, a node takes the message back and delivers it again.
+    Then a lease lost during an attempt (taken over in the database, as after a pause past the expiry): the
+    next renewal logs it with the queue id and stops the attempt (its connection dropped); nothing of it is
+    recorded."""
+    import logging
+
+    from aiosmtpd.controller import Controller
+
+    from tests.test_queue_feeder import _address, _free_port
+    dsn = fresh_db(cluster, "renew")
+    lease = 2.0
+    held = StallingReceiver(stall=4 * lease)
+    address = _address(testnet, "mx.dane-ok.test")
+    port = _free_port(address)
+    ctl = Controller(held, hostname=address, port=port)
+    ctl.start()
+    caplog.set_level(logging.INFO, logger="postgate.queue")
+    seen: dict[str, Any] = {}
+
+    def slow(token: str) -> tuple[Envelope, bytes]:
+        content = f"Subject: {token}\r\nMessage-ID: <{token}.{time.time()}@share.test>\r\n\r\nslow\r\n".encode()
+        # a [host]:port transport route (as a filter sets) leads the message to the stalling server
+        return Envelope.new("alice@client.test", [Recipient("late@slow.test", tls_level="none",
+                                                            transport=f"smtp:[mx.dane-ok.test]:{port}")],
+                            content), content
+
+    async def run() -> None:
+        sps = [PostgresSpool(PgSettings(dsn=dsn)) for _ in range(2)]
+        for sp in sps:
+            await sp.check()
+        reals = [Deliverer(Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3),
+                           DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 60))) for _ in range(2)]
+        nodes = [Scheduler(sp, r, SchedulerConfig(lease_time=lease, min_backoff=60.0, max_backoff=60.0,
+                                                  reporting_mta="queue.test"), owner=f"node-{i}")
+                 for i, (sp, r) in enumerate(zip(sps, reals, strict=True))]
+        stop = asyncio.Event()
+        runs = [asyncio.ensure_future(n.run(stop, tick=0.2)) for n in nodes]
+        db = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+        async def row(qid: str) -> tuple[Any, ...] | None:
+            cur = await db.execute("SELECT state, lease_owner, lease_token, lease_until FROM pg_messages "
+                                   "WHERE id = %s", (qid,))
+            return await cur.fetchone()
+
+        try:
+            # 1. a long attempt: one lease from start to end, renewed
+            env, content = slow("renewed")
+            await sps[0].enqueue(env, content)
+            leases: set[tuple[str, int]] = set()
+            untils: list[float] = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                r = await row(env.id)
+                if r is None:
+                    break
+                if r[0] == "active":
+                    leases.add((r[1], r[2]))
+                    untils.append(r[3])
+                await asyncio.sleep(0.1)
+            seen["gone"] = await row(env.id) is None
+            seen["leases"] = leases
+            seen["untils"] = untils
+
+            # 2. a lease lost during the attempt: taken over in the database while the receiver stalls
+            env2, content2 = slow("lost")
+            await sps[1].enqueue(env2, content2)
+            deadline = time.monotonic() + 30
+            while "lost" not in held.entered and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await db.execute("UPDATE pg_messages SET lease_owner = 'node-x', lease_token = nextval('pg_lease_tokens'), "
+                             "lease_until = %s WHERE id = %s AND state = 'active'", (time.time() + 3600, env2.id))
+            deadline = time.monotonic() + 30
+            while sum(n.counters.values["lease_lost"] for n in nodes) == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            seen["lost_counted"] = sum(n.counters.values["lease_lost"] for n in nodes)
+            deadline = time.monotonic() + 10
+            while "lost" not in held.dropped and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            seen["lost_id"] = env2.id
+            seen["lost_row"] = await row(env2.id)
+            got = await sps[0].get(env2.id)
+            seen["lost_attempts"] = got[1].attempts if got else None
+        finally:
+            stop.set()
+            await asyncio.gather(*runs)
+            for r in reals:
+                await r.close()
+            for sp in sps:
+                await sp.close()
+            await db.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        ctl.stop()
+    print(f"\nrenewal: one lease {seen['leases']}, lease_until from {min(seen['untils']):.1f} to "
+          f"{max(seen['untils']):.1f} over {len(seen['untils'])} samples; receiver got {held.entered}")
+    assert seen["gone"], "the slow message was never finished"
+    assert held.entered.count("renewed") == 1 and held.stored.count("renewed") == 1   # delivered exactly once
+    assert len(seen["leases"]) == 1, seen["leases"]   # one owner, one token for the whole attempt
+    assert max(seen["untils"]) - min(seen["untils"]) >= 2 * lease   # the lease moved on while it ran
+    assert "lease taken back" not in caplog.text
+    # the lost lease: counted, logged with the queue id, the attempt stopped, nothing recorded
+    assert seen["lost_counted"] == 1
+    assert "lost" in held.dropped and "lost" not in held.stored   # the stopped attempt dropped its connection
+    lines = [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()]
+    assert lines == [f"{seen['lost_id']}: lease lost while delivering (taken back or removed; another node may "
+                     "deliver it); attempt stopped, no result recorded"], lines
+    assert seen["lost_row"] is not None and seen["lost_row"][:2] == ("active", "node-x")
+    assert seen["lost_attempts"] == []

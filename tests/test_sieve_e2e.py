@@ -278,3 +278,55 @@ def test_daemon_dkim_sign_chooses_the_key(pg: PostgateServer, testnet: TestNet) 
     assert _signatures(got["plain"]) == both
     assert _signatures(got["sign-nokey"]) == both
     assert "dkim_sign: no key for nokey.test" in pg.log()
+
+
+PRIORITY_SCRIPT = """require ["vnd.postgate"];
+if header :contains "subject" "urgent" { queue_priority 9; }
+elsif header :contains "subject" "newsletter" { queue_priority 1; }
+"""
+
+
+def test_queue_priority_reaches_the_queue_and_is_leased_first(tmp_path: Path) -> None:
+    """``queue_priority`` (vnd.postgate) end to end: the smtpd runs the script at the end of DATA, its route
+    is stored on the queued envelope (prequeue.apply_routes, as the queue-first path does), and a
+    backlog of low-priority newsletters due before it does not hold back the urgent message: the spool
+    leases it first."""
+    import asyncio
+
+    from postgate.inbound.prequeue import apply_routes
+    from postgate.outbound.queue.envelope import Envelope, Recipient
+    from postgate.outbound.queue.spool import DirectorySpool
+
+    f = tmp_path / "prio.sieve"
+    f.write_text(PRIORITY_SCRIPT)
+    sieve = SieveFilter(SieveScripts(SieveSettings(listener_scripts={"mx": str(f)}, hostname="smtpd.test")))
+    subjects = [b"newsletter 1", b"newsletter 2", b"newsletter 3", b"hello", b"urgent: server down"]
+    with serve(filters=[sieve]) as srv, Client(srv.port) as c:
+        assert code(c.reply()) == 220
+        assert code(c.cmd(b"EHLO client.test")) == 250
+        for subject in subjects:
+            assert [code(r) for r in transaction(c, [b"ops@example.net"], subject)] == [250, 250, 354, 250]
+    spool = DirectorySpool(tmp_path / "spool")
+    queued = []
+
+    async def run() -> list[Envelope]:
+        for n, ((sender, rcpts, data, _), routes) in enumerate(zip(srv.handler.messages, srv.handler.routes,
+                                                                   strict=True)):
+            env = Envelope.new(sender, [Recipient(r) for r in rcpts], data, now=1_800_000_000.0 + n)
+            apply_routes(env, routes)
+            await spool.enqueue(env, data)
+            queued.append(env)
+        try:
+            return [env for _, env in await spool.lease_due(1_800_000_100.0, "n", 60, 1)]
+        finally:
+            await spool.unlock()
+    [first] = asyncio.run(run())
+    assert [e.priority for e in queued] == [1, 1, 1, 5, 9]
+    assert first.id == queued[-1].id and first.priority == 9
+    # the operator sees it (postgate queue list)
+    out = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(tmp_path / "spool"), "list",
+                          "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert {m["id"]: m["priority"] for m in json.loads(out)} == {e.id: e.priority for e in queued}
+    text = subprocess.run([sys.executable, "-m", "postgate.cli", "queue", "--spool", str(tmp_path / "spool"), "list"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert text.count("priority 1") == 3 and text.count("priority 9") == 1 and "priority 5" not in text

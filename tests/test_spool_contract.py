@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,9 +208,121 @@ async def _handed_over(spool: Spool) -> None:
     assert await spool.content(g.id) == b
 
 
-CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _held_at_enqueue, _handed_over]
+async def _renew(spool: Spool) -> None:
+    """``renew`` (the heartbeat of attempts under way): it extends the leases still held, in one call; a
+    lease taken back, held under another token or by another owner, or whose message was removed, is
+    reported lost (missing from the answer) and never extended."""
+    envs = [_env(i) for i in range(4)]
+    for e, c in envs:
+        await spool.enqueue(e, c)
+    (l1, e1), (l2, _), (l3, e3), (l4, e4) = await spool.lease_due(T0, "n1", 60, 10)
+    assert await spool.renew([], T0, 60) == []
+    # renewed before its expiry: extended, and the message is not taken back at the old expiry
+    kept = await spool.renew([l1, l2], T0 + 40, 60)
+    assert [(x.id, x.token, x.owner, x.until) for x in kept] == [(l1.id, l1.token, "n1", T0 + 100),
+                                                              (l2.id, l2.token, "n1", T0 + 100)]
+    # a renewal never shortens a lease
+    assert [x.until for x in await spool.renew([l1], T0 + 41, 10)] == [T0 + 100]
+    # another owner cannot renew what it does not hold (same id and token, other owner)
+    assert await spool.renew([replace(l1, owner="n2")], T0 + 45, 600) == []
+    assert sorted(await spool.reclaim(T0 + 60)) == sorted([l3.id, l4.id])   # l1, l2: renewed, kept
+    # a lease taken back is lost: reported, not extended, even if nobody leased the message again
+    assert await spool.renew([l3], T0 + 61, 60) == []
+    got = await spool.get(e3.id)
+    assert got is not None and got[0] in (State.INCOMING, State.DEFERRED)
+    # leased again by another owner: the former owner's renewal is refused, the new owner's lease stands
+    again = await spool.lease_due(T0 + 61, "n2", 60, 10)
+    l4b = next(x for x, _ in again if x.id == e4.id)
+    assert await spool.renew([l4, l1], T0 + 62, 60) != [] and \
+        [x.id for x in await spool.renew([l4], T0 + 62, 60)] == []
+    assert [x.until for x in await spool.renew([l4b], T0 + 62, 60)] == [T0 + 122]
+    with pytest.raises(LeaseLost):
+        await spool.release(l4, e4)
+    # a renewed lease's results are written (its token fences it, the new until does not matter)
+    e1.next_attempt = T0 + 300
+    await spool.release(l1, e1)
+    got = await spool.get(e1.id)
+    assert got is not None and got[0] == State.DEFERRED
+    assert await spool.renew([l1], T0 + 70, 60) == []                    # ended by its owner: not held
+    # the message removed by the operator while leased: the lease is lost
+    assert await spool.delete(l2.id)
+    assert await spool.renew([l2], T0 + 70, 60) == []
+    # the reclaim at the renewed expiry takes back only what was not renewed again
+    assert await spool.reclaim(T0 + 100) == []
+
+
+async def _priority(spool: Spool) -> None:
+    """Due messages are handed out highest queue priority first (a filter's ``queue_priority``, 0 … 9), then
+    in due order; a message not due yet waits whatever its priority. With a per-destination limit too."""
+    backlog = []
+    for i in range(6):
+        e, c = _env(i, T0 + i)
+        e.priority = 1
+        await spool.enqueue(e, c)
+        backlog.append(e)
+    mid, c = _env(50, T0 + 40)                   # the default priority (5)
+    await spool.enqueue(mid, c)
+    urgent, c = _env(90, T0 + 50)
+    urgent.priority = 9
+    await spool.enqueue(urgent, c)
+    later, c = _env(91, T0 + 5000)               # highest priority, but not due yet
+    later.priority = 9
+    await spool.enqueue(later, c)
+    (_, first), = await spool.lease_due(T0 + 100, "n", 60, 1)
+    assert first.id == urgent.id and first.priority == 9
+    (_, second), = await spool.lease_due(T0 + 100, "n", 60, 1, per_destination=10)
+    assert second.id == mid.id and second.priority == 5
+    rest = await spool.lease_due(T0 + 100, "n", 60, 3)
+    assert [e.priority for _, e in rest] == [1, 1, 1] and {e.id for _, e in rest} <= {e.id for e in backlog}
+    assert later.id not in {e.id for _, e in await spool.lease_due(T0 + 100, "n", 60, 10)}
+    got = await spool.get(urgent.id)
+    assert got is not None and got[1].priority == 9   # kept in the stored envelope
+
+
+async def _priority_fresh(spool: Spool) -> None:
+    """New mail handed over to the runner of this process (``hand_over``/``lease_fresh``: the directory
+    spool leases it as it is queued) comes highest priority first too: an urgent message queued after a
+    burst of newsletters is taken before them. A fresh lease is renewed like any other."""
+    spool.hand_over("n", 60)
+    try:
+        burst = []
+        for i in range(4):
+            e, c = _env(i)
+            e.priority = 1
+            await spool.enqueue(e, c)
+            burst.append(e.id)
+        urgent, c = _env(9)
+        urgent.priority = 9
+        await spool.enqueue(urgent, c)
+        (lease, first), = await spool.lease_fresh(T0 + 1, "n", 60, 1)
+        assert first.id == urgent.id and first.priority == 9
+        assert [x.id for x in await spool.renew([lease], T0 + 30, 60)] == [urgent.id]
+        rest = await spool.lease_fresh(T0 + 1, "n", 60, 10)
+        assert sorted(e.id for _, e in rest) == sorted(burst)
+    finally:
+        spool.hand_over(None)
+
+
+CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _held_at_enqueue, _handed_over, _renew,
+         _priority, _priority_fresh]
 CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "held-at-enqueue",
-            "handed-over"]
+            "handed-over", "renew", "priority", "priority-fresh"]
+
+
+def test_an_envelope_stored_without_a_priority_reads_as_the_default() -> None:
+    """Envelopes written before queue priorities existed (no ``priority`` field) stay readable: the
+    default, 5; a stored priority outside 0 … 9 is an inconsistent envelope."""
+    import json
+
+    from postgate.outbound.queue.envelope import DEFAULT_PRIORITY, EnvelopeError
+    e, _ = _env(1)
+    d = json.loads(e.to_bytes())
+    assert d["priority"] == DEFAULT_PRIORITY == 5
+    del d["priority"]
+    assert Envelope.from_bytes(json.dumps(d).encode()).priority == 5
+    d["priority"] = 10
+    with pytest.raises(EnvelopeError):
+        Envelope.from_bytes(json.dumps(d).encode())
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -246,3 +359,27 @@ def test_partition_settings_are_checked(tmp_path: Path, line: str, error: str | 
     # a parameter written in the DSN wins over the [queue] key
     cfg.queue.dsn += "?tcp_user_timeout=1234"
     assert "tcp_user_timeout" not in PostgresSpool(PgSettings.from_config(cfg.queue))._conninfo()
+
+
+@pytest.mark.parametrize(("lines", "error", "warns"), [
+    ("lease_time = 2", "postgate.toml:4: \\[queue\\] lease_time: must be between 3 and 86400 seconds", False),
+    ("lease_time = nan", "lease_time", False),
+    ("lease_time = 3\ncommit_timeout = 1", None, False),
+    ("lease_time = 20", None, True),           # under 3 x commit_timeout (10 s): renewals may come too late
+    ("lease_time = 30", None, False),
+])
+def test_lease_time_is_checked_against_its_renewal(tmp_path: Path, lines: str, error: str | None,
+                                                   warns: bool) -> None:
+    """``[queue] lease_time`` (docs/configuration.md): leases are renewed every third of it, so at least
+    3 s; ``postgate check`` warns when a renewal slowed by the database (up to ``commit_timeout``) could
+    come after the lease ran out."""
+    from postgate import config as configmod
+    from postgate.check import WARN, check_lease_time
+    p = tmp_path / "postgate.toml"
+    p.write_text(f'[queue]\nbackend = "postgresql"\ndsn = "postgresql://db1/postgate"\n{lines}\n')
+    if error is not None:
+        with pytest.raises(configmod.ConfigError, match=error):
+            configmod.load(p)
+        return
+    found = check_lease_time(configmod.load(p))
+    assert [r.status for r in found] == ([WARN] if warns else []), found

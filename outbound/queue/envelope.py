@@ -17,6 +17,10 @@ from postgate.policy.vocab import Outcome, new_queue_id, valid_queue_id
 
 FORMAT = 1
 
+# a filter's queue priority (Sieve vnd.postgate ``queue_priority``): 0 lowest … 9 highest; due messages are
+# handed out highest first. Envelopes stored before the field existed read as the default, the middle.
+DEFAULT_PRIORITY = 5
+
 
 class EnvelopeError(ValueError):
     """The stored envelope cannot be trusted: unparseable, incomplete or inconsistent."""
@@ -86,6 +90,7 @@ class Envelope:
     delay_warned: bool = False
     is_bounce: bool = False
     lifetime: float | None = None         # seconds in the queue before a bounce; None: [queue] max_lifetime
+    priority: int = DEFAULT_PRIORITY      # 0 … 9: due messages are leased highest first (a filter's choice)
 
     @classmethod
     def new(cls, sender: str, recipients: list[Recipient], content: bytes, now: float | None = None,
@@ -120,6 +125,8 @@ class Envelope:
             raise EnvelopeError(f"incomplete envelope: {e}") from e
         if not valid_queue_id(env.id) or not rcpts or not isinstance(env.sender, str):
             raise EnvelopeError("inconsistent envelope")
+        if type(env.priority) is not int or not 0 <= env.priority <= 9:
+            raise EnvelopeError(f"inconsistent envelope: priority {env.priority!r}")
         return env
 
     def check_content(self, content: bytes) -> None:

@@ -9,6 +9,8 @@ and delivers it. Every lease sets ``lease_token`` from a sequence, a *fencing to
 ``WHERE lease_token = <the token of the lease it was obtained under>``, so a node that lost its lease —
 paused past the expiry, or partitioned away — can never overwrite what the new owner recorded; it gets
 :class:`~postgate.outbound.queue.protocol.LeaseLost` instead (Kleppmann's fencing, applied to a queue).
+While its attempts run, a node renews their leases (:meth:`renew`: one ``UPDATE`` for all of them, fenced
+the same way), so ``lease_time`` is how long a dead node's mail waits, not a bound on an attempt.
 
 **Destinations, shared.** Each row carries its destination (the domain of the first pending recipient).
 ``lease_due(…, per_destination=N)`` counts the active leases per destination and leases at most N minus
@@ -52,7 +54,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -76,7 +78,7 @@ from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("postgate.queue")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # advisory lock keys (pg_advisory_xact_lock): schema creation/upgrade, and handing out leases with a
 # per-destination limit (one node at a time counts and leases, so the limit holds across nodes)
@@ -95,6 +97,19 @@ V2 = [
     )""",
 ]
 
+# version 3: queue priorities, and per-destination leasing without sorting every due row. Each row has the
+# priority a filter gave its message (Sieve queue_priority, 0 … 9, default 5): due messages are handed out
+# highest priority first. lease_due(per_destination=N) numbers the due rows of each destination in that
+# order (a window function); with this index the rows come in that order already (an index-only scan),
+# where version 2 sorted them all at every call, under the lease lock (EXPLAIN ANALYZE, 20,000 due rows
+# over 500 destinations: a 20,000-row quicksort, 42 ms; then 9 ms and only the top-N sort of the rows
+# handed out; tests/test_pgqueue.py checks the plan).
+V3 = [
+    """ALTER TABLE pg_messages ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 5""",
+    """CREATE INDEX IF NOT EXISTS pg_messages_due_dest ON pg_messages (destination, priority DESC, next_attempt, id)
+        WHERE state IN ('incoming', 'deferred')""",
+]
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS pg_queue_schema (version integer NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS pg_messages (
@@ -108,7 +123,8 @@ SCHEMA = [
         lease_token   bigint NOT NULL DEFAULT 0,
         body          bytea,            -- NULL: the body is in the object store under key = id
         why           text,
-        destination   text NOT NULL DEFAULT ''   -- domain of the first pending recipient (version 2)
+        destination   text NOT NULL DEFAULT '',  -- domain of the first pending recipient (version 2)
+        priority      smallint NOT NULL DEFAULT 5 -- 0 … 9, leased highest first (version 3)
     )""",
     """CREATE INDEX IF NOT EXISTS pg_messages_due ON pg_messages (next_attempt)
         WHERE state IN ('incoming', 'deferred')""",
@@ -121,7 +137,26 @@ SCHEMA = [
         arg     text NOT NULL DEFAULT ''
     )""",
     *V2,
+    *V3,
 ]
+
+# lease_due(per_destination=N): N minus the active leases of each destination, at most, highest priority
+# first, then in due order. The due
+# rows are numbered per destination straight from pg_messages_due_dest (in that order already: no sort of
+# every due row, version 3); the active leases are joined afterwards. A window function cannot go with FOR
+# UPDATE: the outer UPDATE re-checks the state of each row it takes instead (an operator's hold/delete).
+LEASE_PER_DESTINATION = (
+    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
+    "GROUP BY destination), "
+    "due AS (SELECT id, priority, next_attempt, destination, row_number() OVER "
+    "(PARTITION BY destination ORDER BY priority DESC, next_attempt, id) AS k FROM pg_messages "
+    "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %(now)s), "
+    "pick AS (SELECT d.id FROM due d LEFT JOIN busy b ON b.destination = d.destination "
+    "WHERE d.k + coalesce(b.n, 0) <= %(per)s ORDER BY d.priority DESC, d.next_attempt, d.id LIMIT %(limit)s) "
+    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
+    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
+    "AND state IN ('incoming', 'deferred') "
+    "RETURNING id, envelope, lease_token, next_attempt, destination, priority")
 
 T = TypeVar("T")
 
@@ -357,13 +392,15 @@ class PostgresSpool:
                     await cur.execute("SELECT max(version) FROM pg_queue_schema")
                     row = await cur.fetchone()
                     version = row[0] if row else None
-                    if version == 1 and create:
-                        await self._upgrade_to_2(cur)
+                    if version in (1, 2) and create:
+                        if version == 1:
+                            await self._upgrade_to_2(cur)
+                        await self._upgrade_to_3(cur)
                         await conn.commit()
-                        log.info("queue: schema upgraded from version 1 to %d", SCHEMA_VERSION)
-                        found = f"schema version {SCHEMA_VERSION} (upgraded from 1)"
+                        log.info("queue: schema upgraded from version %d to %d", version, SCHEMA_VERSION)
+                        found = f"schema version {SCHEMA_VERSION} (upgraded from {version})"
                     elif version != SCHEMA_VERSION:
-                        hint = " (postgate serve upgrades it at its start)" if version == 1 else \
+                        hint = " (postgate serve upgrades it at its start)" if version in (1, 2) else \
                             " (a newer Postgate made it: upgrade this node)"
                         raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
                                                f"{SCHEMA_VERSION}{hint}")
@@ -403,6 +440,15 @@ class PostgresSpool:
         if fill:
             await cur.executemany("UPDATE pg_messages SET destination = %s WHERE id = %s", fill)
         await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (2)")
+
+    @staticmethod
+    async def _upgrade_to_3(cur: psycopg.AsyncCursor[Any]) -> None:
+        """Version 2 -> 3, in the caller's transaction: the priority column (every queued message gets the
+        default, as its stored envelope reads) and the index of waiting rows by destination, priority and due
+        time (built in the upgrade's transaction: writers wait for it)."""
+        for stmt in V3:
+            await cur.execute(stmt)
+        await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (3)")
 
     async def try_lock(self) -> bool:
         return True     # a shared queue: every node runs it; leases keep them apart
@@ -448,10 +494,10 @@ class PostgresSpool:
         async def insert(cur: psycopg.AsyncCursor[Any]) -> None:
             # … then the row; idempotent, so a retry after an ambiguous failure makes no second message
             await cur.execute(
-                "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body, destination) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, body, destination, priority) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
                 (env.id, "hold" if hold else "incoming", env.to_bytes(), env.next_attempt, env.arrival, body,
-                 destination_of(env)))
+                 destination_of(env), env.priority))
 
         last: SpoolError | None = None
         for _ in range(2):
@@ -476,13 +522,15 @@ class PostgresSpool:
 
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
                         per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
-        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float, str]]:
+        async def lease(cur: psycopg.AsyncCursor[Any]) -> list[tuple[str, bytes, int, float, str, int]]:
             if per_destination <= 0:
+                # (the runner of a shared spool always passes per_destination: this is for tools and tests)
                 await cur.execute(
                     "UPDATE pg_messages SET state = 'active', lease_owner = %s, lease_until = %s, "
                     "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pg_messages "
-                    "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s ORDER BY next_attempt "
-                    "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, envelope, lease_token, next_attempt, destination",
+                    "WHERE state IN ('incoming', 'deferred') AND next_attempt <= %s "
+                    "ORDER BY priority DESC, next_attempt LIMIT %s FOR UPDATE SKIP LOCKED) "
+                    "RETURNING id, envelope, lease_token, next_attempt, destination, priority",
                     (owner, now + duration, now, limit))
             else:
                 # one node at a time counts the active leases per destination and leases at most
@@ -491,22 +539,12 @@ class PostgresSpool:
                 # outer UPDATE re-checks the state of each row it takes instead (an operator's hold/delete).
                 await cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_LEASES,))
                 await cur.execute(
-                    "WITH busy AS (SELECT destination, count(*) AS n FROM pg_messages WHERE state = 'active' "
-                    "GROUP BY destination), "
-                    "due AS (SELECT m.id, m.next_attempt, coalesce(b.n, 0) + row_number() OVER "
-                    "(PARTITION BY m.destination ORDER BY m.next_attempt, m.id) AS k FROM pg_messages m "
-                    "LEFT JOIN busy b ON b.destination = m.destination "
-                    "WHERE m.state IN ('incoming', 'deferred') AND m.next_attempt <= %(now)s), "
-                    "pick AS (SELECT id FROM due WHERE k <= %(per)s ORDER BY next_attempt, id LIMIT %(limit)s) "
-                    "UPDATE pg_messages SET state = 'active', lease_owner = %(owner)s, lease_until = %(until)s, "
-                    "lease_token = nextval('pg_lease_tokens') WHERE id IN (SELECT id FROM pick) "
-                    "AND state IN ('incoming', 'deferred') "
-                    "RETURNING id, envelope, lease_token, next_attempt, destination",
+                    LEASE_PER_DESTINATION,
                     {"now": now, "per": per_destination, "limit": limit, "owner": owner, "until": now + duration})
-            return [(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in await cur.fetchall()]
+            return [(r[0], bytes(r[1]), r[2], r[3], r[4], r[5]) for r in await cur.fetchall()]
 
         out: list[tuple[Lease, Envelope]] = []
-        for qid, data, token, due, dest in sorted(await self._tx(lease), key=lambda r: (r[3], r[0])):
+        for qid, data, token, due, dest, _ in sorted(await self._tx(lease), key=lambda r: (-r[5], r[3], r[0])):
             try:
                 env = _envelope(data, due)
             except EnvelopeError as e:
@@ -514,6 +552,24 @@ class PostgresSpool:
                 continue
             out.append((Lease(qid, owner, now + duration, token, dest), env))
         return out
+
+    async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        """One statement for every lease given (a node renews all of its attempts under way at once), fenced
+        like a result: only a row still ``active`` under the lease's token and owner is extended; a row
+        taken back, leased again, deleted or quarantined is not in the answer."""
+        if not leases:
+            return []
+
+        async def run(cur: psycopg.AsyncCursor[Any]) -> dict[tuple[str, int], float]:
+            await cur.execute(
+                "UPDATE pg_messages m SET lease_until = greatest(m.lease_until, %s) "
+                "FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS k(id, token, owner) "
+                "WHERE m.id = k.id AND m.lease_token = k.token AND m.lease_owner = k.owner AND m.state = 'active' "
+                "RETURNING m.id, m.lease_token, m.lease_until",
+                (now + duration, [x.id for x in leases], [x.token for x in leases], [x.owner for x in leases]))
+            return {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+        kept = await self._tx(run)
+        return [replace(x, until=kept[(x.id, x.token)]) for x in leases if (x.id, x.token) in kept]
 
     async def content(self, qid: str) -> bytes:
         async def body(cur: psycopg.AsyncCursor[Any]) -> bytes | None:
@@ -656,9 +712,10 @@ class PostgresSpool:
         return await self._tx(run) == 1
 
     async def update(self, qid: str, state: State, env: Envelope) -> bool:
-        return await self._one("UPDATE pg_messages SET envelope = %s, next_attempt = %s, destination = %s "
-                               "WHERE id = %s AND state = %s",
-                               (env.to_bytes(), env.next_attempt, destination_of(env), qid, str(state)))
+        return await self._one("UPDATE pg_messages SET envelope = %s, next_attempt = %s, destination = %s, "
+                               "priority = %s WHERE id = %s AND state = %s",
+                               (env.to_bytes(), env.next_attempt, destination_of(env), env.priority, qid,
+                                str(state)))
 
     async def delete(self, qid: str, state: State | None = None) -> bool:
         if state is None:

@@ -16,11 +16,13 @@ corrupt     failed an integrity check; kept for the operator, never delivered, n
 Delivery works with *leases* (:class:`Lease`): :meth:`Spool.lease_due` hands out due messages, each leased
 to one owner until ``until``. The owner ends the lease with :meth:`Spool.release` (a temporary failure:
 back to deferred with the envelope's new ``next_attempt``), :meth:`Spool.finish` (every recipient final:
-gone) or records progress meanwhile with :meth:`Spool.record`. A lease that is not ended in time (its
-owner died, or the result could not be written) is taken back by :meth:`Spool.reclaim`, so no message is
-ever stranded in ``active``. A shared spool (PostgreSQL) gives such messages to another node and uses
-``Lease.token`` as a fencing token: a result written under a lease that was taken back is refused
-(:class:`LeaseLost`).
+gone) or records progress meanwhile with :meth:`Spool.record`. While an attempt runs, its owner extends
+the lease (:meth:`Spool.renew`, a heartbeat: every lease under way in one call, every third of the lease
+time), so an attempt may take longer than the lease time and a lease only expires when its owner stopped
+renewing it (died, paused, cut off). A lease that is not ended in time (its owner died, or the result could
+not be written) is taken back by :meth:`Spool.reclaim`, so no message is ever stranded in ``active``. A
+shared spool (PostgreSQL) gives such messages to another node and uses ``Lease.token`` as a fencing token: a
+result written under a lease that was taken back is refused (:class:`LeaseLost`).
 
 *Destinations* (the domain of a message's first pending recipient, :func:`destination_of`) are the unit of
 politeness towards remote sites, and a shared spool shares it between nodes: ``lease_due(…,
@@ -150,6 +152,14 @@ class Spool(Protocol):
     def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
         """``owner`` runs the queue in this process with leases of ``duration`` (None: it stopped): the spool
         may lease new mail queued here to it at once and keep it in memory for :meth:`lease_fresh`."""
+
+    async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        """Extend each of ``leases`` still held by its owner under its token to ``now + duration`` (never
+        shortened), all in one call. Returns the leases still held, with their new ``until``; a lease
+        missing from the answer was lost (taken back, leased by another owner, the message deleted or
+        quarantined) and is never extended: its owner's results will be refused (:class:`LeaseLost`). A
+        lease past its ``until`` that nobody took back yet is still held and is extended. Raises
+        :class:`SpoolError` when the spool cannot tell (unreachable): nothing is known to be lost."""
 
     async def content(self, qid: str) -> bytes: ...
 

@@ -26,6 +26,14 @@ result durably, and decides what happens next.
   ``status=deferred (internal error …)`` with the queue id and counted (``attempt_error``). A deferral
   the spool cannot write (disk full) is kept and written again at every pass, and a lease not ended in
   time is taken back (``Spool.reclaim``), so nothing stays in ``active`` until a restart.
+- Leases are renewed while their attempts run (a heartbeat): every third of ``lease_time``, one
+  ``Spool.renew`` call extends the leases of every attempt under way, so an attempt may outlast
+  ``lease_time`` (a 600 s DATA timeout, several MX hosts in turn) without another node taking its message
+  over, and ``lease_time`` only says how soon a dead node's mail is taken over. A renewal that finds a
+  lease lost (taken back after a pause or a partition, the message deleted by the operator) is logged
+  with the queue id; an attempt still talking to the remote server is stopped (its result could not be
+  recorded: the message's new owner delivers it, and stopping before the end of DATA spares the
+  recipient a duplicate); a result written under a lost lease is refused anyway (``LeaseLost``).
 - When to retry is the pure function ``retry.next_attempt``; the spool is any ``Spool`` (protocol.py).
 
 The clock is injectable, so tests can move time.
@@ -115,6 +123,9 @@ class Scheduler:
         self.wake = asyncio.Event()
         # deferrals the spool could not write yet (disk full): written again at every pass
         self._unsaved: dict[str, tuple[Lease, Envelope]] = {}
+        # lease renewal: the leases of the attempts under way, and those talking to a remote server now
+        self._inflight: dict[str, Lease] = {}
+        self._delivering: dict[str, asyncio.Task[Any]] = {}
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -135,9 +146,13 @@ class Scheduler:
         once and wait for all of them (``fresh``: only the new mail handed over, as :meth:`run` does when
         new mail wakes it). Returns messages attempted."""
         await self._housekeeping()
-        leased = await self._lease(self.config.batch, fresh=fresh)
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        renewer = asyncio.create_task(self._renewing())
+        try:
+            leased = await self._lease(self.config.batch, fresh=fresh)
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
+        finally:
+            renewer.cancel()
         return leased
 
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
@@ -148,6 +163,7 @@ class Scheduler:
         self._running = True
         self.spool.hand_over(self.owner, self.config.lease_time)
         last_house = -tick
+        renewer = asyncio.create_task(self._renewing())
         last_scan = -self.config.poll
         fresh_more = scan_more = False
         try:
@@ -191,7 +207,10 @@ class Scheduler:
             self._freed = None
             self._running = False
             self.spool.hand_over(None)
-            await self._drain()
+            try:
+                await self._drain()
+            finally:
+                renewer.cancel()
 
     @staticmethod
     async def _first_of(waits: list[Coroutine[Any, Any, Any]], timeout: float) -> None:
@@ -303,6 +322,43 @@ class Scheduler:
         if self._freed is not None:
             self._freed.set()
 
+    # --- lease renewal (a heartbeat for the attempts under way) ---------------------------------------------
+    async def _renewing(self) -> None:
+        """Renew the leases of the attempts under way every third of ``lease_time``: a renewal that fails
+        once (the database briefly away) leaves two more chances before a lease runs out."""
+        while True:
+            await asyncio.sleep(self.config.lease_time / 3)
+            await self.renew_leases()
+
+    async def renew_leases(self) -> list[str]:
+        """Extend the leases of every attempt under way, in one spool call. Returns the queue ids whose
+        lease was lost: each is logged, and its attempt stopped if it is still talking to the remote server
+        (its result could not be recorded; the message's new owner delivers it)."""
+        held = list(self._inflight.values())
+        if not held:
+            return []
+        try:
+            kept = {lease.id for lease in await self.spool.renew(held, self.clock(), self.config.lease_time)}
+        except Exception as e:   # nothing known to be lost: the next renewal tries again
+            self.counters.inc("lease_renew_error")
+            log.error("queue: cannot renew the leases of %d attempts under way (%s); trying again in %gs",
+                      len(held), e, self.config.lease_time / 3)
+            return []
+        lost = []
+        for lease in held:
+            if lease.id in kept or self._inflight.get(lease.id) is not lease:
+                continue   # renewed, or the attempt ended meanwhile (its own result ended the lease)
+            del self._inflight[lease.id]
+            task = self._delivering.get(lease.id)
+            if task is None:
+                continue   # writing its result: that write is refused (LeaseLost) and logged by _attempt
+            lost.append(lease.id)
+            self.counters.inc("lease_lost")
+            log.warning("%s: lease lost while delivering (taken back or removed; another node may deliver "
+                        "it); attempt stopped, no result recorded", lease.id)
+            task.cancel()
+        return lost
+
     # --- per-destination state (kept behind these helpers: a shared spool may store it elsewhere) -------
     def _dest_dead(self, dest: str, now: float) -> bool:
         """The destination is backing off after a destination-wide failure."""
@@ -339,15 +395,22 @@ class Scheduler:
         """One delivery attempt. No exception leaves it: whatever goes wrong becomes a deferral with backoff
         (logged with the queue id and counted), so no message is ever stranded in ``active``."""
         attempts = len(env.attempts)
+        self._inflight[lease.id] = lease
         try:
             await self._deliver(lease, env)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as e:   # fencing: the message is another owner's now; nothing of ours is written
+            self.counters.inc("lease_lost")
+            log.warning("%s: lease lost during the attempt (%s); its result is not recorded", env.id, e)
         except Exception as e:  # the rule: no exception may strand a message
             self.counters.inc("attempt_error")
             log.error("%s: status=deferred (internal error during the delivery attempt: %s: %s)", env.id,
                       type(e).__name__, e, exc_info=True)
             await self._defer_after_error(lease, env, e, counted=len(env.attempts) > attempts)
+        finally:
+            if self._inflight.get(lease.id) is lease:
+                del self._inflight[lease.id]
 
     async def _defer_after_error(self, lease: Lease, env: Envelope, err: Exception, counted: bool) -> None:
         now = self.clock()
@@ -396,11 +459,17 @@ class Scheduler:
         results: list[RecipientResult] = []
         if ready:
             dest = domain_of(ready[0].address)
-            async with self._sems[dest]:
-                results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
-                                                       queue_id=env.id, requiretls=env.requiretls,
-                                                       dsn=dsn.params(env), arrival=env.arrival,
-                                                       smtputf8=env.smtputf8, routes=routes_of(ready))
+            me = asyncio.current_task()
+            if me is not None:
+                self._delivering[env.id] = me   # a renewal that finds the lease lost stops the attempt
+            try:
+                async with self._sems[dest]:
+                    results = await self.deliverer.deliver(env.sender, [r.address for r in ready], content,
+                                                           queue_id=env.id, requiretls=env.requiretls,
+                                                           dsn=dsn.params(env), arrival=env.arrival,
+                                                           smtputf8=env.smtputf8, routes=routes_of(ready))
+            finally:
+                self._delivering.pop(env.id, None)
             crashpoint("queue-after-remote-reply")
         now = self.clock()
         by_addr = {r.recipient: r for r in results}

@@ -72,6 +72,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import heapq
 import itertools
 import logging
 import os
@@ -80,7 +81,7 @@ import secrets
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar, cast
@@ -203,6 +204,7 @@ class SpoolFiles:
         self._depth = 0
         self._not_due: dict[str, tuple[int, float]] = {}   # qid -> (inode, next_attempt) of a waiting envelope
         self._dest_of: dict[str, tuple[int, str]] = {}     # qid -> (inode, destination) of an envelope read
+        self._prio_of: dict[str, tuple[int, int]] = {}     # qid -> (inode, queue priority) of an envelope read
         self.init_error: OSError | None = None
         try:
             for d in ("messages", "tmp", "requests", *STATES):
@@ -217,7 +219,10 @@ class SpoolFiles:
         # the hand-over of new mail to this process's runner (:meth:`take_fresh`): on (the runner's owner
         # name and lease time) only while it runs the queue; what does not fit is left to lease_due's scan
         self.handover: tuple[str, float] | None = None
-        self._fresh: deque[tuple[Lease, bytes]] = deque()   # leased at enqueue: (lease, envelope as written)
+        # leased at enqueue: a heap of (-queue priority, arrival order, lease, envelope as written), so the
+        # runner takes the highest priority first (a filter's queue_priority), in arrival order within one
+        self._fresh: list[tuple[int, int, Lease, bytes]] = []
+        self._fresh_order = itertools.count()
         self._contents: dict[str, bytes] = {}    # content of a message handed over, until content() takes it
         self._kept = 0                           # bytes in _contents
 
@@ -420,7 +425,7 @@ class SpoolFiles:
                     errors[i] = e
                     continue
                 if lease is not None:
-                    self._fresh.append((lease, heads[i]))
+                    heapq.heappush(self._fresh, (-env.priority, next(self._fresh_order), lease, heads[i]))
                     if self._kept + len(content) <= self.KEPT_BYTES:
                         self._contents[env.id] = content
                         self._kept += len(content)
@@ -438,7 +443,7 @@ class SpoolFiles:
         out: list[tuple[Lease, Envelope]] = []
         with self._mutex:
             for _ in range(min(limit, len(self._fresh))):
-                lease, head = self._fresh.popleft()
+                _, _, lease, head = heapq.heappop(self._fresh)
                 if self._leases.get(lease.id) != lease:
                     self._forget_content(lease.id)
                     continue
@@ -552,59 +557,106 @@ class SpoolFiles:
         ``per_destination``, at most that many leases per destination at once (this process's leases: the
         directory has one owner). An envelope read once and found not due is not read again until it is due
         or rewritten (a new file: a new inode), so a large deferred queue costs a directory listing per call,
-        not a read of every envelope."""
+        not a read of every envelope. When more messages may be due than asked for, the highest queue
+        priority goes first (:meth:`_by_priority`)."""
         out: list[tuple[Lease, Envelope]] = []
         with self._mutex:
             busy = Counter(lease.destination for lease in self._leases.values())
-        for state in WAITING:
-            with os.scandir(self.root / state) as it:
-                names = sorted((e.name, e.inode()) for e in it)
-            for qid, inode in names:
-                if len(out) >= limit:
-                    return out
-                if not self.mine(qid):
+        names: list[tuple[str, str, int]] = []
+        for waiting in WAITING:
+            with os.scandir(self.root / waiting) as it:
+                for qid, inode in sorted((e.name, e.inode()) for e in it):
+                    known = self._not_due.get(qid)
+                    if self.mine(qid) and not (known is not None and known[0] == inode and known[1] > now):
+                        names.append((waiting.value, qid, inode))
+        if len(names) > limit:
+            names = self._by_priority(names, now)
+        for state, qid, inode in names:
+            if len(out) >= limit:
+                return out
+            if per_destination:   # a destination at its limit: its messages are not read again
+                dest_known = self._dest_of.get(qid)
+                if dest_known is not None and dest_known[0] == inode and busy[dest_known[1]] >= per_destination:
                     continue
-                known = self._not_due.get(qid)
-                if known is not None and known[0] == inode and known[1] > now:
+            with self._locked():
+                try:
+                    data, inode = _read_index(self.path(state, qid))
+                    env = Envelope.from_bytes(data)
+                except FileNotFoundError:
+                    continue  # taken by a concurrent operation
+                except (EnvelopeError, OSError) as e:
+                    self.quarantine(qid, state, str(e))
                     continue
-                if per_destination:   # a destination at its limit: its messages are not read again
-                    dest_known = self._dest_of.get(qid)
-                    if dest_known is not None and dest_known[0] == inode and busy[dest_known[1]] >= per_destination:
-                        continue
-                with self._locked():
-                    try:
-                        data, inode = _read_index(self.path(state, qid))
-                        env = Envelope.from_bytes(data)
-                    except FileNotFoundError:
-                        continue  # taken by a concurrent operation
-                    except (EnvelopeError, OSError) as e:
-                        self.quarantine(qid, state, str(e))
-                        continue
-                    if env.next_attempt > now:
-                        if len(self._not_due) >= 1_000_000:
-                            self._not_due.clear()
-                        self._not_due[qid] = (inode, env.next_attempt)
-                        continue
-                    self._not_due.pop(qid, None)
-                    dest = destination_of(env)
-                    if len(self._dest_of) >= 1_000_000:
-                        self._dest_of.clear()
-                    self._dest_of[qid] = (inode, dest)
-                    if per_destination and busy[dest] >= per_destination:
-                        continue
-                    try:
-                        self._move(qid, state, "active", durable=False)
-                    except FileNotFoundError:
-                        continue
-                    lease = Lease(qid, owner, now + duration, next(self._tokens), dest)
-                    self._leases[qid] = lease
-                    busy[dest] += 1
-                out.append((lease, env))
+                if env.next_attempt > now:
+                    self._note_not_due(qid, inode, env.next_attempt)
+                    continue
+                self._not_due.pop(qid, None)
+                dest = destination_of(env)
+                if len(self._dest_of) >= 1_000_000:
+                    self._dest_of.clear()
+                self._dest_of[qid] = (inode, dest)
+                if per_destination and busy[dest] >= per_destination:
+                    continue
+                try:
+                    self._move(qid, state, "active", durable=False)
+                except FileNotFoundError:
+                    continue
+                lease = Lease(qid, owner, now + duration, next(self._tokens), dest)
+                self._leases[qid] = lease
+                busy[dest] += 1
+            out.append((lease, env))
         return out
 
+    def _note_not_due(self, qid: str, inode: int, due: float) -> None:
+        if len(self._not_due) >= 1_000_000:
+            self._not_due.clear()
+        self._not_due[qid] = (inode, due)
+
+    def _by_priority(self, names: list[tuple[str, str, int]], now: float) -> list[tuple[str, str, int]]:
+        """More candidates than asked for: the highest queue priority first (a filter's ``queue_priority``),
+        in the listing's order within one priority. An envelope's priority is read once per file (its
+        inode: every change is a new file), so a backlog costs one extra read per message; with no more
+        candidates than asked for every due one is leased anyway and nothing extra is read."""
+        out = []
+        for state, qid, inode in names:
+            known = self._prio_of.get(qid)
+            if known is None or known[0] != inode:
+                try:
+                    env = Envelope.from_bytes(_read_index(self.path(state, qid))[0])
+                except (OSError, EnvelopeError):
+                    out.append((9, state, qid, inode))   # gone or corrupt: the lease loop finds out at once
+                    continue
+                if len(self._prio_of) >= 1_000_000:
+                    self._prio_of.clear()
+                known = self._prio_of[qid] = (inode, env.priority)
+                if env.next_attempt > now:
+                    self._note_not_due(qid, inode, env.next_attempt)
+                    continue
+            out.append((known[1], state, qid, inode))
+        out.sort(key=lambda c: -c[0])   # stable: incoming before deferred, then by name, within a priority
+        return [(state, qid, inode) for _, state, qid, inode in out]
+
     def _check_lease(self, lease: Lease) -> None:
-        if self._leases.get(lease.id) != lease:
+        # the lease's token (unique in this process) and owner fence it; ``until`` moves with renew()
+        held = self._leases.get(lease.id)
+        if held is None or held.token != lease.token or held.owner != lease.owner:
             raise LeaseLost(f"{lease.id}: the lease was taken back (expired); the result is not recorded")
+
+    def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        """Extend the leases this process still holds (same token and owner, the envelope still in active/):
+        a lease is in memory here, so renewing writes nothing; one the runner took back or the operator
+        removed is not in the answer."""
+        out = []
+        with self._locked():
+            for lease in leases:
+                held = self._leases.get(lease.id)
+                if held is None or held.token != lease.token or held.owner != lease.owner or \
+                        not self.path("active", lease.id).exists():
+                    continue
+                held = dataclasses.replace(held, until=max(held.until, now + duration))
+                self._leases[lease.id] = held
+                out.append(held)
+        return out
 
     def record(self, lease: Lease, env: Envelope) -> None:
         """Durably record per-recipient results of the message being delivered."""
@@ -1066,6 +1118,9 @@ class DirectorySpool:
         and handed over (:meth:`lease_fresh`); None: no more (what was handed over stays leased until
         taken with lease_fresh, or reclaimed when its lease ends)."""
         self.files.handover = None if owner is None else (owner, duration)
+
+    async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
+        return await self._io(self.files.renew, leases, now, duration)
 
     async def content(self, qid: str) -> bytes:
         if qid in self.files._contents:   # leased by lease_fresh: in memory, no thread needed
