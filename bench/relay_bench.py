@@ -14,7 +14,8 @@ Set-up, all inside the private test network:
   connection reused (``-d``); for the many-destinations cell, ten ``smtp-source`` at once, one per domain.
 - MTAs under test, each relaying with DANE: Postgate pre-queue on asyncio's loop and on uvloop, with DKIM
   off (uvloop), with ``[server] workers = 2`` (one per core, uvloop), Postgate queue-first (one process,
-  and two with ``[queue] run_in_workers``: both processes accept and deliver), and Postfix
+  with DKIM off too — Postfix signs nothing, so this row compares the queues —, and two with
+  ``[queue] run_in_workers``: both processes accept and deliver), and Postfix
   (``smtp_tls_security_level = dane``, DNSSEC via the same Unbound, connection caching and
   ``smtp_tls_connection_reuse = yes``, 100 processes), and the same Postfix signing through the OpenDKIM
   milter, as an operator who signs runs it (RSA with own.test's key; Postgate signs RSA and Ed25519), so
