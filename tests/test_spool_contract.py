@@ -200,6 +200,13 @@ async def _handed_over(spool: Spool) -> None:
     await spool.release(rest[0][0], f)
     got = await spool.get(f.id)
     assert got is not None and got[0] == State.DEFERRED
+    # mail queued after a pre-queue attempt (or with a later first attempt) is not due: never handed over
+    (h, x) = _env(4)
+    h.attempts.append({"time": T0, "prequeue": True})
+    h.next_attempt = T0 + 300
+    await spool.enqueue(h, x)
+    assert await spool.lease_fresh(T0, "n", 60, 10) == [] and await spool.lease_due(T0, "n", 60, 10) == []
+    assert h.id in [env.id for _, env in await spool.lease_due(T0 + 300, "n", 60, 10)]   # (f is due again too)
     spool.hand_over(None)
     await spool.enqueue(g, b)
     got = await spool.get(g.id)

@@ -408,9 +408,11 @@ class SpoolFiles:
                 env, content, *hold = items[i]
                 lease = None
                 if handover is not None and not (hold and hold[0]) and len(self._fresh) < self.FRESH_MAX \
-                        and self.mine(env.id):
+                        and not env.attempts and env.next_attempt <= env.arrival and self.mine(env.id):
                     # handed over to this process's runner: leased now (the index goes straight to active/,
-                    # the lease registered first, so reclaim never finds it uncovered)
+                    # the lease registered first, so reclaim never finds it uncovered). Only mail due as it
+                    # arrives: one queued after a pre-queue attempt, or with a later first attempt, waits
+                    # for its time in incoming/
                     lease = Lease(env.id, handover[0], time.time() + handover[1], next(self._tokens),
                                   destination_of(env))
                     self._leases[env.id] = lease
