@@ -187,13 +187,14 @@ def test_queue_list_shows_the_lease_holder_and_a_dead_holder_is_taken_over(
         b.stop()
 
 
-def send_code(address: str, token: str) -> int:
-    """The reply code to the end of DATA (or to whatever refused the message first); 0: no session."""
+def send_code(address: str, token: str, domain: str = "cluster.test", timeout: float = 15) -> int:
+    """The reply code to the end of DATA (or to whatever refused the message first); 0: no session. The
+    sender and the Message-ID are in ``domain`` (each test module finds its own messages by it)."""
     try:
-        with smtplib.SMTP(address, 25, timeout=15, source_address=(CLIENT, 0)) as s:
+        with smtplib.SMTP(address, 25, timeout=timeout, source_address=(CLIENT, 0)) as s:
             s.ehlo("client.test")
-            s.sendmail("load@cluster.test", [f"bob+{token}@dane-ok.test"],
-                       f"Subject: {token}\r\nMessage-ID: <{token}@cluster.test>\r\n\r\n{token}\r\n")
+            s.sendmail(f"load@{domain}", [f"bob+{token}@dane-ok.test"],
+                       f"Subject: {token}\r\nMessage-ID: <{token}@{domain}>\r\n\r\n{token}\r\n")
             return 250
     except smtplib.SMTPDataError as e:
         return e.smtp_code

@@ -18,7 +18,6 @@ cuts one of them, the other stays reachable.
 from __future__ import annotations
 
 import asyncio
-import smtplib
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from fixtures.netcut import Partition, established
 from fixtures.pgserve import PostgateServer
 from fixtures.postgres import Cluster
 from fixtures.testnet import TestNet
+from tests.test_pgcluster import send_code as pgcluster_send_code
 
 pytestmark = pytest.mark.cluster
 
@@ -47,7 +47,7 @@ HOST = "127.0.3.1"         # PostgreSQL as the rest of the cluster reaches it
 CUT = "127.0.3.2"          # the same server, reached by the node that the partition cuts off
 PORT = 30432
 NODE = "127.0.2.21"
-CLIENT = "127.0.5.1"       # inside the node's trusted_networks: relaying allowed
+CLIENT = "127.0.5.1"       # inside the node's trusted_networks: relaying allowed (as tests/test_pgcluster.py's)
 
 
 @pytest.fixture(scope="module")
@@ -228,19 +228,8 @@ def test_destination_concurrency_holds_across_two_nodes(testnet: TestNet, cluste
 
 
 def send_code(address: str, token: str) -> int:
-    """The reply code to the end of DATA (or to whatever refused the message first); 0: no session."""
-    try:
-        with smtplib.SMTP(address, 25, timeout=60, source_address=(CLIENT, 0)) as s:
-            s.ehlo("client.test")
-            s.sendmail("load@share.test", [f"bob+{token}@dane-ok.test"],
-                       f"Subject: {token}\r\nMessage-ID: <{token}@share.test>\r\n\r\n{token}\r\n")
-            return 250
-    except smtplib.SMTPDataError as e:
-        return e.smtp_code
-    except smtplib.SMTPRecipientsRefused as e:
-        return next(iter(e.recipients.values()))[0]
-    except (OSError, smtplib.SMTPException):
-        return 0
+    """The reply code to the end of DATA (tests/test_pgcluster.py's client, with this module's domain)."""
+    return pgcluster_send_code(address, token, domain="share.test", timeout=60)
 
 
 def delivered(testnet: TestNet) -> set[str]:
