@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -38,50 +37,74 @@ T = TypeVar("T")
 _orphans: set[asyncio.Future[Any]] = set()
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
-    """Go on with ``coro`` after its first step, which yielded ``yielded`` (a future, or None for a bare
-    yield): what ``yield from coro`` does from the second step on."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as e:  # cancellation or an exception thrown in by the Task: pass it on
-            try:
-                yielded = coro.throw(e)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+class _Continued(Coroutine[Any, T, T]):
+    """What the Task of an eagerly started coroutine runs: its first ``send`` hands the Task the future the
+    eager step was waiting on (or ends at once, the eager step having finished the coroutine); from then on
+    every ``send`` and ``throw`` goes to the coroutine itself, as ``yield from`` would. A cancellation before
+    the Task's first step is thrown into the coroutine where it waits."""
 
+    __slots__ = ("coro", "finished", "started", "yielded")
 
-async def _rest(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
-    return await _resume(coro, yielded)
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self.coro = coro
+        self.started = False
+        self.finished = False
+        self.yielded: Any = None
+
+    def send(self, value: Any) -> Any:
+        if not self.started:
+            self.started = True
+            if self.finished:
+                raise StopIteration(None)
+            return self.yielded
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if not self.started:
+            self.started = True
+            if self.finished:
+                raise typ if val is None else val
+        return self.coro.throw(typ) if val is None else self.coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        raise TypeError("run by its Task only")
 
 
 def task(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """``asyncio.create_task(coro)``, except that the first step runs now: a coroutine that does not suspend
-    is done on return (a done future carries its result or exception), one that does goes on in a Task."""
+    """``asyncio.create_task(coro)``, except that the first step runs now, as the new Task's (so
+    ``asyncio.current_task()`` — and with it ``asyncio.timeout`` — sees that Task, as in 3.12's eager tasks): a
+    coroutine that does not suspend is done on return (a done future carries its result or exception), one
+    that does goes on in the Task."""
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
+    cont = _Continued(coro)
+    t = loop.create_task(cont, context=ctx)
+    caller = asyncio.current_task(loop)
+    if caller is not None:
+        asyncio.tasks._leave_task(loop, caller)
+    asyncio.tasks._enter_task(loop, t)
     try:
-        yielded = ctx.run(coro.send, None)
+        cont.yielded = ctx.run(coro.send, None)
+        return t
     except StopIteration as stop:
+        cont.finished = True
         fut: asyncio.Future[T] = loop.create_future()
         fut.set_result(stop.value)
         return fut
     except BaseException as e:
+        cont.finished = True
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
         fut = loop.create_future()
         fut.set_exception(e)
         return fut
-    return loop.create_task(_rest(coro, yielded), context=ctx)
+    finally:
+        asyncio.tasks._leave_task(loop, t)
+        if caller is not None:
+            asyncio.tasks._enter_task(loop, caller)
 
 
 async def gather(*coros: Coroutine[Any, Any, Any]) -> list[Any]:

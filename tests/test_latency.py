@@ -120,7 +120,33 @@ def test_gather_keeps_asyncio_semantics(event_loop: str) -> None:
         assert not t.done() and await t == 8
         t = eager.task(_fails(False))
         assert t.done() and isinstance(t.exception(), ValueError)
+        # the first step runs as the new task's: asyncio.timeout entered there cancels that task, not the
+        # caller (a delivery's command timeout must never cancel the session that started it)
+        me = asyncio.current_task()
+        t = eager.task(_who())
+        assert t.done() and t.result() is not me and asyncio.current_task() is me
+        t = eager.task(_times_out())
+        with pytest.raises(TimeoutError):
+            await t
+        assert await eager.gather(_times_out_caught(), _now(2)) == ["timed out", 2]
     _run(go(), event_loop)
+
+
+async def _who() -> asyncio.Task[Any] | None:
+    return asyncio.current_task()
+
+
+async def _times_out() -> None:
+    async with asyncio.timeout(0.01):
+        await asyncio.sleep(30)
+
+
+async def _times_out_caught() -> str:
+    try:
+        await _times_out()
+    except TimeoutError:
+        return "timed out"
+    return "no"
 
 
 def test_gather_of_coroutines_that_do_not_wait_takes_no_turn() -> None:
