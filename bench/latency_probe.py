@@ -60,7 +60,8 @@ def main() -> int:
                     r = run_case(net, receiver, srv.address, srv.proc.pid, n, c, 2_000)
                     replies += r.reply
                     stored += r.stored
-                    print(f"run {i + 1}: {r.relay:,.0f} relayed/s, {r.cpu_ms:.2f} ms CPU/msg, {r.connections} connections to the receiver, load "
+                    print(f"run {i + 1}: {r.relay:,.0f} relayed/s, {r.cpu_ms:.2f} ms CPU/msg, "
+                          f"{r.connections} connections to the receiver, load "
                           f"{os.getloadavg()[0]:.1f}; DATA reply {pcts(r.reply)}; "
                           f"samples {' '.join(f'{x * 1000:.0f}' for x in r.reply)}", flush=True)
                 if os.environ.get("LP_LOG"):

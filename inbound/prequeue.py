@@ -28,16 +28,15 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import dkim as dkimpy
 from postgate.inbound.filters import Route
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy
 from postgate.inbound.smtpd import Reply, Session, xtext_decode
-from postgate.outbound import eager
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import (
@@ -51,7 +50,6 @@ from postgate.policy import vocab
 from postgate.policy.vocab import Outcome, domain_of, new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
-T = TypeVar("T")
 
 
 def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
@@ -204,35 +202,21 @@ class PreQueue:
         remote = [r for r in env.recipients if not self.relay.is_local(r.address)]
         await self._deliver_local(env, content, success, got)
         if remote:
-            # the delivery starts at once and, when it ends, wakes this session in the same step (issue 20:
-            # a Task started on a later turn and asyncio.wait woke us two turns after it ended; under load each
-            # turn waits behind every other session's work, outbound/eager.py)
-            outcome: asyncio.Future[list[RecipientResult]] = asyncio.get_running_loop().create_future()
-            task = eager.task(_handing_over(outcome, self.deliverer.deliver(
-                env.sender, [r.address for r in remote], content, queue_id=env.id, requiretls=env.requiretls,
-                dsn=dsn.params(env), smtputf8=env.smtputf8, routes=routes_of(remote))))
-            budget = asyncio.timeout(self.config.budget)
-            results: list[RecipientResult] = []
-            failed: Exception | None = None
+            task = asyncio.create_task(self.deliverer.deliver(env.sender, [r.address for r in remote], content,
+                                                              queue_id=env.id, requiretls=env.requiretls,
+                                                              dsn=dsn.params(env), smtputf8=env.smtputf8,
+                                                              routes=routes_of(remote)))
+            done, _ = await asyncio.wait({task}, timeout=self.config.budget)
+            if not done:
+                # the budget is spent: queue now, record the late results when they come
+                env.next_attempt = time.time() + self.config.grace
+                reply = await self._queue(env, content, f"pre-queue budget of {self.config.budget:g}s spent")
+                late = asyncio.create_task(self._late(env.id, task))
+                self.late.add(late)
+                late.add_done_callback(self.late.discard)
+                return reply
             try:
-                async with budget:
-                    results = await outcome   # cancelled by the budget: the delivery itself goes on
-            except Exception as e:
-                if budget.expired():
-                    # the budget is spent: queue now, record the late results when they come
-                    env.next_attempt = time.time() + self.config.grace
-                    reply = await self._queue(env, content, f"pre-queue budget of {self.config.budget:g}s spent")
-                    late = asyncio.create_task(self._late(env.id, task))
-                    self.late.add(late)
-                    late.add_done_callback(self.late.discard)
-                    return reply
-                failed = e
-            if task.done() and not task.cancelled():
-                task.exception()   # the outcome carried it: not "never retrieved"
-            try:
-                if failed is not None:
-                    raise failed
-                for res in results:
+                for res in task.result():
                     got[res.recipient] = res
                     _apply(env, res)
                     if res.relayed_without_dsn:
@@ -312,7 +296,7 @@ class PreQueue:
             await asyncio.sleep(delay)
         return Reply(250, f"2.0.0 Ok: queued as {env.id}")
 
-    async def _late(self, qid: str, task: asyncio.Future[list[RecipientResult]]) -> None:
+    async def _late(self, qid: str, task: asyncio.Task[list[RecipientResult]]) -> None:
         try:
             results = await task
         except Exception:
@@ -352,24 +336,6 @@ class PreQueue:
         helo = "".join(c for c in s.helo if c.isprintable() and c not in "()")[:100]
         return (f"Received: from {helo} ([{s.peer[0]}])\r\n\tby {self.config.hostname} (Postgate) with "
                 f"{proto}{tls} id {qid}{for_};\r\n\t{email.utils.formatdate(now)}\r\n").encode()
-
-
-async def _handing_over(outcome: asyncio.Future[T], delivery: Coroutine[Any, Any, T]) -> T:
-    """Run ``delivery`` and put its result (or exception) in ``outcome`` as it ends, so the waiting session is
-    woken in this step (a done callback on the task would take one more turn of the loop first)."""
-    try:
-        res = await delivery
-    except asyncio.CancelledError:
-        if not outcome.done():
-            outcome.cancel()
-        raise
-    except BaseException as e:
-        if not outcome.done():
-            outcome.set_exception(e)
-        raise
-    if not outcome.done():
-        outcome.set_result(res)
-    return res
 
 
 def _unplus(addr: str) -> str:

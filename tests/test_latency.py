@@ -9,7 +9,6 @@ driven with ``send(None)`` and must finish in that one step.
 - ``outbound/eager.py``: gather and task with asyncio's semantics, without the turns a Task costs;
 - next-hop resolution and the route of a delivery (MX hosts, A/AAAA, the MTA-capability record, MTA-STS)
   from cached answers: no turn at all (it was about ten);
-- pre-queue: the session is woken in the step that ends the delivery (asyncio.wait took two turns more);
 - a lockstep transaction (a server without PIPELINING) sends each command from the protocol as the reply
   to the one before arrives, not a turn later in the coroutine: same commands, same order.
 """
@@ -17,27 +16,20 @@ driven with ``send(None)`` and must finish in that one step.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
-from postgate.inbound.prequeue import PreQueue, PreQueueConfig
-from postgate.inbound.relay import RelayPolicy
-from postgate.inbound.smtpd import Listener, Session
 from postgate.outbound import eager, smtp_data, smtp_wire
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.mtasts import StsResolver, StsSettings
 from postgate.outbound.nexthop import resolve_nexthop
-from postgate.outbound.queue.scheduler import Scheduler
-from postgate.outbound.queue.spool import DirectorySpool
 from postgate.policy.tls import Level, Policy
 from postgate.policy.vocab import Outcome
 
 from fixtures.testnet import TestNet
 
-from .test_delivery import deliverer, message
+from .test_delivery import deliverer
 from .test_smtp_wire import LOOPS, _run
 
 # --- counting turns ------------------------------------------------------------------------------------
@@ -182,49 +174,6 @@ def test_cached_route_takes_no_turn(testnet: TestNet) -> None:
         assert first.sts_policy is not None   # cached.sts.test has a policy: it came from the cache
         await d.close()
     asyncio.run(go())
-
-
-# --- pre-queue: the session is woken by the step that ends the delivery ------------------------------------
-
-
-def test_prequeue_answers_one_turn_after_the_delivery_ends(testnet: TestNet, tmp_path: Path) -> None:
-    """A real delivery (DANE to mx.dane-ok.test): the pre-queue handler returns its reply on the turn after
-    the one in which the delivery ended (the delivery wakes the session itself). With a Task and
-    asyncio.wait it was two turns: asyncio.wait's callback on the Task's end, then the session's wake-up."""
-    real = deliverer(testnet, Policy(Level.DANE))
-    ended: list[int] = []
-
-    class Observed:
-        """The real deliverer; notes the turn in which its delivery ended."""
-
-        async def deliver(self, *a: Any, **kw: Any) -> list[RecipientResult]:
-            res = await real.deliver(*a, **kw)
-            ended.append(ticker.turns)
-            return res
-
-    ticker: Ticker
-    spool = DirectorySpool(tmp_path / "spool", fsync=False)
-    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), Observed(),  # type: ignore[arg-type]
-                  spool, Scheduler(spool, Observed()))  # type: ignore[arg-type]
-
-    async def go() -> list[tuple[int, int]]:
-        nonlocal ticker
-        ticker = Ticker()
-        out = []
-        try:
-            for _ in range(3):   # a new connection, then reused ones
-                token = secrets.token_hex(8)
-                s = Session(Listener("mx", "127.0.0.1", 25), ("192.0.2.1", 1234), helo="client.test",
-                            sender="alice@client.test", recipients=[("bob@dane-ok.test", {})])
-                reply = await pq.message(s, message(token))
-                assert reply.code == 250 and "delivered" in reply.text, reply
-                out.append((ended[-1], ticker.turns))
-        finally:
-            ticker.stop()
-            await real.close()
-        return out
-    for end, answered in asyncio.run(go()):
-        assert answered - end == 1, (end, answered)
 
 
 # --- a lockstep transaction: each command sent as the reply to the one before arrives -----------------------
