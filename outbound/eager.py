@@ -3,18 +3,18 @@
 ``asyncio.gather`` and ``create_task`` wrap each coroutine in a Task whose first step runs on a *later turn*
 of the loop, and the coroutine that awaits them is woken on yet another turn (the Task's done callback, then
 the awaiting Task's wake-up). A turn is cheap on an idle server; under load it waits behind every other
-session's ready work — with 100 busy sessions on two shared cores, 10–25 ms per turn. The pre-queue DATA path
-(the reply waits for the delivery) took about twenty such turns when every DNS answer was cached: nested
-gathers in the next-hop resolution (MX hosts, then A/AAAA and the MTA-capability record), one in the route,
-one per destination, a task for the delivery and ``asyncio.wait`` around it. The SMTP commands before DATA take
-one turn each, so the DATA reply had most of the session's waiting in it (p50 66 ms, p99 334 ms at C=100 in
-bench/README.md).
+session's ready work — with 100 busy sessions on two shared cores, 10–40 ms per turn. The route of a
+pre-queue delivery took about ten such turns when every DNS answer was cached (nested gathers in the next-hop
+resolution: MX hosts, then A/AAAA and the MTA-capability record; one in the route; the MTA-STS lookup's task
+and shield), and at the start of a load, with a hundred sessions reaching DATA at once, those were a thousand
+tasks in a few turns. Now a cached route takes none (tests/test_latency.py).
 
 Python 3.12 has this as the *eager task factory*; Postgate runs on 3.11 (Debian 12), so this module does the
 same for the places that need it:
 
-- :func:`task`: run the coroutine's first step now, in the caller's turn; if it finished, a done future, else a
-  Task that goes on from where the first step stopped (``yield from`` semantics: the Task waits on the future
+- :func:`task`: run the coroutine's first step now, in the caller's turn but as the new Task's (so
+  ``asyncio.current_task`` and ``asyncio.timeout`` see that Task); if it finished, a done future, else the
+  Task goes on from where the first step stopped (``yield from`` semantics: the Task waits on the future
   the coroutine yielded, cancellation and exceptions are thrown into it as they would be).
 - :func:`gather`: :func:`task` for each coroutine but the last, which is awaited in place; when all finish in
   their first step (every answer came from a cache) the results come back without suspending at all.
