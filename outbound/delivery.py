@@ -35,7 +35,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mappi
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from postgate.outbound import smtp_wire
+from postgate.outbound import eager, smtp_wire
 from postgate.outbound.crash import crashpoint
 from postgate.outbound.downgrade import DowngradeMemory, Protection
 from postgate.outbound.mtasts import StsLookup, StsResolver, pkix_problem
@@ -304,10 +304,11 @@ class Deliverer:
         # RFC 6531 §3.4: an envelope address with non-ASCII characters needs SMTPUTF8 as well
         smtputf8 = smtputf8 or not all(a.isascii() for a in (sender, *recipients))
         mail_options = [o for o in mail_options if o.upper() != "SMTPUTF8"]
-        results = await asyncio.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, lv,
-                                                              mail_options, requiretls, dsn, smtputf8, arrival,
-                                                              relay=rl)
-                                         for (d, lv, rl), rcpts in groups.items()))
+        # each destination started at once (outbound/eager.py): no turn of the loop before the first write
+        results = await eager.gather(*(self._deliver_domain(qid, sender, d, rcpts, data, lv,
+                                                            mail_options, requiretls, dsn, smtputf8, arrival,
+                                                            relay=rl)
+                                       for (d, lv, rl), rcpts in groups.items()))
         out = [res for group in results for res in group]
         delay = time.monotonic() - start
         for res in out:
@@ -330,7 +331,7 @@ class Deliverer:
         if relay is not None:
             nh = await resolve_nexthop(self.resolver, relay.host, port=relay.port, use_mx=relay.mx)
             return Route(relay.host, relay.port, policy, nh, True)
-        nh, sts = await asyncio.gather(resolve_nexthop(self.resolver, domain), self._sts(domain))
+        nh, sts = await eager.gather(resolve_nexthop(self.resolver, domain), self._sts(domain))
         return Route(domain, 25, policy, nh, False, sts)
 
     def decide(self, rt: Route, host: MXHost, requiretls: bool = False) -> Decision:

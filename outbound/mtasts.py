@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import dns.rdatatype
 from cryptography import x509
+from postgate.outbound import eager
 from postgate.outbound.mtastsdb import Entry, PolicyCache
 from postgate.outbound.resolver import ResolverProtocol
 from postgate.policy import mtasts
@@ -207,7 +208,11 @@ class StsResolver:
         fut = self._inflight.get(domain)
         if fut is not None:  # one fetch per domain at a time
             return await asyncio.shield(fut)
-        task = asyncio.ensure_future(self._lookup(domain))
+        # started at once: with the TXT answer cached and nothing to fetch it is done here, without the
+        # task's turns of the loop (issue 20: three turns for every pre-queue delivery, outbound/eager.py)
+        task = eager.task(self._lookup(domain))
+        if task.done():
+            return task.result()
         self._inflight[domain] = task
         try:
             return await asyncio.shield(task)

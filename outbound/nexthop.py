@@ -25,7 +25,6 @@ it; Postfix's default ``smtp_tls_dane_insecure_mx_policy = dane`` does the same)
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 from dns.rdtypes.ANY.TLSA import TLSA
+from postgate.outbound import eager
 from postgate.outbound.dns_transport import RawTLSA
 from postgate.outbound.dnssec import rtype_text, weakest
 from postgate.outbound.resolver import Answer, ResolverProtocol, shuffle_equal
@@ -206,8 +206,9 @@ async def resolve_nexthop(resolver: ResolverProtocol, domain: str | Name, port: 
                            reason=f"{d} has no MX and no address records", answers=[mx])
         return NextHop(d, mx.security, mx.reason, (host,), answers=[mx])
     ordered = shuffle_equal(records, key=lambda rd: rd.preference)
-    hosts = await asyncio.gather(*(resolve_host(resolver, rd.exchange, rd.preference, port)
-                                   for rd in ordered))
+    # started at once: with every answer cached, no turn of the loop (outbound/eager.py, issue 20)
+    hosts = await eager.gather(*(resolve_host(resolver, rd.exchange, rd.preference, port)
+                                 for rd in ordered))
     usable = [h for h in hosts if not h.unusable and h.addresses]
     if not usable:
         temporary = any(h.unusable for h in hosts)
@@ -222,7 +223,7 @@ async def resolve_nexthop(resolver: ResolverProtocol, domain: str | Name, port: 
 
 async def resolve_host(resolver: ResolverProtocol, name: Name, preference: int, port: int = 25,
                        implicit: bool = False) -> MXHost:
-    host, (caps, caps_sec, problem, unusable) = await asyncio.gather(
+    host, (caps, caps_sec, problem, unusable) = await eager.gather(
         _resolve_host(resolver, name, preference, port, implicit), lookup_caps(resolver, name))
     host = _replace(host, caps=caps, caps_security=caps_sec, caps_problem=problem)
     if unusable and not host.unusable:
@@ -232,8 +233,8 @@ async def resolve_host(resolver: ResolverProtocol, name: Name, preference: int, 
 
 async def _resolve_host(resolver: ResolverProtocol, name: Name, preference: int, port: int = 25,
                         implicit: bool = False) -> MXHost:
-    a, aaaa = await asyncio.gather(resolver.resolve(name, dns.rdatatype.A),
-                                   resolver.resolve(name, dns.rdatatype.AAAA))
+    a, aaaa = await eager.gather(resolver.resolve(name, dns.rdatatype.A),
+                                 resolver.resolve(name, dns.rdatatype.AAAA))
     answers = [x for x in (a, aaaa)]
     bad = [x for x in answers if not x.ok]
     if bad:

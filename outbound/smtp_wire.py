@@ -167,6 +167,7 @@ class _Wire(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.paused = False   # the transport's buffer is above its high-water mark
         self._drain: asyncio.Future[None] | None = None
+        self.plan: _Lockstep | None = None   # a lockstep transaction: its next command is sent as a reply comes
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -214,7 +215,32 @@ class _Wire(asyncio.Protocol):
             return
         if got:
             self.replies.extend(got)
+            if self.plan is not None:
+                self._follow(got)
             self._wake()
+
+    def _follow(self, got: list[Reply]) -> None:
+        """A lockstep transaction's next command, written as the reply to the one before is read (here,
+        not a turn of the event loop later in the waiting coroutine)."""
+        for r in got:
+            plan = self.plan
+            if plan is None:
+                return
+            try:
+                nxt = plan.after(r)
+            except Exception as e:   # before_content's fault injection: the coroutine raises it
+                plan.error, plan.finished, self.plan = e, True, None
+                return
+            if nxt is None:
+                if plan.finished:
+                    self.plan = None
+                continue
+            try:
+                self.write(nxt)
+            except ConnectionLost:
+                self.plan = None   # the reader sees the failure
+                return
+            plan.sent()
 
     def _handshake(self, tls: _Tls) -> None:
         try:
@@ -400,6 +426,13 @@ class Connection:
             self.abort()
             raise
 
+    def follow(self, plan: _Lockstep | None) -> None:
+        """Start a lockstep transaction (its first command now, the rest as the replies come), or stop one."""
+        self._proto.plan = plan
+        if plan is not None:
+            self.write(plan.first())
+            plan.sent()
+
     async def command(self, line: bytes, timeout: float) -> Reply:
         self.write(line + CRLF)
         return await self.read(timeout)
@@ -572,25 +605,118 @@ async def _group_replies(conn: Connection, n_rcpts: int, reset: bool, ct: float)
     return m, tuple([await conn.read(ct) for _ in range(n_rcpts)])
 
 
+class _Lockstep:
+    """A transaction without PIPELINING: one command at a time, each after the reply to the one before (RFC
+    5321 §4.1.1, §3.3). Which command follows a reply is decided here, and the protocol sends it from
+    ``data_received`` as that reply arrives; the waiting coroutine only collects the replies (issue 20: each
+    command waited for a turn of the event loop after its predecessor's reply, and under load a turn waits
+    behind every other session's work — a lockstep transaction on a reused connection has five of them). The
+    commands, their order and their conditions are those of a coroutine sending them one by one:
+
+    - RSET first on a reused connection (as Postfix checks that a cached session still works); anything but
+      250 ends the exchange (ReplyError);
+    - MAIL; anything but 250 ends the transaction (no RCPT without a reverse-path, RFC 5321 §4.1.1.2);
+    - every RCPT, whatever the ones before got (each recipient has its own reply, §4.1.1.3);
+    - DATA if a recipient got 250 or 251, else RSET to abandon the transaction (§4.1.1.5);
+    - the content after a 354 (§4.1.1.4): in one write up to BODY_CHUNK, a larger one by the coroutine under
+      the transport's flow control."""
+
+    __slots__ = ("accepted", "before_content", "body", "commands", "content", "ct", "dt", "error", "finished", "i",
+                 "mail", "rcpts", "stage", "timeouts")
+
+    def __init__(self, mail: bytes, rcpts: Sequence[bytes], content: bytes, reset: bool, ct: float, dt: float,
+                 before_content: Callable[[], None]) -> None:
+        self.mail, self.rcpts, self.content, self.ct, self.dt = mail, rcpts, content, ct, dt
+        self.before_content = before_content
+        self.stage = "rset" if reset else "mail"
+        self.i = 0
+        self.accepted = False
+        self.finished = False      # no command follows any more
+        self.body: bytes | None = None   # a content too large for one write: the coroutine sends it
+        self.commands = 0          # commands (and content) written so far: the replies owed
+        self.timeouts: list[float] = []  # the timeout for each of those replies
+        self.error: Exception | None = None   # raised by before_content
+
+    def first(self) -> bytes:
+        return b"RSET" + CRLF if self.stage == "rset" else self.mail + CRLF
+
+    def sent(self) -> None:
+        self.commands += 1
+        # RFC 5321 §4.5.3.2: the DATA initiation and the end of the data have their own (longer) timeouts
+        self.timeouts.append(self.dt if self.stage in ("data", "content") else self.ct)
+
+    def after(self, r: Reply) -> bytes | None:
+        """What to send after reply ``r``: the next command or the content; None when the exchange is over
+        (or the coroutine writes a large content)."""
+        st = self.stage
+        if st == "rset":
+            if r.code != 250:
+                return self._end()
+            self.stage = "mail"
+            return self.mail + CRLF
+        if st == "mail":
+            if r.code != 250:
+                return self._end()
+            self.stage = "rcpt"
+            return self.rcpts[0] + CRLF
+        if st == "rcpt":
+            self.accepted |= r.code in (250, 251)
+            self.i += 1
+            if self.i < len(self.rcpts):
+                return self.rcpts[self.i] + CRLF
+            if not self.accepted:
+                self.stage = "abandon"
+                return b"RSET" + CRLF
+            self.before_content()
+            self.stage = "data"
+            return b"DATA" + CRLF
+        if st == "data":
+            if r.code != 354:
+                return self._end()
+            self.stage = "content"
+            body = smtp_data.encode(self.content)
+            if len(body) > BODY_CHUNK:
+                self.body = body
+                return self._end()
+            return body
+        return self._end()
+
+    def _end(self) -> bytes | None:
+        self.finished = True
+        return None
+
+
 async def _lockstep(conn: Connection, mail: bytes, rcpts: Sequence[bytes], content: bytes, reset: bool,
                     ct: float, dt: float, before_content: Callable[[], None]) -> Exchange:
+    plan = _Lockstep(mail, rcpts, content, reset, ct, dt, before_content)
+    replies: list[Reply] = []
+    try:
+        conn.follow(plan)
+        while len(replies) < plan.commands:   # the plan sent the next command as each reply came
+            replies.append(await conn.read(plan.timeouts[len(replies)]))
+        if plan.error is not None:
+            raise plan.error
+        if plan.body is not None:
+            await conn.write_body(plan.body, dt)
+            replies.append(await conn.read(dt))
+    finally:
+        conn.follow(None)
+    it = iter(replies)
     if reset:
-        r = await conn.command(b"RSET", ct)
+        r = next(it)
         if r.code != 250:
             raise ReplyError("RSET", r)
-    m = await conn.command(mail, ct)
+    m = next(it)
     if m.code != 250:
         return Exchange(m, ())
-    replies = tuple([await conn.command(rc, ct) for rc in rcpts])
-    ex = Exchange(m, replies)
+    rc = tuple(next(it) for _ in rcpts)
+    ex = Exchange(m, rc)
     if not ex.accepted:
-        r = await conn.command(b"RSET", ct)  # RFC 5321 §4.1.1.5: abandon the transaction
+        r = next(it)  # RFC 5321 §4.1.1.5: the transaction abandoned
         if r.code != 250:
             raise ReplyError("RSET", r)
         return ex
-    before_content()
-    d = await conn.command(b"DATA", dt)
+    d = next(it)
     if d.code != 354:
-        return Exchange(m, replies, d)
-    await conn.write_body(smtp_data.encode(content), dt)
-    return Exchange(m, replies, d, await conn.read(dt))
+        return Exchange(m, rc, d)
+    return Exchange(m, rc, d, next(it))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import grp
 import ipaddress
 import logging
@@ -53,6 +54,19 @@ from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
 log = logging.getLogger("postgate")
 EX_OSERR, EX_CONFIG = 71, 78
 PIDFILE = "master.pid"   # in the spool directory, as Postfix keeps pid/master.pid in its queue directory
+
+
+def freeze_startup_objects() -> int:
+    """Issue 20 (the DATA reply's tail): once started, collect, then move every object that exists to the
+    collector's permanent generation (``gc.freeze``), which it no longer scans. Modules, the configuration,
+    keys, trust anchors and what the start-up checks cached live as long as the process; a full (generation 2)
+    collection under load walked them all every time (14-32 ms measured at 2 KB, C=100, each one a pause of
+    every session). It now walks only what was allocated since. The number of frozen objects is logged."""
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    log.info("gc: %d start-up objects frozen (not scanned by collections)", n)
+    return n
 
 
 class StartupError(Exception):
@@ -285,6 +299,7 @@ class Daemon:
             print("ready", flush=True)  # to the main process, on our stdout pipe
             sys.stdout.close()
             log.info("worker ready")
+            freeze_startup_objects()
             if self._runners() > 1:   # [queue] run_in_workers: this worker delivers its share too
                 queue_task = asyncio.gather(self._orphan_watch(), self._worker_queue())
             else:
@@ -325,6 +340,7 @@ class Daemon:
             for child in self.children:   # [queue] run_in_workers: the workers may deliver now
                 if self._runners() > 1 and child.returncode is None:
                     child.send_signal(signal.SIGUSR2)
+            freeze_startup_objects()
             log.info("ready")
             systemd.ready("listening on " + ", ".join(f"{s.listener.host}:{s.listener.port}" for s in self.servers))
             queue_task = asyncio.create_task(self.scheduler.run(self.stopping))
