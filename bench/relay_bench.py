@@ -2,7 +2,8 @@
 
 Run: ``scripts/bench relay`` (as root on Debian 12; about 15 minutes; ``BENCH_QUICK=1``: one run, fewer
 messages; ``BENCH_RUNS=n``: n runs per cell; ``BENCH_IDLE=n``: idle sessions, default 10,000;
-``BENCH_MTAS=queue-first,asyncio``: only the Postgate configurations whose label contains one of these). It rewrites
+``BENCH_MTAS=queue-first,asyncio``: only the Postgate configurations whose label contains one of these;
+``BENCH_KEEP=1``: keep the servers' directories and logs, and print where). It rewrites
 the relay section of ``bench/README.md``.
 
 Set-up, all inside the private test network:
@@ -497,7 +498,10 @@ def main() -> int:
             receiver.cleanup()
     finally:
         net.stop()
-        shutil.rmtree(state, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            print("state kept in", state, flush=True)
     cfloor = crypto_floor([2_000, 100_000, 1_000_000])
     postfix_version = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
                                      text=True).stdout.strip()
