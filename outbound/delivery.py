@@ -438,7 +438,7 @@ class Deliverer:
                     contacted = (a.mx, a.address)
                     if e.tls_result is not None:  # RFC 8460 §4.3.1: a failed negotiation
                         await self._report(rt, _applied_tlsa(a.decision), a.mx, a.address or "", e.tls_result,
-                                           e.reason)
+                                           e.reason, e.local_address)
                     attack |= e.suspected_attack
                     failures.append(e.reason)
                     status_code = e.dsn
@@ -451,7 +451,8 @@ class Deliverer:
                 session = a.session
                 if a.fallback is not None and a.fallback.tls_result is not None:
                     # the opportunistic handshake failed before this cleartext session (RFC 8460 §4.3.1)
-                    await self._report(rt, (), a.mx, a.address, a.fallback.tls_result, a.fallback.reason)
+                    await self._report(rt, (), a.mx, a.address, a.fallback.tls_result, a.fallback.reason,
+                                       session.local_address)
                 if smtputf8 and not session.supports("smtputf8"):
                     # RFC 6531 §3.4: a message that needs SMTPUTF8 must not go to a hop without it
                     await self._release(rt, a, session)
@@ -566,12 +567,13 @@ class Deliverer:
                 problem = pkix_problem(s.tls.chain, s.mx, self.config.ca_file)
                 if problem is not None:
                     result, detail = problem
-        await self._report(rt, _applied_tlsa(req), s.mx, s.address, result, detail)
+        await self._report(rt, _applied_tlsa(req), s.mx, s.address, result, detail, s.local_address)
 
     async def _report(self, rt: Route, tlsa: tuple[Tlsa, ...], mx: str, address: str,
-                      result: TlsOutcome | None, detail: str) -> None:
+                      result: TlsOutcome | None, detail: str, sending_ip: str = "") -> None:
         """One session's TLS outcome to the TLS-RPT hook (RFC 8460 §4.1; ``when`` is stamped by the hook).
-        ``tlsa``: the DANE records applied to the host, if any (RFC 8460 §4.4: policy-type tlsa)."""
+        ``tlsa``: the DANE records applied to the host, if any (RFC 8460 §4.4: policy-type tlsa);
+        ``sending_ip``: our address on the connection (RFC 8460 §4.4 sending-mta-ip), "" if none was open."""
         hook = self.config.tls_report
         if hook is None or rt.via_relay:
             return
@@ -584,7 +586,8 @@ class Deliverer:
             ptype, strings, patterns = PolicyType.STS, tuple(sts.lines()), sts.mx
         else:
             ptype = PolicyType.NO_POLICY
-        await hook(tlsrpt.Attempt(rt.name, ptype, result, mx, address, "", strings, patterns, detail[:200]))
+        await hook(tlsrpt.Attempt(rt.name, ptype, result, mx, address, sending_ip, strings, patterns,
+                                  detail[:200]))
 
 
 def _h(host: MXHost) -> str:

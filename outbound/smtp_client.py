@@ -67,6 +67,7 @@ class SessionError(Exception):
         self.cleartext_retry = cleartext_retry
         self.tls_result = tls_result
         self.chain = list(chain)
+        self.local_address = ""   # our address on the connection it failed on, if one was open (TLS-RPT)
 
     @property
     def reply(self) -> Reply:
@@ -226,6 +227,11 @@ class Session:
     def alive(self) -> bool:
         return self.conn.alive
 
+    @property
+    def local_address(self) -> str:
+        """Our IP address on this session (RFC 8460 §4.4 sending-mta-ip)."""
+        return self.conn.local_address
+
     def supports(self, ext: str) -> bool:
         return self.conn.supports(ext)
 
@@ -320,12 +326,16 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
             if r.code != 235:  # RFC 4954 §6: 235 is success
                 raise SessionError(f"SMTP AUTH to {mx} failed: {r.code} {r.enhanced + ' ' if r.enhanced else ''}"
                                    f"{r.text}", code=r.code, dsn="4.7.8")
-    except SessionError:
+    except SessionError as e:
+        e.local_address = conn.local_address
         conn.abort()
         raise
     except (WireError, OSError, TimeoutError) as e:
+        local = conn.local_address
         conn.abort()
-        raise SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}") from e
+        err = SessionError(f"{mx}[{address}]: {type(e).__name__}: {e}")
+        err.local_address = local
+        raise err from e
     obj = conn.ssl_object
     if sessions is not None and ctx is not None and obj is not None and tls.security is not TlsOutcome.CLEARTEXT:
         # every check passed: keep the session (TLS 1.3: the ticket came with the first records after the

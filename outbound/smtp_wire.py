@@ -392,6 +392,13 @@ class Connection:
             _, proto = await loop.create_connection(_Wire, host, port)
         return cls(proto)
 
+    @property
+    def local_address(self) -> str:
+        """The IP address this end of the connection is bound to ("" once closed)."""
+        transport = self._proto.transport
+        sock = transport.get_extra_info("sockname") if transport is not None else None
+        return str(sock[0]) if sock else ""
+
     # --- reading and writing ---------------------------------------------------------------------------
     async def read(self, timeout: float) -> Reply:
         """The next reply, waiting at most ``timeout`` seconds; a timeout leaves the exchange out of step,

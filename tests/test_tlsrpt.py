@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gzip
+import ipaddress
 import json
 import secrets
 from pathlib import Path
@@ -144,6 +145,14 @@ def test_a_day_of_attempts_is_reported_and_parsed_by_parsedmarc(testnet: TestNet
         assert pol["policy"]["policy-type"] == "sts" and pol["policy"]["policy-domain"] == domain
         assert pol["summary"] == {"total-successful-session-count": ok, "total-failure-session-count": failed}
         assert {f["result-type"]: f["failed-session-count"] for f in pol.get("failure-details", [])} == kinds
+        for f in pol.get("failure-details", []):
+            # RFC 8460 §4.4: a session that was opened names both ends; a host refused before any connection
+            # (an MX the policy does not list) names neither
+            if f["result-type"] == "certificate-not-trusted":
+                assert ipaddress.ip_address(f["sending-mta-ip"]).is_loopback, f
+                assert ipaddress.ip_address(f["receiving-ip"]).is_loopback, f
+            else:
+                assert "sending-mta-ip" not in f and "receiving-ip" not in f, f
     store.close()
 
     # the mailed reports, as the receiver stored them, read by parsedmarc
