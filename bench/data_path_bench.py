@@ -38,6 +38,8 @@ class PreQueueLike(Recorder):
         if hasattr(self.signer, "signature_fields"):
             fields = self.signer.signature_fields(data, RECEIVED, crlf_only=not s.edits)
             content = b"".join((fields, RECEIVED, data))   # inbound/prequeue.py: one copy
+            if not s.edits and hasattr(smtp_data, "Canonical"):   # checked by the smtpd (prequeue.py)
+                content = smtp_data.Canonical(content)
         else:  # the code before issue 20's last round, for the "before" numbers
             content = self.signer.sign(RECEIVED + data, "")
         smtp_data.encode(content)

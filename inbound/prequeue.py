@@ -37,6 +37,7 @@ from postgate.inbound.filters import Route
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy
 from postgate.inbound.smtpd import Reply, Session, xtext_decode
+from postgate.outbound import smtp_data
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import (
@@ -144,11 +145,11 @@ class PreQueue:
         assert s.sender is not None
         received = self._received(s, qid, now)
         signatures = b""
+        # RFC 5321 §2.3.8: the smtpd refused every bare CR and LF, and only a filter's edit could bring one
+        # back; without edits neither the signer nor the outbound encoding need count the line ends again
+        unedited = not any(v.headers or v.new_body is not None for v in s.edits)
         if self.signer is not None:
             try:
-                # RFC 5321 §2.3.8: the smtpd refused every bare CR and LF, and only a filter's edit could
-                # bring one back; without edits the signer need not count the line ends again
-                unedited = not any(v.headers or v.new_body is not None for v in s.edits)
                 domain, selector = dkim_choice(s.routes)
                 signatures = self.signer(data, received, s.sender, unedited, domain=domain, selector=selector)
             except dkimpy.MessageFormatError as e:
@@ -157,6 +158,10 @@ class PreQueue:
                 return Reply(554, f"5.6.0 message format refused: {e}")
         # the fields go in front of the body in one copy (a 1 MB body was copied once per prepend)
         content = b"".join((signatures, received, data))
+        if unedited and (not data or data.endswith(b"\r\n")):
+            # what the smtpd checked (RFC 5321 §2.3.8), with our own CRLF fields in front: the outbound
+            # encoding need not count its line ends again
+            content = smtp_data.Canonical(content)
         rcpts = [_recipient(addr, params) for addr, params in s.recipients]
         if not self._verified_sender(s):
             # RFC 3461 §4.1 lets a server decline NOTIFY=SUCCESS; from a client that neither authenticated

@@ -25,8 +25,18 @@ _LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 END_OF_DATA = b".\r\n"  # after the content's final CRLF (RFC 5321 §4.1.1.4)
 
 
+class Canonical(bytes):
+    """Content already known to have only CRLF line ends and to end in CRLF (the smtpd refused every bare
+    CR and LF of what it received, and nothing edited it since): :func:`canonical` need not count the line
+    ends of every message again (three passes over the content: ~0.15 ms per 100 KB, 1.5 ms per MB)."""
+
+    __slots__ = ()
+
+
 def crlf_only(content: bytes) -> bool:
     """True when every CR and every LF in ``content`` is part of a CRLF pair (RFC 5321 §2.3.8)."""
+    if isinstance(content, Canonical):
+        return True
     crlf = content.count(b"\r\n")
     return content.count(b"\n") == crlf and content.count(b"\r") == crlf
 
@@ -34,6 +44,8 @@ def crlf_only(content: bytes) -> bool:
 def canonical(content: bytes) -> bytes:
     """``content`` with CRLF line ends, ending in CRLF: what BDAT carries (RFC 3030 §2: no transparency, no
     end-of-data line; the message the server stores is the same as after DATA)."""
+    if isinstance(content, Canonical):
+        return content
     if not crlf_only(content):
         content = _LINE_END.sub(b"\r\n", content)  # RFC 5321 §2.3.8: only CRLF ends a line
     if not content.endswith(b"\r\n"):

@@ -358,3 +358,41 @@ def test_prequeue_signs_once_and_only_promises_crlf_for_unedited_messages(tmp_pa
         assert all(d.verify(idx=i, dnsfunc=lambda name, timeout=5: keys[name.split(b".")[0].decode()])
                    for i in range(2))
     assert promised == [True, False]
+
+
+def test_prequeue_marks_only_checked_content_canonical(tmp_path: Path) -> None:
+    """Issue 20: the content pre-queue hands to delivery is marked as already checked (smtp_data.Canonical:
+    only CRLF line ends, ending in CRLF, so the outbound encoding does not count them again) only when no
+    filter edited the message; marked or not, it encodes as the unmarked bytes would."""
+    from postgate.inbound.filters import Verdict
+    from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+    from postgate.inbound.smtpd import Listener, Session
+    from postgate.outbound import smtp_data
+    from postgate.outbound.delivery import RecipientResult
+    from postgate.outbound.queue.scheduler import Scheduler
+    from postgate.outbound.queue.spool import DirectorySpool
+    from postgate.policy.vocab import Outcome
+
+    got: list[bytes] = []
+
+    class Capture:
+        async def deliver(self, sender: str, rcpts: list[str], content: bytes, **kw: object) -> list[object]:
+            got.append(content)
+            return [RecipientResult(r, Outcome.DELIVERED, "2.0.0", "ok", mx="mx.remote.test") for r in rcpts]
+
+    spool = DirectorySpool(tmp_path / "spool", fsync=False)
+    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), Capture(),  # type: ignore[arg-type]
+                  spool, Scheduler(spool, Capture()))  # type: ignore[arg-type]
+    for n, edits in enumerate([(), (Verdict(new_body=b"bare\nLF\r\n"),)]):
+        s = Session(Listener("mx", "127.0.0.1", 25), ("192.0.2.1", 1234), helo="client.test", sender="a@own.test",
+                    recipients=[("b@remote.test", {})], queue_id=f"0000000000000AABBC{n}1")
+        s.edits = list(edits)
+        data = b"From: a@own.test\r\nSubject: x\r\n\r\n" + (b"bare\nLF\r\n" if edits else b"plain\r\n.x\r\n")
+        reply = asyncio.run(pq.message(s, data))
+        assert reply.code == 250 and "delivered" in reply.text, reply
+    plain, edited = got
+    assert isinstance(plain, smtp_data.Canonical) and not isinstance(edited, smtp_data.Canonical)
+    # the promise holds (counted on a plain copy), and the marked content encodes as the plain bytes do
+    assert smtp_data.crlf_only(bytes(plain)) and plain.endswith(b"\r\n")
+    assert smtp_data.encode(plain) == smtp_data.encode(bytes(plain)) and b"\r\n..x\r\n" in smtp_data.encode(plain)
+    assert smtp_data.encode(edited).count(b"\n") == smtp_data.encode(edited).count(b"\r\n")
