@@ -1105,7 +1105,7 @@ class DirectorySpool:
 
     async def lease_due(self, now: float, owner: str, duration: float, limit: int,
                         per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
-        out = self.files.take_fresh(now, duration, limit)   # handed over (already leased) first
+        out = await self._take_fresh(now, duration, limit)   # handed over (already leased) first
         if len(out) < limit:
             out += await self._io(self.files.lease_due, now, owner, duration, limit - len(out), per_destination)
         return out
@@ -1113,7 +1113,19 @@ class DirectorySpool:
     async def lease_fresh(self, now: float, owner: str, duration: float, limit: int,
                           per_destination: int = 0) -> list[tuple[Lease, Envelope]]:
         # one owner: per_destination is the runner's own window, not the spool's business (lease_due)
-        return self.files.take_fresh(now, duration, limit)   # memory only: no thread
+        return await self._take_fresh(now, duration, limit)
+
+    async def _take_fresh(self, now: float, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
+        """Memory only, so on the loop, no thread; but where a file operation holds the spool's lock
+        right now, in a worker thread (the loop never waits for the disk)."""
+        if not self.files._fresh:
+            return []
+        if self.files._mutex.acquire(blocking=False):
+            try:
+                return self.files.take_fresh(now, duration, limit)
+            finally:
+                self.files._mutex.release()
+        return await self._io(self.files.take_fresh, now, duration, limit)
 
     def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
         """``owner`` runs the queue in this process: new mail queued here is leased to it as it is queued
