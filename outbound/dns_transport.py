@@ -150,6 +150,9 @@ def parse_message(wire: bytes) -> dns.message.Message:
 
 # --- the exchange ---------------------------------------------------------------------------------
 
+RESEND_FIRST = 1.0   # seconds before a UDP question without an answer is sent again (then doubling)
+
+
 @dataclass
 class Upstream:
     """The configured recursive resolvers, asked in order until one answers."""
@@ -213,11 +216,22 @@ class Upstream:
                 inbox.put_nowait(exc)
 
         transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=(addr, port))
+        wire = q.to_wire()
+        # RFC 1035 §4.2.1: UDP is unreliable, so the question is sent again while no answer came, at growing
+        # intervals (1 s, 2 s, 4 s ... within the timeout), same ID: an answer to any copy will do. A burst
+        # of questions that overflowed the resolver's socket buffer costs a second, not the whole timeout.
+        resend = RESEND_FIRST
         try:
-            transport.sendto(q.to_wire())
+            transport.sendto(wire)
             async with asyncio.timeout(self.timeout):
                 while True:
-                    data = await inbox.get()
+                    try:
+                        async with asyncio.timeout(resend):
+                            data = await inbox.get()
+                    except TimeoutError:
+                        transport.sendto(wire)
+                        resend *= 2
+                        continue
                     if isinstance(data, Exception):
                         raise data
                     r = parse_message(data)
