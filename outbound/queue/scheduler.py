@@ -262,7 +262,7 @@ class Scheduler:
         # a shared spool counts every node's leases per destination; a local one has a single runner, whose
         # own per-destination window (_dest_limit) is the limit: a spool-level cap there would only make the
         # runner wait for its next poll once a destination's slots are taken
-        shared = bool(getattr(self.spool, "shared", False))
+        shared = self.spool.shared
         per_destination = self.config.destination_concurrency if shared else 0
         take = self.spool.lease_fresh if fresh else self.spool.lease_due
         leased = await take(now, self.owner, self.config.lease_time, limit, per_destination)

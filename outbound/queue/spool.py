@@ -446,7 +446,7 @@ class SpoolFiles:
         with self._mutex:
             for _ in range(min(limit, len(self._fresh))):
                 _, _, lease, head = heapq.heappop(self._fresh)
-                if self._leases.get(lease.id) != lease:
+                if self._held(lease) is None:
                     self._forget_content(lease.id)
                     continue
                 try:
@@ -459,10 +459,12 @@ class SpoolFiles:
                 out.append((lease, env))
         return out
 
-    def _forget_content(self, qid: str) -> None:
+    def _forget_content(self, qid: str) -> bytes | None:
+        """Drop (and return) the content of a handed-over message kept in memory."""
         content = self._contents.pop(qid, None)
         if content is not None:
             self._kept -= len(content)
+        return content
 
     def _sync_fds(self, fds: dict[int, int], directory: Path | None) -> set[int]:
         """fsync the open files ``fds`` (key -> descriptor; each closed here) and then ``directory``;
@@ -534,12 +536,13 @@ class SpoolFiles:
         return env.id
 
     def content(self, qid: str) -> bytes:
+        content = self.take_content(qid)
+        return content if content is not None else self._message(qid)[1]
+
+    def take_content(self, qid: str) -> bytes | None:
+        """The content of a handed-over message, from memory (once), or None."""
         with self._mutex:
-            content = self._contents.pop(qid, None)
-            if content is not None:
-                self._kept -= len(content)
-                return content
-        return self._message(qid)[1]
+            return self._forget_content(qid)
 
     def _message(self, qid: str) -> tuple[bytes | None, bytes]:
         """The envelope as accepted (first line) and the content of a message file. A file without the
@@ -638,10 +641,14 @@ class SpoolFiles:
         out.sort(key=lambda c: -c[0])   # stable: incoming before deferred, then by name, within a priority
         return [(state, qid, inode) for _, state, qid, inode in out]
 
-    def _check_lease(self, lease: Lease) -> None:
-        # the lease's token (unique in this process) and owner fence it; ``until`` moves with renew()
+    def _held(self, lease: Lease) -> Lease | None:
+        """The lease as this process holds it now, if ``lease`` is still it: the token (unique in this
+        process) and the owner fence it; ``until`` moves with renew()."""
         held = self._leases.get(lease.id)
-        if held is None or held.token != lease.token or held.owner != lease.owner:
+        return held if held is not None and held.token == lease.token and held.owner == lease.owner else None
+
+    def _check_lease(self, lease: Lease) -> None:
+        if self._held(lease) is None:
             raise LeaseLost(f"{lease.id}: the lease was taken back (expired); the result is not recorded")
 
     def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
@@ -651,9 +658,8 @@ class SpoolFiles:
         out = []
         with self._locked():
             for lease in leases:
-                held = self._leases.get(lease.id)
-                if held is None or held.token != lease.token or held.owner != lease.owner or \
-                        not self.path("active", lease.id).exists():
+                held = self._held(lease)
+                if held is None or not self.path("active", lease.id).exists():
                     continue
                 held = dataclasses.replace(held, until=max(held.until, now + duration))
                 self._leases[lease.id] = held
@@ -1116,16 +1122,19 @@ class DirectorySpool:
         return await self._take_fresh(now, duration, limit)
 
     async def _take_fresh(self, now: float, duration: float, limit: int) -> list[tuple[Lease, Envelope]]:
-        """Memory only, so on the loop, no thread; but where a file operation holds the spool's lock
-        right now, in a worker thread (the loop never waits for the disk)."""
         if not self.files._fresh:
             return []
+        return await self._in_memory(self.files.take_fresh, now, duration, limit)
+
+    async def _in_memory(self, fn: Callable[..., T], *args: object) -> T:
+        """A call that only touches memory (under the spool's lock): on the loop, no thread; but where a
+        file operation holds that lock right now, in a worker thread (the loop never waits for the disk)."""
         if self.files._mutex.acquire(blocking=False):
             try:
-                return self.files.take_fresh(now, duration, limit)
+                return fn(*args)
             finally:
                 self.files._mutex.release()
-        return await self._io(self.files.take_fresh, now, duration, limit)
+        return await self._io(fn, *args)
 
     def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
         """``owner`` runs the queue in this process: new mail queued here is leased to it as it is queued
@@ -1137,8 +1146,10 @@ class DirectorySpool:
         return await self._io(self.files.renew, leases, now, duration)
 
     async def content(self, qid: str) -> bytes:
-        if qid in self.files._contents:   # leased by lease_fresh: in memory, no thread needed
-            return self.files.content(qid)
+        if qid in self.files._contents:   # handed over: in memory
+            content = await self._in_memory(self.files.take_content, qid)
+            if content is not None:
+                return content
         return await self._io(self.files.content, qid)
 
     async def record(self, lease: Lease, env: Envelope) -> None:
