@@ -83,8 +83,8 @@ def apply_routes(env: Envelope, routes: Sequence[Route]) -> None:
 
 
 class SignsMessages(Protocol):
-    def __call__(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *, domain: str | None = None,
-                 selector: str | None = None) -> bytes: ...
+    async def __call__(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *,
+                       domain: str | None = None, selector: str | None = None) -> bytes: ...
 
 
 def dkim_choice(routes: Sequence[Route]) -> tuple[str | None, str | None]:
@@ -151,7 +151,7 @@ class PreQueue:
         if self.signer is not None:
             try:
                 domain, selector = dkim_choice(s.routes)
-                signatures = self.signer(data, received, s.sender, unedited, domain=domain, selector=selector)
+                signatures = await self.signer(data, received, s.sender, unedited, domain=domain, selector=selector)
             except dkimpy.MessageFormatError as e:
                 # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
                 log.info("%s: reject: message format: %s", qid, e)

@@ -26,8 +26,10 @@ they occur, §8.15), so none can be added after signing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import email.utils
 import functools
@@ -323,8 +325,9 @@ def _rsa_key(pem: bytes) -> rsa.RSAPrivateKey:
     return k
 
 
-def _signature_field(ready: _Prepared, key: Key, hdrs: list[bytes], stamp: bytes) -> bytes:
-    """One DKIM-Signature header field, CRLF-terminated, with dkimpy's tags in dkimpy's order."""
+def _unsigned_field(ready: _Prepared, key: Key, hdrs: list[bytes], stamp: bytes) -> tuple[list[bytes], bytes]:
+    """The tags of one DKIM-Signature field, with dkimpy's tags in dkimpy's order, and the SHA-256 digest
+    its signature is computed over."""
     domain = key.domain.encode()
     tags = [b"v=1", b"a=" + key.signature_algorithm, b"c=relaxed/relaxed", b"d=" + domain, b"i=@" + domain,
             b"q=dns/txt", b"s=" + key.selector.encode(), b"t=" + stamp, b"h=" + b" : ".join(hdrs),
@@ -335,12 +338,52 @@ def _signature_field(ready: _Prepared, key: Key, hdrs: list[bytes], stamp: bytes
     unsigned = folded.rstrip(b"0\r\n ")   # b= emptied, with the folding white space inside its value
     h = ready.headers_hashed.copy()
     h.update(b"dkim-signature:" + _WSP_RUN.sub(b" ", unsigned.replace(b"\r\n", b"")).strip())
-    digest = h.digest()
+    return tags, h.digest()
+
+
+def _sign_digest(key: Key, digest: bytes) -> bytes:
+    """The signature over ``digest``: OpenSSL's private-key operation (it runs without the GIL)."""
     if key.algorithm == "rsa":   # RFC 8017 §8.2 RSASSA-PKCS1-v1_5 over the SHA-256 digest (RFC 6376 §3.3.1)
-        sig = _rsa_key(key.private).sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-    else:                        # RFC 8463 §3: Ed25519 signs the SHA-256 digest (PureEdDSA over 32 octets)
-        sig = _ed25519_signing_key(key.private, nacl.encoding.Base64Encoder).sign(digest).signature
+        return _rsa_key(key.private).sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    # RFC 8463 §3: Ed25519 signs the SHA-256 digest (PureEdDSA over 32 octets)
+    return _ed25519_signing_key(key.private, nacl.encoding.Base64Encoder).sign(digest).signature
+
+
+def _sign_all(jobs: list[tuple[Key, bytes]]) -> list[bytes | Exception]:
+    out: list[bytes | Exception] = []
+    for key, digest in jobs:
+        try:
+            out.append(_sign_digest(key, digest))
+        except (ValueError, TypeError) as e:
+            out.append(e)
+    return out
+
+
+def _field(tags: list[bytes], sig: bytes) -> bytes:
     return _SIG_NAME + b": " + _fold(b"; ".join([*tags, b"b=" + base64.b64encode(sig)]) + b"\r\n", len(_SIG_NAME))
+
+
+def _signature_field(ready: _Prepared, key: Key, hdrs: list[bytes], stamp: bytes) -> bytes:
+    """One DKIM-Signature header field, CRLF-terminated."""
+    tags, digest = _unsigned_field(ready, key, hdrs, stamp)
+    return _field(tags, _sign_digest(key, digest))
+
+
+# The RSA private-key operation is most of a signature's cost (about 0.3–0.4 ms for 2048 bits here, against
+# 0.05 ms for Ed25519) and OpenSSL runs it without holding the GIL: on a machine with a second core the
+# event loop hands it to a thread and goes on with other sessions meanwhile (issue 20). One core: inline.
+_OFFLOAD = (os.cpu_count() or 1) > 1
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _signing_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                          thread_name_prefix="postgate-dkim")
+        return _pool
 
 
 # RFC 6376 §5.4.1
@@ -529,6 +572,32 @@ class Signer:
                 out.append(_signature_field(ready, k, hdrs, stamp))
             except (ValueError, TypeError) as e:
                 log.error("DKIM signing with %s failed: %s", k.owner(), e)
+        return b"".join(out)
+
+    async def signature_fields_async(self, message: bytes, prefix: bytes = b"", *, now: float | None = None,
+                                     crlf_only: bool = False, domain: str | None = None,
+                                     selector: str | None = None) -> bytes:
+        """:meth:`signature_fields`, with the RSA private-key operation done in a thread while the event loop
+        serves other sessions (on a machine with more than one core; byte for byte the same fields)."""
+        head = prefix[:-2] if prefix and message.startswith(b"\r\n") else prefix + _head(message)
+        keys = sorted(self.keys_for(head, domain, selector), key=lambda k: k.algorithm != "rsa")
+        if not _OFFLOAD or not any(k.algorithm == "rsa" for k in keys):
+            return self.signature_fields(message, prefix, now=now, crlf_only=crlf_only, domain=domain,
+                                         selector=selector)
+        hdrs = header_list(head)
+        ready = _prepare(prefix, message, hdrs, crlf_only)
+        if ready is None:  # not the plain CRLF case: dkimpy's own way, on the whole message
+            return self._dkimpy_fields(prefix + message, keys, hdrs, now)
+        stamp = str(int(time.time() if now is None else now)).encode()
+        unsigned = [_unsigned_field(ready, k, hdrs, stamp) for k in keys]
+        sigs = await asyncio.get_running_loop().run_in_executor(
+            _signing_pool(), _sign_all, [(k, digest) for k, (_, digest) in zip(keys, unsigned, strict=True)])
+        out = []
+        for k, (tags, _), sig in zip(keys, unsigned, sigs, strict=True):
+            if isinstance(sig, Exception):
+                log.error("DKIM signing with %s failed: %s", k.owner(), sig)
+            else:
+                out.append(_field(tags, sig))
         return b"".join(out)
 
     def _dkimpy_fields(self, message: bytes, keys: list[Key], hdrs: list[bytes], now: float | None) -> bytes:

@@ -6,7 +6,7 @@ the resolver facade (``outbound.resolver``); callers see only :class:`Answer`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dns.message
@@ -48,6 +48,8 @@ class Answer:
     # the weakest verdict of the CNAME/DNAME links alone (SECURE without links): RFC 7672 §2.2.2 needs
     # to know whether an alias was published securely even when its target lies in an unsigned zone
     chain_security: Security = Security.SECURE
+    # when the resolver's cache stops serving this answer (its clock; 0: unknown, e.g. not from a cache)
+    expires: float = field(default=0.0, compare=False)
 
     @property
     def canonical(self) -> Name:

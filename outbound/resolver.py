@@ -29,6 +29,7 @@ RFC 7672 next-hop rules can be exercised with a table of answers instead of a ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import random
 import time
@@ -119,7 +120,7 @@ class Resolver:
             return cached  # type: ignore[no-any-return]
         try:
             async with asyncio.timeout(self.timeout * 3):  # no extra task, unlike wait_for
-                return await self._answers.get((name, rt), lambda: self._resolve(name, rt))
+                return await self._answers.get((name, rt), lambda: self._resolve_stamped(name, rt))
         except TimeoutError:
             return Answer(name, rt, dns.rcode.SERVFAIL, Security.INDETERMINATE, "resolution timed out")
 
@@ -130,6 +131,11 @@ class Resolver:
     # --- upstream ---------------------------------------------------------------------------------
     async def _fetch(self, qname: Name, rdtype: int) -> dns.message.Message:
         return await self._messages.get((qname, rdtype), lambda: self.upstream.query(qname, rdtype))
+
+    async def _resolve_stamped(self, qname: Name, rdtype: int) -> tuple[Answer, int]:
+        # the answer knows until when the cache serves it (outbound/nexthop.NextHopMemo keeps no result longer)
+        ans, ttl = await self._resolve(qname, rdtype)
+        return dataclasses.replace(ans, expires=self.clock() + ttl), ttl
 
     async def _resolve(self, qname: Name, rdtype: int) -> tuple[Answer, int]:
         try:

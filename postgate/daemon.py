@@ -153,14 +153,15 @@ class Daemon:
         # through self.signer, so that a reload's new signer is used at once
         return self.signer.sign(content, sender) if self.signer is not None else content
 
-    def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *,
-                          domain: str | None = None, selector: str | None = None) -> bytes:
-        # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20);
-        # domain/selector: a filter's choice (Sieve dkim_sign)
+    async def _signature_fields(self, data: bytes, prefix: bytes, sender: str, crlf_only: bool, *,
+                                domain: str | None = None, selector: str | None = None) -> bytes:
+        # pre-queue: the DKIM-Signature fields for prefix + data, without building that message (issue 20),
+        # the RSA operation in a thread while the loop serves other sessions; domain/selector: a filter's
+        # choice (Sieve dkim_sign)
         if self.signer is None:
             return b""
-        return self.signer.signature_fields(data, prefix, crlf_only=crlf_only, domain=domain,  # type: ignore[no-any-return]
-                                            selector=selector)
+        return await self.signer.signature_fields_async(  # type: ignore[no-any-return]
+            data, prefix, crlf_only=crlf_only, domain=domain, selector=selector)
 
     def build(self) -> None:
         cfg = self.cfg

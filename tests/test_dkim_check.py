@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -359,6 +360,41 @@ def test_own_signer_takes_the_fast_path(own_signer: dkim.Signer, monkeypatch: py
     # a bare LF is dkimpy's case (it rewrites the line ends), and it is sent there
     with pytest.raises(AssertionError):
         own_signer.signature_fields(b"From: a@own.test\r\n\r\nbare\nLF\r\n")
+
+
+def test_async_signer_signs_off_the_loop_byte_for_byte(own_signer: dkim.Signer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: pre-queue signs with ``signature_fields_async``: the private-key operations (OpenSSL, without
+    the GIL) run in a thread while the event loop serves other sessions, and the fields are exactly the
+    synchronous ones. A failing key is logged and the other signature kept, as in the synchronous path."""
+    import threading
+    monkeypatch.setattr(dkim, "_OFFLOAD", True)
+    where: list[int] = []
+    real = dkim._sign_digest
+
+    def spy(key: dkim.Key, digest: bytes) -> bytes:
+        where.append(threading.get_ident())
+        return real(key, digest)
+    monkeypatch.setattr(dkim, "_sign_digest", spy)
+    prefix = b"Received: from x ([192.0.2.1])\r\n\tby mail.own.test (Postgate);\r\n\tTue, 24 Nov 2026 10:00:01 +0000\r\n"
+
+    async def sign_many() -> list[bytes]:
+        return list(await asyncio.gather(*(own_signer.signature_fields_async(m, prefix, now=1_700_000_000,
+                                                                             crlf_only=True)
+                                           for m in MESSAGES.values())))
+    got = asyncio.run(sign_many())
+    assert got == [own_signer.signature_fields(m, prefix, now=1_700_000_000) for m in MESSAGES.values()]
+    loop_thread = threading.get_ident()
+    assert len(where) == 4 * len(MESSAGES) and all(t != loop_thread for t in where[:2 * len(MESSAGES)])
+
+    def broken(key: dkim.Key, digest: bytes) -> bytes:
+        if key.algorithm == "rsa":
+            raise ValueError("key unusable")
+        return real(key, digest)
+    monkeypatch.setattr(dkim, "_sign_digest", broken)
+    m = next(iter(MESSAGES.values()))
+    fields = asyncio.run(own_signer.signature_fields_async(m, now=1_700_000_000))
+    assert fields.count(b"DKIM-Signature: ") == 1 and b"a=ed25519-sha256" in fields
 
 
 # OpenDKIM and dkimpy verify what the own signer makes of the awkward cases too

@@ -333,10 +333,11 @@ def test_prequeue_signs_once_and_only_promises_crlf_for_unedited_messages(tmp_pa
     real = dkim.Signer(tmp_path / "keys", "own.test")
     promised: list[bool] = []
 
-    def signer(data: bytes, prefix: bytes, sender: str, crlf_only: bool, *, domain: str | None = None,
-               selector: str | None = None) -> bytes:
+    async def signer(data: bytes, prefix: bytes, sender: str, crlf_only: bool, *, domain: str | None = None,
+                     selector: str | None = None) -> bytes:
         promised.append(crlf_only)
-        return real.signature_fields(data, prefix, crlf_only=crlf_only, domain=domain, selector=selector)
+        return await real.signature_fields_async(data, prefix, crlf_only=crlf_only, domain=domain,
+                                                 selector=selector)
 
     spool = DirectorySpool(tmp_path / "spool", fsync=False)
     pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), NoDelivery(),  # type: ignore[arg-type]

@@ -17,17 +17,19 @@ driven with ``send(None)`` and must finish in that one step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import dns.rdatatype
 import pytest
 from postgate.outbound import eager, smtp_data, smtp_wire
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.mtasts import StsResolver, StsSettings
-from postgate.outbound.nexthop import resolve_nexthop
+from postgate.outbound.nexthop import NextHopMemo, resolve_nexthop
 from postgate.policy.tls import Level, Policy
 from postgate.policy.vocab import Outcome
 
@@ -178,6 +180,109 @@ def test_cached_route_takes_no_turn(testnet: TestNet) -> None:
             assert (again.sts_policy is None) == (first.sts_policy is None)
         assert first.sts_policy is not None   # cached.sts.test has a policy: it came from the cache
         await d.close()
+    asyncio.run(go())
+
+
+# --- work done once, not once per message ------------------------------------------------------------------
+
+
+class _Counting:
+    """The real resolver, counting questions; ``short`` makes answers of that type leave the cache sooner."""
+
+    def __init__(self, resolver: Any, short: int | None = None, clock: Any = time.time) -> None:
+        self.resolver, self.short, self.clock, self.asked = resolver, short, clock, 0
+
+    async def resolve(self, qname: Any, rdtype: Any) -> Any:
+        self.asked += 1
+        ans = await self.resolver.resolve(qname, rdtype)
+        if self.short is not None and ans.rdtype == self.short:
+            ans = dataclasses.replace(ans, expires=self.clock() + 0.2)
+        return ans
+
+
+def test_a_next_hop_is_kept_while_its_answers_are_cached(testnet: TestNet) -> None:
+    """Issue 20: the relay resolved the same next hop from the resolver's cache for every message (MX, each
+    host's addresses, TLSA and capability records: a tenth of the pre-queue CPU time). NextHopMemo keeps it
+    at most a second and never longer than the first of its answers leaves the resolver's cache; failures are
+    not kept; hosts of equal preference are shuffled at each use (RFC 5321 §5.1)."""
+    async def go() -> None:
+        d = deliverer(testnet, Policy(Level.DANE))
+        now = [1000.0]
+        counting = _Counting(d.resolver)
+        memo = NextHopMemo(lifetime=1.0, clock=lambda: now[0])
+        first = await memo.resolve(counting, "dane-ok.test")
+        asked = counting.asked
+        assert asked >= 4 and first.hosts   # MX, A, AAAA, TLSA, the capability record
+        for _ in range(20):
+            assert (await memo.resolve(counting, "dane-ok.test")).hosts == first.hosts
+        assert counting.asked == asked       # from the memo
+        now[0] += 1.01                       # past the memo's lifetime: resolved again
+        await memo.resolve(counting, "dane-ok.test")
+        assert counting.asked == 2 * asked
+        # an answer that leaves the resolver's cache sooner bounds the memo (real time here: the resolver's)
+        short = _Counting(d.resolver, short=dns.rdatatype.A)
+        memo2 = NextHopMemo(lifetime=60.0)
+        await memo2.resolve(short, "dane-ok.test")
+        n = short.asked
+        await memo2.resolve(short, "dane-ok.test")
+        assert short.asked == n
+        await asyncio.sleep(0.25)
+        await memo2.resolve(short, "dane-ok.test")
+        assert short.asked == 2 * n
+        # a failure (a bogus address record) is resolved again every time
+        bad = await memo.resolve(counting, "bogus-sig.test")
+        assert any(h.unusable for h in bad.hosts)
+        before = counting.asked
+        await memo.resolve(counting, "bogus-sig.test")
+        assert counting.asked > before
+        # RFC 5321 §5.1: equal preferences in a random order at each use, from the memo too
+        orders = {tuple(h.name.to_text() for h in (await memo.resolve(counting, "pair.dane-ok.test")).hosts)
+                  for _ in range(30)}
+        assert len(orders) == 2
+        # the deliverer routes through its memo
+        d.resolver = counting   # type: ignore[assignment]
+        await d.route("dane-ok.test")
+        n = counting.asked
+        for _ in range(5):
+            await d.route("dane-ok.test")
+        assert counting.asked == n
+        await d.close()
+    asyncio.run(go())
+
+
+def test_the_connection_cache_does_not_visit_every_session_per_message() -> None:
+    """Issue 20: taking a cached connection swept every idle session (an ``alive`` check each): with a hundred
+    cached connections, 6% of the relay's CPU time. Now the session taken is checked, and the others at
+    most once a second; a dead or stale one is still never handed out."""
+    from postgate.outbound import delivery
+
+    class FakeSession:
+        checks = 0
+
+        def __init__(self, alive: bool = True) -> None:
+            self._alive = alive
+
+        @property
+        def alive(self) -> bool:
+            FakeSession.checks += 1
+            return self._alive
+
+        async def close(self) -> None:
+            pass
+
+    async def go() -> None:
+        cache = delivery.ConnectionCache(idle=60)
+        for i in range(100):
+            cache.put(("other", i), FakeSession())   # type: ignore[arg-type]
+        cache.take(("none",))                        # the first take sweeps
+        FakeSession.checks = 0
+        for _ in range(200):
+            cache.put(("hot",), FakeSession())       # type: ignore[arg-type]
+            assert cache.take(("hot",)) is not None
+        assert FakeSession.checks <= 200 + 100       # one per take, plus at most one sweep
+        cache.put(("hot",), FakeSession(alive=False))  # type: ignore[arg-type]
+        assert cache.take(("hot",)) is None          # a dead session is never handed out
+        await cache.close_all()
     asyncio.run(go())
 
 
