@@ -260,6 +260,7 @@ class Deliverer:
         self.counters = counters or Counters()
         self.cache = ConnectionCache(self.config.reuse_idle)
         self.nexthops = NextHopMemo()   # next hops kept while their DNS answers are cached (at most 1 s)
+        self._facts: dict[int, tuple[MXHost, HostFacts]] = {}   # id(host) -> (host, its facts)
 
     async def close(self) -> None:
         await self.cache.close_all()
@@ -344,7 +345,12 @@ class Deliverer:
 
     def decide(self, rt: Route, host: MXHost, requiretls: bool = False) -> Decision:
         """The one TLS decision (policy/tls.py) for one host of a route, with its MTA-STS policy."""
-        return decide(rt.policy, host_facts(host), nexthop=rt.name, requiretls=requiretls, sts=rt.sts_policy)
+        facts = self._facts.get(id(host))
+        if facts is None or facts[0] is not host:   # computed once per resolved host, not per message
+            if len(self._facts) >= 1024:
+                self._facts.clear()
+            facts = self._facts[id(host)] = (host, host_facts(host))
+        return decide(rt.policy, facts[1], nexthop=rt.name, requiretls=requiretls, sts=rt.sts_policy)
 
     async def attempts(self, qid: str, rt: Route, requiretls: bool = False,
                        arrival: float | None = None) -> AsyncGenerator[Attempt, None]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import random
 import time
@@ -75,6 +76,11 @@ class ResolverProtocol(Protocol):
         ...
 
 
+# a name given as text is parsed once (the relay asks for the same few names for every message; names are
+# immutable, so one object serves every caller)
+_name = functools.lru_cache(maxsize=4096)(dns.name.from_text)
+
+
 @dataclass
 class Resolver:
     """Validating stub resolver. ``servers`` are recursive resolvers as (address, port)."""
@@ -113,7 +119,7 @@ class Resolver:
     # --- public -----------------------------------------------------------------------------------
     async def resolve(self, qname: Name | str, rdtype: int | str) -> Answer:
         """The answer to (qname, rdtype) with its verdict, within ``timeout`` seconds (never raises)."""
-        name = dns.name.from_text(qname) if isinstance(qname, str) else qname
+        name = _name(qname) if isinstance(qname, str) else qname
         rt = dns.rdatatype.from_text(rdtype) if isinstance(rdtype, str) else dns.rdatatype.RdataType(rdtype)
         cached = self._answers.peek((name, rt))
         if cached is not None:

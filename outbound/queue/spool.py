@@ -52,8 +52,8 @@ has exactly one runner that may take it back; a rename is the lease, and every s
 holds ``state.lock`` (flock) besides the thread lock, so two processes never lease the same message and an
 operator request never crosses a lease. The main process adopts the share of a runner that died.
 
-**What recovery calls corrupt.** Removing a message unlinks its message file (durably) first, then its
-envelope; so an envelope without its message file is what a delivered or deleted message leaves after a
+**What recovery calls corrupt.** Removing a message unlinks its message file first, then its
+envelope (neither fsync'd: a removal undone by a power loss costs a duplicate, RFC 5321 §6.1); so an envelope without its message file is what a delivered or deleted message leaves after a
 kill, and is cleaned silently, like a torn message file of an unacknowledged batch. An envelope or message
 file that does not parse, or a content that does not match its envelope's size and SHA-256, cannot come
 from a crash: that is corruption, moved to ``corrupt/`` with a ``status=corrupt`` log line, never
@@ -690,9 +690,13 @@ class SpoolFiles:
         written: the lease and the old envelope stay)::
 
             write each new envelope to tmp/; unlink each finished message's messages/<id>
-            fsync those tmp files and messages/, all at once         (one journal commit)
+            fsync those tmp files, all at once                        (one journal commit)
             rename each envelope over active/<id> (release: on to deferred/); unlink finished envelopes
             fsync active/                                             (record: the results are durable)
+
+        A removal is not fsync'd (nor is it in Postfix): a kill cannot undo an unlink, and one that a power
+        loss undoes leaves the message, or its envelope without the message file, which recovery delivers
+        once more or cleans — a duplicate at worst, never a loss.
 
         A crash anywhere leaves the old envelope or the new one, never half of one; a removal or a
         result that did not reach the disk costs at worst one more delivery of the same message (RFC 5321
@@ -721,11 +725,7 @@ class SpoolFiles:
         # the fsyncs hold no lock: other runners lease and write meanwhile
         if self.fsync and staged:
             paths = [tmp for _i, _k, _l, tmp in staged if tmp is not None]
-            finishing = any(tmp is None for _i, _k, _l, tmp in staged)
-            failed = set(self._fsync_files(paths + ([self.root / "messages"] if finishing else [])))
-            if self.root / "messages" in failed:  # the files are unlinked: at worst a duplicate after a crash
-                log.warning("%s/messages: fsync failed; a power loss now may deliver removed messages again",
-                            self.root)
+            failed = set(self._fsync_files(paths)) if paths else set()
             for i, _kind, _lease, tmp in staged:
                 if tmp is not None and tmp in failed:
                     errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
