@@ -53,8 +53,9 @@ holds ``state.lock`` (flock) besides the thread lock, so two processes never lea
 operator request never crosses a lease. The main process adopts the share of a runner that died.
 
 **What recovery calls corrupt.** Removing a message unlinks its message file first, then its
-envelope (neither fsync'd: a removal undone by a power loss costs a duplicate, RFC 5321 §6.1); so an envelope without its message file is what a delivered or deleted message leaves after a
-kill, and is cleaned silently, like a torn message file of an unacknowledged batch. An envelope or message
+envelope (neither fsync'd: a removal undone by a power loss costs a duplicate, RFC 5321 §6.1); so an
+envelope without its message file is what a delivered or deleted message leaves after a kill, and is
+cleaned silently, like a torn message file of an unacknowledged batch. An envelope or message
 file that does not parse, or a content that does not match its envelope's size and SHA-256, cannot come
 from a crash: that is corruption, moved to ``corrupt/`` with a ``status=corrupt`` log line, never
 delivered and never deleted.
