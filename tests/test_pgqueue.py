@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.outbound.queue.pgspool import LEASE_PER_DESTINATION, SCHEMA_VERSION, PgSettings, PostgresSpool
-from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, State
+from postgate.outbound.queue.protocol import LeaseLost, Spool, SpoolError, SpoolUnavailable, State
 from postgate.policy.vocab import Outcome
 
 from fixtures.postgres import Cluster
@@ -359,3 +359,43 @@ def test_schema_version_2_is_upgraded_to_3_and_leasing_per_destination_sorts_no_
     assert all(method == "top-N heapsort" or rows <= 200 for method, rows in after), after
     print(f"\nlease_due(per_destination=20, limit=200) over 20,000 due rows: version 2 sorts {before} "
           f"({t_before:.1f} ms), version 3 {after} ({t_after:.1f} ms)")
+
+
+def test_a_newer_schema_that_says_it_is_compatible_lets_an_older_node_run(cluster: Cluster) -> None:
+    """Rolling upgrades: a newer Postgate records, with its schema version, the oldest version that still
+    works on the database (``compatible_from``). A node meeting a newer schema goes on when that is at most
+    its own version (logged: upgrade it), and refuses to start otherwise; ``postgate check`` says which."""
+    from postgate import config as configmod
+    from postgate.check import FAIL, PASS, check_queue
+    from postgate.outbound.queue.pgspool import COMPATIBLE_FROM
+
+    cluster.primary.psql("DROP DATABASE IF EXISTS rolling")
+    cluster.primary.psql(f"CREATE DATABASE rolling OWNER {cluster.user}")
+    dsn = cluster.dsn().replace("/postgate?", "/rolling?")
+    env, content = message(8)
+
+    async def start() -> str:
+        sp = PostgresSpool(PgSettings(dsn=dsn))
+        await sp.check()
+        await sp.enqueue(env, content)
+        assert (await sp.get(env.id)) is not None
+        await sp.delete(env.id)
+        await sp.close()
+        return sp.found
+    asyncio.run(start())
+    assert cluster.primary.psql("SELECT version, compatible_from FROM pg_queue_schema", db="rolling") == \
+        f"{SCHEMA_VERSION}|{COMPATIBLE_FROM}"
+    c = configmod.Config()
+    c.queue.backend, c.queue.dsn = "postgresql", dsn
+    # a next version that only added what this one does not use
+    cluster.primary.psql(f"INSERT INTO pg_queue_schema VALUES ({SCHEMA_VERSION + 1}, {SCHEMA_VERSION})", db="rolling")
+    assert "compatible with it" in asyncio.run(start())
+    [ok] = asyncio.run(check_queue(c))
+    assert ok.status == PASS and "upgrade this node" in ok.message, ok
+    # one that changed what this version relies on
+    cluster.primary.psql(f"INSERT INTO pg_queue_schema VALUES ({SCHEMA_VERSION + 2}, {SCHEMA_VERSION + 2})",
+                         db="rolling")
+    with pytest.raises(SpoolUnavailable, match="not compatible with this one"):
+        asyncio.run(start())
+    [bad] = asyncio.run(check_queue(c))
+    assert bad.status == FAIL and "not compatible" in bad.message, bad

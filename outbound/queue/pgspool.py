@@ -110,8 +110,18 @@ V3 = [
         WHERE state IN ('incoming', 'deferred')""",
 ]
 
+# Rolling upgrades: each row of pg_queue_schema may say which is the oldest Postgate schema version that can
+# still work on the database as that version left it (``compatible_from``). A node meets a newer schema
+# than its own: when the newest row's compatible_from is at most its own version, the newer schema only
+# added what it does not use (a column with a default, an index) and it goes on (logging that it should be
+# upgraded); else it refuses to start. So a cluster is upgraded node by node whenever a release keeps the
+# schema compatible, and every later schema change says whether it does. Nodes from before this column
+# read only max(version): it is invisible to them.
+COMPAT = """ALTER TABLE pg_queue_schema ADD COLUMN IF NOT EXISTS compatible_from integer"""
+COMPATIBLE_FROM = 3    # a node of version 3 works on what this version writes (version 2 nodes refuse it)
+
 SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS pg_queue_schema (version integer NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS pg_queue_schema (version integer NOT NULL, compatible_from integer)""",
     """CREATE TABLE IF NOT EXISTS pg_messages (
         id            text PRIMARY KEY,
         state         text NOT NULL,
@@ -384,14 +394,20 @@ class PostgresSpool:
                                                "(postgate serve creates it)")
                     for stmt in SCHEMA:
                         await cur.execute(stmt)
-                    await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+                    await cur.execute("INSERT INTO pg_queue_schema (version, compatible_from) VALUES (%s, %s)",
+                                      (SCHEMA_VERSION, COMPATIBLE_FROM))
                     await conn.commit()
                     log.info("queue: created schema version %d", SCHEMA_VERSION)
                     found = f"schema version {SCHEMA_VERSION} created"
                 else:
+                    await cur.execute("SELECT pg_is_in_recovery()")
+                    row = await cur.fetchone()
+                    if create and not (row and row[0]):   # a standby is refused below, untouched
+                        await cur.execute(COMPAT)
                     await cur.execute("SELECT max(version) FROM pg_queue_schema")
                     row = await cur.fetchone()
                     version = row[0] if row else None
+                    compatible = await self._compatible_from(cur, version)
                     if version in (1, 2) and create:
                         if version == 1:
                             await self._upgrade_to_2(cur)
@@ -399,13 +415,22 @@ class PostgresSpool:
                         await conn.commit()
                         log.info("queue: schema upgraded from version %d to %d", version, SCHEMA_VERSION)
                         found = f"schema version {SCHEMA_VERSION} (upgraded from {version})"
+                    elif isinstance(version, int) and version > SCHEMA_VERSION and compatible is not None \
+                            and compatible <= SCHEMA_VERSION:
+                        # a rolling upgrade: a newer node made it, and said this version still works on it
+                        log.warning("queue: schema version %d (a newer Postgate made it, compatible from version "
+                                    "%d): this node (version %d) goes on; upgrade it", version, compatible,
+                                    SCHEMA_VERSION)
+                        found = (f"schema version {version}, newer than this Postgate's {SCHEMA_VERSION} and "
+                                 f"compatible with it (upgrade this node)")
                     elif version != SCHEMA_VERSION:
                         hint = " (postgate serve upgrades it at its start)" if version in (1, 2) else \
-                            " (a newer Postgate made it: upgrade this node)"
+                            " (a newer Postgate made it, not compatible with this one: upgrade this node)"
                         raise SpoolUnavailable(f"[queue] dsn: schema version {version}, this Postgate needs "
                                                f"{SCHEMA_VERSION}{hint}")
                     else:
                         found = f"schema version {version}"
+                    await conn.commit()   # the compatible_from column, if it was added now
                 await cur.execute("SELECT pg_is_in_recovery()")
                 row = await cur.fetchone()
                 if row and row[0]:
@@ -442,13 +467,26 @@ class PostgresSpool:
         await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (2)")
 
     @staticmethod
+    async def _compatible_from(cur: psycopg.AsyncCursor[Any], version: object) -> int | None:
+        """What the newest schema row says about older nodes (None: nothing, or no such column yet)."""
+        await cur.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'pg_queue_schema' "
+                          "AND column_name = 'compatible_from' AND table_schema = current_schema()")
+        row = await cur.fetchone()
+        if not row or not row[0] or not isinstance(version, int):
+            return None
+        await cur.execute("SELECT max(compatible_from) FROM pg_queue_schema WHERE version = %s", (version,))
+        row = await cur.fetchone()
+        return row[0] if row and isinstance(row[0], int) else None
+
+    @staticmethod
     async def _upgrade_to_3(cur: psycopg.AsyncCursor[Any]) -> None:
         """Version 2 -> 3, in the caller's transaction: the priority column (every queued message gets the
         default, as its stored envelope reads) and the index of waiting rows by destination, priority and due
         time (built in the upgrade's transaction: writers wait for it)."""
         for stmt in V3:
             await cur.execute(stmt)
-        await cur.execute("INSERT INTO pg_queue_schema (version) VALUES (3)")
+        await cur.execute(COMPAT)
+        await cur.execute("INSERT INTO pg_queue_schema (version, compatible_from) VALUES (3, %s)", (COMPATIBLE_FROM,))
 
     async def try_lock(self) -> bool:
         return True     # a shared queue: every node runs it; leases keep them apart
