@@ -365,9 +365,10 @@ def test_a_newer_schema_that_says_it_is_compatible_lets_an_older_node_run(cluste
     """Rolling upgrades: a newer Postgate records, with its schema version, the oldest version that still
     works on the database (``compatible_from``). A node meeting a newer schema goes on when that is at most
     its own version (logged: upgrade it), and refuses to start otherwise; ``postgate check`` says which."""
+    from postgate.outbound.queue.pgspool import COMPATIBLE_FROM
+
     from postgate import config as configmod
     from postgate.check import FAIL, PASS, check_queue
-    from postgate.outbound.queue.pgspool import COMPATIBLE_FROM
 
     cluster.primary.psql("DROP DATABASE IF EXISTS rolling")
     cluster.primary.psql(f"CREATE DATABASE rolling OWNER {cluster.user}")
