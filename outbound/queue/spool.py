@@ -508,27 +508,6 @@ class SpoolFiles:
                 os.close(fd)
         return failed
 
-    def _fsync_files(self, paths: list[Path]) -> list[Path]:
-        """fsync each file; several at once, so the file system's journal commits them together. Returns
-        the paths that failed."""
-        def one(p: Path) -> Path | None:
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                return p
-            return None
-        if len(paths) <= 2:
-            results = [one(p) for p in paths]
-        else:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="spool-fsync")
-            results = list(self._pool.map(one, paths))
-        return [p for p in results if p is not None]
-
     def enqueue(self, env: Envelope, content: bytes) -> str:
         """One message alone (a batch of one)."""
         [err] = self.enqueue_batch([(env, content)])
@@ -705,6 +684,15 @@ class SpoolFiles:
         ``finish`` is submitted, so no removal can overtake its report."""
         errors: list[BaseException | None] = [None] * len(ops)
         staged: list[tuple[int, str, Lease, Path | None]] = []
+        fds: dict[int, int] = {}   # the new envelopes' files, open until synced (no second open to fsync)
+        try:
+            return self._results(ops, errors, staged, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _results(self, ops: list[Result], errors: list[BaseException | None],
+                 staged: list[tuple[int, str, Lease, Path | None]], fds: dict[int, int]) -> list[BaseException | None]:
         with self._locked():
             for i, (kind, lease, env) in enumerate(ops):
                 try:
@@ -719,16 +707,18 @@ class SpoolFiles:
                         staged.append((i, kind, lease, None))
                     else:
                         assert env is not None
-                        staged.append((i, kind, lease, self._write_tmp(lease.id, env.to_bytes())))
+                        written, fds[i] = self._write_tmp(lease.id, env.to_bytes())
+                        staged.append((i, kind, lease, written))
                 except BaseException as e:  # ENOSPC: this result is not written; the others go on
                     errors[i] = e
         crashpoint("spool-results-written")
         # the fsyncs hold no lock: other runners lease and write meanwhile
-        if self.fsync and staged:
-            paths = [tmp for _i, _k, _l, tmp in staged if tmp is not None]
-            failed = set(self._fsync_files(paths)) if paths else set()
+        if self.fsync and fds:
+            # as for new mail (_sync_fds): writeback started as each was written, then one fsync after another
+            failed = self._sync_fds(dict(fds), None)
+            fds.clear()   # closed there
             for i, _kind, _lease, tmp in staged:
-                if tmp is not None and tmp in failed:
+                if tmp is not None and i in failed:
                     errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
                     _unlink_quietly(tmp)
             staged = [st for st in staged if errors[st[0]] is None]
@@ -769,19 +759,23 @@ class SpoolFiles:
             fsync_dir(self.root / "active")
         return errors
 
-    def _write_tmp(self, name: str, data: bytes) -> Path:
-        """Write ``data`` to a new file in tmp/ (not fsync'd); on failure nothing is left."""
+    def _write_tmp(self, name: str, data: bytes) -> tuple[Path, int]:
+        """Write ``data`` to a new file in tmp/, its writeback started but not fsync'd; returns the path and
+        the open descriptor (the caller syncs and closes it). On failure nothing is left."""
         tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _write_all(fd, data)
-            finally:
+                if self.fsync:
+                    _start_writeback(fd)
+            except BaseException:
                 os.close(fd)
+                raise
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        return tmp
+        return tmp, fd
 
     def reclaim(self, now: float) -> list[str]:
         """Take back expired leases, and any envelope in active/ that no lease of this process covers (a
