@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from postgate.inbound.smtpd import Limits, Reply, Session
+from postgate.inbound.smtpd import Limits, Session
 from postgate.outbound import dkim, smtp_data
+from postgate.policy.vocab import Reply
 
 from tests.smtpd_harness import HOST, Recorder, serve
 from tests.test_relay_bulk import binaryish
@@ -44,7 +45,7 @@ class PreQueueLike(Recorder):
             content = self.signer.sign(RECEIVED + data, "")
         smtp_data.encode(content)
         self.count += 1
-        return Reply(250, "2.0.0 Ok")
+        return Reply(250, "2.0.0", "Ok")
 
 
 def client(port: int, message: bytes, count: int) -> None:

@@ -36,7 +36,7 @@ import dkim as dkimpy
 from postgate.inbound.filters import Route
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy
-from postgate.inbound.smtpd import Reply, Session, xtext_decode
+from postgate.inbound.smtpd import Session, xtext_decode
 from postgate.outbound import smtp_data
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.queue import dsn
@@ -47,8 +47,7 @@ from postgate.outbound.queue.envelope import (
 )
 from postgate.outbound.queue.protocol import Spool, SpoolError, State
 from postgate.outbound.queue.scheduler import DeliversMail, Scheduler, routes_of
-from postgate.policy import vocab
-from postgate.policy.vocab import Outcome, domain_of, new_queue_id
+from postgate.policy.vocab import Outcome, Reply, domain_of, new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
 
@@ -131,11 +130,11 @@ class PreQueue:
         # relay control is the first filter of every listener (relay.RelayFilter, asked before this)
         if self.relay.is_local(rcpt):
             if self.local is None:
-                return Reply(550, "5.1.1 no local delivery configured")
+                return Reply(550, "5.1.1", "no local delivery configured")
             known = self.config.local_recipients
             if known is not None and rcpt.lower().split("+", 1)[0] not in known and \
                     _unplus(rcpt).lower() not in known:
-                return Reply(550, f"5.1.1 <{rcpt}>: recipient address rejected: user unknown")
+                return Reply(550, "5.1.1", f"<{rcpt}>: recipient address rejected: user unknown")
         return None
 
     # --- after DATA --------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class PreQueue:
             except dkimpy.MessageFormatError as e:
                 # the smtpd repaired the header (smtpd.repair_header); what dkimpy still refuses is refused
                 log.info("%s: reject: message format: %s", qid, e)
-                return Reply(554, f"5.6.0 message format refused: {e}")
+                return Reply(554, "5.6.0", f"message format refused: {e}")
         # the fields go in front of the body in one copy (a 1 MB body was copied once per prepend)
         content = b"".join((signatures, received, data))
         if unedited and (not data or data.endswith(b"\r\n")):
@@ -243,7 +242,7 @@ class PreQueue:
             code = rep.code if rep is not None and rep.permanent else 550
             text = rep.text if rep is not None and rep.permanent else first.reason
             log.info("%s: outcome=refused (pre-queue, %s)", env.id, first.reason)
-            return Reply(code, f"{first.dsn or '5.0.0'} {text}")
+            return Reply(code, first.dsn or "5.0.0", text)
         # this was the first attempt: the queue's first retry comes after the first backoff
         now = time.time()
         env.attempts.append({"time": now, "prequeue": True})
@@ -258,7 +257,7 @@ class PreQueue:
         if not local or self.local is None:
             return
         for lres in await self.local.deliver(env.sender, [r.address for r in local], content, queue_id=env.id):
-            lreply = vocab.Reply.parse(lres.code, lres.text)
+            lreply = Reply.parse(lres.code, lres.text)
             got[lres.recipient] = RecipientResult(lres.recipient, Outcome.DELIVERED if lres.ok else (
                 Outcome.BOUNCED if lres.code >= 500 else Outcome.DEFERRED), lreply.status,
                 lres.text, lreply, mx="local")
@@ -276,7 +275,7 @@ class PreQueue:
 
     def _answer_delivered(self, env: Envelope) -> Reply:
         log.info("%s: outcome=delivered (pre-queue)", env.id)
-        return Reply(250, f"2.0.0 Ok: delivered as {env.id}")
+        return Reply(250, "2.0.0", f"Ok: delivered as {env.id}")
 
     def _verified_sender(self, s: Session) -> bool:
         """The client vouches for its sender: it authenticated, or it is one of our trusted networks."""
@@ -294,14 +293,14 @@ class PreQueue:
                 await self.scheduler.notify(env, content, bounced)
         except (OSError, SpoolError) as e:
             log.error("%s: cannot queue: %s", env.id, e)
-            return Reply(451, "4.3.0 queue write failed, try again later")
+            return Reply(451, "4.3.0", "queue write failed, try again later")
         attack = any(r.suspected_attack for r in env.recipients)
         log.info("%s: outcome=queued (%s)%s", env.id, why, " suspected_attack=yes" if attack else "")
         self.scheduler.wake.set()
         delay = self.scheduler.inflow_delay()
         if delay:   # Postfix in_flow_delay: mail arrives faster than it leaves; the client waits (it is queued)
             await asyncio.sleep(delay)
-        return Reply(250, f"2.0.0 Ok: queued as {env.id}")
+        return Reply(250, "2.0.0", f"Ok: queued as {env.id}")
 
     async def _late(self, qid: str, task: asyncio.Task[list[RecipientResult]]) -> None:
         try:

@@ -58,8 +58,7 @@ from postgate.inbound.filters import (
     split_message,
 )
 from postgate.policy import metrics
-from postgate.policy.vocab import Reply as VocabReply
-from postgate.policy.vocab import new_queue_id
+from postgate.policy.vocab import Reply, new_queue_id
 
 log = logging.getLogger("postgate.smtpd")
 
@@ -158,22 +157,6 @@ class Session:
             mail_params=dict(self.mail_params), recipients=[r for r, _ in self.recipients],
             # RFC 1870: the announced SIZE until the message is there (Postfix policy attribute "size")
             size=int(self.mail_params["SIZE"]) if self.mail_params.get("SIZE", "").isdigit() else 0)
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    text: str
-
-    def line(self) -> bytes:
-        lines = self.text.split("\n")
-        out = [f"{self.code}-{ln}" for ln in lines[:-1]] + [f"{self.code} {lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
-
-    @classmethod
-    def of(cls, r: VocabReply) -> Reply:
-        # RFC 2034 §4: the enhanced status code on every line of a multi-line reply
-        return cls(r.code, "\n".join(f"{r.enhanced} {ln}".strip() for ln in r.text.split("\n")))
 
 
 class Handler(Protocol):
@@ -414,7 +397,7 @@ class SMTPServer:
         _open_connections += 1
         if not self._admit(peer[0]):
             _open_connections -= 1
-            stream.transport.write(Reply(421, f"4.7.0 {self.hostname} too many connections, try again later").line())
+            stream.transport.write(Reply(421, "4.7.0", f"{self.hostname} too many connections, try again later").line())
             stream.transport.close()   # sends what is buffered first
             return
         self._spawn(self._session(stream, None, peer[0], peer[1]))
@@ -632,12 +615,12 @@ class _Stream(asyncio.Protocol):
         i = self._buffer.find(b"\n")
         if i < 0:
             if len(self._buffer) > self.LIMIT:
-                raise _Close(Reply(500, "5.5.6 line too long, closing connection"))
+                raise _Close(Reply(500, "5.5.6", "line too long, closing connection"))
             if self._eof:
                 raise _Close()
             return None
         if i >= self.LIMIT:
-            raise _Close(Reply(500, "5.5.6 line too long, closing connection"))
+            raise _Close(Reply(500, "5.5.6", "line too long, closing connection"))
         line = bytes(self._buffer[:i + 1])
         del self._buffer[:i + 1]
         self._consumed()
@@ -697,7 +680,7 @@ def _checked(line: bytes) -> bytes:
     if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
         # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
         # so no smuggled command or message can follow
-        raise _Close(Reply(500, "5.5.2 bare LF or CR in command refused (RFC 5321 §2.3.8)"))
+        raise _Close(Reply(500, "5.5.2", "bare LF or CR in command refused (RFC 5321 §2.3.8)"))
     return line[:-2]
 
 
@@ -777,7 +760,7 @@ class _Conversation:
                 while (line := self.r.take_line()) is None:
                     await self.r._wait()
         except TimeoutError:
-            raise _Close(Reply(421, "4.4.2 timeout exceeded, closing connection")) from None
+            raise _Close(Reply(421, "4.4.2", "timeout exceeded, closing connection")) from None
         except ConnectionError:
             raise _Close() from None
         return _checked(line)
@@ -791,13 +774,13 @@ class _Conversation:
                 if why == _START:
                     await self._open()
                 elif why == _TIMEOUT:
-                    raise _Close(Reply(421, "4.4.2 timeout exceeded, closing connection"))
+                    raise _Close(Reply(421, "4.4.2", "timeout exceeded, closing connection"))
                 elif why == _SHUTDOWN:
                     # RFC 5321 §3.8: a server that must shut down answers 421 and closes
-                    raise _Close(Reply(421, f"4.3.2 {self.srv.hostname} service shutting down, closing connection"))
+                    raise _Close(Reply(421, "4.3.2", f"{self.srv.hostname} service shutting down, closing connection"))
                 done = not await self._commands()
                 if not done and self.srv.stopping:
-                    raise _Close(Reply(421, f"4.3.2 {self.srv.hostname} service shutting down, closing connection"))
+                    raise _Close(Reply(421, "4.3.2", f"{self.srv.hostname} service shutting down, closing connection"))
             except _Close as c:
                 done = True
                 if c.reply is not None and not self.w.transport.is_closing():
@@ -888,12 +871,13 @@ class _Conversation:
         v = await self._ask(Stage.CONNECT)
         if v is not None:
             if v.code < 500:
-                raise _Close(Reply(421, v.text))   # RFC 5321 §3.1: 421 and close
+                # RFC 5321 §3.1: 421 and close; RFC 3463 §3.1: the enhanced code's class is the reply's
+                raise _Close(Reply(421, "4" + v.enhanced[1:] if v.enhanced else "", v.text))
             # RFC 5321 §3.1/§4.3.1: 554 instead of the greeting; the server then waits for QUIT
             self.refused = v
             await self.send(v)
         else:
-            await self.send(Reply(220, f"{self.srv.hostname} ESMTP Postgate"))
+            await self.send(Reply(220, text=f"{self.srv.hostname} ESMTP Postgate"))
 
     async def _commands(self) -> bool:
         """Run the commands that are buffered (RFC 2920: pipelined ones one after the other); True when the
@@ -916,21 +900,21 @@ class _Conversation:
             handler = getattr(self, f"cmd_{verb}", None) if verb else None
             limit = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}.get(verb, MAX_COMMAND)
             if len(line) + 2 > limit:
-                await self.error(Reply(500, f"5.5.2 command line longer than {limit} octets (RFC 5321 §4.5.3.1.4)"))
+                await self.error(Reply(500, "5.5.2", f"command line longer than {limit} octets (RFC 5321 §4.5.3.1.4)"))
             elif handler is None:
-                await self.error(Reply(500, "5.5.2 command not recognized"))
+                await self.error(Reply(500, "5.5.2", "command not recognized"))
             elif self.refused is not None and verb not in ("QUIT", "NOOP", "RSET"):
-                await self.error(Reply(503, "5.5.1 connection refused: " + self.refused.text))
+                await self.error(Reply(503, "5.5.1", "connection refused: " + self.refused.text))
             elif (verb not in ("MAIL", "RCPT") and not line.isascii()) or "\ufffd" in text:
-                await self.error(Reply(501, "5.5.4 non-ASCII or invalid characters in command"))
+                await self.error(Reply(501, "5.5.4", "non-ASCII or invalid characters in command"))
             elif any((c < 32 and c != 9) or c == 127 for c in line):
-                await self.error(Reply(501, "5.5.2 control character in command"))
+                await self.error(Reply(501, "5.5.2", "control character in command"))
             else:
                 keep_going = await handler(arg.strip())
                 if keep_going is False:
                     return False
             if self.s.errors >= self.limits.max_errors:
-                raise _Close(Reply(421, "4.7.0 too many errors, closing connection"))
+                raise _Close(Reply(421, "4.7.0", "too many errors, closing connection"))
 
     async def error(self, reply: Reply) -> bool | None:
         """Send an error reply and count it (sessions with too many errors are ended)."""
@@ -955,11 +939,11 @@ class _Conversation:
             assert v.reply is not None
             if stage is Stage.RCPT:   # cmd_RCPT logs Postfix's one "NOQUEUE: reject: RCPT from …" line
                 self.refused_by = f" filter={v.filter}" + (f" ({v.reason})" if v.reason else "")
-                return Reply.of(v.reply)
+                return v.reply
             log.info("%s: %s: %s from %s: %s; filter=%s%s", self.s.queue_id or "NOQUEUE",
                      "reject" if v.action is Action.REJECT else "tempfail", stage.value.upper(), self.who, v.reply,
                      v.filter, f" ({v.reason})" if v.reason else "")
-            return Reply.of(v.reply)
+            return v.reply
         if v.action is Action.DISCARD and self.s.discard is None:
             self.s.discard = v
         return None
@@ -978,14 +962,14 @@ class _Conversation:
 
     async def _helo(self, arg: str, esmtp: bool) -> bool | None:
         if not arg:
-            return await self.error(Reply(501, f"5.5.4 {'EHLO' if esmtp else 'HELO'} needs a host name"))
+            return await self.error(Reply(501, "5.5.4", f"{'EHLO' if esmtp else 'HELO'} needs a host name"))
         await self._reset()
         refusal = await self._ask(Stage.HELO, helo=arg, esmtp=esmtp)
         if refusal is not None:
             return await self.error(refusal)
         self.s.helo, self.s.esmtp = arg, esmtp
         if not esmtp:
-            return await self.send(Reply(250, self.srv.hostname))
+            return await self.send(Reply(250, text=self.srv.hostname))
         lst = self.s.listener
         lines = [self.srv.hostname, "PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "ENHANCEDSTATUSCODES", "DSN"]
@@ -995,25 +979,25 @@ class _Conversation:
             lines.append("AUTH PLAIN LOGIN")  # RFC 4954 §4: only offered once TLS protects it
         if self.s.tls:
             lines.append("REQUIRETLS")  # RFC 8689 §4: offered only over TLS
-        return await self.send(Reply(250, "\n".join(lines)))
+        return await self.send(Reply(250, text="\n".join(lines)))
 
     async def cmd_STARTTLS(self, arg: str) -> bool | None:
         if arg:
-            return await self.error(Reply(501, "5.5.4 STARTTLS takes no parameters"))
+            return await self.error(Reply(501, "5.5.4", "STARTTLS takes no parameters"))
         if self.s.listener.tls is None:
-            return await self.error(Reply(454, "4.7.0 TLS not available"))
+            return await self.error(Reply(454, "4.7.0", "TLS not available"))
         if self.s.tls:
-            return await self.error(Reply(503, "5.5.1 TLS already active"))
+            return await self.error(Reply(503, "5.5.1", "TLS already active"))
         if len(self.r._buffer):
             # RFC 3207 §4.2 / CVE-2011-0411: commands pipelined after STARTTLS would be injected into the
             # TLS session; refuse them and end the session
-            await self.send(Reply(554, "5.5.1 commands pipelined after STARTTLS refused"))
+            await self.send(Reply(554, "5.5.1", "commands pipelined after STARTTLS refused"))
             return False
         # the client's ClientHello follows our 220 at once: the 220 is written and start_tls called without
         # giving the loop a turn in between (no drain, no task switch), so not one byte of it can be read into
         # the plaintext buffer (it would be lost to the TLS layer and the handshake would hang). Reading is
         # not paused either: uvloop's start_tls does not resume a transport its protocol paused.
-        self.w.write(Reply(220, "2.0.0 Ready to start TLS").line())
+        self.w.write(Reply(220, "2.0.0", "Ready to start TLS").line())
         try:
             async with asyncio.timeout(self.limits.tls_handshake_timeout + 1):
                 await self.w.start_tls(self.s.listener.tls, self.limits.tls_handshake_timeout)
@@ -1027,13 +1011,13 @@ class _Conversation:
     async def cmd_AUTH(self, arg: str) -> bool | None:
         lst = self.s.listener
         if not lst.auth or self.srv.authenticator is None:
-            return await self.error(Reply(502, "5.5.1 AUTH not available"))
+            return await self.error(Reply(502, "5.5.1", "AUTH not available"))
         if not self.s.tls:
-            return await self.error(Reply(538, "5.7.11 encryption required for authentication (RFC 4954 §6)"))
+            return await self.error(Reply(538, "5.7.11", "encryption required for authentication (RFC 4954 §6)"))
         if self.s.user is not None:
-            return await self.error(Reply(503, "5.5.1 already authenticated"))
+            return await self.error(Reply(503, "5.5.1", "already authenticated"))
         if self.s.sender is not None:
-            return await self.error(Reply(503, "5.5.1 AUTH not permitted during a mail transaction"))
+            return await self.error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
         user = ""
@@ -1056,16 +1040,16 @@ class _Conversation:
                     return None
                 password = base64.b64decode(p, validate=True).decode()
             else:
-                return await self.error(Reply(504, "5.5.4 unrecognized authentication type"))
+                return await self.error(Reply(504, "5.5.4", "unrecognized authentication type"))
         except (binascii.Error, ValueError, UnicodeDecodeError):
-            return await self.error(Reply(501, "5.5.2 cannot decode the response"))
+            return await self.error(Reply(501, "5.5.2", "cannot decode the response"))
         if "\x00" in user or "\x00" in password:
-            return await self.error(Reply(501, "5.5.2 cannot decode the response"))
+            return await self.error(Reply(501, "5.5.2", "cannot decode the response"))
         if await self.srv.authenticator(user, password):
             self.s.user, self.s.auth_method = user, mech
             self.srv.throttle.succeeded(self.s.peer[0], user)
             log.info("%s: sasl_method=%s, sasl_username=%s", self.who, mech, user)
-            await self.send(Reply(235, "2.7.0 authentication successful"))
+            await self.send(Reply(235, "2.7.0", "authentication successful"))
             return None
         delay = self.srv.throttle.failed(self.s.peer[0], user, time.monotonic())
         # Postfix's words, the line fail2ban's postfix filter (postfix-sasl, aggressive) matches
@@ -1074,61 +1058,61 @@ class _Conversation:
         log.info("%s: SASL %s authentication failed, reply delayed %.2fs", self.who, mech, delay)
         metrics.inc("smtpd_auth_failures", listener=self.s.listener.name)
         await asyncio.sleep(delay)   # RFC 4954 §4: a server may delay its reply after a failure
-        await self.error(Reply(535, "5.7.8 authentication credentials invalid"))
+        await self.error(Reply(535, "5.7.8", "authentication credentials invalid"))
         return None
 
     async def _challenge(self, text: str) -> str | None:
-        await self.send(Reply(334, text))
+        await self.send(Reply(334, text=text))
         line = (await self.readline(MAX_AUTH)).decode("ascii", "replace")
         if line == "*":
-            await self.error(Reply(501, "5.0.0 authentication cancelled"))
+            await self.error(Reply(501, "5.0.0", "authentication cancelled"))
             return None
         return line
 
     async def cmd_MAIL(self, arg: str) -> bool | None:
         if not self.s.helo:
-            return await self.error(Reply(503, "5.5.1 send EHLO first"))
+            return await self.error(Reply(503, "5.5.1", "send EHLO first"))
         if self.s.sender is not None:
-            return await self.error(Reply(503, "5.5.1 nested MAIL command"))
+            return await self.error(Reply(503, "5.5.1", "nested MAIL command"))
         if self.s.listener.auth_required and self.s.user is None:
-            return await self.error(Reply(530, "5.7.0 authentication required"))
+            return await self.error(Reply(530, "5.7.0", "authentication required"))
         if not arg.upper().startswith("FROM:"):
-            return await self.error(Reply(501, "5.5.4 syntax: MAIL FROM:<address>"))
+            return await self.error(Reply(501, "5.5.4", "syntax: MAIL FROM:<address>"))
         parsed = self._address(arg[5:].lstrip())
         if parsed is None:
-            return await self.error(Reply(501, "5.1.7 bad sender address syntax"))
+            return await self.error(Reply(501, "5.1.7", "bad sender address syntax"))
         addr, params = parsed
         if params is None:
-            return await self.error(Reply(501, "5.5.4 bad MAIL parameters"))
+            return await self.error(Reply(501, "5.5.4", "bad MAIL parameters"))
         for k, v in params.items():
             if k == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT, ASCII digits
                 if not (v.isascii() and v.isdigit()) or len(v) > 20:
-                    return await self.error(Reply(501, "5.5.4 bad SIZE"))
+                    return await self.error(Reply(501, "5.5.4", "bad SIZE"))
                 if int(v) > self.limits.max_message_size:
-                    return await self.error(Reply(552, "5.3.4 message size exceeds fixed limit"))
+                    return await self.error(Reply(552, "5.3.4", "message size exceeds fixed limit"))
             elif k == "BODY":
                 if v.upper() not in ("7BIT", "8BITMIME"):
-                    return await self.error(Reply(501, "5.5.4 BODY is 7BIT or 8BITMIME"))
+                    return await self.error(Reply(501, "5.5.4", "BODY is 7BIT or 8BITMIME"))
             elif k == "SMTPUTF8":
                 if v:
-                    return await self.error(Reply(501, "5.5.4 SMTPUTF8 takes no value"))
+                    return await self.error(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
             elif k == "RET":  # RFC 3461 §4.3
                 if v.upper() not in ("FULL", "HDRS"):
-                    return await self.error(Reply(501, "5.5.4 RET is FULL or HDRS"))
+                    return await self.error(Reply(501, "5.5.4", "RET is FULL or HDRS"))
             elif k == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 characters, printable US-ASCII decoded
                 if not v or len(v) > 100 or not xtext_value_ok(v):
-                    return await self.error(Reply(501, "5.5.4 bad ENVID"))
+                    return await self.error(Reply(501, "5.5.4", "bad ENVID"))
             elif k == "REQUIRETLS":  # RFC 8689 §4.1: only over TLS
                 if v or not self.s.tls:
-                    return await self.error(Reply(530, "5.7.10 REQUIRETLS needs TLS"))
+                    return await self.error(Reply(530, "5.7.10", "REQUIRETLS needs TLS"))
             elif k == "AUTH":  # RFC 4954 §5: accepted and ignored
                 pass
             else:
-                return await self.error(Reply(555, f"5.5.4 unsupported MAIL parameter {k}"))
+                return await self.error(Reply(555, "5.5.4", f"unsupported MAIL parameter {k}"))
         if not params.get("SMTPUTF8", None) == "" and not addr.isascii():
-            return await self.error(Reply(553, "5.6.7 non-ASCII address needs SMTPUTF8"))
+            return await self.error(Reply(553, "5.6.7", "non-ASCII address needs SMTPUTF8"))
         if any(ord(c) < 32 or ord(c) == 127 for c in addr):   # RFC 5321 §4.1.2: no control characters
-            return await self.error(Reply(553, "5.1.7 bad sender address syntax"))
+            return await self.error(Reply(553, "5.1.7", "bad sender address syntax"))
         if self.chain.filters:
             await self.chain.reset()   # a new transaction for the filters
         self.s.queue_id = new_queue_id()
@@ -1138,64 +1122,64 @@ class _Conversation:
             self.s.queue_id = ""
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.sender, self.s.mail_params = addr, params
-        return await self.send(Reply(250, "2.1.0 Ok"))
+        return await self.send(Reply(250, "2.1.0", "Ok"))
 
     async def cmd_RCPT(self, arg: str) -> bool | None:
         if self.s.sender is None:
-            return await self.error(Reply(503, "5.5.1 need MAIL first"))
+            return await self.error(Reply(503, "5.5.1", "need MAIL first"))
         if not arg.upper().startswith("TO:"):
-            return await self.error(Reply(501, "5.5.4 syntax: RCPT TO:<address>"))
+            return await self.error(Reply(501, "5.5.4", "syntax: RCPT TO:<address>"))
         parsed = self._address(arg[3:].lstrip())
         if parsed is not None and parsed[0].lower() == "postmaster":
             # RFC 5321 §4.5.1: "postmaster" without a domain must be accepted: it is ours
             parsed = (f"postmaster@{self.srv.hostname}", parsed[1])
         if parsed is None or not parsed[0] or "@" not in parsed[0] or \
                 any(ord(c) < 32 or ord(c) == 127 for c in parsed[0]):
-            return await self.error(Reply(501, "5.1.3 bad recipient address syntax"))
+            return await self.error(Reply(501, "5.1.3", "bad recipient address syntax"))
         addr, params = parsed
         if params is None:
-            return await self.error(Reply(501, "5.5.4 bad RCPT parameters"))
+            return await self.error(Reply(501, "5.5.4", "bad RCPT parameters"))
         for k, v in params.items():
             if k == "NOTIFY":  # RFC 3461 §4.1
                 vals = v.upper().split(",")
                 if not vals or any(x not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for x in vals) or \
                         ("NEVER" in vals and len(vals) > 1):
-                    return await self.error(Reply(501, "5.5.4 bad NOTIFY"))
+                    return await self.error(Reply(501, "5.5.4", "bad NOTIFY"))
             elif k == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext, printable US-ASCII once decoded
                 t, sep, x = v.partition(";")
                 if not sep or not t or not re.fullmatch(r"[A-Za-z0-9-]+", t) or not x or not xtext_value_ok(x) \
                         or len(x) > 500:
-                    return await self.error(Reply(501, "5.5.4 bad ORCPT"))
+                    return await self.error(Reply(501, "5.5.4", "bad ORCPT"))
             else:
-                return await self.error(Reply(555, f"5.5.4 unsupported RCPT parameter {k}"))
+                return await self.error(Reply(555, "5.5.4", f"unsupported RCPT parameter {k}"))
         if not addr.isascii() and "SMTPUTF8" not in self.s.mail_params:
-            return await self.error(Reply(553, "5.6.7 non-ASCII address needs SMTPUTF8"))
+            return await self.error(Reply(553, "5.6.7", "non-ASCII address needs SMTPUTF8"))
         if len(self.s.recipients) >= self.limits.max_recipients:
-            return await self.send(Reply(452, "4.5.3 too many recipients"))
+            return await self.send(Reply(452, "4.5.3", "too many recipients"))
         self.refused_by = ""
         refusal = await self._ask(Stage.RCPT, recipient=addr, rcpt_params=dict(params))
         if refusal is None:
             refusal = await self.srv.handler.check_rcpt(self.s, addr, params)
         if refusal is not None:
             # one line per refused recipient, Postfix's (pflogsumm and fail2ban count them), then the filter
-            log.info("NOQUEUE: reject: RCPT from %s[%s]: %d %s; from=<%s> to=<%s> proto=%s helo=<%s>%s",
-                     self.s.client_name, self.s.peer[0], refusal.code, refusal.text, self.s.sender, addr,
+            log.info("NOQUEUE: reject: RCPT from %s[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>%s",
+                     self.s.client_name, self.s.peer[0], refusal, self.s.sender, addr,
                      "ESMTP" if self.s.esmtp else "SMTP", self.s.helo, self.refused_by)
             metrics.inc("smtpd_rejects", stage="rcpt", reason=str(refusal.code))
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))
-        return await self.send(Reply(250, "2.1.5 Ok"))
+        return await self.send(Reply(250, "2.1.5", "Ok"))
 
     async def cmd_DATA(self, arg: str) -> bool | None:
         if arg:
-            return await self.error(Reply(501, "5.5.4 DATA takes no parameters"))
+            return await self.error(Reply(501, "5.5.4", "DATA takes no parameters"))
         if self.s.sender is None or not self.s.recipients:
-            return await self.error(Reply(503, "5.5.1 need RCPT first"))
-        await self.send(Reply(354, "End data with <CR><LF>.<CR><LF>"))
+            return await self.error(Reply(503, "5.5.1", "need RCPT first"))
+        await self.send(Reply(354, text="End data with <CR><LF>.<CR><LF>"))
         try:
             data, problem = await self._read_data()
         except TimeoutError:
-            raise _Close(Reply(421, "4.4.2 timeout exceeded during DATA, closing connection")) from None
+            raise _Close(Reply(421, "4.4.2", "timeout exceeded during DATA, closing connection")) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             return False  # the client went away mid-DATA: no reply, nothing accepted
         if problem is None:
@@ -1212,7 +1196,7 @@ class _Conversation:
             # never a dropped connection after DATA: the client gets a reply, and retries a 4xx
             log.error("%s: internal error after DATA from %s: %s: %s", self.s.queue_id, self.who,
                       type(e).__name__, e)
-            reply = Reply(451, "4.3.0 internal error, try again later")
+            reply = Reply(451, "4.3.0", "internal error, try again later")
         metrics.inc("messages_received", listener=self.s.listener.name,
                     outcome="accepted" if reply.code < 400 else ("tempfailed" if reply.code < 500 else "refused"))
         await self._reset()
@@ -1226,7 +1210,7 @@ class _Conversation:
         if hops >= HOPCOUNT_LIMIT:
             log.info("%s: reject: DATA from %s: %d Received: headers, mail forwarding loop", self.s.queue_id,
                      self.who, hops)
-            return Reply(554, f"5.4.6 too many hops ({hops} Received: headers): mail forwarding loop")
+            return Reply(554, "5.4.6", f"too many hops ({hops} Received: headers): mail forwarding loop")
         return None
 
     async def _message(self, data: bytes) -> Reply:
@@ -1239,11 +1223,11 @@ class _Conversation:
             v = self.s.discard
             log.info("%s: discard: END-OF-MESSAGE from %s: filter=%s%s; from=<%s> nrcpt=%d", self.s.queue_id,
                      self.who, v.filter, f" ({v.reason})" if v.reason else "", self.s.sender, len(self.s.recipients))
-            return Reply(250, f"2.0.0 Ok: queued as {self.s.queue_id}")
+            return Reply(250, "2.0.0", f"Ok: queued as {self.s.queue_id}")
         data = self._apply_edits(data)
         if not self.s.recipients:
             log.info("%s: discard: the filters removed every recipient", self.s.queue_id)
-            return Reply(250, f"2.0.0 Ok: queued as {self.s.queue_id}")
+            return Reply(250, "2.0.0", f"Ok: queued as {self.s.queue_id}")
         return await self.srv.handler.message(self.s, data)
 
     def _apply_edits(self, data: bytes) -> bytes:
@@ -1304,7 +1288,7 @@ class _Conversation:
                 if len(buf) > MAX_DATA_LINE + 65536:
                     # no line end in sight: that line is too long; keep a last CR, which may start a CRLF
                     if problem is None:
-                        problem = Reply(554, "5.5.2 message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+                        problem = Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
                     del buf[:-1]
                     mid_line = True
                 remaining = start + lim.data_timeout + size / max(1, lim.min_data_rate) - time.monotonic()
@@ -1331,15 +1315,15 @@ class _Conversation:
         # RFC 5321 §2.3.8: CR and LF only as CRLF. Anything else is refused, whole: no second message
         crlf = block.count(b"\r\n")
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
-            return size, Reply(554, "5.5.2 message refused: bare LF or CR in message data (RFC 5321 §2.3.8)")
+            return size, Reply(554, "5.5.2", "message refused: bare LF or CR in message data (RFC 5321 §2.3.8)")
         # RFC 5321 §4.5.2 / RFC 5322 §2.1 (no NUL in a message; Postfix strips it, we refuse it whole)
         if b"\x00" in block:
             log.info("%s: reject: DATA from %s: NUL character in message data", self.s.queue_id, self.who)
-            return size, Reply(554, "5.6.0 message refused: NUL character in message data")
+            return size, Reply(554, "5.6.0", "message refused: NUL character in message data")
         if size > self.limits.max_message_size:
-            return size, Reply(552, "5.3.4 message size exceeds fixed limit")
+            return size, Reply(552, "5.3.4", "message size exceeds fixed limit")
         if _has_long_line(block):
-            return size, Reply(554, "5.5.2 message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+            return size, Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
         # RFC 5321 §4.5.2: remove dot-stuffing
         if not mid_line and block.startswith(b".."):
             block = block[1:]
@@ -1348,19 +1332,19 @@ class _Conversation:
 
     async def cmd_RSET(self, arg: str) -> bool | None:
         await self._reset()
-        return await self.send(Reply(250, "2.0.0 Ok"))
+        return await self.send(Reply(250, "2.0.0", "Ok"))
 
     async def cmd_NOOP(self, arg: str) -> bool | None:
-        return await self.send(Reply(250, "2.0.0 Ok"))
+        return await self.send(Reply(250, "2.0.0", "Ok"))
 
     async def cmd_VRFY(self, arg: str) -> bool | None:
-        return await self.send(Reply(252, "2.1.5 send some mail, I'll try my best"))
+        return await self.send(Reply(252, "2.1.5", "send some mail, I'll try my best"))
 
     async def cmd_HELP(self, arg: str) -> bool | None:
-        return await self.send(Reply(214, "2.0.0 see RFC 5321"))
+        return await self.send(Reply(214, "2.0.0", "see RFC 5321"))
 
     async def cmd_QUIT(self, arg: str) -> bool:
-        await self.send(Reply(221, "2.0.0 Bye"))
+        await self.send(Reply(221, "2.0.0", "Bye"))
         return False
 
     def _address(self, text: str) -> tuple[str, dict[str, str] | None] | None:

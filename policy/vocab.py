@@ -101,7 +101,7 @@ class Reply:
         lines = self.text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [f"{self.code}-{prefix}{ln}" for ln in lines[:-1]] + [f"{self.code} {prefix}{lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode()
+        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from postgate.inbound.filters import Filter, Route
-from postgate.inbound.smtpd import Limits, Listener, Reply, Session, SMTPServer
+from postgate.inbound.smtpd import Limits, Listener, Session, SMTPServer
+from postgate.policy.vocab import Reply
 
 from fixtures.pki import PKI
 
@@ -34,7 +35,7 @@ class Recorder:
     fail: Exception | None = None
 
     async def check_rcpt(self, s: Session, rcpt: str, params: dict[str, str]) -> Reply | None:
-        return Reply(550, "5.1.1 unknown") if rcpt.startswith("unknown@") else None
+        return Reply(550, "5.1.1", "unknown") if rcpt.startswith("unknown@") else None
 
     async def message(self, s: Session, data: bytes) -> Reply:
         if self.fail is not None:
@@ -42,7 +43,7 @@ class Recorder:
         assert s.sender is not None
         self.messages.append((s.sender, [r for r, _ in s.recipients], data, s.hold))
         self.routes.append(s.routes)
-        return Reply(250, f"2.0.0 Ok: queued as {s.queue_id}")
+        return Reply(250, "2.0.0", f"Ok: queued as {s.queue_id}")
 
 
 class LogCollector(logging.Handler):
