@@ -48,6 +48,13 @@ def spool_for(c: Cluster, s3: SeaweedS3 | None = None, **kw: float) -> PostgresS
                                     access_key=ACCESS_KEY, secret_key=SECRET_KEY, **kw))  # type: ignore[arg-type]
 
 
+def empty_database(cluster: Cluster, name: str) -> str:
+    """A new, empty database ``name`` on the cluster (dropped first if a run left it); its DSN."""
+    cluster.primary.psql(f"DROP DATABASE IF EXISTS {name}")
+    cluster.primary.psql(f"CREATE DATABASE {name} OWNER {cluster.user}")
+    return cluster.dsn().replace("/postgate?", f"/{name}?")
+
+
 def message(n: int = 0, size: int = 2000) -> tuple[Envelope, bytes]:
     content = (f"Subject: {n}\r\nMessage-ID: <{n}.{time.time()}@test>\r\n\r\n".encode() +
                b"x" * size + b"\r\n")
@@ -229,9 +236,7 @@ def test_postgate_check_reports_the_shared_queue(cluster: Cluster) -> None:
         c.queue.backend, c.queue.dsn = "postgresql", dsn
         return c
 
-    cluster.primary.psql("DROP DATABASE IF EXISTS fresh")
-    cluster.primary.psql(f"CREATE DATABASE fresh OWNER {cluster.user}")
-    [fresh] = asyncio.run(check_queue(cfg(cluster.dsn().replace("/postgate?", "/fresh?"))))
+    [fresh] = asyncio.run(check_queue(cfg(empty_database(cluster, "fresh"))))
     assert fresh.status == WARN and "no Postgate queue schema" in fresh.message
     asyncio.run(spool_for(cluster).check())                         # what serve does at start
     [ok] = asyncio.run(check_queue(cfg(cluster.dsn())))
@@ -249,9 +254,7 @@ def test_schema_version_1_is_upgraded_by_serve_and_reported_by_check(cluster: Cl
     from postgate import config as configmod
     from postgate.check import PASS, WARN, check_queue
 
-    cluster.primary.psql("DROP DATABASE IF EXISTS upgrade")
-    cluster.primary.psql(f"CREATE DATABASE upgrade OWNER {cluster.user}")
-    dsn = cluster.dsn().replace("/postgate?", "/upgrade?")
+    dsn = empty_database(cluster, "upgrade")
     env, content = message(7)
 
     async def as_version_1() -> None:
@@ -316,9 +319,7 @@ def test_schema_version_2_is_upgraded_to_3_and_leasing_per_destination_sorts_no_
     from postgate import config as configmod
     from postgate.check import PASS, WARN, check_queue
 
-    cluster.primary.psql("DROP DATABASE IF EXISTS plan")
-    cluster.primary.psql(f"CREATE DATABASE plan OWNER {cluster.user}")
-    dsn = cluster.dsn().replace("/postgate?", "/plan?")
+    dsn = empty_database(cluster, "plan")
     asyncio.run(PostgresSpool(PgSettings(dsn=dsn)).check())
     cluster.primary.psql("INSERT INTO pg_messages (id, state, envelope, next_attempt, arrival, destination) "
                          "SELECT 'm' || g, 'deferred', '\\x00', 1000 + g, g, 'd' || (g % 500) || '.test' "
@@ -370,9 +371,7 @@ def test_a_newer_schema_that_says_it_is_compatible_lets_an_older_node_run(cluste
     from postgate import config as configmod
     from postgate.check import FAIL, PASS, check_queue
 
-    cluster.primary.psql("DROP DATABASE IF EXISTS rolling")
-    cluster.primary.psql(f"CREATE DATABASE rolling OWNER {cluster.user}")
-    dsn = cluster.dsn().replace("/postgate?", "/rolling?")
+    dsn = empty_database(cluster, "rolling")
     env, content = message(8)
 
     async def start() -> str:
