@@ -442,12 +442,12 @@ def test_pipelined_transaction_with_postfix(testnet: TestNet, monkeypatch: pytes
     assert testnet.pki is not None
     chain, key = testnet.pki.paths("mx.bench.test")
     writes: list[bytes] = []
-    real_write = smtp_wire.Connection.write
+    real_write = smtp_wire._Wire.write
 
-    def spy(self: smtp_wire.Connection, data: bytes) -> None:
-        writes.append(data)
+    def spy(self: smtp_wire._Wire, data: bytes | memoryview) -> None:
+        writes.append(bytes(data))
         real_write(self, data)
-    monkeypatch.setattr(smtp_wire.Connection, "write", spy)
+    monkeypatch.setattr(smtp_wire._Wire, "write", spy)
     sink = Postfix("127.0.1.60", myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
                    smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key), smtpd_tls_security_level="may",
                    local_transport="discard:",
@@ -610,11 +610,55 @@ def test_bdat_with_chunking_server() -> None:
                     b"BDAT %d LAST\r\n" % len(want), want]
 
 
+def test_a_large_content_goes_as_one_bdat_after_the_rcpt_replies() -> None:
+    """RFC 3030 §2: past BODY_CHUNK, to a server offering CHUNKING, MAIL and RCPT go first and, once a
+    recipient is accepted, ``BDAT n LAST`` with the content as it is: no DATA, no 354 round trip, no
+    dot-stuffing, no end-of-data line. With every recipient refused no octet of the content is sent."""
+    body = b"".join(b"." * (i % 2) + b"line %d\r\n" % i for i in range(60_000))
+    assert len(body) > smtp_wire.BODY_CHUNK
+    seen: list[bytes] = []
+
+    def handler_for(accept: bool) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _ehlo(reader, writer, b"250-PIPELINING\r\n250 CHUNKING\r\n")
+            group = await asyncio.wait_for(reader.readuntil(b"RCPT TO:<y@x.test>\r\n"), 10)
+            seen.append(group)
+            writer.write(b"250 ok\r\n" + (b"250 ok\r\n" if accept else b"550 5.1.1 no\r\n"))
+            await writer.drain()
+            if accept:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+                size = int(head.split()[1])
+                seen.extend([head, await asyncio.wait_for(reader.readexactly(size), 30)])
+                writer.write(b"250 2.0.0 queued\r\n")
+                await writer.drain()
+            seen.append(await _lines(reader))   # what follows the transaction: QUIT at the close
+        return handler
+
+    async def go(accept: bool) -> list[delivery.RecipientResult]:
+        server, port = await _serve(handler_for(accept))
+        async with server:
+            s = await _open(port, timeouts=Timeouts(connect=3, greeting=3, command=10, data=60))
+            try:
+                return await delivery._transaction(s, "a@client.test", ["y@x.test"], body, [])
+            finally:
+                await s.close()
+    [res] = asyncio.run(go(True))
+    assert res.status is Outcome.DELIVERED and res.dsn == "2.0.0"
+    assert seen[0] == b"MAIL FROM:<a@client.test>\r\nRCPT TO:<y@x.test>\r\n"
+    assert seen[1] == b"BDAT %d LAST\r\n" % len(body) and seen[2] == body
+    assert b"DATA" not in seen[3]
+    seen.clear()
+    [res] = asyncio.run(go(False))
+    assert res.status is Outcome.BOUNCED and res.dsn == "5.1.1"
+    assert b"BDAT" not in b"".join(seen) and b"line 1" not in b"".join(seen)
+
+
 @LOOPS
 def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypatch: pytest.MonkeyPatch,
                                                      event_loop: str) -> None:
-    """A 100 KB content with leading dots, lone dots and tabs, sent with BDAT to Postfix, is stored byte for
-    byte (Postfix's hold queue keeps it for postcat)."""
+    """A 100 KB and a 330 KB content with leading dots, lone dots and tabs, sent with BDAT to Postfix (the
+    larger one after the RCPT replies, RFC 3030 §2), are stored byte for byte (Postfix's hold queue keeps
+    them for postcat)."""
     import subprocess
 
     from fixtures.postfix import Postfix
@@ -622,33 +666,39 @@ def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypat
     assert testnet.pki is not None
     chain, key = testnet.pki.paths("mx.bench.test")
     writes: list[bytes] = []
-    real_write = smtp_wire.Connection.write
+    real_write = smtp_wire._Wire.write
 
-    def spy(self: smtp_wire.Connection, data: bytes) -> None:
-        writes.append(data)
+    def spy(self: smtp_wire._Wire, data: bytes | memoryview) -> None:
+        writes.append(bytes(data))
         real_write(self, data)
-    monkeypatch.setattr(smtp_wire.Connection, "write", spy)
-    token = secrets.token_hex(6)
-    body = b"".join(b"." * (i % 3) + b"line %d\t of the body \r\n" % i for i in range(3000)) + b".\r\n"
-    data = f"From: a@client.test\r\nSubject: {token}\r\n\r\n".encode() + body
+    monkeypatch.setattr(smtp_wire._Wire, "write", spy)
     sink = Postfix("127.0.1.60", myhostname="mx.bench.test", mydestination="bench.test", local_recipient_maps="",
                    smtpd_tls_cert_file=str(chain), smtpd_tls_key_file=str(key), smtpd_tls_security_level="may",
                    local_transport="discard:",
                    smtpd_recipient_restrictions="check_recipient_access inline:{{held@bench.test=HOLD}}, "
                    "permit_mynetworks, reject")
+    # one content in the MAIL/RCPT group (BDAT in the same write), one past BODY_CHUNK (BDAT after the replies)
     with sink:
-        d = deliverer(testnet, Policy())
+        for lines in (3000, 12000):
+            token = secrets.token_hex(6)
+            body = b"".join(b"." * (i % 3) + b"line %d\t of the body \r\n" % i for i in range(lines)) + b".\r\n"
+            assert (len(body) > smtp_wire.BODY_CHUNK) == (lines > 3000)
+            data = f"From: a@client.test\r\nSubject: {token}\r\n\r\n".encode() + body
+            writes.clear()
+            d = deliverer(testnet, Policy())
 
-        async def go() -> list[delivery.RecipientResult]:
-            try:
-                return await d.deliver("a@client.test", ["held@bench.test"], data)
-            finally:
-                await d.close()
-        [res] = _run(go(), event_loop)
-        assert res.status is Outcome.DELIVERED, res.text
-        held = subprocess.run(["postqueue", "-c", str(sink.dir), "-j"], capture_output=True, text=True).stdout
-        [qid] = [ln.split('"queue_id": "')[1].split('"')[0] for ln in held.splitlines() if '"hold"' in ln]
-        got = subprocess.run(["postcat", "-c", str(sink.dir), "-b", "-q", qid], capture_output=True).stdout
+            async def go(d: delivery.Deliverer = d, data: bytes = data) -> list[delivery.RecipientResult]:
+                try:
+                    return await d.deliver("a@client.test", ["held@bench.test"], data)
+                finally:
+                    await d.close()
+            [res] = _run(go(), event_loop)
+            assert res.status is Outcome.DELIVERED, res.text
+            held = subprocess.run(["postqueue", "-c", str(sink.dir), "-j"], capture_output=True, text=True).stdout
+            [qid] = [ln.split('"queue_id": "')[1].split('"')[0] for ln in held.splitlines() if '"hold"' in ln]
+            got = subprocess.run(["postcat", "-c", str(sink.dir), "-b", "-q", qid], capture_output=True).stdout
+            subprocess.run(["postsuper", "-c", str(sink.dir), "-d", qid], capture_output=True, check=False)
+            sent = b"".join(writes)
+            assert b"\r\nBDAT " in sent and b"\r\nDATA\r\n" not in sent and body in sent   # no dot-stuffing
+            assert got.split(b"*** MESSAGE CONTENTS", 1)[-1].split(b"\n", 1)[1].replace(b"\n", b"\r\n") == body
     sink.cleanup()
-    assert any(b"\r\nBDAT " in w and w.endswith(body) for w in writes)
-    assert got.split(b"*** MESSAGE CONTENTS", 1)[-1].split(b"\n", 1)[1].replace(b"\n", b"\r\n") == body
