@@ -176,11 +176,16 @@ def _start_writeback(fd: int) -> None:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, data: bytes, *more: bytes) -> None:
+    """Write ``data`` and then ``more`` in full: several parts in one writev (no copy to join them)."""
+    parts = [memoryview(p) for p in (data, *more) if p]
+    while parts:
+        n = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if parts and n:
+            parts[0] = parts[0][n:]
 
 
 def _unlink_quietly(path: Path | str) -> None:
@@ -376,7 +381,7 @@ class SpoolFiles:
                     # the first line holds the envelope as accepted (JSON has no raw newline), then the content
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
-                        _write_all(fd, MAGIC + head + b"\n" + content)
+                        _write_all(fd, MAGIC + head + b"\n", content)   # the content not copied
                         if self.fsync:
                             _start_writeback(fd)
                     except BaseException:
