@@ -386,6 +386,15 @@ def _signing_pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool() -> None:
+    # a forked child has none of the parent's threads: it starts a pool of its own
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 # RFC 6376 §5.4.1
 RECOMMENDED = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from", "resent-to",
                "resent-cc", "in-reply-to", "references", "list-id", "list-help", "list-unsubscribe",

@@ -397,6 +397,24 @@ def test_async_signer_signs_off_the_loop_byte_for_byte(own_signer: dkim.Signer,
     assert fields.count(b"DKIM-Signature: ") == 1 and b"a=ed25519-sha256" in fields
 
 
+def test_a_forked_child_signs_with_a_pool_of_its_own(own_signer: dkim.Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signing threads do not survive a fork: a child that inherited the parent's pool would wait for
+    ever on threads it does not have. It starts its own (os.register_at_fork)."""
+    monkeypatch.setattr(dkim, "_OFFLOAD", True)
+    m = next(iter(MESSAGES.values()))
+    want = asyncio.run(own_signer.signature_fields_async(m, now=1_700_000_000))   # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:   # the child: a bounded wait, then exit without pytest's clean-up
+        code = 1
+        try:
+            got = asyncio.run(asyncio.wait_for(own_signer.signature_fields_async(m, now=1_700_000_000), 10))
+            code = 0 if got == want else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 # OpenDKIM and dkimpy verify what the own signer makes of the awkward cases too
 AWKWARD = {
     # (OpenDKIM refuses a second To or Cc, RFC 5322 §3.6's singletons: the repeated fields are Resent-*
