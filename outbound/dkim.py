@@ -363,12 +363,6 @@ def _field(tags: list[bytes], sig: bytes) -> bytes:
     return _SIG_NAME + b": " + _fold(b"; ".join([*tags, b"b=" + base64.b64encode(sig)]) + b"\r\n", len(_SIG_NAME))
 
 
-def _signature_field(ready: _Prepared, key: Key, hdrs: list[bytes], stamp: bytes) -> bytes:
-    """One DKIM-Signature header field, CRLF-terminated."""
-    tags, digest = _unsigned_field(ready, key, hdrs, stamp)
-    return _field(tags, _sign_digest(key, digest))
-
-
 # The RSA private-key operation is most of a signature's cost (about 0.3–0.4 ms for 2048 bits here, against
 # 0.05 ms for Ed25519) and OpenSSL runs it without holding the GIL: on a machine with a second core the
 # event loop hands it to a thread and goes on with other sessions meanwhile (issue 20). One core: inline.
@@ -564,6 +558,31 @@ class Signer:
         ``crlf_only``: the caller guarantees that every LF in ``message`` ends a CRLF (RFC 5321 §2.3.8, as
         the smtpd enforces), so it is not counted again; a wrong promise gives a signature that fails.
         ``domain``/``selector``: sign with that domain's key(s) instead (see :meth:`keys_for`)."""
+        jobs = self._unsigned(message, prefix, now, crlf_only, domain, selector)
+        if isinstance(jobs, bytes):
+            return jobs
+        return self._fields(jobs, _sign_all([(k, digest) for k, _, digest in jobs]))
+
+    async def signature_fields_async(self, message: bytes, prefix: bytes = b"", *, now: float | None = None,
+                                     crlf_only: bool = False, domain: str | None = None,
+                                     selector: str | None = None) -> bytes:
+        """:meth:`signature_fields`, with the RSA private-key operation done in a thread while the event loop
+        serves other sessions (on a machine with more than one core; byte for byte the same fields)."""
+        jobs = self._unsigned(message, prefix, now, crlf_only, domain, selector)
+        if isinstance(jobs, bytes):
+            return jobs
+        todo = [(k, digest) for k, _, digest in jobs]
+        if _OFFLOAD and any(k.algorithm == "rsa" for k, _, _ in jobs):
+            sigs = await asyncio.get_running_loop().run_in_executor(_signing_pool(), _sign_all, todo)
+        else:
+            sigs = _sign_all(todo)
+        return self._fields(jobs, sigs)
+
+    def _unsigned(self, message: bytes, prefix: bytes, now: float | None, crlf_only: bool, domain: str | None,
+                  selector: str | None) -> bytes | list[tuple[Key, list[bytes], bytes]]:
+        """Everything before the private-key operations: per key (RSA first) the field's tags and the digest
+        to sign; or the finished fields where there is nothing to sign here (b"" without a key, dkimpy's
+        fields for a message that is not plain CRLF)."""
         # the header section of prefix + message (RFC 5322 §2.1: up to the first empty line)
         head = prefix[:-2] if prefix and message.startswith(b"\r\n") else prefix + _head(message)
         keys = sorted(self.keys_for(head, domain, selector), key=lambda k: k.algorithm != "rsa")
@@ -575,34 +594,12 @@ class Signer:
         if ready is None:  # not the plain CRLF case: dkimpy's own way, on the whole message
             return self._dkimpy_fields(prefix + message, keys, hdrs, now)
         stamp = str(int(time.time() if now is None else now)).encode()
-        out = []
-        for k in keys:
-            try:
-                out.append(_signature_field(ready, k, hdrs, stamp))
-            except (ValueError, TypeError) as e:
-                log.error("DKIM signing with %s failed: %s", k.owner(), e)
-        return b"".join(out)
+        return [(k, *_unsigned_field(ready, k, hdrs, stamp)) for k in keys]
 
-    async def signature_fields_async(self, message: bytes, prefix: bytes = b"", *, now: float | None = None,
-                                     crlf_only: bool = False, domain: str | None = None,
-                                     selector: str | None = None) -> bytes:
-        """:meth:`signature_fields`, with the RSA private-key operation done in a thread while the event loop
-        serves other sessions (on a machine with more than one core; byte for byte the same fields)."""
-        head = prefix[:-2] if prefix and message.startswith(b"\r\n") else prefix + _head(message)
-        keys = sorted(self.keys_for(head, domain, selector), key=lambda k: k.algorithm != "rsa")
-        if not _OFFLOAD or not any(k.algorithm == "rsa" for k in keys):
-            return self.signature_fields(message, prefix, now=now, crlf_only=crlf_only, domain=domain,
-                                         selector=selector)
-        hdrs = header_list(head)
-        ready = _prepare(prefix, message, hdrs, crlf_only)
-        if ready is None:  # not the plain CRLF case: dkimpy's own way, on the whole message
-            return self._dkimpy_fields(prefix + message, keys, hdrs, now)
-        stamp = str(int(time.time() if now is None else now)).encode()
-        unsigned = [_unsigned_field(ready, k, hdrs, stamp) for k in keys]
-        sigs = await asyncio.get_running_loop().run_in_executor(
-            _signing_pool(), _sign_all, [(k, digest) for k, (_, digest) in zip(keys, unsigned, strict=True)])
+    @staticmethod
+    def _fields(jobs: list[tuple[Key, list[bytes], bytes]], sigs: list[bytes | Exception]) -> bytes:
         out = []
-        for k, (tags, _), sig in zip(keys, unsigned, sigs, strict=True):
+        for (k, tags, _), sig in zip(jobs, sigs, strict=True):
             if isinstance(sig, Exception):
                 log.error("DKIM signing with %s failed: %s", k.owner(), sig)
             else:

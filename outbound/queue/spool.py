@@ -691,13 +691,30 @@ class SpoolFiles:
         staged: list[tuple[int, str, Lease, Path | None]] = []
         fds: dict[int, int] = {}   # the new envelopes' files, open until synced (no second open to fsync)
         try:
-            return self._results(ops, errors, staged, fds)
-        finally:
+            self._stage_results(ops, errors, staged, fds)
+        except BaseException:
             for fd in fds.values():
                 os.close(fd)
+            raise
+        crashpoint("spool-results-written")
+        # the fsyncs hold no lock: other runners lease and write meanwhile
+        if self.fsync:   # as new mail: writeback started as each was written, then one fsync after another
+            failed = self._sync_fds(fds, None)   # closes them
+        else:
+            failed = set()
+            for fd in fds.values():
+                os.close(fd)
+        for i, _kind, _lease, tmp in staged:
+            if tmp is not None and i in failed:
+                errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
+                _unlink_quietly(tmp)
+        staged = [st for st in staged if errors[st[0]] is None]
+        crashpoint("spool-results-synced")
+        return self._apply_results(staged, errors)
 
-    def _results(self, ops: list[Result], errors: list[BaseException | None],
-                 staged: list[tuple[int, str, Lease, Path | None]], fds: dict[int, int]) -> list[BaseException | None]:
+    def _stage_results(self, ops: list[Result], errors: list[BaseException | None],
+                       staged: list[tuple[int, str, Lease, Path | None]], fds: dict[int, int]) -> None:
+        """Under the lock: unlink each finished message's file, write each new envelope to tmp/."""
         with self._locked():
             for i, (kind, lease, env) in enumerate(ops):
                 try:
@@ -716,18 +733,10 @@ class SpoolFiles:
                         staged.append((i, kind, lease, written))
                 except BaseException as e:  # ENOSPC: this result is not written; the others go on
                     errors[i] = e
-        crashpoint("spool-results-written")
-        # the fsyncs hold no lock: other runners lease and write meanwhile
-        if self.fsync and fds:
-            # as for new mail (_sync_fds): writeback started as each was written, then one fsync after another
-            failed = self._sync_fds(dict(fds), None)
-            fds.clear()   # closed there
-            for i, _kind, _lease, tmp in staged:
-                if tmp is not None and i in failed:
-                    errors[i] = OSError(errno.EIO, f"fsync failed for {tmp.name}")
-                    _unlink_quietly(tmp)
-            staged = [st for st in staged if errors[st[0]] is None]
-        crashpoint("spool-results-synced")
+
+    def _apply_results(self, staged: list[tuple[int, str, Lease, Path | None]],
+                       errors: list[BaseException | None]) -> list[BaseException | None]:
+        """Under the lock: each synced envelope renamed over its index, each finished one unlinked."""
         with self._locked():
             renamed = False
             for i, kind, lease, tmp in staged:
@@ -1126,15 +1135,21 @@ class DirectorySpool:
             return []
         return await self._in_memory(self.files.take_fresh, now, duration, limit)
 
+    def _if_free(self, fn: Callable[..., T], *args: object) -> tuple[bool, T | None]:
+        """``fn(*args)`` here on the loop if the spool's lock is free right now: (True, its result); else
+        (False, None) at once — the loop never waits for a file operation that holds the lock."""
+        if not self.files._mutex.acquire(blocking=False):
+            return False, None
+        try:
+            return True, fn(*args)
+        finally:
+            self.files._mutex.release()
+
     async def _in_memory(self, fn: Callable[..., T], *args: object) -> T:
         """A call that only touches memory (under the spool's lock): on the loop, no thread; but where a
-        file operation holds that lock right now, in a worker thread (the loop never waits for the disk)."""
-        if self.files._mutex.acquire(blocking=False):
-            try:
-                return fn(*args)
-            finally:
-                self.files._mutex.release()
-        return await self._io(fn, *args)
+        file operation holds that lock right now, in a worker thread."""
+        done, result = self._if_free(fn, *args)
+        return result if done else await self._io(fn, *args)  # type: ignore[return-value]
 
     def hand_over(self, owner: str | None, duration: float = 0.0) -> None:
         """``owner`` runs the queue in this process: new mail queued here is leased to it as it is queued
@@ -1162,15 +1177,15 @@ class DirectorySpool:
         # a removal is two unlinks and no fsync (results_batch): done here on the loop when the spool's lock
         # is free and no other process shares it, which costs less than the hand-off to the committer thread
         # and back (two thread switches per delivered message); else, and with several runners, there
-        if self.files.nparts <= 1 and self.files._mutex.acquire(blocking=False):
-            try:
-                [err] = self.files.results_batch([("finish", lease, None)])
-            finally:
-                self.files._mutex.release()
-            if err is not None:
-                raise err
-            return
-        await asyncio.wrap_future(self.results.submit_item(("finish", lease, None)))
+        op: Result = ("finish", lease, None)
+        if self.files.nparts <= 1:
+            done, errors = self._if_free(self.files.results_batch, [op])
+            if done:
+                assert errors is not None
+                if errors[0] is not None:
+                    raise errors[0]
+                return
+        await asyncio.wrap_future(self.results.submit_item(op))
 
     async def reclaim(self, now: float) -> list[str]:
         return await self._io(self.files.reclaim, now)
