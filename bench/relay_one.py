@@ -7,7 +7,8 @@ Run (as root, inside the test network's namespace)::
 Environment: ``MODE`` = ``prequeue`` (default) or ``queuefirst``; ``SIZE`` (octets, 2000), ``C`` (sessions,
 10), ``N`` (messages per run, 1200), ``RUNS`` (3); ``DKIMOFF=1``: no DKIM keys; ``WORKERS=n``: ``[server]
 workers``; ``B='{"section": {"key": value}}'``: a second Postgate with these settings on top, taking turns
-with the first (an A/B run); ``POSTFIX=0``: without Postfix; ``PROFILE=seconds``: py-spy samples the first
+with the first (an A/B run), ``B_ENV='{"NAME": "value"}'``: environment variables for that second one only;
+``POSTFIX=0``: without Postfix; ``PROFILE=seconds``: py-spy samples the first
 Postgate under load afterwards (own time per function; ``PERF=1``: ``perf record`` instead, to
 ``perf.data``). Prints relayed/s, CPU per message, DATA reply p50/p99 per run and the ratios of the runs.
 Nothing is written to bench/README.md (``scripts/bench relay`` is the benchmark of record).
@@ -51,7 +52,13 @@ def main() -> int:
             targets = [("postgate", "127.0.2.14", (a.proc.pid,))]
             if os.environ.get("B"):
                 more = {k: dict(extra.get(k, {}), **v) for k, v in json.loads(os.environ["B"]).items()}
-                b = rb.postgate(net, state, "b", "127.0.2.15", **{**extra, **more}).start()
+                saved = dict(os.environ)
+                os.environ.update(json.loads(os.environ.get("B_ENV", "{}")))
+                try:
+                    b = rb.postgate(net, state, "b", "127.0.2.15", **{**extra, **more}).start()
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
                 assert b.proc is not None
                 servers.append(b)
                 targets.append(("postgate-b", "127.0.2.15", (b.proc.pid,)))

@@ -69,11 +69,27 @@ class TlsOutcome(enum.StrEnum):
 QueueId = NewType("QueueId", str)
 
 
+_SHARE = (0, 1)   # this process's share k of n of the local queue (see queue_id_share)
+
+
+def queue_id_share(k: int, n: int) -> None:
+    """The queue ids this process makes fall in share ``k`` of ``n`` (their 24 random bits mod n = k): where
+    n processes each run a share of one local queue (``[queue] run_in_workers``), the process that accepts a
+    message is the one that delivers it, handed over in memory, instead of a sibling that would only find
+    it at its next scan of the spool (outbound/queue/spool.SpoolFiles.mine)."""
+    global _SHARE
+    if not 0 <= k < n:
+        raise ValueError(f"share {k} of {n}")
+    _SHARE = (k, n)
+
+
 def new_queue_id(now: float | None = None) -> QueueId:
     """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits, in
-    the spirit of Postfix's long queue ids."""
+    the spirit of Postfix's long queue ids; the random bits are uniform within this process's share."""
     t = time.time() if now is None else now
-    return QueueId(f"{int(t * 1_000_000):014X}{secrets.token_hex(3).upper()}")
+    k, n = _SHARE
+    rand = secrets.randbelow((1 << 24) // n) * n + k    # at most (2**24 // n) * n - 1 < 2**24
+    return QueueId(f"{int(t * 1_000_000):014X}{rand:06X}")
 
 
 def valid_queue_id(qid: str) -> bool:

@@ -50,6 +50,7 @@ from postgate.outbound.queue.scheduler import Scheduler, SchedulerConfig
 from postgate.outbound.queue.spool import DirectorySpool
 from postgate.outbound.resolver import Resolver
 from postgate.policy.sieve import SieveError  # [sieve] (issue 17)
+from postgate.policy.vocab import queue_id_share
 
 log = logging.getLogger("postgate")
 EX_OSERR, EX_CONFIG = 71, 78
@@ -265,8 +266,10 @@ class Daemon:
             directory, where = "the shared queue", "[queue]"
         else:
             runners = self._runners()   # [queue] run_in_workers: process k of n delivers share k
-            spool = DirectorySpool(directory, partition=(int(os.environ.get("POSTGATE_WORKER_INDEX", "0"))
-                                                         if self.worker else 0, runners))
+            share = int(os.environ.get("POSTGATE_WORKER_INDEX", "0")) if self.worker and runners > 1 else 0
+            spool = DirectorySpool(directory, partition=(share, runners))
+            # what this process accepts is in its own share: it delivers it itself, handed over in memory
+            queue_id_share(share, runners)
         try:
             await spool.check()
             if not self.worker and not await spool.try_lock():

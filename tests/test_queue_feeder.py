@@ -441,7 +441,9 @@ def test_shares_partition_the_queue(tmp_path: Path) -> None:
 def test_workers_run_the_queue_and_the_main_process_adopts_a_dead_ones_share(testnet: TestNet,
                                                                               tmp_path: Path) -> None:
     """``[server] workers = 2`` with ``[queue] run_in_workers``: queue-first mail is delivered by both
-    processes, each message once; after a SIGKILL of the worker, the main process delivers its share too."""
+    processes, each message once and by the process that accepted it (its queue id is in that process's
+    share: handed over in memory, no sibling's scan of the spool); after a SIGKILL of the worker, the main
+    process delivers its share too."""
     here = "127.0.2.30"
     pg = PostgateServer(testnet, tmp_path, address=here, server={"workers": 2},
                         prequeue={"mode": "queue-first"}, queue={"run_in_workers": True}).start()
@@ -463,16 +465,26 @@ def test_workers_run_the_queue_and_the_main_process_adopts_a_dead_ones_share(tes
             threading.Event().wait(0.1)
         return False
 
+    def by_pid(what: str) -> dict[str, int]:
+        return {q: int(p) for p, q in re.findall(r"\[(\d+)\]: ([0-9A-F]{20}): " + what, pg.log())}
+
     try:
         assert pg.proc is not None
         [worker] = [int(p) for p in Path(f"/proc/{pg.proc.pid}/task/{pg.proc.pid}/children").read_text().split()]
-        first = [f"share-{i}-{os.getpid()}" for i in range(40)]
-        send(first)
+        first: list[str] = []
+        # the kernel spreads connections over the two listeners (SO_REUSEPORT): new connections until both
+        # accepted some (20 connections on one side only: one chance in half a million)
+        for c in range(20):
+            batch = [f"share-{c}-{i}-{os.getpid()}" for i in range(4)]
+            send(batch)
+            first += batch
+            if c >= 3 and set(by_pid("client=").values()) == {pg.proc.pid, worker}:
+                break
         assert wait(lambda: all_stored(first)), pg.log()[-3000:]
         assert [_copies(testnet, t) for t in first] == [1] * len(first)
-        senders = {int(p) for p in re.findall(r"\[(\d+)\]: [0-9A-F]{20}: to=<bob@dane-ok.test>.*status=sent",
-                                              pg.log())}
-        assert senders == {pg.proc.pid, worker}, senders          # both processes delivered
+        accepted, sent = by_pid("client="), by_pid(r"to=<bob@dane-ok.test>.*status=sent")
+        assert set(sent.values()) == {pg.proc.pid, worker}, sent          # both processes delivered
+        assert sent == {q: accepted[q] for q in sent}, (accepted, sent)   # each what it accepted itself
         os.kill(worker, signal.SIGKILL)
         assert wait(lambda: "the main process delivers its share" in pg.log()), pg.log()[-3000:]
         second = [f"adopted-{i}-{os.getpid()}" for i in range(20)]

@@ -26,6 +26,28 @@ def test_queue_ids_sort_by_arrival_and_validate() -> None:
     assert not valid_queue_id("../etc/passwd") and not valid_queue_id(a.lower())
 
 
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (0, 2), (1, 2), (2, 3), (6, 7)])
+def test_queue_ids_fall_in_this_process_share(k: int, n: int) -> None:
+    """A process that runs share k of n of the local queue makes ids in that share (the spool's ``mine``),
+    with random bits still spread over the share (no two processes make the same id)."""
+    from postgate.outbound.queue.spool import SpoolFiles
+    from postgate.policy import vocab
+    try:
+        vocab.queue_id_share(k, n)
+        ids = [new_queue_id(1_000_000.0) for _ in range(2000)]
+        assert all(valid_queue_id(q) and int(q[-6:], 16) % n == k for q in ids)
+        assert len(set(ids)) > 1990 and max(int(q[-6:], 16) for q in ids) > 0xE00000
+        spool = SpoolFiles.__new__(SpoolFiles)
+        spool.nparts, spool.partitions = n, {k}
+        assert all(spool.mine(q) for q in ids)
+        assert n == 1 or not any(spool.mine(q[:-6] + f"{(int(q[-6:], 16) + 1) % (1 << 24):06X}") for q in ids
+                                 if int(q[-6:], 16) + 1 < (1 << 24) and n > 1)
+        with pytest.raises(ValueError):
+            vocab.queue_id_share(n, n)
+    finally:
+        vocab.queue_id_share(0, 1)
+
+
 @pytest.mark.parametrize(("code", "message", "reply", "status"), [
     (250, "2.0.0 Ok: queued as X", Reply(250, "2.0.0", "Ok: queued as X"), "2.0.0"),
     (550, "5.1.1 <a@b>: user unknown", Reply(550, "5.1.1", "<a@b>: user unknown"), "5.1.1"),
