@@ -363,10 +363,24 @@ def _field(tags: list[bytes], sig: bytes) -> bytes:
     return _SIG_NAME + b": " + _fold(b"; ".join([*tags, b"b=" + base64.b64encode(sig)]) + b"\r\n", len(_SIG_NAME))
 
 
-# The RSA private-key operation is most of a signature's cost (about 0.3–0.4 ms for 2048 bits here, against
-# 0.05 ms for Ed25519) and OpenSSL runs it without holding the GIL: on a machine with a second core the
-# event loop hands it to a thread and goes on with other sessions meanwhile (issue 20). One core: inline.
+# The RSA private-key operation is most of a signature's cost, and OpenSSL runs it without holding the GIL,
+# so a thread could sign while the event loop serves other sessions (issue 20). But under load the hand-off
+# costs more than it saves for the common key size: the worker waits for the GIL to start and to finish (the
+# busy loop gives it up only at the switch interval, 5 ms) and the loop then resumes the session a turn later.
+# Measured here (2026-12-02, bench/relay_one.py A/B, quiet machine, 2 KB, pre-queue; an RSA-2048 signature
+# 0.40 ms, 3072 bits 1.0 ms, 4096 bits 2.2 ms): with 2048-bit keys in the thread 1.30x / 1.49x Postfix (C=10 /
+# C=100) and 2.4-2.6 ms CPU per message, inline 1.40x / 1.71x and 2.0-2.2 ms; in queue-first a signature
+# waited 9.5 ms (median) for a 1 ms thread run. So keys of 3072 bits and more (a loop stall of 1-2 ms and
+# more per message) go to the thread on a machine with a second core; 2048-bit RSA and Ed25519 sign inline.
 _OFFLOAD = (os.cpu_count() or 1) > 1
+OFFLOAD_BITS = 3072
+
+
+def _offloaded(key: Key) -> bool:
+    """Whether ``key``'s signatures are made in the signing thread (see above)."""
+    return key.algorithm == "rsa" and _rsa_key(key.private).key_size >= OFFLOAD_BITS
+
+
 _pool_lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -572,7 +586,7 @@ class Signer:
         if isinstance(jobs, bytes):
             return jobs
         todo = [(k, digest) for k, _, digest in jobs]
-        if _OFFLOAD and any(k.algorithm == "rsa" for k, _, _ in jobs):
+        if _OFFLOAD and any(_offloaded(k) for k, _, _ in jobs):
             sigs = await asyncio.get_running_loop().run_in_executor(_signing_pool(), _sign_all, todo)
         else:
             sigs = _sign_all(todo)
