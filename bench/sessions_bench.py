@@ -1,7 +1,10 @@
 """Idle sessions: how many concurrent SMTP sessions one Postgate process holds, at what resident memory,
 and the relay rate beside them (issue 20: 100,000 under 1 GiB).
 
-Run: ``scripts/bench sessions`` (as root; ``BENCH_IDLE=n``, default 100,000). Rewrites the sessions
+Run: ``scripts/bench sessions`` (as root; ``BENCH_IDLE=n``, default 100,000; ``BENCH_LOOPS=uvloop``: one loop
+only, default both; ``BENCH_PYTHON=…/bin/python``: the interpreter whose ``postgate`` runs, e.g. the venv
+``scripts/install`` makes, whose processes are smaller than the development venv's, which holds the test
+tools' packages that dnspython imports when present). Rewrites the sessions
 section of bench/README.md. Set-up as in bench/relay_bench.py (its receiver and load generator); the idle
 clients come from 127.100.0.1 and up, one session per address, so the ephemeral port range of a single
 client address is no limit. ``postgate serve`` raises its own descriptor limit to what ``[limits]
@@ -27,6 +30,8 @@ from bench.report import identity, write_section
 from fixtures.testnet import TestNet
 
 N = int(os.environ.get("BENCH_IDLE", "100000"))
+LOOPS = tuple(os.environ.get("BENCH_LOOPS", "uvloop,asyncio").split(","))
+PYTHON = os.environ.get("BENCH_PYTHON", sys.executable)
 
 
 def tree(root: int) -> list[int]:
@@ -51,11 +56,13 @@ def main() -> int:
     out: list[str] = []
     try:
         with sink(net) as receiver:
-            for loop in ("uvloop", "asyncio"):
+            for loop in LOOPS:
                 pg = postgate(net, state, f"pg-{loop}", "127.0.2.14",
                               server={"event_loop": loop, "workers": procs},
                               limits={"max_sessions": min(N, per_proc) + 1000,
-                                      "max_sessions_per_client": min(N, per_proc) + 1000}).start()
+                                      "max_sessions_per_client": min(N, per_proc) + 1000})
+                pg.python = PYTHON
+                pg.start()
                 assert pg.proc is not None
                 try:
                     base = run_case(net, receiver, pg.address, pg.proc.pid, 600, 100, 2_000)
@@ -92,7 +99,10 @@ def main() -> int:
         shutil.rmtree(state, ignore_errors=True)
     write_section("sessions-bench", "Concurrent idle sessions", [
         f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {identity()}; load average {os.getloadavg()[0]:.1f}.",
-        f"Command: `{'' if N == 100000 else f'BENCH_IDLE={N} '}scripts/bench sessions`",
+        "Command: `" + "".join(f"{k}={v} " for k, v in (("BENCH_IDLE", str(N)), ("BENCH_LOOPS", ",".join(LOOPS)),
+                                                       ("BENCH_PYTHON", PYTHON)) if k in os.environ)
+        + "scripts/bench sessions`" + ("" if PYTHON == sys.executable else
+                                       " (Postgate from the venv of `scripts/install`, as installed in production)"),
         "",
         f"Postgate pre-queue, {procs} listener process(es) (`[server] workers`: the hard descriptor limit here is "
         f"{hard:,} and `serve` may not raise it); idle sessions (EHLO, then a NOOP every 5 s) from one client address "
