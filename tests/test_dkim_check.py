@@ -363,6 +363,19 @@ def test_own_signer_takes_the_fast_path(own_signer: dkim.Signer, monkeypatch: py
         own_signer.signature_fields(b"From: a@own.test\r\n\r\nbare\nLF\r\n")
 
 
+def _signing_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The threads the private-key operations run on, one entry per signature, from now on."""
+    import threading
+    where: list[int] = []
+    real = dkim._sign_digest
+
+    def spy(key: dkim.Key, digest: bytes) -> bytes:
+        where.append(threading.get_ident())
+        return real(key, digest)
+    monkeypatch.setattr(dkim, "_sign_digest", spy)
+    return where
+
+
 def test_async_signer_signs_off_the_loop_byte_for_byte(own_signer: dkim.Signer,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 20: pre-queue signs with ``signature_fields_async``: the private-key operations of a large RSA key
@@ -372,13 +385,8 @@ def test_async_signer_signs_off_the_loop_byte_for_byte(own_signer: dkim.Signer,
     import threading
     monkeypatch.setattr(dkim, "_OFFLOAD", True)
     monkeypatch.setattr(dkim, "OFFLOAD_BITS", 2048)
-    where: list[int] = []
     real = dkim._sign_digest
-
-    def spy(key: dkim.Key, digest: bytes) -> bytes:
-        where.append(threading.get_ident())
-        return real(key, digest)
-    monkeypatch.setattr(dkim, "_sign_digest", spy)
+    where = _signing_threads(monkeypatch)
     prefix = b"Received: from x ([192.0.2.1])\r\n\tby mail.own.test (Postgate);\r\n\tTue, 24 Nov 2026 10:00:01 +0000\r\n"
 
     async def sign_many() -> list[bytes]:
@@ -406,13 +414,7 @@ def test_a_2048_bit_key_signs_on_the_loop_and_a_larger_one_in_the_thread(own_sig
     outbound/dkim.py): those sign on the loop; from 3072 bits on, in the thread (on a multi-core machine)."""
     import threading
     monkeypatch.setattr(dkim, "_OFFLOAD", True)
-    where: list[int] = []
-    real = dkim._sign_digest
-
-    def spy(key: dkim.Key, digest: bytes) -> bytes:
-        where.append(threading.get_ident())
-        return real(key, digest)
-    monkeypatch.setattr(dkim, "_sign_digest", spy)
+    where = _signing_threads(monkeypatch)
     m = next(iter(MESSAGES.values()))
     assert asyncio.run(own_signer.signature_fields_async(m, now=1_700_000_000)) == \
         own_signer.signature_fields(m, now=1_700_000_000)
