@@ -83,6 +83,14 @@ def queue_id_share(k: int, n: int) -> None:
     _SHARE = (k, n)
 
 
+def share_of(qid: str, n: int) -> int:
+    """Which of ``n`` shares of the local queue ``qid`` is in: its last 24 bits (the random ones) mod n."""
+    try:
+        return int(qid[-6:], 16) % n
+    except ValueError:
+        return 0
+
+
 def new_queue_id(now: float | None = None) -> QueueId:
     """Unique and sortable by arrival: microseconds since the epoch (14 hex digits) + 24 random bits, in
     the spirit of Postfix's long queue ids; the random bits are uniform within this process's share."""

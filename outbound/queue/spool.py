@@ -101,7 +101,7 @@ from postgate.outbound.queue.protocol import (
     Summary,
     destination_of,
 )
-from postgate.policy.vocab import valid_queue_id
+from postgate.policy.vocab import share_of, valid_queue_id
 
 log = logging.getLogger("postgate.queue")
 
@@ -303,13 +303,7 @@ class SpoolFiles:
 
     def mine(self, qid: str) -> bool:
         """Whether this runner leases and reclaims ``qid``: share = the queue id's random bits mod n."""
-        if self.nparts <= 1:
-            return True
-        try:
-            share = int(qid[-6:], 16) % self.nparts
-        except ValueError:
-            share = 0
-        return share in self.partitions
+        return self.nparts <= 1 or share_of(qid, self.nparts) in self.partitions
 
     def adopt(self, share: int) -> None:
         """Take over the share of a runner that died: its leases (files in active/ no lease of ours covers)
