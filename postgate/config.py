@@ -74,6 +74,7 @@ class QueueSettings:
     delay_warning: float = 14400.0
     destination_concurrency: int = 20
     destination_backoff: float = 300.0
+    destination_failed_cohort_limit: float = 1.0   # Postfix's default_destination_…_failed_cohort_limit
     # the shared queue (docs/configuration.md [queue]; outbound/queue/pgspool.py)
     backend: str = "directory"           # directory | postgresql
     dsn: str = ""                        # libpq URI/keywords; several hosts + target_session_attrs=read-write
@@ -636,6 +637,9 @@ def _validate_queue(cfg: Config, source: str, text: str) -> None:
         raise err("delay_warning", "must be 0 (off) or positive")
     if not 1 <= q.destination_concurrency <= 1000:
         raise err("destination_concurrency", "must be between 1 and 1000")
+    v = q.destination_failed_cohort_limit
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v <= 100):
+        raise err("destination_failed_cohort_limit", "must be between 1 and 100 (windows of failed attempts)")
     if not 1 <= q.max_deliveries <= 10000:
         raise err("max_deliveries", "must be between 1 and 10000")
     if q.backend not in ("directory", "postgresql"):

@@ -173,7 +173,9 @@ class Daemon:
         self.scheduler = Scheduler(self.spool, self.deliverer, SchedulerConfig(
             min_backoff=q.min_backoff, max_backoff=q.max_backoff, max_lifetime=q.max_lifetime,
             delay_warning=q.delay_warning, destination_concurrency=q.destination_concurrency,
-            destination_backoff=q.destination_backoff, reporting_mta=hostname, max_deliveries=q.max_deliveries))
+            destination_backoff=q.destination_backoff,
+            failed_cohort_limit=q.destination_failed_cohort_limit, reporting_mta=hostname,
+            max_deliveries=q.max_deliveries))
         # flow control (Postfix in_flow_delay) where this process runs the queue: from the start, so mail
         # accepted while the spool is recovered waits too
         self.scheduler.flow_control = not self.worker or self._runners() > 1

@@ -309,6 +309,77 @@ def test_dead_destination_is_not_hammered(testnet: TestNet, tmp_path: Path) -> N
     assert len(calls) == 2
 
 
+def test_one_attempt_lost_among_answered_ones_leaves_the_destination_open(testnet: TestNet, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Postfix's failed pseudo-cohort rule (qmgr_queue_throttle): one attempt that no server answered, among
+    concurrent ones that were answered, narrows the destination's window but does not make it dead (before,
+    it backed the destination off for ``destination_backoff``, on a shared queue for every node); a whole
+    window of unanswered attempts does. The unanswered attempt is real: its recipient is routed (a Sieve
+    route) to a server that greets and then says nothing, so it ends in the client's timeout."""
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    s, d = _scheduler(testnet, spool, clock, destination_backoff=3600, min_backoff=60)
+    content = b"Subject: x\r\n\r\nx\r\n"
+    tag = os.urandom(4).hex()
+
+    def hung(i: int) -> Recipient:
+        return Recipient(f"hung{i}-{tag}@dane-ok.test", tls_level="may", transport="smtp:[mx.hang.bad.test]")
+
+    async def go() -> None:
+        try:
+            _enqueue(spool, clock, "alice@client.test", [Recipient(f"first-{tag}@dane-ok.test")], content)
+            assert await s.run_once() == 1
+            assert s._dest_limit("dane-ok.test") == 5       # answered: the initial window
+            # a window's worth at once, one of them unanswered
+            for i in range(3):
+                _enqueue(spool, clock, "alice@client.test", [Recipient(f"ok{i}-{tag}@dane-ok.test")], content)
+            lost = _enqueue(spool, clock, "alice@client.test", [hung(0)], content)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="postgate"):
+                await s.run_once()
+            assert spool.files.state_of(lost.id) == "deferred"
+            assert not s._dest_dead("dane-ok.test", clock.t)
+            assert await spool.backing_off(["dane-ok.test"], clock.t, 60) == {}   # nothing noted for others
+            assert "backing off" not in caplog.text and "destination dane-ok.test: no answer" in caplog.text
+            # the next message goes at once, without waiting for any backoff
+            clock.t += 1
+            nxt = _enqueue(spool, clock, "alice@client.test", [Recipient(f"next-{tag}@dane-ok.test")], content)
+            await s.run_once()
+            assert spool.files.state_of(nxt.id) is None                      # delivered and removed
+            # a whole window of unanswered attempts with no answer between them: now it is dead
+            clock.t += 1
+            for i in range(1, 6):
+                _enqueue(spool, clock, "alice@client.test", [hung(i)], content)
+            await s.run_once()
+            assert s._dest_dead("dane-ok.test", clock.t)
+            assert "dane-ok.test" in await spool.backing_off(["dane-ok.test"], clock.t, 60)
+            late = _enqueue(spool, clock, "alice@client.test", [Recipient(f"late-{tag}@dane-ok.test")], content)
+            await s.run_once()
+            assert spool.files.state_of(late.id) == "deferred"              # left alone while dead
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    got = testnet.received("mx.dane-ok.test")
+    tos = {a for m in got for a in m["rcpt_tos"]}
+    for name in ("first", "ok0", "ok1", "ok2", "next"):
+        assert f"{name}-{tag}@dane-ok.test" in tos, name
+    assert f"late-{tag}@dane-ok.test" not in tos
+
+
+@pytest.mark.parametrize(("value", "error"), [("0", True), ("nan", True), ("true", True), ("101", True),
+                                             ("2.5", False)])
+def test_failed_cohort_limit_is_checked(tmp_path: Path, value: str, error: bool) -> None:
+    from postgate import config as configmod
+    p = tmp_path / "postgate.toml"
+    p.write_text(f"[queue]\nmin_backoff = 60\ndestination_failed_cohort_limit = {value}\n")
+    if error:
+        with pytest.raises(configmod.ConfigError, match=r"postgate.toml:3: \[queue\] destination_failed_cohort_limit"):
+            configmod.load(p)
+    else:
+        assert configmod.load(p).queue.destination_failed_cohort_limit == 2.5
+
+
 # --- queue CLI -----------------------------------------------------------------------------------------
 
 def _cli(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -281,8 +281,16 @@ def test_destination_window_grows_by_one_per_round_of_answers(tmp_path: Path) ->
     for _ in range(500):
         s._dest_answered("d.test", 0)
     assert s._dest_limit("d.test") == 12                      # never past destination_concurrency
-    s._dest_failed("d.test", 0)
-    assert s._dest_limit("d.test") == 1
+    # Postfix's negative feedback (qmgr_queue_throttle): an unanswered attempt takes one off the window and
+    # adds 1/window to the failed cohorts; an answer clears them; a whole window's worth makes it dead
+    assert s._dest_failed("d.test", 0) is False and s._dest_limit("d.test") == 11
+    s._dest_answered("d.test", 0)
+    assert s._fail_cohorts.get("d.test") is None
+    fails = 1
+    while not s._dest_failed("d.test", 0):                    # 1/11.1 + 1/10.1 + … + 1/4.1 >= 1
+        fails += 1
+    assert fails == 8 and s._dest_dead("d.test", 1) and s._dest_limit("d.test") == 1
+    assert s._dest_failed("d.test", 400) is True              # a failed probe: dead again at once
 
 
 # --- a batch of results under SIGKILL ----------------------------------------------------------------------

@@ -14,9 +14,13 @@ result durably, and decides what happens next.
   probe); once a server answered, a window of ``initial_concurrency`` that grows by 1/window with every
   answer (while attempts fill it) up to ``destination_concurrency`` (Postfix's slow start: a backlog opens
   the connections it needs, and the
-  delivery agent's connection cache carries the following messages over them). After a destination-wide failure (no
-  MX host reachable, suspected attack) it is left alone for ``destination_backoff`` seconds, so a dead or
-  hostile site is not hammered. The backoff and the per-destination lease count live in the spool
+  delivery agent's connection cache carries the following messages over them). An attempt that no server
+  of the destination answered (no MX host reachable, suspected attack, a timeout) takes one off the window
+  and adds 1/window to its failed pseudo-cohorts; when these reach ``failed_cohort_limit`` (one whole
+  window of such attempts with no answer in between, or a failed probe) the destination is dead and left
+  alone for ``destination_backoff`` seconds, so a dead or hostile site is not hammered, while one lost
+  attempt among many answered ones does not stop a destination (Postfix's qmgr_queue_throttle). The
+  backoff and the per-destination lease count live in the spool
   (``lease_due(per_destination=…)``, ``backing_off``/``note_destination``), so a shared spool applies them
   across every node: one node's failure makes all skip the destination, and one of them probes it when
   the backoff ends; the slow-start window is each node's own.
@@ -87,6 +91,7 @@ class SchedulerConfig:
     destination_concurrency: int = 20
     initial_concurrency: int = 5      # a destination's window after its first answer (Postfix's default)
     destination_backoff: float = 300.0
+    failed_cohort_limit: float = 1.0  # whole windows of no-answer attempts that make a destination dead
     batch: int = 200                  # messages leased at most per spool call
     max_deliveries: int = 100         # attempts under way at once, all destinations (Postfix: 100 processes)
     active_limit: int = 2000          # messages leased at once (under way or waiting for a slot)
@@ -112,6 +117,7 @@ class Scheduler:
     def __post_init__(self) -> None:
         self._dead_until: dict[str, float] = {}
         self._alive: dict[str, float] = {}        # destinations that answered: their concurrency window
+        self._fail_cohorts: dict[str, float] = {}  # no-answer attempts since the last answer, in windows
         self._waiting: dict[str, deque[tuple[Lease, Envelope]]] = {}
         self._busy: dict[str, int] = {}           # attempts under way per destination
         self._tasks: set[asyncio.Task[None]] = set()
@@ -378,16 +384,35 @@ class Scheduler:
         window = self._alive.get(dest)
         return 1 if window is None else int(window)
 
-    def _dest_failed(self, dest: str, now: float) -> None:
-        self._dead_until[dest] = now + self.config.destination_backoff
-        self._alive.pop(dest, None)
+    def _dest_failed(self, dest: str, now: float) -> bool:
+        """An attempt got no answer from any server of ``dest``. Is the destination dead now?
+
+        Postfix's rule (qmgr_queue_throttle, ``destination_concurrency_failed_cohort_limit``): each such
+        failure adds 1/window to the destination's failed pseudo-cohorts and takes one off its window
+        (negative feedback 1, down to 1); it is dead only when the failures since its last answer add up
+        to ``failed_cohort_limit`` windows — a whole window's worth of attempts, none answered. A probe
+        (no window: never answered, or just back from a backoff) is a window of one, so its failure
+        alone is enough. One attempt timing out among many answered ones (a slow server, a lost packet,
+        or this process paused mid-attempt) leaves the destination open on every node."""
+        window = self._alive.get(dest)
+        cohorts = self._fail_cohorts.get(dest, 0.0) + (1.0 if window is None else 1.0 / window)
+        if window is None or cohorts >= self.config.failed_cohort_limit:
+            self._dead_until[dest] = now + self.config.destination_backoff
+            self._alive.pop(dest, None)
+            self._fail_cohorts.pop(dest, None)
+            return True
+        self._fail_cohorts[dest] = cohorts
+        self._alive[dest] = max(1.0, window - 1.0)
+        return False
 
     def _dest_answered(self, dest: str, now: float) -> None:
         self._dead_until.pop(dest, None)
+        self._fail_cohorts.pop(dest, None)   # Postfix: an answer ends the failed cohorts (qmgr_queue_unthrottle)
         window = self._alive.get(dest)
         if window is None:
             if len(self._alive) >= 100_000:   # bounded: forgetting a destination costs one probe
                 self._alive.clear()
+                self._fail_cohorts.clear()
             window = float(min(self.config.initial_concurrency, self.config.destination_concurrency))
         elif window < self._busy.get(dest, 0) + self.config.initial_concurrency:
             # the attempt answering is still counted busy here (it ends after its results are noted)
@@ -558,11 +583,15 @@ class Scheduler:
             by[domain_of(r.recipient)].append(r)
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
-            dead = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            failed = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            dead = failed and self._dest_failed(dest, now)
             if dead:
-                self._dest_failed(dest, now)
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
                          rs[0].reason)
+            elif failed:   # not dead yet: the window shrinks, the shared backoff is left as it is
+                log.info("destination %s: no answer (%s); concurrency %d, failed cohorts %.2f", dest,
+                         rs[0].reason, self._dest_limit(dest), self._fail_cohorts.get(dest, 0.0))
+                continue
             else:
                 self._dest_answered(dest, now)
             try:
@@ -629,8 +658,10 @@ class Scheduler:
                     await self.spool.reschedule(e.id, now)
             if action == "flush-domain":   # the operator says: try now (Postfix postqueue -s)
                 self._dead_until.pop(arg.lower(), None)
+                self._fail_cohorts.pop(arg.lower(), None)
             else:
                 self._dead_until.clear()
+                self._fail_cohorts.clear()
             await self.spool.forget_destinations(arg.lower() if action == "flush-domain" else None)
             return True
         return False
