@@ -310,10 +310,27 @@ async def _priority_fresh(spool: Spool) -> None:
         spool.hand_over(None)
 
 
+async def _sealed(spool: Spool) -> None:
+    """The content's digest is taken when the message is stored, not when its envelope is made (a
+    pre-queue delivery never queued needs none): what the spool gives back carries it, and a copy altered
+    without a change of size is found."""
+    import hashlib
+
+    from postgate.outbound.queue.envelope import EnvelopeError
+    e, c = _env(1)
+    assert e.sha256 == ""
+    await spool.enqueue(e, c)
+    got = await spool.get(e.id)
+    assert got is not None and got[1].sha256 == hashlib.sha256(c).hexdigest()
+    got[1].check_content(await spool.content(e.id))
+    with pytest.raises(EnvelopeError):
+        got[1].check_content(c[:-1] + bytes([c[-1] ^ 1]))
+
+
 CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _held_at_enqueue, _handed_over, _renew,
-         _priority, _priority_fresh]
+         _priority, _priority_fresh, _sealed]
 CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "held-at-enqueue",
-            "handed-over", "renew", "priority", "priority-fresh"]
+            "handed-over", "renew", "priority", "priority-fresh", "sealed"]
 
 
 def test_an_envelope_stored_without_a_priority_reads_as_the_default() -> None:

@@ -522,6 +522,7 @@ class PostgresSpool:
 
     # --- acceptance ------------------------------------------------------------------------------------------
     async def enqueue(self, env: Envelope, content: bytes, *, hold: bool = False) -> str:
+        env.seal(content)
         if self.store is not None:
             try:
                 await self.store.put(env.id, content)       # the body first …

@@ -369,6 +369,7 @@ class SpoolFiles:
         try:
             for i, (env, content, *_hold) in enumerate(items):
                 path = f"{messages}/{env.id}"
+                env.seal(content)         # here, in the commit thread: hashlib lets the loop run meanwhile
                 head = env.to_bytes()     # encoded once: the message file's first line and the index
                 heads.append(head)
                 try:
