@@ -52,6 +52,8 @@ MAX_LINE = 4096   # RFC 5321 §4.5.3.1.5: 512 octets; a generous, bounded allowa
 MAX_LINES = 200   # lines of one reply (an EHLO reply has a few dozen at most)
 CRLF = b"\r\n"
 BODY_CHUNK = 256 * 1024  # the message content goes to the transport in pieces of this size (flow control)
+STALL_LATE = 2.0   # a reply's timer that runs this late means this process was stalled, not the server slow
+STALL_GRACE = 1.0  # then one more look for a reply that came during the stall, before giving up
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3463 §2: class.subject.detail
 
 
@@ -402,10 +404,24 @@ class Connection:
     # --- reading and writing ---------------------------------------------------------------------------
     async def read(self, timeout: float) -> Reply:
         """The next reply, waiting at most ``timeout`` seconds; a timeout leaves the exchange out of step,
-        so it also aborts the connection."""
+        so it also aborts the connection.
+
+        A timer that runs STALL_LATE seconds after it was due means this process was stalled (SIGSTOP, a VM
+        freeze), not that the server was slow: the reply may have come meanwhile and be waiting unread (a
+        turn of uvloop's loop runs the overdue timers before it reads the sockets). Then the wait gets one
+        more look of STALL_GRACE seconds, so a message the server accepted during the stall is not given up
+        (and later delivered twice) for our own pause."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                reply = await self._proto.next_reply()
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await self._proto.next_reply()
+            except TimeoutError:
+                if loop.time() - due < STALL_LATE:
+                    raise
+                async with asyncio.timeout(STALL_GRACE):
+                    reply = await self._proto.next_reply()
         except TimeoutError:
             self.abort()
             raise

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,130 @@ def test_one_attempt_lost_among_answered_ones_leaves_the_destination_open(testne
     for name in ("first", "ok0", "ok1", "ok2", "next"):
         assert f"{name}-{tag}@dane-ok.test" in tos, name
     assert f"late-{tag}@dane-ok.test" not in tos
+
+
+class _StallingServer:
+    """A plain SMTP server in a thread of its own (so it runs while the event loop is blocked). At the first
+    end of DATA it blocks the test's event loop for ``stall`` seconds — a stand-in for SIGSTOP or a VM
+    freeze — and, if ``answer``, answers 250 during the stall (the client's overdue timeout and the unread
+    answer meet when the loop runs again); else it never answers that message."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float, address: str, answer: bool) -> None:
+        import socket
+        import threading
+        self.loop, self.stall, self.answer = loop, stall, answer
+        self.sock = socket.create_server((address, 0))
+        self.port = self.sock.getsockname()[1]
+        self.messages = 0
+        self.stalled = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import time as _time
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as r:
+                conn.sendall(b"220 stall.test ESMTP\r\n")
+                for line in r:
+                    cmd = line[:4].upper()
+                    if cmd in (b"EHLO", b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                        conn.sendall(b"250 ok\r\n")
+                    elif cmd == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        for body in r:
+                            if body == b".\r\n":
+                                break
+                        self.messages += 1
+                        if not self.stalled:
+                            self.stalled = True
+                            self.loop.call_soon_threadsafe(_time.sleep, self.stall)
+                            _time.sleep(0.5)       # the loop is blocked now
+                            if not self.answer:
+                                for _ in r:        # no answer to this one: wait for the client to give up
+                                    pass
+                                break
+                        conn.sendall(b"250 2.0.0 stored\r\n")
+                    elif cmd == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        conn.sendall(b"500 what\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _stall_case(testnet: TestNet, tmp_path: Path, answer: bool,
+                check: Callable[[Scheduler, DirectorySpool, Clock, Envelope, _StallingServer], Awaitable[None]]) -> None:
+    """One message to stall.test (never answered before: its first failure alone would make it dead), routed
+    to a _StallingServer beside mx.dane-ok.test's receiver (a [host]:port route, as a filter sets), on
+    uvloop (the daemon's loop by default: its turn runs the overdue timers before it reads the sockets;
+    asyncio's reads first). The client's reply timeout is 1 s, the stall 3.5 s."""
+    from postgate.outbound.queue.scheduler import STALL_MIN, STALL_TICK
+
+    from postgate import eventloop
+
+    clock = Clock()
+    spool = DirectorySpool(tmp_path)
+    r = Resolver([(testnet.resolver, 53)], load_anchors(testnet.anchor_file), timeout=3)
+    d = Deliverer(r, DeliveryConfig(helo="queue.test", timeouts=Timeouts(3, 3, 3, 3, 1)))
+    s = Scheduler(spool, d, SchedulerConfig(reporting_mta="queue.test", destination_backoff=3600, min_backoff=60),
+                  clock=clock)
+    address = next(x.address for x in testnet.scenarios.receivers if x.host == "mx.dane-ok.test")
+
+    async def go() -> None:
+        server = _StallingServer(asyncio.get_running_loop(), STALL_TICK + STALL_MIN + 1.0, address, answer)
+        try:
+            env = _enqueue(spool, clock, "alice@client.test", [Recipient(
+                "x@stall.test", tls_level="none", transport=f"smtp:[mx.dane-ok.test]:{server.port}")],
+                b"Subject: stalled\r\n\r\nx\r\n")
+            await s.run_once()
+            assert server.stalled
+            await check(s, spool, clock, env, server)
+        finally:
+            server.close()
+            await d.close()
+
+    eventloop.run(go(), "uvloop")
+
+
+def test_an_answer_that_came_while_this_process_was_stalled_is_read_not_timed_out(
+        testnet: TestNet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node resumed from SIGSTOP (or a VM freeze) finds its attempts' timers run out while nothing ran,
+    and the servers' answers waiting unread. The SMTP client sees its timer ran seconds late and looks once
+    more (outbound/smtp_wire.py, STALL_GRACE): the 250 that came during the stall is read, the message is
+    delivered once — before, it timed out, was retried (a duplicate), and the destination, never answered
+    before, was made dead: on a shared queue for every node (what CI saw in the cluster kill test)."""
+    async def check(s: Scheduler, spool: DirectorySpool, clock: Clock, env: Envelope,
+                    server: _StallingServer) -> None:
+        assert spool.files.state_of(env.id) is None and server.messages == 1     # delivered, once
+        assert not s._dest_dead("stall.test", clock.t) and "backing off" not in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="postgate"):
+        _stall_case(testnet, tmp_path, True, check)
+
+
+def test_no_answer_while_this_process_was_stalled_is_not_the_destinations_failure(
+        testnet: TestNet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An attempt under way while this process was stalled that got no answer at all is deferred as usual,
+    but not held against its destination (outbound/queue/scheduler.py, the stall watch): no failed cohort,
+    not dead, nothing noted for other nodes — the stall was ours. Its retry is delivered."""
+    async def check(s: Scheduler, spool: DirectorySpool, clock: Clock, env: Envelope,
+                    server: _StallingServer) -> None:
+        assert spool.files.state_of(env.id) == "deferred" and server.messages == 1
+        assert not s._dest_dead("stall.test", clock.t) and s._fail_cohorts.get("stall.test") is None
+        assert await spool.backing_off(["stall.test"], clock.t, 60) == {}
+        assert "process was stalled" in caplog.text and "not counted" in caplog.text
+        assert "backing off" not in caplog.text and s.counters.values["stalled_attempt"] == 1
+        clock.t += 61
+        await s.run_once()
+        assert spool.files.state_of(env.id) is None and server.messages == 2
+
+    with caplog.at_level(logging.INFO, logger="postgate"):
+        _stall_case(testnet, tmp_path, False, check)
 
 
 @pytest.mark.parametrize(("value", "error"), [("0", True), ("nan", True), ("true", True), ("101", True),

@@ -19,7 +19,10 @@ result durably, and decides what happens next.
   and adds 1/window to its failed pseudo-cohorts; when these reach ``failed_cohort_limit`` (one whole
   window of such attempts with no answer in between, or a failed probe) the destination is dead and left
   alone for ``destination_backoff`` seconds, so a dead or hostile site is not hammered, while one lost
-  attempt among many answered ones does not stop a destination (Postfix's qmgr_queue_throttle). The
+  attempt among many answered ones does not stop a destination (Postfix's qmgr_queue_throttle). An
+  attempt under way while this process itself was stalled (SIGSTOP, a VM freeze: the event loop looked
+  at STALL_MIN seconds or more late) is not held against its destination at all: its timers ran out while
+  nothing ran, and the server's answer may be waiting unread. The
   backoff and the per-destination lease count live in the spool
   (``lease_due(per_destination=…)``, ``backing_off``/``note_destination``), so a shared spool applies them
   across every node: one node's failure makes all skip the destination, and one of them probes it when
@@ -82,6 +85,10 @@ def routes_of(rcpts: Sequence[Recipient]) -> dict[str, RecipientRoute]:
     return {r.address: RecipientRoute.parse(r.tls_level, r.transport) for r in rcpts if r.tls_level or r.transport}
 
 
+STALL_TICK = 0.5   # seconds between the stall watch's looks at the event loop
+STALL_MIN = 2.0    # a look this much later than due: the process was stalled (SIGSTOP, a VM freeze, swapping)
+
+
 @dataclass
 class SchedulerConfig:
     min_backoff: float = 300.0
@@ -118,6 +125,10 @@ class Scheduler:
         self._dead_until: dict[str, float] = {}
         self._alive: dict[str, float] = {}        # destinations that answered: their concurrency window
         self._fail_cohorts: dict[str, float] = {}  # no-answer attempts since the last answer, in windows
+        # stalls of this process (monotonic start, end): a timeout then is not the destination's failure
+        self._stalls: deque[tuple[float, float]] = deque(maxlen=32)
+        self._stall_loop: asyncio.AbstractEventLoop | None = None
+        self._last_look = 0.0
         self._waiting: dict[str, deque[tuple[Lease, Envelope]]] = {}
         self._busy: dict[str, int] = {}           # attempts under way per destination
         self._tasks: set[asyncio.Task[None]] = set()
@@ -365,6 +376,39 @@ class Scheduler:
             task.cancel()
         return lost
 
+    # --- stalls of this process ------------------------------------------------------------------------
+    def _watch_stalls(self) -> None:
+        """Look at the event loop every STALL_TICK seconds (a timer, no task) from the first attempt on
+        this loop; a look that comes STALL_MIN seconds late records a stall."""
+        loop = asyncio.get_running_loop()
+        if self._stall_loop is loop:
+            return
+        self._stall_loop = loop
+        self._last_look = time.monotonic()
+
+        def look() -> None:
+            if self._stall_loop is not loop or loop.is_closed():
+                return
+            self._stalled_now()
+            loop.call_later(STALL_TICK, look)
+
+        loop.call_later(STALL_TICK, look)
+
+    def _stalled_now(self) -> None:
+        """Record a stall if the last look is overdue by STALL_MIN (also called before results are judged:
+        after a pause, an attempt's overdue timeout may run before the overdue look)."""
+        now = time.monotonic()
+        gap = now - self._last_look
+        if gap >= STALL_TICK + STALL_MIN:
+            self._stalls.append((self._last_look, now))
+            log.warning("this process was stalled for %.1fs (paused, or starved of CPU); attempts under way "
+                        "then that got no answer are not held against their destinations", gap)
+        self._last_look = now
+
+    def _stalled_during(self, start: float, end: float) -> float:
+        """Seconds this process was stalled between the monotonic times ``start`` and ``end``."""
+        return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self._stalls)
+
     # --- per-destination state (kept behind these helpers: a shared spool may store it elsewhere) -------
     def _dest_dead(self, dest: str, now: float) -> bool:
         """The destination is backing off after a destination-wide failure."""
@@ -485,7 +529,9 @@ class Scheduler:
             self._dead_until[d] = max(until, self._dead_until.get(d, 0))
         ready = [r for r in pending if domain_of(r.address) not in dead]
         results: list[RecipientResult] = []
+        started = time.monotonic()
         if ready:
+            self._watch_stalls()
             dest = domain_of(ready[0].address)
             me = asyncio.current_task()
             if me is not None:
@@ -506,7 +552,7 @@ class Scheduler:
             if res is None:
                 continue
             rcpt.record(res, now)
-        await self._note_destinations(results, now)
+        await self._note_destinations(results, now, started)
         for rcpt in pending:
             if rcpt not in ready:
                 if not rcpt.reason:
@@ -577,13 +623,23 @@ class Scheduler:
         probe_for = min(self.config.lease_time, self.config.destination_backoff)
         return await self.spool.backing_off(sorted(dests), now, probe_for)
 
-    async def _note_destinations(self, results: list[RecipientResult], now: float) -> None:
+    async def _note_destinations(self, results: list[RecipientResult], now: float,
+                                 started: float | None = None) -> None:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
         for r in results:
             by[domain_of(r.recipient)].append(r)
+        stalled = 0.0
+        if started is not None and self._stall_loop is not None:
+            self._stalled_now()
+            stalled = self._stalled_during(started, time.monotonic())
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
             failed = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            if failed and stalled:   # our stall, not the destination's failure: neither counted nor noted
+                self.counters.inc("stalled_attempt")
+                log.info("destination %s: no answer (%s), not counted: this process was stalled for %.1fs "
+                         "during the attempt", dest, rs[0].reason, stalled)
+                continue
             dead = failed and self._dest_failed(dest, now)
             if dead:
                 log.info("destination %s: backing off for %.0fs (%s)", dest, self.config.destination_backoff,
