@@ -57,11 +57,10 @@ def node(testnet: TestNet, tmp: Path, address: str, c: Cluster, s3: SeaweedS3) -
                           queue={"backend": "postgresql", "dsn": c.dsn(), "object_store": s3.url,
                                  "object_store_access_key": ACCESS_KEY, "object_store_secret_key": SECRET_KEY,
                                  "lease_time": LEASE, "min_backoff": 1.0, "max_backoff": 2.0,
-                                 # a node resumed from SIGSTOP finds its attempts under way timed out; if a
-                                 # whole window of them did (a failed cohort), the destination is dead,
-                                 # cluster-wide, for destination_backoff (300 s by default: the rest of the
-                                 # test); like the other backoffs, short here
-                                 "destination_backoff": 2.0,
+                                 # destination_backoff at its default (300 s, cluster-wide): a node resumed
+                                 # from SIGSTOP must not take its own stall for the destination's failure
+                                 # (the stall watch, the client's second look) — before, it made the
+                                 # destination dead for every node and the drain below never ended
                                  # the load all goes to one destination, and the limit is shared by the
                                  # cluster: three nodes get what three single servers would (Postfix's 20)
                                  "destination_concurrency": 20 * len(NODES)},
