@@ -6,6 +6,7 @@ that holds its DATA reply until the test lets it go."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -291,6 +292,26 @@ def test_destination_window_grows_by_one_per_round_of_answers(tmp_path: Path) ->
         fails += 1
     assert fails == 8 and s._dest_dead("d.test", 1) and s._dest_limit("d.test") == 1
     assert s._dest_failed("d.test", 400) is True              # a failed probe: dead again at once
+
+
+def test_stalls_are_recorded_and_warned_about_once_a_minute(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The stall watch (scheduler._stalled_now): a look at the loop that comes STALL_MIN late records a stall
+    (its span, for the attempts under way then); a loop starved again and again warns once a minute, with a
+    count of the stalls since, not once per stall."""
+    import time as _time
+
+    from postgate.outbound.queue.scheduler import STALL_MIN, STALL_TICK
+    s = Scheduler(DirectorySpool(tmp_path / "spool"), Deliverer.__new__(Deliverer), SchedulerConfig())
+    with caplog.at_level(logging.WARNING, logger="postgate"):
+        for _ in range(3):
+            s._last_look = _time.monotonic() - (STALL_TICK + STALL_MIN + 1)
+            s._stalled_now()
+        s._last_look = _time.monotonic()
+        s._stalled_now()                                       # on time: no stall
+    assert len(s._stalls) == 3 and s.counters.values["stall"] == 3
+    assert caplog.text.count("this process was stalled") == 1 and s._stalls_unlogged == 2
+    start, end = s._stalls[0]
+    assert s._stalled_during(start - 10, start) == 0 and s._stalled_during(start, end) > STALL_MIN
 
 
 # --- a batch of results under SIGKILL ----------------------------------------------------------------------

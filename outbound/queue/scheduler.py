@@ -129,6 +129,8 @@ class Scheduler:
         self._stalls: deque[tuple[float, float]] = deque(maxlen=32)
         self._stall_loop: asyncio.AbstractEventLoop | None = None
         self._last_look = 0.0
+        self._stall_logged = -1e9   # a warning a minute at most (a starved loop stalls again and again)
+        self._stalls_unlogged = 0
         self._waiting: dict[str, deque[tuple[Lease, Envelope]]] = {}
         self._busy: dict[str, int] = {}           # attempts under way per destination
         self._tasks: set[asyncio.Task[None]] = set()
@@ -401,8 +403,14 @@ class Scheduler:
         gap = now - self._last_look
         if gap >= STALL_TICK + STALL_MIN:
             self._stalls.append((self._last_look, now))
-            log.warning("this process was stalled for %.1fs (paused, or starved of CPU); attempts under way "
-                        "then that got no answer are not held against their destinations", gap)
+            self.counters.inc("stall")
+            if now - self._stall_logged >= 60:
+                more = f" ({self._stalls_unlogged} more in the last minute)" if self._stalls_unlogged else ""
+                log.warning("this process was stalled for %.1fs (paused, or starved of CPU)%s; attempts under "
+                            "way then that got no answer are not held against their destinations", gap, more)
+                self._stall_logged, self._stalls_unlogged = now, 0
+            else:
+                self._stalls_unlogged += 1
         self._last_look = now
 
     def _stalled_during(self, start: float, end: float) -> float:
