@@ -411,14 +411,13 @@ class Connection:
         turn of uvloop's loop runs the overdue timers before it reads the sockets). Then the wait gets one
         more look of STALL_GRACE seconds, so a message the server accepted during the stall is not given up
         (and later delivered twice) for our own pause."""
-        loop = asyncio.get_running_loop()
-        due = loop.time() + timeout
         try:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout) as deadline:
                     reply = await self._proto.next_reply()
             except TimeoutError:
-                if loop.time() - due < STALL_LATE:
+                due = deadline.when()
+                if due is None or asyncio.get_running_loop().time() - due < STALL_LATE:
                     raise
                 async with asyncio.timeout(STALL_GRACE):
                     reply = await self._proto.next_reply()
