@@ -66,6 +66,7 @@ from postgate.outbound.queue.envelope import (
 )
 from postgate.outbound.queue.protocol import WAITING, Lease, LeaseLost, Spool, State
 from postgate.outbound.queue.retry import Attempt, Expire, Retry, RetryPolicy
+from postgate.outbound.smtp_wire import STALL_LATE
 from postgate.policy.vocab import Outcome, domain_of
 
 log = logging.getLogger("postgate.queue")
@@ -86,7 +87,7 @@ def routes_of(rcpts: Sequence[Recipient]) -> dict[str, RecipientRoute]:
 
 
 STALL_TICK = 0.5   # seconds between the stall watch's looks at the event loop
-STALL_MIN = 2.0    # a look this much later than due: the process was stalled (SIGSTOP, a VM freeze, swapping)
+STALL_MIN = STALL_LATE  # a look this much later than due: stalled (SIGSTOP, a VM freeze) — the SMTP client's rule
 
 
 @dataclass
@@ -636,13 +637,15 @@ class Scheduler:
         by: dict[str, list[RecipientResult]] = defaultdict(list)
         for r in results:
             by[domain_of(r.recipient)].append(r)
-        stalled = 0.0
-        if started is not None and self._stall_loop is not None:
-            self._stalled_now()
-            stalled = self._stalled_during(started, time.monotonic())
+        stalled: float | None = None   # looked at only when an attempt failed (not on the success path)
         for dest, rs in by.items():
             # destination-wide failure: nobody answered for it (no reply from any server)
             failed = bool(rs) and all(not r.status.final and not r.reply for r in rs)
+            if failed and stalled is None:
+                stalled = 0.0
+                if started is not None and self._stall_loop is not None:
+                    self._stalled_now()
+                    stalled = self._stalled_during(started, time.monotonic())
             if failed and stalled:   # our stall, not the destination's failure: neither counted nor noted
                 self.counters.inc("stalled_attempt")
                 log.info("destination %s: no answer (%s), not counted: this process was stalled for %.1fs "
