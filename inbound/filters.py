@@ -284,12 +284,15 @@ class FilterChain:
                             reason=f"filter {f.name} failed: {e or type(e).__name__}")
                 self.failed[i] = v
                 await self._drop(i)
-            v = replace(v, filter=f.name)
             metrics.inc("filter_verdicts", filter=f.name, stage=ctx.stage.value, action=v.action.value)
             if v.action is Action.ACCEPT:
                 self.accepted |= 1 << i
-            if v.headers or v.add_recipients or v.remove_recipients or v.new_sender is not None or \
-                    v.new_body is not None or v.routes:
+            edits = bool(v.headers or v.add_recipients or v.remove_recipients or v.new_sender is not None
+                         or v.new_body is not None or v.routes)
+            if not (edits or v.action is Action.HOLD or v.final):
+                continue   # nothing of this verdict is kept: no copy naming its filter (issue 20: every stage)
+            v = replace(v, filter=f.name)
+            if edits:
                 out.edits.append(v)
             if v.action is Action.HOLD and out.hold is None:
                 out.hold = v
