@@ -12,6 +12,7 @@ import asyncio
 import secrets
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -608,6 +609,52 @@ def test_bdat_with_chunking_server() -> None:
     want = b"Subject: b\r\n\r\n.dot\r\n..two\r\n.\r\nend\r\n"
     assert seen == [b"MAIL FROM:<a@client.test>\r\nRCPT TO:<y@x.test>\r\nRCPT TO:<n@x.test>\r\n"
                     b"BDAT %d LAST\r\n" % len(want), want]
+
+
+def _unacked(sock: socket.socket) -> int:
+    """tcp_info.tcpi_unacked (linux/tcp.h: eight octets of flags, then rto, ato, snd_mss, rcv_mss, unacked)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
+
+@LOOPS
+def test_replies_are_acknowledged_at_once_for_a_server_that_delays_its_small_writes(event_loop: str) -> None:
+    """A server without TCP_NODELAY (Postfix's smtpd) that answers MAIL and RCPT in one segment and BDAT in a
+    later one holds that later reply (Nagle, RFC 896) until its first one is acknowledged; a client that
+    delays its ACK (RFC 1122 §4.2.3.2, 40 ms on Linux) stalls every such transaction for that long. This was
+    the relay bench's 100 KB cell at C=10 (0.5x Postfix, 40 ms per delivery). The client acknowledges what
+    it reads at once (TCP_QUICKACK): the server sees its replies acknowledged before it sends the next."""
+    unacked: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)   # as Postfix's smtpd: Nagle on
+        await _ehlo(reader, writer, b"250-PIPELINING\r\n250 CHUNKING\r\n")
+        while (line := await _lines(reader)).startswith(b"MAIL"):
+            assert (await _lines(reader)).startswith(b"RCPT")
+            bdat = await _lines(reader)
+            await asyncio.wait_for(reader.readexactly(int(bdat.split()[1])), 10)
+            writer.write(b"250 ok\r\n250 ok\r\n")   # flushed before the chunk is processed, as Postfix does
+            await writer.drain()
+            await asyncio.sleep(0.01)                  # a prompt ACK is here by now; a delayed one is not
+            unacked.append(_unacked(sock))
+            writer.write(b"250 2.0.0 queued\r\n")
+            await writer.drain()
+        assert line.startswith(b"QUIT")
+        writer.write(b"221 bye\r\n")
+
+    async def go() -> None:
+        server, port = await _serve(handler)
+        async with server:
+            s = await _open(port)
+            try:
+                for _ in range(30):   # past the quick ACKs a fresh Linux connection starts with
+                    [res] = await delivery._transaction(s, "a@client.test", ["y@x.test"], b"Subject: q\r\n\r\nx\r\n", [])
+                    assert res.status is Outcome.DELIVERED
+            finally:
+                await s.close()
+    _run(go(), event_loop)
+    assert len(unacked) == 30 and sum(unacked) == 0, unacked
 
 
 def test_a_large_content_goes_as_one_bdat_after_the_rcpt_replies() -> None:
