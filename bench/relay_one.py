@@ -6,12 +6,14 @@ Run (as root, inside the test network's namespace)::
 
 Environment: ``MODE`` = ``prequeue`` (default) or ``queuefirst``; ``SIZE`` (octets, 2000), ``C`` (sessions,
 10), ``N`` (messages per run, 1200), ``RUNS`` (3); ``DKIMOFF=1``: no DKIM keys; ``WORKERS=n``: ``[server]
-workers``; ``B='{"section": {"key": value}}'``: a second Postgate with these settings on top, taking turns
-with the first (an A/B run), ``B_ENV='{"NAME": "value"}'``: environment variables for that second one only;
-``POSTFIX=0``: without Postfix; ``PROFILE=seconds``: py-spy samples the first
-Postgate under load afterwards (own time per function; ``PERF=1``: ``perf record`` instead, to
-``perf.data``). Prints relayed/s, CPU per message, DATA reply p50/p99 per run and the ratios of the runs.
-Nothing is written to bench/README.md (``scripts/bench relay`` is the benchmark of record).
+workers``; ``MANY=1``: to the ten destinations (the relay bench's many-destinations cell);
+``B='{"section": {"key": value}}'``: a second Postgate with these settings on top, taking turns with the
+first (an A/B run), ``B_ENV='{"NAME": "value"}'``: environment variables for that second one only,
+``B_PYTHON``: the interpreter it runs on (a venv whose editable install points at another checkout: an A/B
+of code); ``POSTFIX=0``: without Postfix; ``PROFILE=seconds``: py-spy samples the first Postgate under load
+afterwards (own time per function; ``BENCH_PROFILE_RATE``: samples per second, 100; ``PERF=1``: ``perf
+record`` instead, to ``perf.data``). Prints relayed/s, CPU per message, DATA reply p50/p99 per run and the
+ratios of the runs. Nothing is written to bench/README.md (``scripts/bench relay`` is the benchmark of record).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> int:
     mode = os.environ.get("MODE", "prequeue")
     c, n, size = int(os.environ.get("C", "10")), int(os.environ.get("N", "1200")), int(os.environ.get("SIZE", "2000"))
     runs = int(os.environ.get("RUNS", "3"))
+    many = os.environ.get("MANY") == "1"
     state = Path(tempfile.mkdtemp(prefix="relay-one-"))
     net = TestNet(state / "net").start()
     extra: dict[str, dict[str, object]] = {"server": {"event_loop": "uvloop"}}
@@ -55,7 +58,10 @@ def main() -> int:
                 saved = dict(os.environ)
                 os.environ.update(json.loads(os.environ.get("B_ENV", "{}")))
                 try:
-                    b = rb.postgate(net, state, "b", "127.0.2.15", **{**extra, **more}).start()
+                    b = rb.postgate(net, state, "b", "127.0.2.15", **{**extra, **more})
+                    if os.environ.get("B_PYTHON"):   # another checkout's venv: an A/B of code
+                        b.python = os.environ["B_PYTHON"]
+                    b.start()
                 finally:
                     os.environ.clear()
                     os.environ.update(saved)
@@ -69,7 +75,7 @@ def main() -> int:
             res: dict[str, list[rb.Result]] = {}
             for _ in range(runs):
                 for name, target, roots in targets:
-                    r = rb.run_case(net, receiver, target, roots, n, c, size)
+                    r = rb.run_case(net, receiver, target, roots, n, c, size, many)
                     res.setdefault(name, []).append(r)
                     print(f"{name}: {r.relay:.0f} relayed/s, {r.cpu_ms:.2f} ms CPU/msg, DATA reply p50 "
                           f"{rb.pct(r.reply, 50)} p99 {rb.pct(r.reply, 99)}", flush=True)
