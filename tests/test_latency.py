@@ -24,6 +24,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import dns.name
 import dns.rdatatype
 import pytest
 from postgate.outbound import eager, smtp_data, smtp_wire
@@ -180,6 +181,24 @@ def test_cached_route_takes_no_turn(testnet: TestNet) -> None:
             assert (again.sts_policy is None) == (first.sts_policy is None)
         assert first.sts_policy is not None   # cached.sts.test has a policy: it came from the cache
         await d.close()
+    asyncio.run(go())
+
+
+def test_one_cache_entry_per_name_whatever_its_case_or_form(testnet: TestNet) -> None:
+    """The validated-answer cache is keyed by the name's labels in lower case (RFC 4343 §3), computed once
+    per Name object (dnspython hashes a Name character by character in Python): the same name as text, as a
+    Name and in other letter cases is one entry — one upstream query — and the answers are equal."""
+    async def go() -> None:
+        r = deliverer(testnet, Policy()).resolver
+        first = await r.resolve("dane-ok.test", dns.rdatatype.MX)
+        sent = r.queries_sent
+        assert sent > 0 and first.ok
+        for q in ("DANE-OK.test", "Dane-Ok.Test.", dns.name.from_text("dane-ok.TEST"), dns.name.from_text("dane-ok.test")):
+            again = await r.resolve(q, dns.rdatatype.MX)
+            assert again is first, q
+        assert r.queries_sent == sent
+        other = await r.resolve("nodane.test", dns.rdatatype.MX)   # another name is another entry
+        assert other is not first and r.queries_sent > sent
     asyncio.run(go())
 
 
