@@ -605,7 +605,7 @@ class Deliverer:
 
 
 def _h(host: MXHost) -> str:
-    return host.name.to_text(omit_final_dot=True)
+    return host.text
 
 
 @dataclass(frozen=True)
@@ -625,9 +625,7 @@ class Route:
 
 def _dane_records(host: MXHost) -> tuple[Tlsa, ...]:
     """The host's secure usable TLSA records: where DANE applies (RFC 7672 §2.2, RFC 8461 §2)."""
-    if host.tlsa_security is not Security.SECURE:
-        return ()
-    return tuple(t for t in (Tlsa.from_rdata(r) for r in host.tlsa) if t.usable)
+    return host.dane_records
 
 
 def _applied_tlsa(req: Requirement) -> tuple[Tlsa, ...]:
