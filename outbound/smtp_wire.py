@@ -426,6 +426,9 @@ class Connection:
         turn of uvloop's loop runs the overdue timers before it reads the sockets). Then the wait gets one
         more look of STALL_GRACE seconds, so a message the server accepted during the stall is not given up
         (and later delivered twice) for our own pause."""
+        replies = self._proto.replies
+        if replies:   # already read (the rest of a pipelined group): no timer to arm
+            return self._got(replies.popleft())
         try:
             try:
                 async with asyncio.timeout(timeout) as deadline:
@@ -439,6 +442,9 @@ class Connection:
         except TimeoutError:
             self.abort()
             raise
+        return self._got(reply)
+
+    def _got(self, reply: Reply) -> Reply:
         if reply.code == 421:  # RFC 5321 §3.8: the server is closing the transmission channel
             self._closing = True
         return reply
