@@ -611,6 +611,32 @@ def test_bdat_with_chunking_server() -> None:
                     b"BDAT %d LAST\r\n" % len(want), want]
 
 
+def test_a_421_in_a_pipelined_group_ends_the_connection_s_reuse() -> None:
+    """RFC 5321 §3.8: a 421 closes the channel. One that came in the same segment as the reply before it
+    (read from what is already there, without waiting) still marks the connection as closing: it is not
+    kept for another message."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, b"250 PIPELINING\r\n")
+        await asyncio.wait_for(reader.readuntil(b"NOOP\r\nNOOP\r\n"), 10)
+        writer.write(b"250 2.0.0 ok\r\n421 4.3.2 shutting down\r\n")
+        await writer.drain()
+        await _lines(reader)
+
+    async def go() -> tuple[int, bool, int, bool]:
+        server, port = await _serve(handler)
+        async with server:
+            s = await _open(port)
+            try:
+                s.conn.write(b"NOOP\r\nNOOP\r\n")
+                first = await s.conn.read(5)
+                alive_between = s.alive is False   # the 421 is read but not taken yet: out of step
+                second = await s.conn.read(5)
+                return first.code, alive_between, second.code, s.alive
+            finally:
+                await s.close()
+    assert asyncio.run(go()) == (250, True, 421, False)
+
+
 def _unacked(sock: socket.socket) -> int:
     """tcp_info.tcpi_unacked (linux/tcp.h: eight octets of flags, then rto, ato, snd_mss, rcv_mss, unacked)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
