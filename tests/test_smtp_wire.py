@@ -154,6 +154,18 @@ async def _ehlo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exte
     await writer.drain()
 
 
+def _group_server(until: bytes, replies: bytes) -> Handler:
+    """A PIPELINING server that reads a command group up to ``until`` and answers it with ``replies`` in one
+    segment, then waits for the next line (QUIT)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, b"250 PIPELINING\r\n")
+        await asyncio.wait_for(reader.readuntil(until), 10)
+        writer.write(replies)
+        await writer.drain()
+        await _lines(reader)
+    return handler
+
+
 # The client runs on the daemon's loop: asyncio's or uvloop's (the default since issue 20), whose transports
 # are not asyncio.Transport subclasses. The tests against real peers run on both.
 LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
@@ -262,12 +274,7 @@ def test_all_recipients_refused_but_data_354() -> None:
 
 def test_data_refused_after_pipelined_recipients() -> None:
     """DATA refused (554): the accepted recipient takes DATA's reply, the refused one keeps its own."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _ehlo(reader, writer, b"250 PIPELINING\r\n")
-        await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 10)
-        writer.write(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n554 5.7.1 content refused before it came\r\n")
-        await writer.drain()
-        await _lines(reader)
+    handler = _group_server(b"DATA\r\n", b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n554 5.7.1 content refused before it came\r\n")
 
     async def go() -> list[delivery.RecipientResult]:
         server, port = await _serve(handler)
@@ -615,12 +622,7 @@ def test_a_421_in_a_pipelined_group_ends_the_connection_s_reuse() -> None:
     """RFC 5321 §3.8: a 421 closes the channel. One that came in the same segment as the reply before it
     (read from what is already there, without waiting) still marks the connection as closing: it is not
     kept for another message."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _ehlo(reader, writer, b"250 PIPELINING\r\n")
-        await asyncio.wait_for(reader.readuntil(b"NOOP\r\nNOOP\r\n"), 10)
-        writer.write(b"250 2.0.0 ok\r\n421 4.3.2 shutting down\r\n")
-        await writer.drain()
-        await _lines(reader)
+    handler = _group_server(b"NOOP\r\nNOOP\r\n", b"250 2.0.0 ok\r\n421 4.3.2 shutting down\r\n")
 
     async def go() -> tuple[int, bool, int, bool]:
         server, port = await _serve(handler)
