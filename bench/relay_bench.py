@@ -1,6 +1,6 @@
 """Relay benchmark: Postgate (pre-queue and queue-first) against Postfix, same network, same run.
 
-Run: ``scripts/bench relay`` (as root on Debian 12; about 40 minutes; ``BENCH_QUICK=1``: one run, half the
+Run: ``scripts/bench relay`` (as root on Debian 12; about 25 minutes; ``BENCH_QUICK=1``: one run, half the
 messages; ``BENCH_RUNS=n``: n runs per cell; ``BENCH_IDLE=n``: idle sessions, default 10,000;
 ``BENCH_MTAS=queue-first,asyncio``: only the Postgate configurations whose label contains one of these;
 ``BENCH_KEEP=1``: keep the servers' directories and logs, and print where). It rewrites

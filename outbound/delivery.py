@@ -249,7 +249,7 @@ class Attempt:
 
     @property
     def mx(self) -> str:
-        return _h(self.host)
+        return self.host.text
 
 
 class Deliverer:
@@ -361,7 +361,7 @@ class Deliverer:
         arrival = arrival if arrival is not None else time.time()
         for host in rt.nexthop.hosts:
             if host.caps is not None and host.enforced_caps is None and not host.unusable:
-                log.info("%s: %s has an insecure MTA-capability record (%s): not enforced", qid, _h(host),
+                log.info("%s: %s has an insecure MTA-capability record (%s): not enforced", qid, host.text,
                          host.caps.text())
             d = self.decide(rt, host, requiretls)
             if isinstance(d, Skip):
@@ -385,7 +385,7 @@ class Deliverer:
             return session, None
         auth = self.config.relay_auth if rt.via_relay else None
         try:
-            return await open_session(address, rt.port, _h(host), req, helo=self.config.helo,
+            return await open_session(address, rt.port, host.text, req, helo=self.config.helo,
                                       timeouts=self.config.timeouts, ca_file=self.config.ca_file,
                                       auth=auth), None
         except SessionError as e:
@@ -393,13 +393,13 @@ class Deliverer:
                 raise
             # Postfix 'may': a failed opportunistic handshake is retried in cleartext — but not at once
             # (that hands an active attacker the plaintext), and never to a destination that did TLS
-            self._may_fallback(e, rt.name, _h(host), address, arrival)
+            self._may_fallback(e, rt.name, host.text, address, arrival)
             plain = Requirement(req.level, TLSMode.NONE, req.auth, requiretls=req.requiretls)
-            return await open_session(address, rt.port, _h(host), plain, helo=self.config.helo,
+            return await open_session(address, rt.port, host.text, plain, helo=self.config.helo,
                                       timeouts=self.config.timeouts), e
 
     def _key(self, rt: Route, host: MXHost, address: str, req: Requirement) -> tuple[Any, ...]:
-        return (rt.name, _h(host), address, rt.port, req.key())
+        return (rt.name, host.text, address, rt.port, req.key())
 
     async def _deliver_domain(self, qid: str, sender: str, domain: str, rcpts: list[str], data: bytes,
                               level: Level | None, mail_options: Sequence[str], requiretls: bool = False,
@@ -441,7 +441,7 @@ class Deliverer:
                     status_code = sk.reply.status
                     tls_result = sk.tls_result or tls_result
                     if sk.tls_result is not None:  # RFC 8460 §4.3.2: a policy failure for this MX host
-                        await self._report(rt, _dane_records(a.host), a.mx, "", sk.tls_result, sk.reason)
+                        await self._report(rt, a.host.dane_records, a.mx, "", sk.tls_result, sk.reason)
                     if rt.sts_policy is not None and rt.sts_policy.mode is StsMode.ENFORCE and \
                             not rt.sts_policy.allows(a.mx):
                         self.counters.inc("sts_mx_mismatch")
@@ -532,7 +532,7 @@ class Deliverer:
         if mem is None or rt.via_relay:
             return ""
         sts = rt.sts
-        if any(_dane_records(h) for h in rt.nexthop.hosts):
+        if any(h.dane_records for h in rt.nexthop.hosts):
             current = Protection.DANE
         elif rt.sts_policy is not None and rt.sts_policy.mode is StsMode.ENFORCE:
             current = Protection.STS
@@ -604,10 +604,6 @@ class Deliverer:
                                   detail[:200]))
 
 
-def _h(host: MXHost) -> str:
-    return host.text
-
-
 @dataclass(frozen=True)
 class Route:
     name: str            # the next-hop name: the domain, or the smart host
@@ -623,11 +619,6 @@ class Route:
         return self.sts.policy.sts() if self.sts is not None and self.sts.policy is not None else None
 
 
-def _dane_records(host: MXHost) -> tuple[Tlsa, ...]:
-    """The host's secure usable TLSA records: where DANE applies (RFC 7672 §2.2, RFC 8461 §2)."""
-    return host.dane_records
-
-
 def _applied_tlsa(req: Requirement) -> tuple[Tlsa, ...]:
     """The TLSA records a requirement enforces as DANE (not tafile anchors)."""
     return req.tlsa if req.auth is Auth.DANE and not req.pkix_names else ()
@@ -636,7 +627,7 @@ def _applied_tlsa(req: Requirement) -> tuple[Tlsa, ...]:
 def host_facts(host: MXHost) -> HostFacts:
     """What DNS said of one MX host, as the TLS decision's input."""
     return HostFacts(
-        name=_h(host), address_security=host.address_security, tlsa_security=host.tlsa_security,
+        name=host.text, address_security=host.address_security, tlsa_security=host.tlsa_security,
         tlsa=tuple(Tlsa.from_rdata(t) for t in host.tlsa), unusable=host.unusable,
         reference_names=tuple(n.to_text(omit_final_dot=True) for n in host.reference_names),
         tlsa_base=host.tlsa_base.to_text(omit_final_dot=True) if host.tlsa_base else "",

@@ -210,7 +210,7 @@ class _Wire(asyncio.Protocol):
             try:
                 self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
-                pass
+                self._sock = None   # not a TCP socket that allows it: not asked again at every read
         tls = self.tls
         if tls is not None:
             tls.incoming.write(data)
