@@ -78,7 +78,7 @@ _VERB = re.compile(r"^[A-Za-z]{1,12}$")                     # RFC 5321 §4.1.1: 
 # search restarts at every CR, one per line), and most messages have neither a dot-stuffed line nor "."
 # alone on a line before their end
 _END_OF_DATA = re.compile(rb"\r\n\.\r\n")   # RFC 5321 §4.1.1.4: "." alone on a line ends the data
-_STUFFED = re.compile(rb"\r\n\.\.")        # RFC 5321 §4.5.2: a line that starts with a doubled dot
+_STUFFED = re.compile(rb"\r\n\.")          # RFC 5321 §4.5.2: a line that starts with a period
 
 
 @dataclass
@@ -1337,10 +1337,12 @@ class _Conversation:
             return size, Reply(552, "5.3.4", "message size exceeds fixed limit")
         if _has_long_line(block):
             return size, Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
-        # RFC 5321 §4.5.2: remove dot-stuffing
-        if not mid_line and block.startswith(b".."):
+        # RFC 5321 §4.5.2: "If the first character is a period and there are other characters on the line,
+        # the first character is deleted" - whatever follows it (a client that did not stuff a line loses
+        # its period, as with Postfix, Dovecot and aiosmtpd; the "." line alone never reaches here)
+        if not mid_line and block.startswith(b"."):
             block = block[1:]
-        spool.write(block.replace(b"\r\n..", b"\r\n.") if _STUFFED.search(block) else block)
+        spool.write(block.replace(b"\r\n.", b"\r\n") if _STUFFED.search(block) else block)
         return size, None
 
     async def cmd_RSET(self, arg: str) -> bool | None:

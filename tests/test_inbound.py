@@ -467,7 +467,7 @@ def test_pipelining_and_no_command_injection_after_starttls(pg: PostgateServer, 
         sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@dane-ok.test>\r\nRCPT TO:<reject-x@dane-ok.test>\r\nDATA\r\n")
         replies = [f.readline()[:3] for _ in range(4)]
         assert replies == [b"250", b"250", b"250", b"354"]
-        sock.sendall(f"Subject: {token}\r\n\r\n.leading dot\r\n".encode() + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        sock.sendall(f"Subject: {token}\r\n\r\n..leading dot\r\n".encode() + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
         final = f.readline()
         assert final.startswith(b"250"), final
         assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"221"]

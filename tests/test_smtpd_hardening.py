@@ -537,6 +537,25 @@ def test_line_limit_anywhere_in_a_large_message(at: int, length: int, ok: bool) 
     assert [m[2] for m in srv.handler.messages] == ([message] if ok else [])
 
 
+def test_a_leading_period_is_removed_from_every_line_stuffed_or_not() -> None:
+    """RFC 5321 §4.5.2: "If the first character is a period and there are other characters on the line, the
+    first character is deleted". A client that does not stuff ".unstuffed" delivers "unstuffed" (as to
+    Postfix, Dovecot and aiosmtpd), a stuffed "..x" delivers ".x"; also on the first body line and on lines
+    that start a new 64 KiB read of the server."""
+    filler = b"f" * 78 + b"\r\n"
+    sent_lines = [b"Subject: dots", b"", b".first", b"..stuffed", b"...", b". space", b"plain.", b"a..b"]
+    sent_lines += [filler[:-2]] * 900 + [b".after many", b"..again"] + [filler[:-2]] * 900 + [b".last"]
+    wire = b"\r\n".join(sent_lines) + b"\r\n"
+    want = b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in sent_lines) + b"\r\n"
+    with serve(Limits(max_message_size=4_000_000)) as srv, _session(srv.port) as c:
+        _mail(c)
+        assert code(c.cmd(wire + b".")) == 250
+        assert code(c.cmd(b"NOOP")) == 250
+    [got] = [m[2] for m in srv.handler.messages]
+    assert got == want
+    assert b"\r\nfirst\r\n.stuffed\r\n..\r\n space\r\nplain.\r\na..b\r\n" in got
+
+
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.sampled_from([b"Received: x", b"received:y", b" folded", b"", b"no colon", b"Subject: s",
                                  b"Received: in\r\n\tfold"]), max_size=12))
