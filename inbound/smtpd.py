@@ -1286,7 +1286,9 @@ class _Conversation:
                 if not mid_line and buf.startswith(b".\r\n"):
                     end, after = 0, 3
                 else:
-                    m = _END_OF_DATA.search(buf)
+                    # a one-octet find first (memchr, ~20x the regex scan): a block without "." (base64,
+                    # most large mail) holds neither the terminator nor a line to unstuff
+                    m = _END_OF_DATA.search(buf) if buf.find(b".") >= 0 else None
                     end, after = (m.start() + 2, m.start() + 5) if m is not None else (-1, -1)
                 if end >= 0:
                     size, problem = self._data_block(_prefix(buf, end), mid_line, size, problem, spool)
@@ -1342,7 +1344,8 @@ class _Conversation:
         # its period, as with Postfix, Dovecot and aiosmtpd; the "." line alone never reaches here)
         if not mid_line and block.startswith(b"."):
             block = block[1:]
-        spool.write(block.replace(b"\r\n.", b"\r\n") if _STUFFED.search(block) else block)
+        spool.write(block.replace(b"\r\n.", b"\r\n") if block.find(b".") >= 0 and _STUFFED.search(block)
+                    else block)
         return size, None
 
     async def cmd_RSET(self, arg: str) -> bool | None:

@@ -238,7 +238,10 @@ def _body_hash(message: bytes, start: int) -> bytes:
     """SHA-256 of the relaxed canonical body (RFC 6376 §3.4.3-§3.4.4) of ``message[start:]``, CRLF lines,
     hashed in place (a memoryview, no copy of the body)."""
     end = len(message)
-    if message.find(b"\t", start) >= 0 or _TWO_SPACES.search(message, start) or _SP_CRLF.search(message, start):
+    # one-octet finds first (memchr, ~20x the regex scan's speed): a body without a space (base64, most large
+    # mail) needs neither pattern search
+    if message.find(b"\t", start) >= 0 or (message.find(b" ", start) >= 0 and (
+            _TWO_SPACES.search(message, start) or _SP_CRLF.search(message, start))):
         return hashlib.sha256(relaxed_body(message[start:])).digest()  # the white-space rules apply
     # §3.4.3/§3.4.4: empty lines at the end ignored; a non-empty body ends in CRLF; an empty body is empty
     cut = end

@@ -60,7 +60,7 @@ def encode(content: bytes) -> bytes:
     """``content`` as the octets sent after the 354 reply, end-of-data line included."""
     content = canonical(content)
     # RFC 5321 §4.5.2: transparency, a leading "." doubled on every line
-    if _DOT_LINE.search(content):
+    if content.find(b".") >= 0 and _DOT_LINE.search(content):   # memchr first: base64 has no "."
         content = content.replace(b"\r\n.", b"\r\n..")
     if content.startswith(b"."):
         content = b"." + content
