@@ -327,10 +327,41 @@ async def _sealed(spool: Spool) -> None:
         got[1].check_content(c[:-1] + bytes([c[-1] ^ 1]))
 
 
+async def _checked(spool: Spool) -> None:
+    """``checked_content``: the content of a leased message, handed over or found by the scan, checked
+    against its envelope: a size or (read back from storage) a digest that does not match is an
+    EnvelopeError, never a content delivered as it is."""
+    from postgate.outbound.queue.envelope import EnvelopeError
+    spool.hand_over("n", 60)
+    try:
+        (e, c), (f, d) = _env(1), _env(2)
+        await spool.enqueue(e, c)
+        [(_, fresh)] = await spool.lease_fresh(T0, "n", 60, 10)
+        assert fresh.id == e.id and await spool.checked_content(fresh) == c
+    finally:
+        spool.hand_over(None)
+    await spool.enqueue(f, d)
+    [(_, scanned)] = await spool.lease_due(T0, "n", 60, 10)
+    assert scanned.id == f.id and await spool.checked_content(scanned) == d
+    with pytest.raises(EnvelopeError):
+        await spool.checked_content(replace(scanned, sha256="0" * 64))
+    with pytest.raises(EnvelopeError):
+        await spool.checked_content(replace(scanned, size=len(d) + 1))
+    g, b = _env(3)
+    spool.hand_over("n", 60)
+    try:
+        await spool.enqueue(g, b)
+        [(_, fresh)] = await spool.lease_fresh(T0, "n", 60, 10)
+        with pytest.raises(EnvelopeError):
+            await spool.checked_content(replace(fresh, size=len(b) - 1))
+    finally:
+        spool.hand_over(None)
+
+
 CASES = [_lifecycle, _operator, _destinations, _per_destination, _summary, _held_at_enqueue, _handed_over, _renew,
-         _priority, _priority_fresh, _sealed]
+         _priority, _priority_fresh, _sealed, _checked]
 CASE_IDS = ["lifecycle", "operator", "destinations", "per-destination", "summary", "held-at-enqueue",
-            "handed-over", "renew", "priority", "priority-fresh", "sealed"]
+            "handed-over", "renew", "priority", "priority-fresh", "sealed", "checked"]
 
 
 def test_an_envelope_stored_without_a_priority_reads_as_the_default() -> None:

@@ -627,6 +627,11 @@ class PostgresSpool:
         except Exception as e:
             raise SpoolError(f"{qid}: object store: {e}") from e
 
+    async def checked_content(self, env: Envelope) -> bytes:
+        content = await self.content(env.id)
+        env.check_content(content)   # read back from PostgreSQL or the object store: always checked
+        return content
+
     async def _fenced(self, lease: Lease, sql: str, args: tuple[Any, ...]) -> None:
         async def run(cur: psycopg.AsyncCursor[Any]) -> int:
             await cur.execute(sql + " WHERE id = %s AND state = 'active' AND lease_token = %s AND lease_owner = %s",

@@ -163,6 +163,11 @@ class Spool(Protocol):
 
     async def content(self, qid: str) -> bytes: ...
 
+    async def checked_content(self, env: Envelope) -> bytes:
+        """The content of ``env``'s message, checked against the envelope's size and SHA-256
+        (:meth:`Envelope.check_content`: :class:`EnvelopeError` when it does not match). A spool may skip the
+        digest for a content that never left its memory since it was sealed (the very object hashed)."""
+
     async def record(self, lease: Lease, env: Envelope) -> None:
         """Durably record per-recipient results under a lease that is kept."""
 

@@ -527,8 +527,7 @@ class Scheduler:
     async def _deliver(self, lease: Lease, env: Envelope) -> None:
         now = self.clock()
         try:
-            content = await self.spool.content(env.id)
-            env.check_content(content)
+            content = await self.spool.checked_content(env)
         except (FileNotFoundError, EnvelopeError) as e:
             await self.spool.quarantine(env.id, State.ACTIVE, str(e))
             return

@@ -201,6 +201,7 @@ class SpoolFiles:
 
     def __init__(self, root: Path | str, *, fsync: bool = True, partition: tuple[int, int] = (0, 1)) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.fsync = fsync
         # several queue runners on one spool (``[queue] run_in_workers``): runner k of n leases and reclaims
         # only the messages of its share (module docstring); it adopts a dead runner's share
@@ -337,6 +338,10 @@ class SpoolFiles:
     def path(self, state: str, qid: str) -> Path:
         return self.root / state / qid
 
+    def _at(self, state: str, qid: str) -> str:
+        """``path`` as a string, for the per-message hot paths (a pathlib join costs ~2 us, this 0.1)."""
+        return f"{self._root}/{state}/{qid}"
+
     def state_of(self, qid: str) -> State | None:
         for s in State:
             if self.path(s, qid).exists():
@@ -419,12 +424,12 @@ class SpoolFiles:
                     self._leases[env.id] = lease
                 state = "active" if lease is not None else "hold" if hold and hold[0] else "incoming"
                 try:
-                    os.link(f"{messages}/{env.id}", self.path(state, env.id))
+                    os.link(f"{messages}/{env.id}", self._at(state, env.id))
                     crashpoint("spool-index-linked")
                 except OSError as e:  # not acknowledged after all (a crash now would deliver it: no loss)
                     if lease is not None:
                         self._leases.pop(env.id, None)
-                    _unlink_quietly(self.root / "messages" / env.id)
+                    _unlink_quietly(f"{messages}/{env.id}")
                     errors[i] = e
                     continue
                 if lease is not None:
@@ -639,7 +644,7 @@ class SpoolFiles:
         with self._locked():
             for lease in leases:
                 held = self._held(lease)
-                if held is None or not self.path("active", lease.id).exists():
+                if held is None or not os.path.exists(self._at("active", lease.id)):
                     continue
                 held = dataclasses.replace(held, until=max(held.until, now + duration))
                 self._leases[lease.id] = held
@@ -718,7 +723,7 @@ class SpoolFiles:
                         # the message file goes first: an envelope left without it by a crash is recognised
                         # as a removed message's leftover (module docstring)
                         try:
-                            os.unlink(self.root / "messages" / lease.id)
+                            os.unlink(self._at("messages", lease.id))
                         except FileNotFoundError:
                             pass
                         staged.append((i, kind, lease, None))
@@ -742,7 +747,7 @@ class SpoolFiles:
                         # back meanwhile moved it to deferred/)
                         for st in ("active", "deferred", "incoming"):
                             try:
-                                os.unlink(self.path(st, lease.id))
+                                os.unlink(self._at(st, lease.id))
                                 break
                             except OSError:
                                 continue
@@ -750,9 +755,9 @@ class SpoolFiles:
                         # the lease is still ours and nobody removed the message meanwhile (an operator's
                         # delete in another process): else the result is dropped, never resurrecting it
                         self._check_lease(lease)
-                        if not self.path("active", lease.id).exists():
+                        if not os.path.exists(self._at("active", lease.id)):
                             raise LeaseLost(f"{lease.id}: removed while being delivered; result not recorded")
-                        os.rename(tmp, self.path("active", lease.id))
+                        os.rename(tmp, self._at("active", lease.id))
                         renamed = True
                         if kind == "release":
                             self._move(lease.id, "active", "deferred", durable=False)
@@ -1161,6 +1166,17 @@ class DirectorySpool:
             if content is not None:
                 return content
         return await self._io(self.files.content, qid)
+
+    async def checked_content(self, env: Envelope) -> bytes:
+        if env.id in self.files._contents:   # handed over: the object the commit thread sealed, never written
+            content = await self._in_memory(self.files.take_content, env.id)   # back: its size is checked,
+            if content is not None:                                           # not hashed a second time
+                if len(content) != env.size:
+                    raise EnvelopeError(f"content of {env.id} does not match its envelope (size)")
+                return content
+        content = await self._io(self.files.content, env.id)
+        env.check_content(content)
+        return content
 
     async def record(self, lease: Lease, env: Envelope) -> None:
         await asyncio.wrap_future(self.results.submit_item(("record", lease, env)))
