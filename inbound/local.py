@@ -12,7 +12,12 @@ Every result is logged like Postfix's lmtp/virtual delivery agents:
 
 Maildir (the qmail/Dovecot layout): ``<root>/<domain>/<local part>/{tmp,new,cur}``; a message is written
 to ``tmp/``, fsync'd, then renamed into ``new/`` and the directory fsync'd, so it is never seen half
-written and survives a crash once acknowledged.
+written and survives a crash once acknowledged. Writing into a Maildir is *final delivery* (RFC 5321
+§4.4): the message gets a ``Return-Path:`` line with the envelope sender first (the one place the
+reverse-path survives: replies by machines and mailbox filters read it), after any ``Return-Path:`` fields
+the message already had are removed (a client's own would be a forgery), and ``Delivered-To:`` with the
+recipient (RFC 9228, as Postfix's local and virtual agents write it). An LMTP server (Dovecot) does this
+itself.
 """
 
 from __future__ import annotations
@@ -68,6 +73,26 @@ def _log(queue_id: str, relay: str, start: float, results: list[LocalResult]) ->
             delays(queue_id, start, end), r.dsn, r.status, r.code, r.text)
 
 
+# RFC 5322 §3.6.7 trace field "Return-Path:" with its continuation lines, in the header section
+_RETURN_PATH = re.compile(rb"(?im)^return-path[ \t]*:.*\r?\n(?:[ \t].*\r?\n)*")
+
+
+def final_delivery_fields(sender: str, recipient: str, data: bytes) -> bytes:
+    """``data`` as final delivery stores it (RFC 5321 §4.4): ``Return-Path: <sender>`` and ``Delivered-To:
+    recipient`` (RFC 9228 §4) in front, and the Return-Path fields of the header section removed ("SMTP
+    servers making final delivery MAY remove Return-path header fields before adding their own"). The
+    header section is everything before the first empty line (RFC 5322 §2.1); the body is not looked at."""
+    end = data.find(b"\r\n\r\n")
+    head, body = (data[:end + 2], data[end + 2:]) if end >= 0 else (data, b"")   # no body: all header
+    if data.startswith(b"\r\n"):
+        head, body = b"", data
+    if head and _RETURN_PATH.search(head):
+        head = _RETURN_PATH.sub(b"", head)
+    # RFC 5321 §4.4 return-path-line = "Return-Path:" FWS reverse-path <CRLF>: "<>" for the null sender
+    fields = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+    return b"".join((fields, head, body))
+
+
 class Maildir:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -80,7 +105,7 @@ class Maildir:
             return None
         return self.root / domain / local
 
-    def _write(self, recipient: str, data: bytes) -> LocalResult:
+    def _write(self, recipient: str, data: bytes, sender: str | None = None) -> LocalResult:
         folder = self._folder(recipient)
         if folder is None:
             return LocalResult(recipient, 550, "5.1.3 unsafe mailbox name")
@@ -88,13 +113,21 @@ class Maildir:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         name = f"{int(time.time())}.P{os.getpid()}R{secrets.token_hex(6)}.{socket.gethostname()}"
         tmp = folder / "tmp" / name
+        if sender is not None:
+            data = final_delivery_fields(sender, recipient, data)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, folder / "new" / name)
+            try:
+                view = memoryview(data)
+                while view:   # a short write (a signal, a full disk's last blocks) is not the whole message
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, folder / "new" / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)   # ENOSPC, EIO: no partial file left in tmp/
+            raise
         fsync_dir(folder / "new")
         return LocalResult(recipient, 250, f"2.0.0 delivered to maildir as {name}")
 
@@ -105,7 +138,7 @@ class Maildir:
         out = []
         for r in recipients:
             try:
-                out.append(await loop.run_in_executor(None, self._write, r, data))
+                out.append(await loop.run_in_executor(None, self._write, r, data, sender))
             except OSError as e:
                 out.append(LocalResult(r, 451, f"4.3.0 maildir write failed: {e.strerror}"))
         _log(queue_id, "maildir", start, out)

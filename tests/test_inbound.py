@@ -256,6 +256,8 @@ def test_local_delivery_maildir_and_lmtp(testnet: TestNet, tmp_path: Path) -> No
             assert s.rcpt("nobody@local.test")[0] == 550
         [f] = list((maildir / "local.test" / "alice" / "new").iterdir())
         assert token in f.read_text()
+        # final delivery (RFC 5321 §4.4): the envelope sender in Return-Path, the recipient in Delivered-To
+        assert f.read_bytes().startswith(b"Return-Path: <x@client.test>\r\nDelivered-To: alice+tag@local.test\r\n")
     finally:
         pg.stop()
     from aiosmtpd.controller import Controller
