@@ -36,7 +36,7 @@ import dkim as dkimpy
 from postgate.inbound.filters import Route
 from postgate.inbound.local import LocalResult
 from postgate.inbound.relay import RelayPolicy
-from postgate.inbound.smtpd import Session, xtext_decode
+from postgate.inbound.smtpd import Session, neuter_helo, xtext_decode
 from postgate.outbound import smtp_data
 from postgate.outbound.delivery import RecipientResult
 from postgate.outbound.queue import dsn
@@ -332,15 +332,24 @@ class PreQueue:
 
     def _received(self, s: Session, qid: str, now: float) -> bytes:
         """RFC 5321 §4.4 trace field, with the protocol names of RFC 3848 and RFC 6531 §3.7.3."""
-        proto = ("UTF8SMTP" if "SMTPUTF8" in s.mail_params else "ESMTP") if s.esmtp else "SMTP"
-        if s.tls:
-            proto += "S"
-        if s.user:
-            proto += "A"
+        proto = "SMTP"
+        if s.esmtp:
+            # RFC 3848 §1-§2: the S (TLS) and A (AUTH) suffixes are defined for ESMTP only; a HELO session is
+            # "SMTP" whatever its TLS and AUTH
+            proto = "UTF8SMTP" if "SMTPUTF8" in s.mail_params else "ESMTP"
+            if s.tls:
+                proto += "S"
+            if s.user:
+                proto += "A"
         tls = f" ({s.tls_version}:{s.tls_cipher})" if s.tls else ""
         for_ = f"\r\n\tfor <{s.recipients[0][0]}>" if len(s.recipients) == 1 else ""
-        helo = "".join(c for c in s.helo if c.isprintable() and c not in "()")[:100]
-        return (f"Received: from {helo} ([{s.peer[0]}])\r\n\tby {self.config.hostname} (Postgate) with "
+        # RFC 5321 §4.4: the "from" clause is an Extended-Domain: the smtpd stores the name neutered already
+        # (printable ASCII, no space < > ( ) \ " ; @); again here for a Session made elsewhere
+        helo = neuter_helo(s.helo)[:100]
+        # RFC 5321 §4.1.3: an IPv6 address literal is "[IPv6:" addr "]" (IPv4 stays "[192.0.2.1]")
+        ip = s.peer[0].split("%", 1)[0]   # no zone index in a literal
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        return (f"Received: from {helo} ({literal})\r\n\tby {self.config.hostname} (Postgate) with "
                 f"{proto}{tls} id {qid}{for_};\r\n\t{email.utils.formatdate(now)}\r\n").encode()
 
 

@@ -39,9 +39,16 @@ class RelayPolicy:
             return False
         return any(a in n for n in self.trusted_networks)
 
-    def decide(self, client_ip: str, user: str | None, recipient: str) -> str | None:
-        """None when accepted, else the reason for a 554 5.7.1 refusal."""
+    def decide(self, client_ip: str, user: str | None, recipient: str, hostname: str = "") -> str | None:
+        """None when accepted, else the reason for a 554 5.7.1 refusal. ``hostname``: the server's name, whose
+        postmaster is accepted from anyone."""
         if self.is_local(recipient):
+            return None
+        # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" (no domain) MUST be accepted; the smtpd rewrites it to
+        # postmaster@<its hostname>, which is accepted from any client even when the hostname is not a local
+        # domain. Only that address: postmaster@ any other domain is relayed as any address is.
+        if hostname and recipient.rpartition("@")[0].lower() == "postmaster" and \
+                domain_of(recipient) == hostname.lower().rstrip("."):
             return None
         if user is not None or self.trusted(client_ip):
             return None
@@ -66,7 +73,7 @@ class RelayFilter:
     async def on(self, ctx: StageContext) -> Verdict:
         if ctx.stage is not Stage.RCPT or ctx.recipient is None:
             return Verdict()
-        why = self.policy.decide(ctx.client_address, ctx.auth_user, ctx.recipient)
+        why = self.policy.decide(ctx.client_address, ctx.auth_user, ctx.recipient, ctx.hostname)
         if why is None:
             return Verdict()
         # RFC 5321 §3.6.2 / §7.1: relaying is the server's choice; 554 5.7.1 as Postfix's relay_domains check

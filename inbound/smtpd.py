@@ -64,13 +64,19 @@ log = logging.getLogger("postgate.smtpd")
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF. Extensions raise it for the
 # commands they extend: RFC 1870 §3 (SIZE) by 26 for MAIL, RFC 3461 §4 by 100 (ENVID) + 9 (RET) for MAIL and
-# by 500 (ORCPT) + 30 (NOTIFY) for RCPT, RFC 4954 §4 allows AUTH lines (and SASL responses) of 12,288 octets.
+# by 500 (ORCPT) + 30 (NOTIFY) for RCPT, RFC 4954 §3 (from RFC 2554 §5) by 500 for MAIL's AUTH= parameter,
+# RFC 4954 §4 allows AUTH lines (and SASL responses) of 12,288 octets.
 MAX_COMMAND = 512
-MAX_MAIL = 512 + 26 + 100 + 9 + 20     # + SMTPUTF8, BODY=8BITMIME, REQUIRETLS, AUTH=<>: some room
+MAX_MAIL = 512 + 26 + 100 + 9 + 500 + 40   # + SMTPUTF8, BODY=8BITMIME, REQUIRETLS: some room
 MAX_RCPT = 512 + 500 + 30
 MAX_AUTH = 12288
 MAX_DATA_LINE = 1000        # RFC 5321 §4.5.3.1.6, including CRLF
-_ADDR = re.compile(r"^<([^<>\s]*)>(.*)$")
+# RFC 5321 §4.1.2: Local-part = Dot-string / Quoted-string; Quoted-string = DQUOTE *QcontentSMTP DQUOTE,
+# qtextSMTP = %d32-33 / %d35-91 / %d93-126 (RFC 6531 §3.3: / UTF8-non-ascii), quoted-pairSMTP = "\" %d32-126.
+# A path is either a quoted local part "@" a domain (optionally after a source route, which is ignored), or
+# (as before) anything without angle brackets and white space; the address is kept as written, quotes and all
+_QUOTED_LOCAL = r'"(?:[ !#-\[\]-~]|[^\x00-\x7f]|\\[ -~])*"'
+_ADDR = re.compile(rf'^<((?:@[^<>\s":]*:)?{_QUOTED_LOCAL}@[^<>\s"@]+|[^<>\s]*)>(.*)$')
 _XTEXT_OK = re.compile(r"^([!-*,-<>-~]|\+[0-9A-F]{2})*$")  # RFC 3461 §4: xtext
 _VERB = re.compile(r"^[A-Za-z]{1,12}$")                     # RFC 5321 §4.1.1: ASCII letters only
 # Searches of the DATA stream for short literals: the regular-expression engine's literal-prefix scan is
@@ -132,6 +138,7 @@ class Session:
     sender: str | None = None
     mail_params: dict[str, str] = field(default_factory=dict)
     recipients: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    recipient_keys: set[str] = field(default_factory=set)   # of the RCPTs accepted: duplicates are kept once
     queue_id: str = ""                 # given at MAIL, as Postfix does
     hold: str | None = None            # a filter put the message on hold: why
     discard: Verdict | None = None     # a filter discarded the message
@@ -146,6 +153,7 @@ class Session:
         self.sender = None
         self.mail_params = {}
         self.recipients = []
+        self.recipient_keys = set()
         self.queue_id = ""
         self.hold = None
         self.discard = None
@@ -199,6 +207,24 @@ def xtext_value_ok(s: str) -> bool:
     if not _XTEXT_OK.match(s):
         return False
     return all(" " <= c <= "~" for c in xtext_decode(s))
+
+
+# Postfix smtpd's NEUTER_CHARACTERS: what could end or fake a clause of a Received: field
+_NEUTER = frozenset(' <>()\\";@')
+
+
+def neuter_helo(name: str) -> str:
+    """The HELO/EHLO name as stored and written into Received: (RFC 5321 §4.4: the "from" clause is an
+    Extended-Domain, no free text): printable US-ASCII only, and each of space < > ( ) \\ " ; @ replaced by
+    '?', as Postfix's smtpd does (printable() then neuter()), so ``EHLO a by b with ESMTPSA id X for <c>``
+    cannot forge trace clauses."""
+    return "".join("?" if c in _NEUTER or not "!" <= c <= "~" else c for c in name)
+
+
+def _recipient_key(addr: str) -> str:
+    """What makes two recipient addresses the same: the local part exactly, the domain lower-cased."""
+    local, at, domain = addr.rpartition("@")
+    return f"{local}{at}{domain.lower()}"
 
 
 def hop_count(data: bytes) -> int:
@@ -690,7 +716,8 @@ def _checked(line: bytes) -> bytes:
     if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
         # RFC 5321 §2.3.8: only CRLF ends a line; a bare LF or CR is refused and the session ends,
         # so no smuggled command or message can follow
-        raise _Close(Reply(500, "5.5.2", "bare LF or CR in command refused (RFC 5321 §2.3.8)"))
+        # RFC 5321 §4.2: reply text is printable US-ASCII, so "section", not "§"
+        raise _Close(Reply(500, "5.5.2", "bare LF or CR in command refused (RFC 5321 section 2.3.8)"))
     return line[:-2]
 
 
@@ -753,6 +780,10 @@ class _Conversation:
         return f"{self.s.client_name}[{self.s.peer[0]}]"
 
     async def send(self, reply: Reply) -> bool | None:
+        if reply.code == 421 and not reply.text.startswith(f"{self.srv.hostname} "):
+            # RFC 5321 §4.2.3 / §3.8: "421 <domain> Service not available, closing transmission channel": a
+            # 421 from a filter (Milter, policy service) gets the server's name first too
+            reply = Reply(421, reply.enhanced, f"{self.srv.hostname} {reply.text}")
         self.w.write(reply.line())
         if not self.w.must_drain():   # the common case: written, nothing to wait for (no timer armed)
             return None
@@ -771,8 +802,8 @@ class _Conversation:
             async with asyncio.timeout(self.limits.command_timeout):  # no task per read, unlike wait_for
                 while (line := self.r.take_line()) is None:
                     await self.r._wait()
-        except TimeoutError:
-            raise _Close(Reply(421, "4.4.2", "timeout exceeded, closing connection")) from None
+        except TimeoutError:   # RFC 5321 §4.2.3/§3.8: "421 <domain> ...", the server's name first
+            raise _Close(Reply(421, "4.4.2", f"{self.srv.hostname} timeout exceeded, closing connection")) from None
         except ConnectionError:
             raise _Close() from None
         return _checked(line)
@@ -785,8 +816,8 @@ class _Conversation:
             try:
                 if why == _START:
                     await self._open()
-                elif why == _TIMEOUT:
-                    raise _Close(Reply(421, "4.4.2", "timeout exceeded, closing connection"))
+                elif why == _TIMEOUT:   # RFC 5321 §4.5.3.2.7; §4.2.3: "421 <domain> ..."
+                    raise _Close(Reply(421, "4.4.2", f"{self.srv.hostname} timeout exceeded, closing connection"))
                 elif why == _SHUTDOWN:
                     # RFC 5321 §3.8: a server that must shut down answers 421 and closes
                     raise _Close(Reply(421, "4.3.2", f"{self.srv.hostname} service shutting down, closing connection"))
@@ -912,7 +943,8 @@ class _Conversation:
             handler = getattr(self, f"cmd_{verb}", None) if verb else None
             limit = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}.get(verb, MAX_COMMAND)
             if len(line) + 2 > limit:
-                await self.error(Reply(500, "5.5.2", f"command line longer than {limit} octets (RFC 5321 §4.5.3.1.4)"))
+                await self.error(Reply(500, "5.5.2",
+                                       f"command line longer than {limit} octets (RFC 5321 section 4.5.3.1.4)"))
             elif handler is None:
                 await self.error(Reply(500, "5.5.2", "command not recognized"))
             elif self.refused is not None and verb not in ("QUIT", "NOOP", "RSET"):
@@ -926,7 +958,7 @@ class _Conversation:
                 if keep_going is False:
                     return False
             if self.s.errors >= self.limits.max_errors:
-                raise _Close(Reply(421, "4.7.0", "too many errors, closing connection"))
+                raise _Close(Reply(421, "4.7.0", f"{self.srv.hostname} too many errors, closing connection"))
 
     async def error(self, reply: Reply) -> bool | None:
         """Send an error reply and count it (sessions with too many errors are ended)."""
@@ -976,10 +1008,11 @@ class _Conversation:
         if not arg:
             return await self.error(Reply(501, "5.5.4", f"{'EHLO' if esmtp else 'HELO'} needs a host name"))
         await self._reset()
-        refusal = await self._ask(Stage.HELO, helo=arg, esmtp=esmtp)
+        helo = neuter_helo(arg)   # RFC 5321 §4.4: what goes into Received: (and logs, filters) as Postfix does
+        refusal = await self._ask(Stage.HELO, helo=helo, esmtp=esmtp)
         if refusal is not None:
             return await self.error(refusal)
-        self.s.helo, self.s.esmtp = arg, esmtp
+        self.s.helo, self.s.esmtp = helo, esmtp
         if not esmtp:
             return await self.send(Reply(250, text=self.srv.hostname))
         lst = self.s.listener
@@ -997,7 +1030,9 @@ class _Conversation:
         if arg:
             return await self.error(Reply(501, "5.5.4", "STARTTLS takes no parameters"))
         if self.s.listener.tls is None:
-            return await self.error(Reply(454, "4.7.0", "TLS not available"))
+            # RFC 3207 §4: STARTTLS is not advertised on a listener without TLS; RFC 5321 §4.2.4: a command that
+            # is not implemented is answered 502 (not 454, a temporary failure)
+            return await self.error(Reply(502, "5.5.1", "STARTTLS not implemented"))
         if self.s.tls:
             return await self.error(Reply(503, "5.5.1", "TLS already active"))
         if len(self.r._buffer):
@@ -1025,14 +1060,16 @@ class _Conversation:
         if not lst.auth or self.srv.authenticator is None:
             return await self.error(Reply(502, "5.5.1", "AUTH not available"))
         if not self.s.tls:
-            return await self.error(Reply(538, "5.7.11", "encryption required for authentication (RFC 4954 §6)"))
+            return await self.error(Reply(538, "5.7.11", "encryption required for authentication (RFC 4954 section 6)"))
         if self.s.user is not None:
             return await self.error(Reply(503, "5.5.1", "already authenticated"))
         if self.s.sender is not None:
             return await self.error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+        if not arg:   # RFC 4954 §4: auth-command = "AUTH" SP sasl-mech [SP initial-response]
+            return await self.error(Reply(501, "5.5.4", "Syntax: AUTH mechanism"))
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
-        user = ""
+        user = authzid = ""
         try:
             if mech == "PLAIN":
                 resp = initial if initial else await self._challenge("")
@@ -1041,7 +1078,7 @@ class _Conversation:
                 parts = base64.b64decode(resp, validate=True).split(b"\x00")
                 if len(parts) != 3:
                     raise ValueError
-                user, password = parts[1].decode(), parts[2].decode()
+                authzid, user, password = parts[0].decode(), parts[1].decode(), parts[2].decode()
             elif mech == "LOGIN":
                 u = initial if initial else await self._challenge("VXNlcm5hbWU6")
                 if u is None:
@@ -1057,7 +1094,10 @@ class _Conversation:
             return await self.error(Reply(501, "5.5.2", "cannot decode the response"))
         if "\x00" in user or "\x00" in password:
             return await self.error(Reply(501, "5.5.2", "cannot decode the response"))
-        if await self.srv.authenticator(user, password):
+        # RFC 4616 §2: an authorization identity that is not empty and differs from the authentication identity
+        # asks to act as another user; Postgate has no proxy authorization, so that authentication fails (535,
+        # the password is not even checked)
+        if (not authzid or authzid == user) and await self.srv.authenticator(user, password):
             self.s.user, self.s.auth_method = user, mech
             self.srv.throttle.succeeded(self.s.peer[0], user)
             log.info("%s: sasl_method=%s, sasl_username=%s", self.who, mech, user)
@@ -1067,7 +1107,9 @@ class _Conversation:
         # Postfix's words, the line fail2ban's postfix filter (postfix-sasl, aggressive) matches
         log.warning("warning: %s: SASL %s authentication failed: authentication failure, sasl_username=%s",
                     self.who, mech, user.encode("unicode_escape").decode()[:64])
-        log.info("%s: SASL %s authentication failed, reply delayed %.2fs", self.who, mech, delay)
+        log.info("%s: SASL %s authentication failed%s, reply delayed %.2fs", self.who, mech,
+                 " (authorization identity not the authentication identity)" if authzid and authzid != user else "",
+                 delay)
         metrics.inc("smtpd_auth_failures", listener=self.s.listener.name)
         await asyncio.sleep(delay)   # RFC 4954 §4: a server may delay its reply after a failure
         await self.error(Reply(535, "5.7.8", "authentication credentials invalid"))
@@ -1166,6 +1208,13 @@ class _Conversation:
                 return await self.error(Reply(555, "5.5.4", f"unsupported RCPT parameter {k}"))
         if not addr.isascii() and "SMTPUTF8" not in self.s.mail_params:
             return await self.error(Reply(553, "5.6.7", "non-ASCII address needs SMTPUTF8"))
+        # a recipient given twice (RFC 5321 §2.4: the domain is case-insensitive, the local part is not) is
+        # answered 250 and kept once, with its first parameters, as Postfix's cleanup removes duplicates: one
+        # delivery, not two
+        key = _recipient_key(addr)
+        if key in self.s.recipient_keys:
+            log.info("%s: duplicate recipient <%s> from %s ignored", self.s.queue_id, addr, self.who)
+            return await self.send(Reply(250, "2.1.5", "Ok"))
         if len(self.s.recipients) >= self.limits.max_recipients:
             return await self.send(Reply(452, "4.5.3", "too many recipients"))
         self.refused_by = ""
@@ -1180,18 +1229,25 @@ class _Conversation:
             metrics.inc("smtpd_rejects", stage="rcpt", reason=str(refusal.code))
             return await self.error(refusal) if refusal.code >= 500 else await self.send(refusal)
         self.s.recipients.append((addr, params))
+        self.s.recipient_keys.add(key)
         return await self.send(Reply(250, "2.1.5", "Ok"))
 
     async def cmd_DATA(self, arg: str) -> bool | None:
         if arg:
             return await self.error(Reply(501, "5.5.4", "DATA takes no parameters"))
-        if self.s.sender is None or not self.s.recipients:
-            return await self.error(Reply(503, "5.5.1", "need RCPT first"))
+        if self.s.sender is None:
+            return await self.error(Reply(503, "5.5.1", "need MAIL first"))
+        if not self.s.recipients:
+            # RFC 5321 §3.3: DATA after every RCPT was refused (or none given) may be answered "no valid
+            # recipients" (554) rather than out of sequence; Postfix does so within a transaction
+            return await self.error(Reply(554, "5.5.1", "no valid recipients"))
         await self.send(Reply(354, text="End data with <CR><LF>.<CR><LF>"))
         try:
             data, problem = await self._read_data()
         except TimeoutError:
-            raise _Close(Reply(421, "4.4.2", "timeout exceeded during DATA, closing connection")) from None
+            # RFC 5321 §4.2.3/§3.8: "421 <domain> ...", the server's name first
+            text = f"{self.srv.hostname} timeout exceeded during DATA, closing connection"
+            raise _Close(Reply(421, "4.4.2", text)) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             return False  # the client went away mid-DATA: no reply, nothing accepted
         if problem is None:
@@ -1302,7 +1358,8 @@ class _Conversation:
                 if len(buf) > MAX_DATA_LINE + 65536:
                     # no line end in sight: that line is too long; keep a last CR, which may start a CRLF
                     if problem is None:
-                        problem = Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+                        problem = Reply(554, "5.5.2",
+                                        "message refused: line longer than 998 octets (RFC 5322 section 2.1.1)")
                     del buf[:-1]
                     mid_line = True
                 remaining = start + lim.data_timeout + size / max(1, lim.min_data_rate) - time.monotonic()
@@ -1322,33 +1379,41 @@ class _Conversation:
 
     def _data_block(self, block: bytes, mid_line: bool, size: int, problem: Reply | None,
                     spool: IO[bytes]) -> tuple[int, Reply | None]:
-        """Check whole lines of DATA and write them, unstuffed, to ``spool``; the new size and problem."""
-        size += len(block)
+        """Check whole lines of DATA and write them, unstuffed, to ``spool``; the new size (of the unstuffed
+        message, as far as it is checked) and problem."""
         if problem is not None or not block:
-            return size, problem
+            return size + len(block), problem
         # RFC 5321 §2.3.8: CR and LF only as CRLF. Anything else is refused, whole: no second message
         # (every CRLF pair blanked out in one pass, then two memchr scans: 40% less than three counts)
         paired = block.replace(b"\r\n", b"  ")
         if b"\r" in paired or b"\n" in paired:
-            return size, Reply(554, "5.5.2", "message refused: bare LF or CR in message data (RFC 5321 §2.3.8)")
+            return size + len(block), Reply(554, "5.5.2",
+                                            "message refused: bare LF or CR in message data (RFC 5321 section 2.3.8)")
         # RFC 5321 §4.5.2 / RFC 5322 §2.1 (no NUL in a message; Postfix strips it, we refuse it whole)
         if b"\x00" in block:
             log.info("%s: reject: DATA from %s: NUL character in message data", self.s.queue_id, self.who)
-            return size, Reply(554, "5.6.0", "message refused: NUL character in message data")
-        if size > self.limits.max_message_size:
-            return size, Reply(552, "5.3.4", "message size exceeds fixed limit")
-        if _has_long_line(block):
-            return size, Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 §2.1.1)")
+            return size + len(block), Reply(554, "5.6.0", "message refused: NUL character in message data")
         # RFC 5321 §4.5.2: "If the first character is a period and there are other characters on the line,
         # the first character is deleted" - whatever follows it (a client that did not stuff a line loses
         # its period, as with Postfix, Dovecot and aiosmtpd; the "." line alone never reaches here)
         if not mid_line and block.startswith(b"."):
             block = block[1:]
-        spool.write(block.replace(b"\r\n.", b"\r\n") if block.find(b".") >= 0 and _STUFFED.search(block)
-                    else block)
+        if block.find(b".") >= 0 and _STUFFED.search(block):
+            block = block.replace(b"\r\n.", b"\r\n")
+        # the limits apply to the unstuffed lines: RFC 1870 §3/§6, the message size excludes the transparency
+        # dots; RFC 5321 §4.5.3.1.6, the 1000-octet text line is counted "not counting the leading dot
+        # duplicated for transparency"
+        size += len(block)
+        if size > self.limits.max_message_size:
+            return size, Reply(552, "5.3.4", "message size exceeds fixed limit")
+        if _has_long_line(block):
+            return size, Reply(554, "5.5.2", "message refused: line longer than 998 octets (RFC 5322 section 2.1.1)")
+        spool.write(block)
         return size, None
 
     async def cmd_RSET(self, arg: str) -> bool | None:
+        if arg:   # RFC 5321 §4.1.1.5: rset = "RSET" CRLF, no parameters
+            return await self.error(Reply(501, "5.5.4", "Syntax: RSET"))
         await self._reset()
         return await self.send(Reply(250, "2.0.0", "Ok"))
 
@@ -1356,6 +1421,8 @@ class _Conversation:
         return await self.send(Reply(250, "2.0.0", "Ok"))
 
     async def cmd_VRFY(self, arg: str) -> bool | None:
+        if not arg:   # RFC 5321 §4.1.1.6: vrfy = "VRFY" SP String CRLF
+            return await self.error(Reply(501, "5.5.4", "Syntax: VRFY address"))
         return await self.send(Reply(252, "2.1.5", "send some mail, I'll try my best"))
 
     async def cmd_HELP(self, arg: str) -> bool | None:
@@ -1384,4 +1451,4 @@ class _Conversation:
 
 
 __all__ = ["Authenticator", "ClientNames", "Handler", "Limits", "Listener", "Reply", "SMTPServer", "Session",
-           "hop_count", "repair_header", "xtext_decode", "xtext_value_ok"]
+           "hop_count", "neuter_helo", "repair_header", "xtext_decode", "xtext_value_ok"]

@@ -16,6 +16,7 @@ answer is a :class:`Reply`, parsed once where it arrives (:meth:`Reply.parse`). 
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ def domain_of(address: str) -> str:
     return address.rsplit("@", 1)[-1].lower().rstrip(".") if "@" in address else ""
 
 
+_CONTROL = re.compile(r"[^\n\t\x20-\x7e\x80-\U0010ffff]")   # control characters but LF (a line break) and HT
+
+
 @dataclass(frozen=True)
 class Reply:
     """An SMTP reply: RFC 5321 §4.2 code, RFC 3463 enhanced status code (may be empty), text.
@@ -122,10 +126,14 @@ class Reply:
     text: str = ""
 
     def line(self) -> bytes:
-        lines = self.text.split("\n")
+        text = self.text
+        if not text.isprintable():   # RFC 5321 §4.2: textstring is HT / printable; a CR (e.g. in a remote
+            text = _CONTROL.sub("?", text)   # server's reply passed on) must not end a line on the wire
+        lines = text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [f"{self.code}-{prefix}{ln}" for ln in lines[:-1]] + [f"{self.code} {prefix}{lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
+        # RFC 5321 §4.2: textstring is printable US-ASCII (%d9 / %d32-126): any other character goes out as '?'
+        return ("\r\n".join(out) + "\r\n").encode("ascii", "replace")
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}"

@@ -396,3 +396,44 @@ def test_prequeue_marks_only_checked_content_canonical(tmp_path: Path) -> None:
     assert smtp_data.crlf_only(bytes(plain)) and plain.endswith(b"\r\n")
     assert smtp_data.encode(plain) == smtp_data.encode(bytes(plain)) and b"\r\n..x\r\n" in smtp_data.encode(plain)
     assert smtp_data.encode(edited).count(b"\n") == smtp_data.encode(edited).count(b"\r\n")
+
+
+def _received(helo: str, peer: str, *, esmtp: bool = True, tls: bool = False, user: str | None = None,
+              smtputf8: bool = False) -> str:
+    """The Received: field pre-queue writes for a session (inbound/prequeue.PreQueue._received)."""
+    from postgate.inbound.prequeue import PreQueue, PreQueueConfig
+    from postgate.inbound.smtpd import Listener, Session
+
+    pq = PreQueue(PreQueueConfig(hostname="mx.test"), RelayPolicy.build([], []), None, None, None)  # type: ignore[arg-type]
+    s = Session(Listener("mx", "::", 25), (peer, 1234), helo=helo, esmtp=esmtp, sender="a@client.test",
+                recipients=[("b@remote.test", {})], user=user, mail_params={"SMTPUTF8": ""} if smtputf8 else {})
+    if tls:
+        s.tls_version, s.tls_cipher = "TLSv1.3", "TLS_AES_256_GCM_SHA384"
+    return pq._received(s, "0000000000000AABBCC0", 1700000000.0).decode()
+
+
+def test_received_from_clause_cannot_be_forged_by_the_helo_name() -> None:
+    """RFC 5321 §4.4: the "from" clause is an Extended-Domain; the HELO name is neutered as Postfix does
+    (printable ASCII, each of space < > ( ) \\ " ; @ as '?'), so it cannot add by/with/id/for clauses."""
+    got = _received("trusted.example by mx.example with ESMTPSA id FAKE for <ceo@victim.example>", "192.0.2.1")
+    assert got.startswith("Received: from trusted.example?by?mx.example?with?ESMTPSA?id?FAKE?for??ceo?victim.example? "
+                          "([192.0.2.1])\r\n\tby mx.test (Postgate) with ESMTP id 0000000000000AABBCC0\r\n\tfor "
+                          "<b@remote.test>;"), got
+    assert _received('x;y"z\\é', "192.0.2.1").startswith("Received: from x?y?z?? ([192.0.2.1])")
+
+
+def test_received_writes_ipv6_address_literals() -> None:
+    """RFC 5321 §4.1.3: an IPv6 address literal is "[IPv6:...]"; an IPv4 one stays "[192.0.2.1]"."""
+    assert _received("c.test", "2001:db8::1").startswith("Received: from c.test ([IPv6:2001:db8::1])\r\n")
+    assert _received("c.test", "192.0.2.1").startswith("Received: from c.test ([192.0.2.1])\r\n")
+
+
+def test_received_protocol_suffixes_are_for_esmtp_only() -> None:
+    """RFC 3848 §1-§2 (and RFC 6531 §3.7.3): S and A are ESMTP's suffixes; a HELO session is "with SMTP"
+    whatever its TLS and AUTH."""
+    assert " with SMTP (TLSv1.3:TLS_AES_256_GCM_SHA384) id " in _received("c.test", "192.0.2.1", esmtp=False,
+                                                                          tls=True, user="alice", smtputf8=True)
+    assert " with SMTP id " in _received("c.test", "192.0.2.1", esmtp=False, user="alice")
+    assert " with ESMTPSA (TLSv1.3:" in _received("c.test", "192.0.2.1", tls=True, user="alice")
+    assert " with UTF8SMTPSA (TLSv1.3:" in _received("c.test", "192.0.2.1", tls=True, user="alice", smtputf8=True)
+    assert " with ESMTPA id " in _received("c.test", "192.0.2.1", user="alice")

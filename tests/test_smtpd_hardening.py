@@ -4,6 +4,7 @@ SMTPServer on a real loopback socket (tests/smtpd_harness.py). Each test fails o
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import re
@@ -11,16 +12,19 @@ import socket
 import ssl
 import time
 import tracemalloc
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from postgate.inbound.filters import split_message
+from postgate.inbound.filters import Action, Stage, StageContext, Verdict, split_message
+from postgate.inbound.relay import RelayFilter, RelayPolicy
 from postgate.inbound.smtpd import (
     HOPCOUNT_LIMIT,
     AuthThrottle,
     Limits,
+    Session,
     _has_long_line,
     _rate_limit_accept_errors,
     hop_count,
@@ -29,9 +33,10 @@ from postgate.inbound.smtpd import (
 from postgate.outbound.queue import dsn
 from postgate.outbound.queue.envelope import Envelope, Recipient
 from postgate.policy.maps import MapError, TransportMap
+from postgate.policy.vocab import Reply
 
 from postgate import config as configmod
-from tests.smtpd_harness import HOST, Client, LogCollector, code, serve, tls_context
+from tests.smtpd_harness import HOST, Client, LogCollector, Recorder, code, serve, tls_context
 
 # issue 20: every test that exercises TLS runs on both event loops ([server] event_loop)
 LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
@@ -564,3 +569,252 @@ def test_hop_count_reads_only_the_header(lines: list[bytes]) -> None:
     copying the body: the same count as from the whole message."""
     data = b"\r\n".join(lines) + b"\r\n\r\nReceived: in the body\r\n"
     assert hop_count(data) == sum(1 for n, _ in split_message(data)[0] if n.lower() == "received")
+
+
+# --- RFC conformance audit (items numbered as in the audit) ----------------------------------------------------
+@dataclass
+class _Sessions(Recorder):
+    """A Recorder that also keeps each message's HELO name and recipients with their parameters."""
+
+    seen: list[tuple[str, list[tuple[str, dict[str, str]]]]] = field(default_factory=list)
+
+    async def message(self, s: Session, data: bytes) -> Reply:
+        self.seen.append((s.helo, [(r, dict(p)) for r, p in s.recipients]))
+        return await super().message(s, data)
+
+
+def _authed(port: int) -> Client:
+    """A session after STARTTLS and a second EHLO: AUTH is offered."""
+    c = _session(port)
+    assert code(c.cmd(b"STARTTLS")) == 220
+    c.start_tls()
+    assert code(c.cmd(b"EHLO client.test")) == 250
+    return c
+
+
+def test_helo_name_is_stored_neutered_as_postfix_does() -> None:
+    """RFC 5321 §4.4: the Received "from" clause is an Extended-Domain; a HELO name with spaces, <, >, (, ),
+    \\, ", ; or @ (or anything but printable ASCII) cannot forge trace clauses: each such character is '?'."""
+    handler = _Sessions()
+    with serve(handler=handler) as srv, Client(srv.port) as c:
+        assert code(c.reply()) == 220
+        assert code(c.cmd(b"EHLO trusted.example by mx.example with ESMTPSA id FAKE for <ceo@victim.example>")) == 250
+        _mail(c)
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+        assert code(c.cmd(b'HELO a(b)c\\d"e;f\tg')) == 250
+        _mail(c)
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+    assert [helo for helo, _ in handler.seen] == [
+        "trusted.example?by?mx.example?with?ESMTPSA?id?FAKE?for??ceo?victim.example?", "a?b?c?d?e?f?g"]
+    from postgate.inbound.smtpd import neuter_helo
+    assert neuter_helo("[192.0.2.1]") == "[192.0.2.1]" and neuter_helo("é.test") == "?.test"
+
+
+def test_a_duplicate_recipient_is_answered_250_and_kept_once() -> None:
+    """Postfix's cleanup removes duplicate recipients: the domain compared case-insensitively, the local part
+    exactly; the first one's parameters are kept, and a duplicate does not count against max_recipients."""
+    handler = _Sessions()
+    with serve(Limits(max_recipients=2), handler=handler) as srv, _session(srv.port) as c:
+        assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250
+        assert code(c.cmd(b"RCPT TO:<bob@x.test> NOTIFY=FAILURE")) == 250
+        assert code(c.cmd(b"RCPT TO:<bob@x.test>")) == 250
+        assert code(c.cmd(b"RCPT TO:<bob@X.TEST> NOTIFY=NEVER")) == 250
+        assert code(c.cmd(b"RCPT TO:<Bob@x.test>")) == 250                # another local part: another recipient
+        assert code(c.cmd(b"RCPT TO:<bob@x.test>")) == 250                # a duplicate: not "too many"
+        assert code(c.cmd(b"RCPT TO:<carol@x.test>")) == 452
+        assert code(c.cmd(b"DATA")) == 354
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+    assert handler.seen == [("client.test", [("bob@x.test", {"NOTIFY": "FAILURE"}), ("Bob@x.test", {})])]
+
+
+def test_postmaster_without_domain_passes_relay_control() -> None:
+    """RFC 5321 §4.5.1: RCPT TO:<Postmaster> MUST be accepted. It becomes postmaster@<hostname>, which relay
+    control accepts from any client although the hostname is no local domain; postmaster@ another domain
+    that is not ours is still refused."""
+    relay = RelayFilter(RelayPolicy.build([], ["local.test"]))
+    with serve(filters=[relay]) as srv, _session(srv.port) as c:
+        assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250
+        assert code(c.cmd(b"RCPT TO:<postmaster>")) == 250
+        assert code(c.cmd(b"RCPT TO:<Postmaster>")) == 250
+        assert code(c.cmd(b"RCPT TO:<postmaster@other.test>")) == 554
+        assert code(c.cmd(b"RCPT TO:<someone@smtpd.test>")) == 554
+        assert code(c.cmd(b"RCPT TO:<postmaster@local.test>")) == 250
+        assert code(c.cmd(b"DATA")) == 354
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+    assert srv.handler.messages[0][1] == ["postmaster@smtpd.test", "postmaster@local.test"]
+    policy = RelayPolicy.build([], ["local.test"])
+    assert policy.decide("192.0.2.9", None, "postmaster@mx.test", "mx.test") is None
+    assert policy.decide("192.0.2.9", None, "postmaster@other.test", "mx.test") is not None
+    assert policy.decide("192.0.2.9", None, "postmaster@mx.test") is not None        # without the hostname
+
+
+def test_reply_text_is_us_ascii() -> None:
+    """RFC 5321 §4.2: a reply's textstring is printable US-ASCII: "section", never "§", and Reply.line puts
+    '?' for any character outside US-ASCII."""
+    with serve() as srv, _session(srv.port) as c:
+        c.sock.sendall(b"NOOP\n")
+        reply = c.reply()
+        assert code(reply) == 500 and reply.isascii() and b"RFC 5321 section 2.3.8" in reply
+    assert Reply(550, "5.7.1", "nicht zulässig (RFC 5321 §4.2)\nzweite Zeile ✓").line() == \
+        b"550-5.7.1 nicht zul?ssig (RFC 5321 ?4.2)\r\n550 5.7.1 zweite Zeile ?\r\n"
+    # a control character (a bare CR in a remote server's reply passed on) never ends a line on the wire
+    assert Reply(451, "4.3.0", "remote said: ok\rMAIL FROM:<x>\x00\tend").line() == \
+        b"451 4.3.0 remote said: ok?MAIL FROM:<x>?\tend\r\n"
+
+
+def test_mail_line_may_grow_by_500_for_auth() -> None:
+    """RFC 4954 §3 (RFC 2554 §5): AUTH= adds 500 characters to MAIL's line limit: a 705-octet MAIL with a
+    256-octet path, SIZE, RET, ENVID of 100 and AUTH= of 300 is taken; a much longer line is still refused."""
+    path = b"<" + b"l" * 64 + b"@" + b"d" * 184 + b".test>"
+    line = b"MAIL FROM:" + path + b" SIZE=000001000 RET=HDRS ENVID=" + b"e" * 100 + b" AUTH=" + b"a" * 300
+    assert len(path) == 256 and len(line) + 2 == 705
+    with serve() as srv, _session(srv.port) as c:
+        assert code(c.cmd(line)) == 250
+        assert code(c.cmd(b"RSET")) == 250
+        assert code(c.cmd(line + b"a" * 1300)) == 500
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_the_stuffing_dot_is_not_counted_in_the_line_limit(first: bool) -> None:
+    """RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF "not counting the leading dot duplicated for
+    transparency": a 998-octet line that starts with a period is 999 octets on the wire, and is taken; a
+    999-octet one is not. Also as the very first line of the data."""
+    head = b"" if first else b"Subject: t\r\n\r\n"
+    ok = head + b"." + b"x" * 997 + b"\r\nend\r\n"
+    long = head + b"." + b"x" * 998 + b"\r\nend\r\n"
+
+    def stuffed(message: bytes) -> bytes:
+        return (b"." if first else b"") + message.replace(b"\r\n.", b"\r\n..") + b"."
+    with serve() as srv, _session(srv.port) as c:
+        _mail(c)
+        assert code(c.cmd(stuffed(ok))) == 250
+        _mail(c)
+        assert code(c.cmd(stuffed(long))) == 554
+    assert [m[2] for m in srv.handler.messages] == [b"\r\n" + ok if first else ok]
+
+
+def test_message_size_excludes_the_stuffing_dots() -> None:
+    """RFC 1870 §3/§6: the size is the message's, without the dots added for transparency: with a limit of
+    86 octets, an 86-octet message of dot-stuffed lines (96 octets on the wire) is taken, 87 octets are not."""
+    content = b"Subject: dots\r\n\r\n" + b".dot\r\n" * 10 + b"x" * 7 + b"\r\n"
+    assert len(content) == 86
+    with serve(Limits(max_message_size=86)) as srv, _session(srv.port) as c:
+        _mail(c)
+        assert code(c.cmd(content.replace(b"\r\n.", b"\r\n..") + b".")) == 250
+        _mail(c)
+        assert code(c.cmd(b"x" + content.replace(b"\r\n.", b"\r\n..") + b".")) == 552
+    assert [m[2] for m in srv.handler.messages] == [content]
+
+
+def test_auth_plain_with_another_authorization_identity_fails(tmp_path: Path) -> None:
+    """RFC 4616 §2: a non-empty authzid that is not the authcid asks to act as someone else; Postgate has no
+    proxy authorization, so it fails (535 5.7.8) even with the right password. Empty or equal: as before."""
+    with serve(Limits(auth_delay=0), tls=tls_context(tmp_path), auth=True) as srv:
+        with _authed(srv.port) as c:
+            reply = c.cmd(b"AUTH PLAIN " + base64.b64encode(b"postmaster\x00alice\x00wonderland"))
+            assert code(reply) == 535 and b"5.7.8" in reply
+            assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250 and code(c.cmd(b"RSET")) == 250
+            assert code(c.cmd(b"AUTH PLAIN " + base64.b64encode(b"alice\x00alice\x00wonderland"))) == 235
+        with _authed(srv.port) as c:
+            assert code(c.cmd(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00wonderland"))) == 235
+
+
+def test_data_after_every_recipient_was_refused_is_554() -> None:
+    """RFC 5321 §3.3: DATA in a transaction without an accepted recipient is answered "no valid recipients"
+    (554 5.5.1), as Postfix does; DATA without MAIL stays out of sequence (503)."""
+    with serve() as srv, _session(srv.port) as c:
+        assert code(c.cmd(b"DATA")) == 503
+        assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250
+        assert code(c.cmd(b"RCPT TO:<unknown@x.test>")) == 550
+        reply = c.cmd(b"DATA")
+        assert code(reply) == 554 and b"5.5.1 no valid recipients" in reply
+        assert code(c.cmd(b"RCPT TO:<b@x.test>")) == 250               # the transaction goes on
+        assert code(c.cmd(b"DATA")) == 354
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+    assert len(srv.handler.messages) == 1
+
+
+def test_starttls_without_tls_is_not_implemented() -> None:
+    """STARTTLS is not advertised on a listener without TLS: the command is not implemented (502 5.5.1,
+    RFC 5321 §4.2.4), not a temporary failure (454)."""
+    with serve() as srv, _session(srv.port) as c:
+        reply = c.cmd(b"STARTTLS")
+        assert code(reply) == 502 and b"5.5.1" in reply
+        assert code(c.cmd(b"NOOP")) == 250
+
+
+def test_vrfy_rset_and_auth_syntax(tmp_path: Path) -> None:
+    """RFC 5321 §4.1.1.6: VRFY needs an argument; §4.1.1.5: RSET takes none; RFC 4954 §4: AUTH needs a
+    mechanism. Each a 501 5.5.4 syntax reply."""
+    with serve(Limits(auth_delay=0), tls=tls_context(tmp_path), auth=True) as srv:
+        with _session(srv.port) as c:
+            assert c.cmd(b"VRFY").startswith(b"501 5.5.4 Syntax: VRFY address")
+            assert code(c.cmd(b"VRFY bob")) == 252
+            assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 250
+            assert c.cmd(b"RSET x").startswith(b"501 5.5.4 Syntax: RSET")
+            assert code(c.cmd(b"MAIL FROM:<a@client.test>")) == 503       # the RSET x did not reset
+            assert code(c.cmd(b"RSET")) == 250
+        with _authed(srv.port) as c:
+            assert c.cmd(b"AUTH").startswith(b"501 5.5.4 Syntax: AUTH mechanism")
+            assert code(c.cmd(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00wonderland"))) == 235
+
+
+class _TempfailAtConnect:
+    name = "policy"
+    default_action = Action.TEMPFAIL
+
+    def session(self) -> _TempfailAtConnect:
+        return self
+
+    async def on(self, ctx: StageContext) -> Verdict:
+        if ctx.stage is Stage.CONNECT:
+            return Verdict(Action.TEMPFAIL, Reply(451, "4.7.1", "try later"))
+        return Verdict()
+
+    async def reset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def test_every_421_names_the_server_first(tmp_path: Path) -> None:
+    """RFC 5321 §4.2.3/§3.8: "421 <domain> Service not available, closing transmission channel": the idle,
+    AUTH and DATA timeouts, too many errors, shutdown, and a filter's tempfail at connect."""
+    lim = Limits(command_timeout=0.5, data_timeout=0.5, max_errors=2, auth_delay=0)
+    with serve(lim, tls=tls_context(tmp_path), auth=True) as srv:
+        with _session(srv.port) as c:                                 # idle
+            assert c.reply().startswith(b"421 4.4.2 smtpd.test timeout")
+        with _authed(srv.port) as c:                                  # inside AUTH
+            assert code(c.cmd(b"AUTH LOGIN")) == 334
+            assert c.reply().startswith(b"421 4.4.2 smtpd.test timeout")
+        with _session(srv.port) as c:                                 # inside DATA
+            _mail(c)
+            assert c.reply().startswith(b"421 4.4.2 smtpd.test timeout exceeded during DATA")
+        with _session(srv.port) as c:                                 # errors
+            assert code(c.cmd(b"BOGUS")) == 500
+            assert code(c.cmd(b"BOGUS")) == 500
+            assert c.reply().startswith(b"421 4.7.0 smtpd.test too many errors")
+        c = _session(srv.port)                                        # shutdown
+        asyncio.run_coroutine_threadsafe(srv.server.stop_accepting(), srv.loop).result(10)
+        assert c.reply().startswith(b"421 4.3.2 smtpd.test service shutting down")
+        c.close()
+    with serve(filters=[_TempfailAtConnect()]) as srv, Client(srv.port) as c:
+        assert c.reply().startswith(b"421 4.7.1 smtpd.test try later")
+
+
+def test_quoted_local_parts_are_accepted_and_carried_as_written() -> None:
+    """RFC 5321 §4.1.2: Local-part = Dot-string / Quoted-string (qtextSMTP, quoted-pairSMTP): such an address
+    is taken and reaches the handler as written, quotes and all; the other address checks stay."""
+    with serve() as srv, _session(srv.port) as c:
+        assert code(c.cmd(b'MAIL FROM:<"a>b"@x.test> SIZE=100')) == 250
+        assert code(c.cmd(b'RCPT TO:<"john doe"@x.test>')) == 250
+        assert code(c.cmd(b'RCPT TO:<"q\\"uote\\\\d"@x.test> NOTIFY=NEVER')) == 250
+        assert code(c.cmd(b'RCPT TO:<@relay.test:"routed one"@x.test>')) == 250
+        assert code(c.cmd(b'RCPT TO:<"no domain">')) == 501
+        assert code(c.cmd(b'RCPT TO:<"unterminated local@x.test>')) == 501
+        assert code(c.cmd('RCPT TO:<"é"@x.test>'.encode())) == 553          # non-ASCII without SMTPUTF8
+        assert code(c.cmd(b"DATA")) == 354
+        assert code(c.cmd(b"Subject: x\r\n\r\nbody\r\n.")) == 250
+    assert srv.handler.messages[0][:2] == ('"a>b"@x.test', ['"john doe"@x.test', '"q\\"uote\\\\d"@x.test',
+                                                            '"routed one"@x.test'])
