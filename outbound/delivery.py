@@ -666,6 +666,16 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
     # RFC 6531 §3.4: the SMTPUTF8 parameter on MAIL FROM, then UTF-8 addresses in MAIL and RCPT
     enc = "utf-8" if smtputf8 else "ascii"
     opts = [o for o in mail_options if conn.supports(o.split("=")[0].lower())]
+    if conn.supports("size"):
+        # RFC 1870 §6.1: the message's size declared on MAIL; one larger than the server's announced fixed
+        # limit is not sent at all (§6.3: the server would refuse it, 552): a permanent failure, 5.3.4
+        limit = conn.extensions.size
+        if limit and len(data) > limit:
+            why = f"message size {len(data)} exceeds the fixed limit of {limit} of {s.mx} (RFC 1870)"
+            return [RecipientResult(r, Outcome.BOUNCED, "5.3.4", why) for r in rcpts]
+        opts.append(f"SIZE={len(data)}")
+    if conn.supports("8bitmime") and not data.isascii():
+        opts.append("BODY=8BITMIME")   # RFC 6152 §2: 8-bit octets in the content are declared
     if smtputf8:
         opts.append("SMTPUTF8")
     with_dsn = dsn is not None and conn.supports("dsn")
@@ -719,11 +729,18 @@ async def _transaction(s: Session, sender: str, rcpts: Sequence[str], data: byte
     # the end of the transaction: the reply after the content (or to BDAT LAST), else DATA's refusal
     end = ex.end
     assert end is not None
-    ok = end.code == 250
+    # RFC 5321 §4.1.1.4, §4.3.2: the content is accepted only by the reply that follows it (2xx); DATA itself
+    # has no success reply but 354, so a 2xx (or any other code below 400) to DATA, with no content sent, is a
+    # protocol error - never a delivery: the recipients are deferred
+    ok = ex.final is not None and ex.final.code // 100 == 2
+    broken = not ok and end.code < 400
     for i in accepted:
         res = sent[i]
         res.dsn, res.reply = end.status, end
-        if not ok:  # RFC 5321 §4.1.1.4: a refused DATA or content refuses every accepted recipient
+        if broken:
+            res.status, res.dsn = Outcome.DEFERRED, "4.5.0"   # RFC 3463 X.5.0: other protocol status
+            res.reason = f"protocol error: {s.mx} said {end} to DATA, not 354 (RFC 5321 section 4.3.2)"
+        elif not ok:  # RFC 5321 §4.1.1.4: a refused DATA or content refuses every accepted recipient
             res.status = Outcome.BOUNCED if end.code >= 500 else Outcome.DEFERRED
             res.reason = str(end)
     return results

@@ -259,7 +259,14 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
     try:
         greeting = await conn.read(timeouts.greeting)
         if greeting.code != 220:  # RFC 5321 §3.1: 220 opens the session, 554 refuses it
-            raise _said(f"{mx}[{address}] greeting:", greeting)
+            # RFC 5321 §5.1: the other MX hosts are tried when one cannot take the mail; a host that refuses
+            # to talk at all is skipped as a temporary failure, as Postfix's smtp_skip_5xx_greeting (default
+            # yes) does: one broken or overloaded MX never bounces mail its backup would take
+            err = _said(f"{mx}[{address}] greeting:", greeting)
+            err.temporary = True
+            if err.dsn.startswith("5"):
+                err.dsn = "4" + err.dsn[1:]
+            raise err
         ehlo = await conn.ehlo(helo, timeouts.command, helo_fallback=True)
         if ehlo.code != 250:
             raise _said(f"{mx}[{address}] said", ehlo)
@@ -347,8 +354,10 @@ async def open_session(address: str, port: int, mx: str, req: Requirement, *, he
 
 
 def _said(what: str, r: Reply) -> SessionError:
-    """A refusal reply as the session's failure: permanent for 5xx (RFC 5321 §4.2.1)."""
-    return SessionError(f"{what} {r}", code=r.code, temporary=r.code < 500)
+    """A refusal reply as the session's failure: permanent for 5xx (RFC 5321 §4.2.1), with the server's own
+    enhanced status code (RFC 3463) where it gave one."""
+    return SessionError(f"{what} {r}", code=r.code, temporary=r.code < 500, dsn=r.enhanced if r.enhanced and
+                        r.enhanced[0] == str(r.code)[0] else "")
 
 
 def _caps_error(missing: list[str], mx: str, address: str, owner: str) -> SessionError:

@@ -459,11 +459,15 @@ class Connection:
             self.write(data)
             return
         view = memoryview(data)
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
                 for i in range(0, len(view), BODY_CHUNK):
                     self._proto.write(view[i:i + BODY_CHUNK])
                     if self._proto.paused:
+                        # RFC 5321 §4.5.3.2.5: the data block timeout is "while awaiting the completion of each
+                        # TCP SEND call", not of the whole body: a slow but steady receiver is not cut off
+                        deadline.reschedule(loop.time() + timeout)
                         await self._proto.drained()
         except TimeoutError:
             self.abort()

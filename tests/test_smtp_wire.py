@@ -777,3 +777,151 @@ def test_bdat_body_arrives_unchanged_through_postfix(testnet: TestNet, monkeypat
             assert b"\r\nBDAT " in sent and b"\r\nDATA\r\n" not in sent and body in sent   # no dot-stuffing
             assert got.split(b"*** MESSAGE CONTENTS", 1)[-1].split(b"\n", 1)[1].replace(b"\n", b"\r\n") == body
     sink.cleanup()
+
+
+@pytest.mark.parametrize("extensions", [b"250 PIPELINING\r\n", b"250 8BITMIME\r\n"], ids=["pipelined", "lockstep"])
+def test_a_2xx_reply_to_data_is_no_delivery(extensions: bytes) -> None:
+    """RFC 5321 §4.1.1.4, §4.3.2: DATA is answered 354 before the content, and only the reply after the
+    content accepts the message. A server that answers DATA with 250 has received nothing: the recipient is
+    deferred as a protocol error (4.5.0), never recorded as delivered (the message would be lost)."""
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, extensions)
+        while True:
+            line = await _lines(reader)
+            if not line or line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                return
+            if line.startswith(b"DATA"):
+                writer.write(b"250 2.0.0 ok whatever\r\n")
+            elif line.startswith((b"MAIL", b"RCPT", b"RSET")):
+                writer.write(b"250 ok\r\n")
+            else:
+                received.append(line)
+                writer.write(b"500 what\r\n")
+
+    async def go() -> list[delivery.RecipientResult]:
+        server, port = await _serve(handler)
+        async with server:
+            s = await _open(port)
+            try:
+                return await delivery._transaction(s, "a@client.test", ["b@x.test"], b"Subject: s\r\n\r\nhi\r\n", [])
+            finally:
+                await s.close()
+    [res] = asyncio.run(go())
+    assert (res.status, res.dsn) == (Outcome.DEFERRED, "4.5.0"), res
+    assert "not 354" in res.reason and received == []
+
+
+def test_a_5xx_greeting_is_a_temporary_failure_of_that_host_only() -> None:
+    """RFC 5321 §5.1: the next MX host is tried when one cannot take the mail. A host that greets with 554
+    is skipped as a temporary failure (Postfix's smtp_skip_5xx_greeting, default yes), with the server's own
+    enhanced code made temporary: the backup MX gets the mail instead of the sender a bounce."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.7.1 mx1.example.test no service here\r\n")
+        await writer.drain()
+        await _lines(reader)
+
+    async def go() -> SessionError:
+        server, port = await _serve(handler)
+        async with server:
+            with pytest.raises(SessionError) as info:
+                await _open(port)
+            return info.value
+    err = asyncio.run(go())
+    assert err.temporary and err.code == 554 and err.dsn == "4.7.1" and "no service here" in err.reason
+
+
+def _capturing_server(extensions: bytes, seen: list[bytes]) -> Handler:
+    """A lockstep server that records each command line and accepts everything."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _ehlo(reader, writer, extensions)
+        while True:
+            line = await _lines(reader)
+            seen.append(line)
+            if not line or line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                return
+            if line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), 10)
+                writer.write(b"250 2.0.0 queued\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+    return handler
+
+
+@pytest.mark.parametrize(("limit", "content", "mail", "outcome"), [
+    (b"1000", b"Subject: s\r\n\r\n" + b"x" * 5000 + b"\r\n", None, (Outcome.BOUNCED, "5.3.4")),
+    (b"100000", b"Subject: s\r\n\r\nhi\r\n", b"MAIL FROM:<a@client.test> SIZE=18\r\n", (Outcome.DELIVERED, "2.0.0")),
+    (b"0", b"Subject: s\r\n\r\nhi\r\n", b"MAIL FROM:<a@client.test> SIZE=18\r\n", (Outcome.DELIVERED, "2.0.0")),
+], ids=["over-the-limit", "declared", "no-fixed-limit"])
+def test_size_is_declared_and_a_message_over_the_server_s_limit_is_not_sent(
+        limit: bytes, content: bytes, mail: bytes | None, outcome: tuple[Outcome, str]) -> None:
+    """RFC 1870 §6.1: the client declares the message's size on MAIL where the server offers SIZE, and does
+    not send a message larger than the server's announced fixed limit (a permanent failure, 5.3.4, as
+    Postfix); SIZE 0 announces no fixed limit."""
+    seen: list[bytes] = []
+
+    async def go() -> list[delivery.RecipientResult]:
+        server, port = await _serve(_capturing_server(b"250 SIZE " + limit + b"\r\n", seen))
+        async with server:
+            s = await _open(port)
+            try:
+                return await delivery._transaction(s, "a@client.test", ["b@x.test"], content, [])
+            finally:
+                await s.close()
+    [res] = asyncio.run(go())
+    assert (res.status, res.dsn) == outcome, res
+    mails = [ln for ln in seen if ln.startswith(b"MAIL")]
+    assert mails == ([mail] if mail else [])
+
+
+@pytest.mark.parametrize(("content", "body"), [(b"Subject: s\r\n\r\n\xc3\xa9t\xc3\xa9\r\n", b" BODY=8BITMIME"),
+                                               (b"Subject: s\r\n\r\nete\r\n", b"")], ids=["8bit", "7bit"])
+def test_8bit_content_is_declared_body_8bitmime(content: bytes, body: bytes) -> None:
+    """RFC 6152 §2-§3: to a server offering 8BITMIME, a content with octets above 127 goes with
+    BODY=8BITMIME on MAIL; a 7-bit content without it."""
+    seen: list[bytes] = []
+
+    async def go() -> None:
+        server, port = await _serve(_capturing_server(b"250 8BITMIME\r\n", seen))
+        async with server:
+            s = await _open(port)
+            try:
+                [res] = await delivery._transaction(s, "a@client.test", ["b@x.test"], content, [])
+                assert res.status is Outcome.DELIVERED
+            finally:
+                await s.close()
+    asyncio.run(go())
+    assert [ln for ln in seen if ln.startswith(b"MAIL")] == [b"MAIL FROM:<a@client.test>" + body + b"\r\n"]
+
+
+def test_the_data_timeout_runs_per_send_not_for_the_whole_body() -> None:
+    """RFC 5321 §4.5.3.2.5: the data block timeout is "while awaiting the completion of each TCP SEND call":
+    a receiver that takes each piece in less than the timeout but the whole body in more is not cut off;
+    one that stops taking pieces is."""
+    class SlowProto:
+        paused = True
+
+        def __init__(self, wait: float) -> None:
+            self.wait, self.pieces = wait, 0
+
+        def write(self, data: bytes | memoryview) -> None:
+            self.pieces += 1
+
+        async def drained(self) -> None:
+            await asyncio.sleep(self.wait)
+
+    def conn_with(proto: SlowProto) -> smtp_wire.Connection:
+        conn = smtp_wire.Connection.__new__(smtp_wire.Connection)
+        conn._proto = proto  # type: ignore[assignment]
+        conn.abort = lambda: None  # type: ignore[method-assign]
+        return conn
+    body = b"x" * (smtp_wire.BODY_CHUNK * 8)
+    steady = SlowProto(0.1)          # 8 pieces, 0.8 s in all, each 0.1 s: within a 0.3 s timeout per send
+    asyncio.run(conn_with(steady).write_body(body, 0.3))
+    assert steady.pieces == 8
+    with pytest.raises(TimeoutError):  # a piece that takes longer than the timeout
+        asyncio.run(conn_with(SlowProto(0.5)).write_body(body, 0.3))
