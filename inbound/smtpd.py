@@ -981,6 +981,13 @@ class _Conversation:
         self.s.edits += out.edits
         if v.action in (Action.REJECT, Action.TEMPFAIL):
             assert v.reply is not None
+            if v.reply.code == 421:
+                # RFC 5321 §3.8, §4.2.3: 421 is "closing transmission channel": a filter's 421 (a milter's,
+                # a policy service's) ends the session after the reply, as Postfix does
+                log.info("%s: %s: %s from %s: %s; filter=%s%s; closing the session", self.s.queue_id or "NOQUEUE",
+                         "tempfail", stage.value.upper(), self.who, v.reply, v.filter,
+                         f" ({v.reason})" if v.reason else "")
+                raise _Close(v.reply)
             if stage is Stage.RCPT:   # cmd_RCPT logs Postfix's one "NOQUEUE: reject: RCPT from …" line
                 self.refused_by = f" filter={v.filter}" + (f" ({v.reason})" if v.reason else "")
                 return v.reply
@@ -1268,6 +1275,8 @@ class _Conversation:
         metrics.inc("messages_received", listener=self.s.listener.name,
                     outcome="accepted" if reply.code < 400 else ("tempfailed" if reply.code < 500 else "refused"))
         await self._reset()
+        if reply.code == 421:   # RFC 5321 §3.8: a 421 after DATA closes the session too
+            raise _Close(reply)
         await self.send(reply)
         return None
 

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 from pathlib import Path
 
+import pytest
 from postgate.inbound.clientname import client_names
 from postgate.inbound.filters import (
     Action,
@@ -437,3 +438,17 @@ def test_received_protocol_suffixes_are_for_esmtp_only() -> None:
     assert " with ESMTPSA (TLSv1.3:" in _received("c.test", "192.0.2.1", tls=True, user="alice")
     assert " with UTF8SMTPSA (TLSv1.3:" in _received("c.test", "192.0.2.1", tls=True, user="alice", smtputf8=True)
     assert " with ESMTPA id " in _received("c.test", "192.0.2.1", user="alice")
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt:b@x.test", "data"])
+def test_a_filter_s_421_ends_the_session(stage: str) -> None:
+    """RFC 5321 §3.8, §4.2.3: 421 means the server is closing the transmission channel. A filter that
+    answers 421 (a milter's or policy service's "service not available") ends the session after that reply,
+    with the server's name first, as Postfix does; nothing is accepted."""
+    busy = Scripted("policy", {stage: Verdict(Action.TEMPFAIL, Reply(421, "4.7.0", "too busy"))})
+    with serve(filters=[busy]) as srv, _greeted(srv.port) as c:
+        replies = _transaction(c, [b"b@x.test"]) if stage != "mail" else [c.cmd(b"MAIL FROM:<a@client.test>")]
+        assert replies[-1].startswith(b"421 4.7.0 ") and b"too busy" in replies[-1], replies
+        c.sock.settimeout(5)
+        assert c.sock.recv(100) == b""          # closed by the server
+    assert srv.handler.messages == []
