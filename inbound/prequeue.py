@@ -266,12 +266,14 @@ class PreQueue:
                 success.append((lres.recipient, "delivered"))
 
     async def _notify_success(self, env: Envelope, content: bytes, success: list[tuple[str, str]]) -> None:
-        """RFC 3461 §5.2.2/§6.2: success reports for the recipients that asked (NOTIFY=SUCCESS)."""
+        """RFC 3461 §5.2.2/§6.2: success reports for the recipients that asked (NOTIFY=SUCCESS). One that
+        cannot be queued is logged and given up (Scheduler.notify_success): the mail is delivered, and neither
+        the client's answer nor a failure report may depend on it."""
         for action in ("delivered", "relayed"):
             owed = [r for r in env.recipients if (r.address, action) in success and r.wants("SUCCESS")
                     and r.notify is not None]
             if owed:
-                await self.scheduler.notify(env, content, owed, action)
+                await self.scheduler.notify_success(env, content, owed, action)
 
     def _answer_delivered(self, env: Envelope) -> Reply:
         log.info("%s: outcome=delivered (pre-queue)", env.id)
@@ -314,8 +316,13 @@ class PreQueue:
                 return  # already taken by the queue or the operator: the queue's view wins
             env = found[1]
             content = await self.spool.content(qid)
+            success: list[tuple[str, str]] = []
             for res in results:
-                _apply(env, res)
+                if _apply(env, res) and res.status is Outcome.DELIVERED and res.relayed_without_dsn:
+                    success.append((res.recipient, "relayed"))
+            # RFC 3461 §5.2.2: a late result relayed to a next hop without DSN is reported "relayed" to a
+            # NOTIFY=SUCCESS recipient's sender, as the queue does (a report that cannot be queued is logged)
+            await self._notify_success(env, content, success)
             bounced = [r for r in env.recipients if r.status is Outcome.BOUNCED]
             if bounced:
                 await self.scheduler.notify(env, content, bounced)
@@ -367,11 +374,13 @@ def _recipient(addr: str, params: dict[str, str]) -> Recipient:
     return Recipient(addr, orcpt=orcpt, notify=notify)
 
 
-def _apply(env: Envelope, res: RecipientResult) -> None:
+def _apply(env: Envelope, res: RecipientResult) -> bool:
+    """Record ``res`` on its recipient if that one is not final yet; True if it was recorded."""
     for r in env.recipients:
         if r.address == res.recipient and not r.final:
             r.record(res)
-            return
+            return True
+    return False
 
 
 __all__ = ["PreQueue", "PreQueueConfig", "domain_of"]

@@ -119,7 +119,8 @@ def test_diagnostic_code_type_is_recorded_not_guessed_from_the_text() -> None:
     back = Envelope.from_bytes(env.to_bytes())
     report = dsn.build(back, b"Subject: x\r\n\r\nhi\r\n", back.recipients, action="failed",
                        reporting_mta="mx.test").decode()
-    codes = [line for line in report.split("\r\n") if line.startswith("Diagnostic-Code:")]
+    # RFC 3464 §2.1: fields may be folded (RFC 5322 §2.2.3 unfolding: the CRLF before white space removed)
+    codes = [line for line in report.replace("\r\n ", " ").split("\r\n") if line.startswith("Diagnostic-Code:")]
     assert codes == ["Diagnostic-Code: X-Postgate; 421 connections refused by 3 hosts",
                      "Diagnostic-Code: smtp; 550 5.1.1 no",
                      "Diagnostic-Code: X-Postgate; message expired after 5 days in queue: 451 4.2.0 later"]

@@ -570,12 +570,14 @@ class Scheduler:
         bounced_now = [r for r in ready if r.status is Outcome.BOUNCED]
         relayed = [r for r in ready if r.status is Outcome.DELIVERED and by_addr.get(r.address) is not None
                    and by_addr[r.address].relayed_without_dsn]
-        if relayed:  # RFC 3461 §5.2.2: NOTIFY=SUCCESS and a next hop without DSN: we report "relayed"
-            await self._notify_or_defer(env, content, relayed, "relayed")
+        # each report on its own: a success report that cannot be queued never keeps the failure report
+        # from being queued (RFC 5321 §6.1: a failure after acceptance MUST be reported)
         if bounced_now:
             # RFC 3464: the sender learns of the failure; if the report cannot be queued, the recipients
             # are deferred instead, so the next attempt bounces them again (never a silent loss)
             await self._notify_or_defer(env, content, bounced_now, "failed")
+        if relayed:  # RFC 3461 §5.2.2: NOTIFY=SUCCESS and a next hop without DSN: we report "relayed"
+            await self.notify_success(env, content, relayed, "relayed")
         if not env.pending:
             # every recipient is final: the bounce (if any) is queued durably, then the message removed;
             # recording the results first would only add an fsync
@@ -611,6 +613,17 @@ class Scheduler:
                 log.error("%s: cannot queue the delay warning (%s); trying again next attempt", env.id, e)
         env.next_attempt = decision.at
         await self._release(lease, env)
+
+    async def notify_success(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str) -> None:
+        """A success report (RFC 3461 §5.2.2 "relayed", §6.2 "delivered") that never raises: one that cannot
+        be queued is logged, counted (``notify_error``) and given up. Its recipients are delivered and final,
+        so there is no later attempt to report them from; and no failure report waits for it."""
+        try:
+            await self.notify(env, content, rcpts, action)
+        except Exception as e:
+            self.counters.inc("notify_error")
+            log.error("%s: cannot queue the success report (%s) for %s; not sent", env.id, e,
+                      ", ".join(f"<{r.address}>" for r in rcpts))
 
     async def _notify_or_defer(self, env: Envelope, content: bytes, rcpts: list[Recipient], action: str) -> None:
         try:
@@ -684,8 +697,8 @@ class Scheduler:
             return
         bounce = Envelope.new("", [Recipient(env.sender, notify=["NEVER"])], body, now=now, is_bounce=True)
         await self.spool.enqueue(bounce, body)
-        log.info("%s: sender %s notification: %s", env.id, "non-delivery" if action == "failed" else "delay",
-                 bounce.id)
+        log.info("%s: sender %s notification: %s", env.id, {"failed": "non-delivery", "delayed": "delay"}.get(
+            action, "delivery status"), bounce.id)
 
     # --- operator requests --------------------------------------------------------------------------------
     async def apply_requests(self) -> list[str]:
