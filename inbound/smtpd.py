@@ -105,7 +105,8 @@ class Listener:
 class Limits:
     max_message_size: int = 52428800
     max_recipients: int = 100
-    max_errors: int = 10
+    max_errors: int = 20               # Postfix's smtpd_hard_error_limit: a sender with a few stale
+                                       # recipients is not cut off (its soft limit, 10, only slows)
     command_timeout: float = 300.0     # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes
     data_timeout: float = 600.0        # per read inside DATA, and the base of the DATA deadline
     min_data_rate: int = 500           # octets/s: the DATA deadline grows by received/min_data_rate (Postfix)

@@ -815,3 +815,13 @@ def test_quoted_local_parts_are_accepted_and_carried_as_written() -> None:
                           b"DATA", b"Subject: x\r\n\r\nbody\r\n."]) == [250, 250, 250, 250, 501, 501, 553, 354, 250]
     assert srv.handler.messages[0][:2] == ('"a>b"@x.test', ['"john doe"@x.test', '"q\\"uote\\\\d"@x.test',
                                                             '"routed one"@x.test'])
+
+
+def test_a_session_ends_after_twenty_errors_as_postfix_s_hard_error_limit() -> None:
+    """Postfix's smtpd_hard_error_limit (20): a client whose errors reach it gets 421 and is disconnected;
+    before that (a sender with a dozen stale recipients, each refused) the session goes on."""
+    with serve() as srv, _session(srv.port) as c:
+        assert _codes(c, [b"FOO"] * 15 + [b"NOOP"]) == [500] * 15 + [250]
+        assert _codes(c, [b"FOO"] * 4) == [500] * 4
+        assert c.cmd(b"FOO").startswith(b"500")
+        assert c.reply().startswith(b"421 4.7.0 smtpd.test too many errors")
