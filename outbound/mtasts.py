@@ -159,7 +159,20 @@ async def _response(reader: asyncio.StreamReader, url: str, max_size: int) -> st
         if length is not None and (not length.isdigit() or int(length) > max_size):
             raise FetchError(f"fetching {url}: policy larger than {max_size} bytes",
                              ResultType.STS_POLICY_INVALID)
-        body = await reader.read(max_size + 1)
+        if length is not None:
+            # RFC 9112 §6.3: the body is Content-Length octets; fewer before the connection ends is a
+            # truncated (maybe cut-off) policy, never parsed (a shortened mx list or max_age would apply)
+            try:
+                body = await reader.readexactly(int(length))
+            except asyncio.IncompleteReadError as e:
+                raise FetchError(f"fetching {url}: policy truncated ({len(e.partial)} of {length} bytes)",
+                                 ResultType.STS_POLICY_FETCH_ERROR) from None
+        else:   # RFC 9112 §6.3: without a length, the body ends with the connection (read to its end)
+            body = b""
+            while chunk := await reader.read(max_size + 1 - len(body)):
+                body += chunk
+                if len(body) > max_size:
+                    break
         if len(body) > max_size:
             raise FetchError(f"fetching {url}: policy larger than {max_size} bytes",
                              ResultType.STS_POLICY_INVALID)

@@ -56,7 +56,9 @@ class ReportSettings:
 def build(day: str, domain: str, counts: list[tlsrpt.PolicyCounts], settings: ReportSettings,
           report_id: str | None = None) -> tuple[dict[str, object], bytes, str]:
     """(report JSON, gzip'd report, file name) for one domain and day."""
-    rid = report_id or f"{day}T00:00:00Z_{domain}_{uuid.uuid4().hex[:12]}@{settings.submitter}"
+    # RFC 8460 §5.3: the Subject's Report-ID is an RFC 5322 msg-id, "<" id-left "@" id-right ">", id-left a
+    # dot-atom-text: no ":" (so the day, not a time of day), no "_" trouble (atext allows it)
+    rid = report_id or f"{day}_{domain}_{uuid.uuid4().hex[:12]}@{settings.submitter}"
     report = tlsrpt.report(day, counts, organization=settings.organization, contact=settings.contact,
                            report_id=rid)
     raw = json.dumps(report, indent=1).encode()
@@ -82,7 +84,9 @@ def message(report: dict[str, object], gz: bytes, fname: str, domain: str, rcpt:
     m.set_content(f"This is an aggregate TLS report (RFC 8460) from {settings.organization} for {domain},\n"
                   f"covering {dr['start-datetime']} to {dr['end-datetime']}.\n")
     m.add_attachment(gz, maintype="application", subtype="tlsrpt+gzip", filename=fname)
-    # RFC 8460 §5.3: multipart/report with report-type "tlsrpt"
+    # RFC 8460 §5.3: multipart/report with report-type "tlsrpt"; a boundary of our own (RFC 2046 §5.1.1: at
+    # most 70 characters; the email package sets one only when the message is written, too late here)
+    m.set_boundary(f"tlsrpt-{uuid.uuid4().hex}")
     m.replace_header("Content-Type", 'multipart/report; report-type="tlsrpt"; boundary="'
                      + str(m.get_boundary()) + '"')
     return m.as_bytes()

@@ -36,6 +36,8 @@ WELL_KNOWN = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
 MEDIA_TYPE = "text/plain"           # RFC 8461 §3.2: the policy is served as text/plain
 
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")  # RFC 8461 §3.1: sts-id = 1*32(ALPHA / DIGIT)
+# RFC 8461 §3.1 sts-text-record = sts-version sts-sep ...: "v=STSv1", optional blanks, then ";" (or the end)
+_STS_START = re.compile(r"^[ \t]*v=STSv1[ \t]*(?:;|$)")
 
 
 # RFC 8461 §5: the policy modes; one enum with the TLS decision's (policy/tls.py), which takes the policy
@@ -70,6 +72,8 @@ def parse_record(text: str) -> Record:
         if not eq or not key:
             raise StsError(f"malformed field {f!r}")
         if key == "id":
+            if rid:
+                continue   # RFC 8461 §3.1 (as §3.2 for the policy): a duplicated field, only the first counts
             if not _ID.fullmatch(value):
                 raise StsError(f"id {value!r} is not 1 to 32 letters and digits")
             rid = value
@@ -83,9 +87,10 @@ def parse_record(text: str) -> Record:
 def select_record(txts: list[str]) -> Record | None:
     """From all TXT strings at ``_mta-sts.<domain>``: the one STS record, or None.
 
-    RFC 8461 §3.1: records not starting with ``v=STSv1`` are discarded; if more than one remains, or
+    RFC 8461 §3.1: records not starting with ``v=STSv1;`` are discarded (``v=STSv10`` too); if more than one
+    remains, or
     the one is malformed, the domain has no usable record (treated as "no policy")."""
-    candidates = [t for t in txts if t.strip().startswith("v=STSv1")]
+    candidates = [t for t in txts if _STS_START.match(t)]
     if len(candidates) != 1:
         return None
     try:
@@ -121,6 +126,7 @@ def parse_policy(text: str) -> Policy:
     mode: Mode | None = None
     max_age: int | None = None
     mx: list[str] = []
+    seen: set[str] = set()
     for n, raw in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
         line = raw.strip()
         if not line:
@@ -129,6 +135,12 @@ def parse_policy(text: str) -> Policy:
         key, value = key.strip(), value.strip()
         if not colon:
             raise StsError(f"line {n}: expected 'key: value'")
+        if key in seen:
+            # RFC 8461 §3.2: "If any non-repeated field -- i.e., all fields excepting "mx" -- is duplicated, all
+            # entries except for the first SHALL be ignored" (a later "mode: none" cannot undo "enforce")
+            continue
+        if key in ("version", "mode", "max_age"):
+            seen.add(key)
         if key == "version":
             version = value
         elif key == "mode":

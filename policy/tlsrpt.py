@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
+import urllib.parse
 from dataclasses import dataclass
 
 from postgate.policy.vocab import TlsOutcome
@@ -36,6 +38,10 @@ class PolicyType(enum.Enum):
 ResultType = TlsOutcome
 
 
+# RFC 8460 §3 tlsrpt-record = tlsrpt-version 1*(field-delim tlsrpt-field): "v=TLSRPTv1", blanks, ";"
+_RPT_START = re.compile(r"^[ \t]*v=TLSRPTv1[ \t]*(?:;|$)")
+
+
 class RecordError(ValueError):
     pass
 
@@ -48,7 +54,9 @@ class Record:
 
     @property
     def mailto(self) -> tuple[str, ...]:
-        return tuple(u[7:].split("?", 1)[0] for u in self.rua if u.lower().startswith("mailto:"))
+        # RFC 6068 §2 / RFC 8460 §3: the address of a mailto: URI is percent-encoded (",", "!" must be)
+        return tuple(urllib.parse.unquote(u[7:].split("?", 1)[0]) for u in self.rua
+                     if u.lower().startswith("mailto:"))
 
     @property
     def https(self) -> tuple[str, ...]:
@@ -81,7 +89,7 @@ def parse_record(text: str) -> Record:
 
 def select_record(txts: list[str]) -> Record | None:
     """RFC 8460 §3: records not starting with v=TLSRPTv1 are ignored; more than one: no reporting."""
-    candidates = [t for t in txts if t.strip().startswith("v=TLSRPTv1")]
+    candidates = [t for t in txts if _RPT_START.match(t)]   # "v=TLSRPTv10" is not one
     if len(candidates) != 1:
         return None
     try:
@@ -102,7 +110,7 @@ class Attempt:
     sending_ip: str = ""
     policy_strings: tuple[str, ...] = ()  # the policy applied (STS lines, or TLSA records)
     mx_patterns: tuple[str, ...] = ()     # STS mx patterns (RFC 8460 §4.4 mx-host)
-    detail: str = ""                      # additional-information
+    detail: str = ""                      # failure-reason-code (RFC 8460 §4.4)
     when: float = 0.0                     # POSIX time of the attempt
 
 
@@ -168,7 +176,9 @@ def report(day: str, policies: list[PolicyCounts], *, organization: str, contact
             if rip:
                 d["receiving-ip"] = rip
             if info:
-                d["additional-information"] = info
+                # RFC 8460 §4.4: "additional-information" is a URI; a text explaining the failure goes in
+                # "failure-reason-code"
+                d["failure-reason-code"] = info
             details.append(d)
         if details:
             entry["failure-details"] = details

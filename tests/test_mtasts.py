@@ -36,6 +36,8 @@ RECORDS = [
     ("v=STSv1; id=" + "a" * 33, None, "§3.1 id at most 32 characters"),
     ("v=STSv1; id=a-b", None, "§3.1 id is letters and digits"),
     ("v=STSv1", None, "§3.1 id required"),
+    ("v=STSv1 ; id=abc", "abc", "§3.1 sts-sep allows blanks before the semicolon"),
+    ("v=STSv1; id=abc; id=def", "abc", "§3.1 a duplicated field: only the first counts"),
 ]
 
 
@@ -49,6 +51,8 @@ def test_two_records_mean_none() -> None:
     # RFC 8461 §3.1: more than one STSv1 record: no policy
     assert mtasts.select_record(["v=STSv1; id=1", "v=STSv1; id=2"]) is None
     assert mtasts.select_record(["v=spf1 -all", "v=STSv1; id=2"]) == mtasts.Record("2")
+    # records that do not begin with "v=STSv1;" are discarded, v=STSv10 among them: one record remains
+    assert mtasts.select_record(["v=STSv1; id=a", "v=STSv10; id=b"]) == mtasts.Record("a")
 
 
 # --- pure: the policy file (RFC 8461 §3.2) -----------------------------------------------------------
@@ -67,6 +71,13 @@ POLICIES = [
     ("version: STSv1\nmode: enforce\nmx: a.*.example\nmax_age: 1\n", None, "§3.2 wildcard only leftmost"),
     ("version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\nfoo: bar\n",
      (Mode.ENFORCE, 1, ("a.example",)), "§3.2 unknown keys ignored"),
+    # §3.2: "If any non-repeated field -- i.e., all fields excepting "mx" -- is duplicated, all entries except
+    # for the first SHALL be ignored": a later mode, version or max_age never weakens the policy
+    (GOOD + "mode: none\n", (Mode.ENFORCE, 604800, ("mail.example.com", "*.example.net")), "§3.2 first mode"),
+    (GOOD + "mode: bogus\n", (Mode.ENFORCE, 604800, ("mail.example.com", "*.example.net")),
+     "§3.2 a later invalid mode ignored"),
+    (GOOD + "version: STSv2\n", (Mode.ENFORCE, 604800, ("mail.example.com", "*.example.net")), "§3.2 first version"),
+    (GOOD + "max_age: 0\n", (Mode.ENFORCE, 604800, ("mail.example.com", "*.example.net")), "§3.2 first max_age"),
 ]
 
 
@@ -78,6 +89,31 @@ def test_policy(text: str, expected: tuple[Mode, int, tuple[str, ...]] | None, r
         return
     p = mtasts.parse_policy(text)
     assert (p.mode, p.max_age, p.mx) == expected
+
+
+def _reply_stream(*pieces: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    for p in pieces:
+        r.feed_data(p)
+    r.feed_eof()
+    return r
+
+
+def test_a_policy_body_is_read_whole_and_a_truncated_one_refused() -> None:
+    """RFC 9112 §6.3: a body is Content-Length octets, or (without one) everything up to the end of the
+    connection. One that ends early is a fetch error, never a shortened policy; one in several pieces is
+    read whole."""
+    from postgate.outbound import mtasts as fetcher
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+    url = "https://mta-sts.example.com/.well-known/mta-sts.txt"
+
+    async def read(*pieces: bytes) -> str:
+        return await fetcher._response(_reply_stream(*pieces), url, 65536)
+    body = GOOD.encode()
+    with pytest.raises(fetcher.FetchError, match="truncated"):
+        asyncio.run(read(head + b"Content-Length: %d\r\n\r\n" % (len(body) + 40) + body))
+    assert asyncio.run(read(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:20], body[20:])) == GOOD
+    assert asyncio.run(read(head + b"\r\n" + body[:20], body[20:50], body[50:])) == GOOD
 
 
 # --- pure: MX matching (RFC 8461 §4.1) and the decision per host --------------------------------------

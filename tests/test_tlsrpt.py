@@ -51,6 +51,35 @@ def test_record(txt: str, rua: tuple[str, ...] | None, rule: str) -> None:
     assert (rec.rua if rec else None) == rua
 
 
+def test_record_selection_and_mailto_decoding() -> None:
+    """RFC 8460 §3: records not beginning with "v=TLSRPTv1;" are discarded (v=TLSRPTv10 too), so one valid
+    record remains; a mailto: URI's address is percent-decoded (RFC 6068 §2: "," and "!" must be encoded)."""
+    rec = tlsrpt.select_record(["v=TLSRPTv1; rua=mailto:tls%2Brpt@example.com,https://r.example/x",
+                                "v=TLSRPTv10; rua=mailto:other@example.com"])
+    assert rec is not None and rec.mailto == ("tls+rpt@example.com",) and rec.https == ("https://r.example/x",)
+
+
+def test_failure_text_is_a_failure_reason_code_and_the_mail_has_a_real_boundary_and_report_id() -> None:
+    """RFC 8460 §4.4: a failure's explanation is "failure-reason-code" ("additional-information" is a URI);
+    §5.3: the Subject's Report-ID is an RFC 5322 msg-id (dot-atom-text "@" ...), the multipart/report has a
+    boundary of its own."""
+    import email
+    import re
+    store_counts = [tlsrpt.PolicyCounts("example.com", tlsrpt.PolicyType.STS, "2026-12-01", ("version: STSv1",),
+                                        ("mx.example.com",), 0,
+                                        {("validation-failure", "192.0.2.1", "mx.example.com", "", "why"): 2})]
+    settings = tlsrptsend.ReportSettings(submitter="client.test")
+    report, gz, fname = tlsrptsend.build("2026-12-01", "example.com", store_counts, settings)
+    [detail] = report["policies"][0]["failure-details"]  # type: ignore[index]
+    assert detail["failure-reason-code"] == "why" and "additional-information" not in detail
+    msg = tlsrptsend.message(report, gz, fname, "example.com", "rua@example.com", settings)
+    m = email.message_from_bytes(msg)
+    assert m.get_boundary() not in (None, "None") and msg.count(b"--" + m.get_boundary().encode()) == 3
+    rid = re.search(r"Report-ID: <([^>]*)>", " ".join(str(m["Subject"]).split())).group(1)  # type: ignore[union-attr]
+    atext = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+    assert re.fullmatch(rf"{atext}(?:\.{atext})*@{atext}(?:\.{atext})*", rid), rid
+
+
 def test_report_names_and_subject() -> None:
     # RFC 8460 §5.1 file name, §5.3 subject
     assert tlsrpt.filename("mail.sender.example", "example.com", "2016-04-01") == \
