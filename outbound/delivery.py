@@ -430,6 +430,7 @@ class Deliverer:
         guard = await self._downgrade(rt)
         if guard:
             return [RecipientResult(r, Outcome.DEFERRED, "4.7.5", guard, suspected_attack=True) for r in rcpts]
+        await self._report_policy_failure(rt)
         contacted: tuple[str | None, str | None] = (None, None)  # the last MX address tried, for the log
         walk = self.attempts(qid, rt, requiretls, arrival)
         try:
@@ -582,6 +583,20 @@ class Deliverer:
                 if problem is not None:
                     result, detail = problem
         await self._report(rt, _applied_tlsa(req), s.mx, s.address, result, detail, s.local_address)
+
+    async def _report_policy_failure(self, rt: Route) -> None:
+        """RFC 8460 §4.3.2.2: an MTA-STS policy that could not be fetched (``sts-policy-fetch-error``), was
+        invalid (``sts-policy-invalid``) or whose host failed Web PKI (``sts-webpki-invalid``) is a failure of
+        the sts policy type for this attempt, reported whether a cached copy stood in for it or not."""
+        hook = self.config.tls_report
+        failure = rt.sts.failure if rt.sts is not None else None
+        if hook is None or rt.via_relay or failure is None:
+            return
+        policy = rt.sts.policy if rt.sts is not None else None
+        strings = tuple(policy.lines()) if policy is not None else ()
+        patterns = policy.mx if policy is not None else ()
+        await hook(tlsrpt.Attempt(rt.name, PolicyType.STS, failure.result, "", "", "", strings, patterns,
+                                  failure.reason[:200]))
 
     async def _report(self, rt: Route, tlsa: tuple[Tlsa, ...], mx: str, address: str,
                       result: TlsOutcome | None, detail: str, sending_ip: str = "") -> None:

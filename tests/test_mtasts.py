@@ -248,6 +248,19 @@ def test_enforce_failures_defer_without_cleartext(testnet: TestNet, domain: str,
         assert reports and all(a.result is not None and a.policy_type is PolicyType.STS for a in reports)
 
 
+@pytest.mark.parametrize(("domain", "result"), [("redirect.sts.test", ResultType.STS_POLICY_FETCH_ERROR),
+                                                 ("badweb.sts.test", ResultType.STS_WEBPKI_INVALID)])
+def test_a_policy_that_cannot_be_fetched_is_reported(testnet: TestNet, domain: str, result: ResultType) -> None:
+    """RFC 8460 §4.3.2.2: a policy fetch that fails (a redirect, RFC 8461 §3.3) or whose host fails Web PKI
+    is reported as a failure of the sts policy type (sts-policy-fetch-error, sts-webpki-invalid) for the
+    attempt, besides whatever the session itself gives."""
+    reports: list[Attempt] = []
+    _send(_deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet)), reports), f"bob@{domain}")
+    assert (PolicyType.STS, result) in [(a.policy_type, a.result) for a in reports], reports
+    [failed] = [a for a in reports if a.result is result]
+    assert failed.policy_domain == domain and failed.detail
+
+
 def test_testing_mode_delivers_and_reports(testnet: TestNet) -> None:
     reports: list[Attempt] = []
     res, token = _send(_deliverer(testnet, StsResolver(_resolver(testnet), _settings(testnet)), reports),
