@@ -145,6 +145,15 @@ class Maildir:
         return out
 
 
+def _refused(recipient: str, command: str, code: int, text: str) -> LocalResult:
+    """The result for a recipient whose transaction stopped at ``command``: the server's refusal; any other
+    code (a 2xx where 250/251/354 was due, a 3xx) is a protocol error, deferred - never taken for a delivery
+    of a message that was not sent (RFC 5321 §4.1.1.4, §4.2.1)."""
+    if code >= 400:
+        return LocalResult(recipient, code, text)
+    return LocalResult(recipient, 451, f"4.5.0 protocol error: {code} {text} in reply to {command}")
+
+
 class LMTPClient:
     """``unix:/path`` or ``host:port``."""
 
@@ -203,20 +212,20 @@ class LMTPClient:
                 raise ConnectionError(f"LHLO {code} {text}")
             code, text = await cmd(f"MAIL FROM:<{sender}>")
             if code != 250:
-                return [LocalResult(rc, code, text) for rc in recipients]
+                return [_refused(rc, "MAIL", code, text) for rc in recipients]
             results: dict[str, LocalResult] = {}
             accepted = []
             for rc in recipients:
                 code, text = await cmd(f"RCPT TO:<{rc}>")
-                if code == 250:
+                if code in (250, 251):   # RFC 5321 §4.1.1.3 (RFC 2033 §4.2): accepted
                     accepted.append(rc)
                 else:
-                    results[rc] = LocalResult(rc, code, text)
+                    results[rc] = _refused(rc, "RCPT", code, text)
             if accepted:
                 code, text = await cmd("DATA")
-                if code != 354:
+                if code != 354:   # RFC 5321 §4.1.1.4: only 354 lets the content go; nothing was delivered
                     for rc in accepted:
-                        results[rc] = LocalResult(rc, code, text)
+                        results[rc] = _refused(rc, "DATA", code, text)
                 else:
                     body = data if data.endswith(b"\r\n") else data + b"\r\n"
                     body = re.sub(rb"(?m)^\.", b"..", body)  # RFC 5321 §4.5.2 dot-stuffing
