@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,8 +263,7 @@ async def _resolve_host(resolver: ResolverProtocol, name: Name, preference: int,
     sec = weakest(*(x.security for x in answers))
     reason = "; ".join(dict.fromkeys(x.reason for x in answers
                                      if x.reason and x.security is not Security.SECURE))
-    chain_links = a.chain or aaaa.chain
-    chain = tuple(next(iter(link)).target for link in chain_links)
+    chain = _expanded(name, a.chain or aaaa.chain)
     host = MXHost(name, preference, addrs, sec, reason, chain, implicit=implicit)
     linked = [x for x in answers if x.chain]
     secure_alias = bool(linked) and all(x.chain_security is Security.SECURE for x in linked)
@@ -287,6 +286,10 @@ async def _resolve_host(resolver: ResolverProtocol, name: Name, preference: int,
                             unusable=f"TLSA lookup for {tlsa_owner(base, port)} is {ans.security}: "
                                      f"{ans.reason}")
         tlsa = tuple(rd for rd in ans.records() if isinstance(rd, TLSA | RawTLSA))
+        if tlsa and ans.security is not Security.SECURE and base is not bases[-1]:
+            # RFC 7672 §2.2.2, RFC 7671 §7: the expanded name gave no *secure* TLSA records: the original
+            # name is tried next (an insecure answer there must not hide the original name's secure ones)
+            continue
         if tlsa:
             # RFC 7671 §9: a malformed record is unusable on its own; the RRset's other records count
             problems = tuple(f"unusable TLSA RR {rd.to_text()}: {rd.problem}" for rd in tlsa
@@ -295,6 +298,26 @@ async def _resolve_host(resolver: ResolverProtocol, name: Name, preference: int,
                             tlsa_reason=ans.reason, tlsa_problems=problems)
     assert last is not None
     return _replace(host, tlsa_base=bases[0], tlsa_security=last.security, tlsa_reason=last.reason)
+
+
+def _expanded(name: Name, links: Sequence[Any]) -> tuple[Name, ...]:
+    """The names an alias chain leads ``name`` through, in order (the last is the canonical name): a CNAME's
+    target, or for a DNAME the name with the owner's suffix replaced by the target (RFC 6672 §2.2 - the
+    DNAME's own target is only the new suffix: taken as the expanded name, it made ``_25._tcp.<suffix>`` the
+    TLSA owner and missed the host's DANE records, RFC 7672 §2.2.2)."""
+    out: list[Name] = []
+    cur = name
+    for link in links:
+        target = next(iter(link)).target
+        if link.rdtype == dns.rdatatype.DNAME and cur.is_subdomain(link.name) and cur != link.name:
+            try:
+                cur = cur.relativize(link.name).derelativize(target)
+            except dns.name.NameTooLong:
+                cur = target
+        else:
+            cur = target
+        out.append(cur)
+    return tuple(out)
 
 
 def _replace(h: MXHost, **kw: Any) -> MXHost:

@@ -281,6 +281,12 @@ TABLE: list[tuple[str, dict[tuple[str, str], Rec], str, Failure, str,
       ("mx.d.test.", "A"): Rec(data=("192.0.2.1",), links=(("mx.d.test.", "host.p.test.", S),)),
       ("_25._tcp.host.p.test.", "TLSA"): Rec(data=(TLSA_OK,))},
      "d.test", Failure.NONE, "", [("mx.d.test.", S, True, True, False)]),
+    ("§2.2.2: insecure TLSA at the expanded name: the original name's secure TLSA apply",
+     {("d.test.", "MX"): Rec(data=("10 mx.d.test.",)),
+      ("mx.d.test.", "A"): Rec(data=("192.0.2.1",), links=(("mx.d.test.", "host.p.test.", S),)),
+      ("_25._tcp.host.p.test.", "TLSA"): Rec(U, (TLSA_OK,)),
+      ("_25._tcp.mx.d.test.", "TLSA"): Rec(data=(TLSA_OK,))},
+     "d.test", Failure.NONE, "", [("mx.d.test.", S, True, True, False)]),
     ("§2.2.2: secure CNAME to an unsigned zone: TLSA at the original name",
      {("d.test.", "MX"): Rec(data=("10 mx.d.test.",)),
       ("mx.d.test.", "A"): Rec(U, ("192.0.2.1",), links=(("mx.d.test.", "host.u.test.", S),)),
@@ -319,10 +325,38 @@ def test_nexthop_rules_against_a_table(rule: str, table: dict[tuple[str, str], R
     assert got == hosts
 
 
+class DnameResolver(TableResolver):
+    """The table, and ``mx.old.test`` reached through ``old.test DNAME new.test`` as the validating resolver
+    answers it: the DNAME RRset alone in the chain (RFC 6672 §2.2), the addresses at ``mx.new.test``."""
+
+    async def resolve(self, qname: dns.name.Name | str, rdtype: int | str) -> Answer:
+        name = dns.name.from_text(qname) if isinstance(qname, str) else qname
+        rt = dns.rdatatype.from_text(rdtype) if isinstance(rdtype, str) else dns.rdatatype.RdataType(rdtype)
+        if name.to_text() != "mx.old.test." or rt not in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            return await super().resolve(name, rt)
+        self.asked.append((name.to_text(), dns.rdatatype.to_text(rt)))
+        dname = dns.rrset.from_text("old.test.", 300, "IN", "DNAME", "new.test.")
+        rrset = dns.rrset.from_text("mx.new.test.", 300, "IN", "A", "192.0.2.1") if rt == dns.rdatatype.A else None
+        return Answer(name, rt, dns.rcode.NOERROR, S, "", rrset, (dname,), 300, S)
+
+
+def test_a_secure_dname_expansion_is_the_tlsa_base_domain() -> None:
+    """RFC 7672 §2.2.2 with RFC 6672: an MX host reached through a secure DNAME has the fully expanded name
+    (the owner's suffix replaced, ``mx.new.test``) as its TLSA base domain, not the DNAME's target
+    (``new.test``): the host's secure TLSA records apply and DANE is mandatory. Before, the TLSA records
+    were looked up at ``_25._tcp.new.test`` and the delivery fell back to opportunistic TLS."""
+    r = DnameResolver({("d.test.", "MX"): Rec(data=("10 mx.old.test.",)),
+                       ("_25._tcp.mx.new.test.", "TLSA"): Rec(data=(TLSA_OK,))})
+    [h] = asyncio.run(resolve_nexthop(r, "d.test")).hosts
+    assert [n.to_text() for n in h.cname_chain] == ["mx.new.test."]
+    assert h.tlsa_base is not None and h.tlsa_base.to_text() == "mx.new.test." and h.dane and len(h.tlsa) == 1
+    assert [q for q, t in r.asked if t == "TLSA"] == ["_25._tcp.mx.new.test."]
+
+
 def test_secure_cname_to_unsigned_zone_asks_the_original_name_only() -> None:
     """RFC 7672 §2.2.2: the expanded name lies in an unsigned zone: its TLSA records (insecure) are never
     asked for, and the TLSA base domain is the original name."""
-    rule, table = TABLE[11][0], TABLE[11][1]
+    rule, table = TABLE[12][0], TABLE[12][1]
     assert "unsigned zone" in rule
     r = TableResolver(table)
     h = asyncio.run(resolve_nexthop(r, "d.test")).hosts[0]
