@@ -183,6 +183,20 @@ FULL, SHA256, SHA512 = 0, 1, 2
 MTYPE_PREFERENCE = {SHA512: 2, SHA256: 1, FULL: 0}  # RFC 7671 §9: digests ranked; Full is no digest
 
 
+def _der_sequence(data: bytes) -> bool:
+    """Whether ``data`` is exactly one DER SEQUENCE: tag 0x30, a definite length (ITU-T X.690 §8.1.3, short
+    or long form without leading zero octets) that covers the rest of the data."""
+    if len(data) < 2 or data[0] != 0x30:
+        return False
+    n = data[1]
+    if n < 0x80:
+        return len(data) == 2 + n
+    k = n & 0x7F
+    if not 1 <= k <= 4 or len(data) < 2 + k or data[2] == 0 or (k == 1 and data[2] < 0x80):
+        return False   # X.690 §10.1: DER lengths in the fewest octets (a length under 128 in short form)
+    return len(data) == 2 + k + int.from_bytes(data[2:2 + k], "big")
+
+
 @dataclass(frozen=True)
 class Tlsa:
     """One TLSA record (RFC 6698 §2.1)."""
@@ -204,7 +218,11 @@ class Tlsa:
 
     @property
     def well_formed(self) -> bool:
-        """RFC 6698 §2.1.3: SHA2-256 data is 32 octets, SHA2-512 64; Full data is not empty."""
+        """RFC 6698 §2.1.3: SHA2-256 data is 32 octets, SHA2-512 64; Full data is the DER certificate
+        (selector 0) or SubjectPublicKeyInfo (selector 1), both one DER SEQUENCE (ITU-T X.690 §8.9) filling
+        the data exactly. Anything else is unusable, as OpenSSL (and so Postfix) refuses to load it."""
+        if self.mtype == FULL:
+            return _der_sequence(self.data)
         return len(self.data) == {SHA256: 32, SHA512: 64}.get(self.mtype, len(self.data) or -1)
 
     @classmethod

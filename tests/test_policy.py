@@ -225,3 +225,21 @@ def test_transport_and_sasl_maps(tmp_path: Path) -> None:
         SaslPasswordMap(s)
     s.chmod(0o600)
     assert SaslPasswordMap(s).lookup(parse_relay("[relay.example.net]:587")) == ("user", "secret")
+
+
+def test_a_full_tlsa_record_must_be_one_der_structure() -> None:
+    """RFC 6698 §2.1.3: matching type Full carries the DER certificate or SubjectPublicKeyInfo; data that is
+    not one DER SEQUENCE filling the record is unusable (OpenSSL refuses to load it, Postfix logs "unusable
+    TLSA RR"), so a host with only such records gets unauthenticated TLS, as with Postfix - not a deferral
+    for a mismatch."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    spki = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert Tlsa(3, 1, 0, spki).usable and Tlsa(2, 1, 0, spki).usable
+    long_form = b"\x30\x81\x80" + b"\x00" * 128
+    assert Tlsa(3, 0, 0, long_form).usable
+    for bad in (b"not a certificate", spki[:-1], spki + b"\x00", b"\x30\x81\x05abcde", b"\x30",
+                b"\x30\x82\x00\x03abc", b""):
+        assert not Tlsa(3, 1, 0, bad).usable, bad
+    assert Tlsa(3, 1, 1, b"\xab" * 32).usable     # the digests: length only, as before
