@@ -1160,20 +1160,24 @@ class DirectorySpool:
     async def renew(self, leases: Sequence[Lease], now: float, duration: float) -> list[Lease]:
         return await self._io(self.files.renew, leases, now, duration)
 
+    async def _handed_over(self, qid: str) -> bytes | None:
+        """The content of a handed-over message, from memory (once), or None."""
+        if qid not in self.files._contents:
+            return None
+        return await self._in_memory(self.files.take_content, qid)
+
     async def content(self, qid: str) -> bytes:
-        if qid in self.files._contents:   # handed over: in memory
-            content = await self._in_memory(self.files.take_content, qid)
-            if content is not None:
-                return content
-        return await self._io(self.files.content, qid)
+        content = await self._handed_over(qid)
+        return content if content is not None else await self._io(self.files.content, qid)
 
     async def checked_content(self, env: Envelope) -> bytes:
-        if env.id in self.files._contents:   # handed over: the object the commit thread sealed, never written
-            content = await self._in_memory(self.files.take_content, env.id)   # back: its size is checked,
-            if content is not None:                                           # not hashed a second time
-                if len(content) != env.size:
-                    raise EnvelopeError(f"content of {env.id} does not match its envelope (size)")
-                return content
+        content = await self._handed_over(env.id)
+        if content is not None:
+            # the very object the commit thread sealed, never written back: its size is checked, it is not
+            # hashed a second time
+            if len(content) != env.size:
+                raise EnvelopeError(f"content of {env.id} does not match its envelope (size)")
+            return content
         content = await self._io(self.files.content, env.id)
         env.check_content(content)
         return content
